@@ -1,0 +1,210 @@
+"""Node selection policies: pure code, no I/O, no clock.
+
+Contract
+--------
+A :class:`Balancer` chooses one of ``n`` backends (identified by their index
+``0..n-1``) for each new connection and keeps the per-backend count of open
+("outstanding") connections that the caller reports back:
+
+* :meth:`Balancer.acquire` picks a backend for a new connection, counts the
+  connection as open on it and returns its index, or ``None`` when no backend
+  may take new connections (all unavailable or of weight 0).
+* :meth:`Balancer.release` is called exactly once when a connection acquired
+  on a backend ends (both FINs, RST or idle expiry).
+* :meth:`Balancer.set_available` gates a backend for *new* connections (the
+  heartbeat counters drive it); open connections are not touched.
+* :meth:`Balancer.set_weight` changes a weight at run time; weight 0 quiesces.
+* :meth:`Balancer.set_ramp` scales a backend's effective weight by a factor in
+  (0, 1] during slow start.
+
+Policies: round-robin, weighted round-robin (stride scheduling, so the
+interleaving is smooth rather than bursty), least-outstanding and weighted
+least-outstanding (fewest ``(open + 1) / weight``; the ``+1`` makes a heavier
+backend win when both are idle, as HAProxy's leastconn does).
+
+Every policy is expressed as a sort key per backend; a tournament tree over
+the keys yields the minimum at its root, so a pick and every update cost
+O(log n) key comparisons.  Ties are broken by the least recently picked
+backend, which keeps least-outstanding fair when connections are so short
+that every backend sits at zero.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Sequence
+
+__all__ = ["Policy", "Balancer"]
+
+# Stride scheduling: a backend of weight w advances its pass by STRIDE // w on
+# each pick.  A large constant keeps the integer rounding error negligible for
+# weights up to MAX_WEIGHT.
+_STRIDE = 1 << 40
+MAX_WEIGHT = 10_000
+
+# Leading element of a key: available backends sort before unavailable ones.
+_AVAILABLE = 0
+_UNAVAILABLE = 1
+_NO_LEAF = -1
+
+
+class Policy(enum.Enum):
+    ROUND_ROBIN = "round-robin"
+    WEIGHTED_ROUND_ROBIN = "weighted-round-robin"
+    LEAST_OUTSTANDING = "least-outstanding"
+    WEIGHTED_LEAST_OUTSTANDING = "weighted-least-outstanding"
+
+    @classmethod
+    def parse(cls, text: str) -> "Policy":
+        for policy in cls:
+            if policy.value == text:
+                return policy
+        valid = ", ".join(p.value for p in cls)
+        raise ValueError(f"unknown balancing policy {text!r}; valid policies: {valid}")
+
+
+class Balancer:
+    """Chooses a backend per new connection; see the module docstring."""
+
+    def __init__(self, policy: Policy, weights: Sequence[int]):
+        if not weights:
+            raise ValueError("a balancer needs at least one backend")
+        for index, weight in enumerate(weights):
+            _check_weight(index, weight)
+        self.policy = policy
+        self._count = len(weights)
+        self._weights = list(weights)
+        self._ramp = [1.0] * self._count
+        self._available = [True] * self._count
+        self._outstanding = [0] * self._count
+        self._last_pick = [0] * self._count
+        self._pass = [0] * self._count
+        self._picks = 0
+        size = 1
+        while size < self._count:
+            size <<= 1
+        self._size = size
+        self._keys: list[tuple] = [self._key(i) for i in range(self._count)]
+        self._tree = [_NO_LEAF] * (2 * size)
+        for i in range(self._count):
+            self._tree[size + i] = i
+        for pos in range(size - 1, 0, -1):
+            self._tree[pos] = self._winner(self._tree[2 * pos], self._tree[2 * pos + 1])
+
+    # -- queries -----------------------------------------------------------
+    def __len__(self) -> int:
+        return self._count
+
+    def outstanding(self, index: int) -> int:
+        return self._outstanding[index]
+
+    def weight(self, index: int) -> int:
+        return self._weights[index]
+
+    def is_available(self, index: int) -> bool:
+        return self._available[index]
+
+    def eligible(self, index: int) -> bool:
+        """True when the backend may receive a new connection now."""
+        return self._keys[index][0] == _AVAILABLE
+
+    # -- decisions ---------------------------------------------------------
+    def acquire(self) -> int | None:
+        best = self._tree[1]
+        if best == _NO_LEAF or self._keys[best][0] != _AVAILABLE:
+            return None
+        self._picks += 1
+        self._last_pick[best] = self._picks
+        if self.policy is Policy.WEIGHTED_ROUND_ROBIN:
+            self._pass[best] += self._stride(best)
+        self._outstanding[best] += 1
+        self._update(best)
+        return best
+
+    def release(self, index: int) -> None:
+        if self._outstanding[index] <= 0:
+            raise ValueError(f"backend {index} has no open connection to release")
+        self._outstanding[index] -= 1
+        if self.policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
+            self._update(index)
+
+    def set_available(self, index: int, available: bool) -> None:
+        if self._available[index] == available:
+            return
+        self._available[index] = available
+        if available:
+            self._rejoin(index)
+        self._update(index)
+
+    def set_weight(self, index: int, weight: int) -> None:
+        _check_weight(index, weight)
+        was_eligible = self.eligible(index)
+        self._weights[index] = weight
+        if weight and not was_eligible and self._available[index]:
+            self._rejoin(index)
+        self._update(index)
+
+    def set_ramp(self, index: int, factor: float) -> None:
+        """Scale the backend's effective weight (slow start); 1.0 is full share."""
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"ramp factor {factor!r} must be in (0, 1]")
+        self._ramp[index] = factor
+        self._update(index)
+
+    # -- internals ---------------------------------------------------------
+    def _effective_weight(self, index: int) -> float:
+        return self._weights[index] * self._ramp[index]
+
+    def _stride(self, index: int) -> int:
+        return int(_STRIDE / self._effective_weight(index))
+
+    def _rejoin(self, index: int) -> None:
+        # A backend coming back must not be owed the picks it missed: stride
+        # scheduling would otherwise give it every connection until its pass
+        # catches up.  Start it at the smallest pass among eligible backends.
+        if self.policy is Policy.WEIGHTED_ROUND_ROBIN:
+            best = self._tree[1]
+            if best != _NO_LEAF and self._keys[best][0] == _AVAILABLE and best != index:
+                self._pass[index] = max(self._pass[index], self._pass[best])
+
+    def _key(self, i: int) -> tuple:
+        if not self._available[i] or self._weights[i] == 0:
+            return (_UNAVAILABLE, 0, 0)
+        policy = self.policy
+        if policy is Policy.ROUND_ROBIN:
+            return (_AVAILABLE, 0, self._last_pick[i])
+        if policy is Policy.LEAST_OUTSTANDING:
+            ramp = self._ramp[i]
+            load = self._outstanding[i] + 1
+            return (_AVAILABLE, load if ramp == 1.0 else load / ramp, self._last_pick[i])
+        if policy is Policy.WEIGHTED_LEAST_OUTSTANDING:
+            return (_AVAILABLE, (self._outstanding[i] + 1) / self._effective_weight(i), self._last_pick[i])
+        return (_AVAILABLE, self._pass[i], self._last_pick[i])
+
+    def _winner(self, left: int, right: int) -> int:
+        if right == _NO_LEAF:
+            return left
+        if left == _NO_LEAF:
+            return right
+        return left if self._keys[left] <= self._keys[right] else right
+
+    def _update(self, index: int) -> None:
+        keys = self._keys
+        tree = self._tree
+        keys[index] = self._key(index)
+        pos = (self._size + index) >> 1
+        while pos:
+            left = tree[2 * pos]
+            right = tree[2 * pos + 1]
+            if right == _NO_LEAF:
+                tree[pos] = left
+            elif left == _NO_LEAF:
+                tree[pos] = right
+            else:
+                tree[pos] = left if keys[left] <= keys[right] else right
+            pos >>= 1
+
+
+def _check_weight(index: int, weight: int) -> None:
+    if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+        raise ValueError(f"backend {index}: weight {weight!r} must be an integer from 0 to {MAX_WEIGHT}")

@@ -1,0 +1,242 @@
+"""The distributor's TOML configuration: parse, validate, default.
+
+Contract: :func:`load` (a path) and :func:`parse` (a string) return a frozen
+:class:`Config` or raise :class:`ConfigError` whose message names the key
+(as a dotted path, e.g. ``services[0].policy``), the bad value, and what would
+be valid.  Unknown keys are errors too, so a typo never silently falls back to
+a default.  An annotated example lives in ``docs/distributor.example.toml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from .balancer import MAX_WEIGHT, Policy
+from .conntable import Timeouts
+from .reroute import BackendSpec, ServiceSpec
+
+__all__ = ["ConfigError", "Config", "load", "parse"]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    name: str
+    queue: int
+    queue_length: int
+    capacity: int
+    timeouts: Timeouts
+    services: tuple[ServiceSpec, ...]
+    nodes: dict[str, ipaddress.IPv4Address]
+    metrics_listen: tuple[str, int] | None
+    log_level: str
+
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+class _Table:
+    """A TOML table being read: tracks the keys used so leftovers can be reported."""
+
+    def __init__(self, data: Any, path: str):
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path or 'the top level'}: expected a table, got {_show(data)}")
+        self.data = data
+        self.path = path
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def get(self, name: str, default: Any = dataclasses.MISSING) -> Any:
+        self.used.add(name)
+        if name in self.data:
+            return self.data[name]
+        if default is dataclasses.MISSING:
+            raise ConfigError(f"{self.key(name)}: required key is missing")
+        return default
+
+    def table(self, name: str, required: bool = False) -> "_Table":
+        value = self.get(name, dataclasses.MISSING if required else {})
+        return _Table(value, self.key(name))
+
+    def integer(self, name: str, default: Any, low: int, high: int) -> int:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected an integer from {low} to {high}")
+        return value
+
+    def number(self, name: str, default: Any, low: float) -> float:
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
+            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected a number > {low}")
+        return float(value)
+
+    def string(self, name: str, default: Any = dataclasses.MISSING, choices: tuple[str, ...] | None = None) -> str:
+        value = self.get(name, default)
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected a non-empty string")
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected one of {', '.join(choices)}")
+        return value
+
+    def ipv4(self, name: str) -> ipaddress.IPv4Address:
+        value = self.get(name)
+        try:
+            if not isinstance(value, str):
+                raise ValueError
+            return ipaddress.IPv4Address(value)
+        except ValueError:
+            raise ConfigError(
+                f"{self.key(name)}: {_show(value)} is not valid; expected an IPv4 address such as \"203.0.113.1\""
+            ) from None
+
+    def done(self) -> None:
+        extra = sorted(set(self.data) - self.used)
+        if extra:
+            raise ConfigError(f"{self.key(extra[0])}: unknown key (known keys here: {', '.join(sorted(self.used))})")
+
+
+def _show(value: Any) -> str:
+    return repr(value) if not isinstance(value, dict) else "a table"
+
+
+def load(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    return parse(text, source=str(path))
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    top = _Table(data, "")
+
+    dist = top.table("distributor")
+    name = dist.string("name", "distributor")
+    queue = dist.integer("queue", 0, 0, 65535)
+    queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
+    log_level = dist.string("log_level", "info", _LOG_LEVELS)
+    dist.done()
+
+    table = top.table("table")
+    capacity = table.integer("capacity", 262_144, 1, 50_000_000)
+    timeouts_table = table.table("timeouts")
+    defaults = Timeouts()
+    timeouts = Timeouts(
+        **{
+            field.name: timeouts_table.number(field.name, getattr(defaults, field.name), 0)
+            for field in dataclasses.fields(Timeouts)
+        }
+    )
+    timeouts_table.done()
+    table.done()
+
+    metrics = top.table("metrics")
+    metrics_listen = _listen(metrics, "listen")
+    metrics.done()
+
+    nodes = _nodes(top)
+    services = _services(top, nodes)
+    top.done()
+    return Config(
+        name=name,
+        queue=queue,
+        queue_length=queue_length,
+        capacity=capacity,
+        timeouts=timeouts,
+        services=services,
+        nodes=nodes,
+        metrics_listen=metrics_listen,
+        log_level=log_level,
+    )
+
+
+def _listen(table: _Table, name: str) -> tuple[str, int] | None:
+    value = table.get(name, "")
+    if value == "":
+        return None
+    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
+    try:
+        ipaddress.ip_address(host)
+        port_number = int(port)
+        if not sep or not 1 <= port_number <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(
+            f"{table.key(name)}: {_show(value)} is not valid; expected \"ADDRESS:PORT\" such as \"127.0.0.1:9110\", or \"\" to disable"
+        ) from None
+    return host, port_number
+
+
+def _nodes(top: _Table) -> dict[str, ipaddress.IPv4Address]:
+    nodes_table = top.table("nodes", required=True)
+    if not nodes_table.data:
+        raise ConfigError("nodes: at least one node is required, e.g. [nodes.web1] address = \"198.51.100.11\"")
+    nodes: dict[str, ipaddress.IPv4Address] = {}
+    for node_name in nodes_table.data:
+        node = nodes_table.table(node_name, required=True)
+        nodes[node_name] = node.ipv4("address")
+        node.done()
+    nodes_table.done()
+    return nodes
+
+
+def _services(top: _Table, nodes: dict[str, ipaddress.IPv4Address]) -> tuple[ServiceSpec, ...]:
+    raw = top.get("services")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"services: {_show(raw)} is not valid; expected at least one [[services]] table")
+    services: list[ServiceSpec] = []
+    seen_vips: dict[tuple[ipaddress.IPv4Address, int], str] = {}
+    backend_owner: dict[tuple[ipaddress.IPv4Address, int], str] = {}
+    for i, item in enumerate(raw):
+        svc = _Table(item, f"services[{i}]")
+        name = svc.string("name", f"service{i}")
+        vip = svc.ipv4("vip")
+        port = svc.integer("port", 80, 1, 65535)
+        policy_text = svc.string("policy", Policy.ROUND_ROBIN.value, tuple(p.value for p in Policy))
+        if (vip, port) in seen_vips:
+            raise ConfigError(f"{svc.key('vip')}: {vip}:{port} is already served by service {seen_vips[(vip, port)]!r}")
+        seen_vips[(vip, port)] = name
+        raw_backends = svc.get("backends")
+        if not isinstance(raw_backends, list) or not raw_backends:
+            raise ConfigError(
+                f"{svc.key('backends')}: {_show(raw_backends)} is not valid; expected a list of node names or "
+                '{ node = "web1", port = 80, weight = 1 } tables'
+            )
+        backends = []
+        for j, entry in enumerate(raw_backends):
+            where = f"{svc.key('backends')}[{j}]"
+            if isinstance(entry, str):
+                entry = {"node": entry}
+            backend = _Table(entry, where)
+            node_name = backend.string("node")
+            if node_name not in nodes:
+                raise ConfigError(f"{backend.key('node')}: {node_name!r} is not a node; known nodes: {', '.join(nodes)}")
+            backend_port = backend.integer("port", port, 1, 65535)
+            weight = backend.integer("weight", 1, 0, MAX_WEIGHT)
+            backend.done()
+            address = nodes[node_name]
+            # A backend's replies are matched on (address, port); two services
+            # sharing one would make the reply direction ambiguous.
+            owner = backend_owner.get((address, backend_port))
+            if owner is not None:
+                raise ConfigError(
+                    f"{where}: {node_name} ({address}:{backend_port}) already serves {owner}; give this service another port"
+                )
+            backend_owner[(address, backend_port)] = f"{name}"
+            backends.append(BackendSpec(node_name, address, backend_port, weight))
+        svc.done()
+        services.append(ServiceSpec(name, vip, port, Policy.parse(policy_text), tuple(backends)))
+    return tuple(services)

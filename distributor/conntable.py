@@ -1,0 +1,268 @@
+"""The connection table: which backend serves which TCP connection (pure).
+
+Contract
+--------
+* A connection is keyed twice, by the 12 bytes of its 4-tuple exactly as they
+  appear in an IPv4 header followed by the TCP header (source address,
+  destination address, source port, destination port):
+
+  - ``key``: client -> VIP packets, ``client_ip vip client_port vip_port``;
+  - ``reply_key``: backend -> client packets,
+    ``node_ip client_ip node_port client_port``.
+
+  so the interposer can look a packet up with one slice of its bytes.
+* Entries follow the TCP lifecycle (:class:`TcpState`); the allowed moves are
+  listed in ``TRANSITIONS`` and any other move raises ``IllegalTransition``.
+  A connection is *open* (counted as outstanding on its backend) from its SYN
+  until both FINs, an RST, or idle expiry, and :meth:`ConnectionTable.advance`
+  and :meth:`ConnectionTable.expire` report the moment it stops being open,
+  exactly once.
+* Every state has an idle timeout (:class:`Timeouts`).  Expiry is amortised:
+  each state keeps a FIFO of entries in the order they entered it; the sweep
+  only looks at the front, re-queues entries that saw traffic since, and stops
+  at the first entry whose queue time is younger than the timeout.  A sweep
+  takes a ``budget`` so one call never stalls the data path.  An entry that
+  leaves a state leaves a stale reference in that state's FIFO; a FIFO is
+  compacted when its stale references outnumber its live ones, so memory stays
+  proportional to the number of connections, whatever the churn.
+* The table holds at most ``capacity`` connections.  When it is full, a new
+  connection evicts the oldest entry that is already finished (RST or both
+  FINs); when there is none, :meth:`ConnectionTable.open` returns ``None`` and
+  the caller refuses the connection.  The table never grows past capacity.
+* The table takes ``now`` from the caller and does no I/O.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import enum
+from typing import Any, Iterator
+
+__all__ = [
+    "TcpState",
+    "Timeouts",
+    "Connection",
+    "ConnectionTable",
+    "IllegalTransition",
+    "FIN",
+    "SYN",
+    "RST",
+    "PSH",
+    "ACK",
+]
+
+FIN = 0x01
+SYN = 0x02
+RST = 0x04
+PSH = 0x08
+ACK = 0x10
+
+
+class TcpState(enum.IntEnum):
+    SYN_SEEN = 0  # client SYN seen, handshake not finished
+    ESTABLISHED = 1  # client acknowledged: data flows
+    FIN_WAIT = 2  # one side sent FIN (half-closed)
+    CLOSING = 3  # both sides sent FIN: only the last ACKs remain
+    CLOSED = 4  # RST seen
+    GONE = 5  # removed from the table (never stored)
+
+
+# Moves the lifecycle allows; anything else is a bug in the caller.
+TRANSITIONS: dict[TcpState, frozenset[TcpState]] = {
+    TcpState.SYN_SEEN: frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSED, TcpState.GONE}),
+    TcpState.ESTABLISHED: frozenset({TcpState.FIN_WAIT, TcpState.CLOSED, TcpState.GONE}),
+    TcpState.FIN_WAIT: frozenset({TcpState.CLOSING, TcpState.CLOSED, TcpState.GONE}),
+    TcpState.CLOSING: frozenset({TcpState.CLOSED, TcpState.GONE}),
+    TcpState.CLOSED: frozenset({TcpState.GONE}),
+    TcpState.GONE: frozenset(),
+}
+
+OPEN_STATES = frozenset({TcpState.SYN_SEEN, TcpState.ESTABLISHED, TcpState.FIN_WAIT})
+FINISHED_STATES = (TcpState.CLOSED, TcpState.CLOSING)
+
+# Stale FIFO references tolerated beyond the live count before a compaction;
+# keeps compaction rare (amortised O(1) per move) for small tables.
+_COMPACT_SLACK = 1024
+
+_FIN_FROM_CLIENT = 1
+_FIN_FROM_NODE = 2
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Timeouts:
+    """Idle timeouts in seconds, per state (defaults follow IPVS and conntrack)."""
+
+    syn: float = 30.0
+    established: float = 900.0
+    fin_wait: float = 120.0
+    closing: float = 30.0
+    closed: float = 10.0
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"timeout {field.name} = {value!r} must be a number of seconds > 0")
+
+    def for_state(self, state: TcpState) -> float:
+        return (self.syn, self.established, self.fin_wait, self.closing, self.closed)[state]
+
+
+class Connection:
+    """One rerouted connection.  ``backend`` and ``service`` are opaque to the table."""
+
+    __slots__ = ("key", "reply_key", "service", "backend", "state", "last_seen", "queued_at", "fins")
+
+    def __init__(self, key: bytes, reply_key: bytes, service: Any, backend: Any, now: float):
+        self.key = key
+        self.reply_key = reply_key
+        self.service = service
+        self.backend = backend
+        self.state = TcpState.SYN_SEEN
+        self.last_seen = now
+        self.queued_at = now
+        self.fins = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.state in OPEN_STATES
+
+    def __repr__(self) -> str:
+        return f"Connection({self.key.hex()}, {self.state.name}, backend={self.backend!r})"
+
+
+class ConnectionTable:
+    def __init__(self, capacity: int, timeouts: Timeouts | None = None):
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"table capacity {capacity!r} must be an integer >= 1")
+        self.capacity = capacity
+        self.timeouts = timeouts or Timeouts()
+        self._by_key: dict[bytes, Connection] = {}
+        self._count = 0
+        self._queues: list[collections.deque[Connection]] = [collections.deque() for _ in TcpState]
+        self._live = [0] * len(TcpState)
+        self.transitions: collections.Counter[tuple[TcpState, TcpState]] = collections.Counter()
+        self.evicted = 0
+        self.expired = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, key: bytes) -> Connection | None:
+        """Look up by either key (client->VIP or backend->client 4-tuple)."""
+        return self._by_key.get(key)
+
+    def __iter__(self) -> Iterator[Connection]:
+        for key, conn in self._by_key.items():
+            if key is conn.key:
+                yield conn
+
+    def open(self, key: bytes, reply_key: bytes, service: Any, backend: Any, now: float) -> Connection | None:
+        """Insert a new connection in SYN_SEEN, or return None when the table is full."""
+        if key in self._by_key or reply_key in self._by_key:
+            raise KeyError(f"connection {key.hex()} / {reply_key.hex()} is already in the table")
+        if self._count >= self.capacity and not self._evict_finished():
+            return None
+        conn = Connection(key, reply_key, service, backend, now)
+        self._by_key[key] = conn
+        self._by_key[reply_key] = conn
+        self._count += 1
+        self._live[TcpState.SYN_SEEN] += 1
+        self._queues[TcpState.SYN_SEEN].append(conn)
+        return conn
+
+    def remove(self, conn: Connection) -> bool:
+        """Drop an entry at once; returns True when it was open (the caller releases it)."""
+        was_open = conn.is_open
+        self._move(conn, TcpState.GONE, conn.last_seen)
+        return was_open
+
+    def advance(self, conn: Connection, flags: int, from_client: bool, now: float) -> bool:
+        """Account one packet of ``conn``; returns True when the connection just stopped being open."""
+        conn.last_seen = now
+        state = conn.state
+        if flags & RST:
+            if state is TcpState.CLOSED:
+                return False
+            self._move(conn, TcpState.CLOSED, now)
+            return state in OPEN_STATES
+        if flags & FIN:
+            bit = _FIN_FROM_CLIENT if from_client else _FIN_FROM_NODE
+            if conn.fins & bit:
+                return False  # retransmitted FIN
+            conn.fins |= bit
+            if conn.fins == _FIN_FROM_CLIENT | _FIN_FROM_NODE:
+                self._move(conn, TcpState.CLOSING, now)
+                return True
+            self._move(conn, TcpState.FIN_WAIT, now)
+            return False
+        if state is TcpState.SYN_SEEN and from_client and not flags & SYN:
+            self._move(conn, TcpState.ESTABLISHED, now)
+        return False
+
+    def expire(self, now: float, budget: int = 10_000) -> list[Connection]:
+        """Remove idle entries; returns those that were still open when they expired."""
+        ended: list[Connection] = []
+        for state in (TcpState.SYN_SEEN, TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSING, TcpState.CLOSED):
+            timeout = self.timeouts.for_state(state)
+            queue = self._queues[state]
+            while queue and budget > 0:
+                budget -= 1
+                conn = queue[0]
+                if conn.state is not state:
+                    queue.popleft()  # stale reference: the entry moved on or left
+                    continue
+                if conn.queued_at + timeout > now:
+                    break  # everything behind was queued later
+                queue.popleft()
+                if conn.last_seen + timeout > now:
+                    conn.queued_at = now
+                    queue.append(conn)
+                    continue
+                self.expired += 1
+                if state in OPEN_STATES:
+                    ended.append(conn)
+                self._move(conn, TcpState.GONE, now)
+        return ended
+
+    # -- internals ---------------------------------------------------------
+    def _move(self, conn: Connection, new: TcpState, now: float) -> None:
+        old = conn.state
+        if new not in TRANSITIONS[old]:
+            raise IllegalTransition(f"connection {conn.key.hex()}: {old.name} -> {new.name} is not allowed")
+        conn.state = new
+        self.transitions[(old, new)] += 1
+        self._live[old] -= 1
+        self._compact_if_stale(old)
+        if new is TcpState.GONE:
+            del self._by_key[conn.key]
+            del self._by_key[conn.reply_key]
+            self._count -= 1
+            return
+        self._live[new] += 1
+        conn.queued_at = now
+        self._queues[new].append(conn)
+
+    def _compact_if_stale(self, state: TcpState) -> None:
+        queue = self._queues[state]
+        if len(queue) > 2 * self._live[state] + _COMPACT_SLACK:
+            # In place: expire() and _evict_finished() hold this deque.
+            live = [c for c in queue if c.state is state]
+            queue.clear()
+            queue.extend(live)
+
+    def _evict_finished(self) -> bool:
+        for state in FINISHED_STATES:
+            queue = self._queues[state]
+            while queue:
+                conn = queue.popleft()
+                if conn.state is state:
+                    self._move(conn, TcpState.GONE, conn.last_seen)
+                    self.evicted += 1
+                    return True
+        return False

@@ -1,0 +1,171 @@
+"""The ``distributor`` gateway daemon: one asyncio loop around the interposer core.
+
+Contract: ``distributor --config FILE`` binds the NFQUEUE, installs its rules,
+reroutes until SIGTERM or SIGINT, then removes its rules and exits 0.  A bad
+config exits 2 with a message naming the key and value; a failure to set up
+the data path (not root, queue taken, iptables missing) exits 1.  ``--check``
+validates the config and exits.  Under systemd (``Type=notify``) it reports
+readiness once its rules are in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+
+from . import __version__
+from .config import Config, ConfigError, load
+from .conntable import ConnectionTable
+from .datapath import PacketQueue, Rules, RulesError
+from .reroute import Interposer, Reason
+
+log = logging.getLogger("distributor")
+
+TICK_SECONDS = 1.0
+# Reasons worth a warning when they happen: the operator must act on them.
+_WARN_REASONS = (Reason.TABLE_FULL, Reason.NO_BACKEND)
+_INFO_REASONS = tuple(r for r in Reason if r.verdict == 0 and r not in _WARN_REASONS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="distributor",
+        description="Cluster web-server distributor: reroutes TCP connections for virtual IPs to healthy "
+        "backend nodes through an NFQUEUE packet interposer. Needs root (CAP_NET_ADMIN).",
+    )
+    parser.add_argument("-c", "--config", required=True, help="TOML config file (see docs/distributor.example.toml)")
+    parser.add_argument("--check", action="store_true", help="validate the config, print a summary and exit")
+    parser.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="override distributor.log_level of the config"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = load(args.config)
+    except ConfigError as exc:
+        print(f"distributor: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=(args.log_level or config.log_level).upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.check:
+        print(describe(config))
+        return 0
+    try:
+        asyncio.run(serve(config))
+    except RulesError as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+def describe(config: Config) -> str:
+    lines = [f"config OK: distributor {config.name!r}, queue {config.queue}, table capacity {config.capacity}"]
+    for service in config.services:
+        backends = ", ".join(f"{b.name}={b.address}:{b.port}(w{b.weight})" for b in service.backends)
+        lines.append(f"  service {service.name}: {service.vip}:{service.port} {service.policy.value} -> {backends}")
+    return "\n".join(lines)
+
+
+async def serve(config: Config) -> None:
+    loop = asyncio.get_running_loop()
+    table = ConnectionTable(config.capacity, config.timeouts)
+    interposer = Interposer(config.services, table)
+    clock = time.monotonic
+    queue = PacketQueue(config.queue, lambda data: interposer.handle(data, clock()), config.queue_length)
+    rules = Rules(config.queue, config.services)
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    metrics_runner = None
+    reporter = DropReporter(interposer, config.capacity)
+    try:
+        rules.install()
+        loop.add_reader(queue.fileno(), queue.drain)
+        if config.metrics_listen:
+            from prometheus_client import CollectorRegistry
+
+            from .metrics import InterposerCollector, start_metrics_server
+
+            registry = CollectorRegistry()
+            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors))
+            metrics_runner = await start_metrics_server(registry, *config.metrics_listen)
+        log.info(
+            "distributor %s ready: %d service(s) on queue %d: %s",
+            config.name,
+            len(config.services),
+            config.queue,
+            ", ".join(f"{s.vip}:{s.port}" for s in config.services),
+        )
+        _notify_systemd("READY=1")
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), TICK_SECONDS)
+            except TimeoutError:
+                pass
+            interposer.expire(clock())
+            reporter.report()
+        log.info("stopping on signal")
+        _notify_systemd("STOPPING=1")
+    finally:
+        loop.remove_reader(queue.fileno())
+        try:
+            rules.remove()
+        finally:
+            # Packets queued before the rules went away still need a verdict.
+            queue.drain()
+            queue.close()
+            if metrics_runner is not None:
+                await metrics_runner.cleanup()
+
+
+class DropReporter:
+    """Logs, at most once per tick, the packets dropped since the last report."""
+
+    def __init__(self, interposer: Interposer, capacity: int):
+        self.interposer = interposer
+        self.capacity = capacity
+        self._seen = list(interposer.counts)
+
+    def report(self) -> None:
+        counts = self.interposer.counts
+        delta = [now - before for now, before in zip(counts, self._seen)]
+        self._seen = list(counts)
+        if delta[Reason.TABLE_FULL]:
+            log.warning(
+                "refused %d new connection(s): connection table full (capacity %d)", delta[Reason.TABLE_FULL], self.capacity
+            )
+        if delta[Reason.NO_BACKEND]:
+            log.warning("refused %d new connection(s): no backend is eligible", delta[Reason.NO_BACKEND])
+        other = {r.name.lower(): delta[r] for r in _INFO_REASONS if delta[r]}
+        if other:
+            log.info("dropped packets: %s", ", ".join(f"{k}={v}" for k, v in other.items()))
+
+
+def _notify_systemd(state: str) -> None:
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.sendto(state.encode(), address)
+    except OSError as exc:
+        log.warning("cannot notify systemd at %s: %s", address, exc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

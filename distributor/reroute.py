@@ -1,0 +1,312 @@
+"""The packet interposer's core: parse, decide, rewrite, verdict (pure).
+
+Contract
+--------
+:meth:`Interposer.handle` takes the bytes of one IPv4 packet that the kernel
+queued and the current time, and returns ``(verdict, new_bytes)``: the verdict
+is :data:`ACCEPT` or :data:`DROP`; ``new_bytes`` is ``None`` when the packet
+goes on unchanged.  It never raises for any input bytes; every outcome is
+counted in :attr:`Interposer.counts` under a :class:`Reason`.
+
+* client -> VIP:port of a service: a SYN opens a connection on the backend
+  the service's balancer picks; every packet of a known connection gets its
+  destination (and port, when the backend listens on another one) rewritten
+  to that backend.
+* backend -> client of a known connection: the source becomes the VIP:port.
+* IP and TCP checksums are patched incrementally (RFC 1624), never recomputed.
+* Packets not for a service (and not from a backend) pass untouched.
+
+Deliberate drops (TCP retransmits, so a drop costs a delay, never data):
+
+* malformed: truncated copies (the kernel would trim the packet to what we
+  hand back), IP options (source-route and record-route options carry
+  addresses this rewrite would leave stale), fragments (no ports to key on),
+  impossible TCP flag combinations;
+* a mid-stream segment of a connection the table does not know: passing it
+  would let the distributor's own stack answer with RST, or another backend
+  receive it; dropping lets the client retransmit until the flow is known
+  again (after a takeover, replication may still be filling the table);
+* a backend's reply to a connection the table does not know: passing it
+  would leak the backend's address to the client;
+* a new connection when no backend is eligible, or when the table is full.
+
+Only IHL = 5 headers are rewritten, so a connection's 4-tuple is always
+``packet[12:24]`` (source, destination, source port, destination port).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from . import checksum
+from .balancer import Balancer, Policy
+from .conntable import ACK, FIN, RST, SYN, Connection, ConnectionTable, TcpState
+
+__all__ = [
+    "ACCEPT",
+    "DROP",
+    "Reason",
+    "BackendSpec",
+    "ServiceSpec",
+    "Backend",
+    "Service",
+    "Interposer",
+]
+
+# Verdict values match the kernel's NF_DROP / NF_ACCEPT.
+DROP = 0
+ACCEPT = 1
+
+_IPPROTO_TCP = 6
+_IP_CHECKSUM = 10
+_TCP_CHECKSUM = 20 + 16
+
+
+class Reason(enum.IntEnum):
+    """Why a packet got its verdict; each has a counter."""
+
+    NEW_CONNECTION = 0  # SYN opened a connection (rewritten, accepted)
+    TO_BACKEND = 1  # client -> backend of a known connection (rewritten)
+    TO_CLIENT = 2  # backend -> client of a known connection (rewritten)
+    NOT_SERVICE = 3  # not for a service: passed untouched
+    NOT_TCP = 4  # not TCP: passed untouched
+    TRUNCATED = 5  # shorter than its headers or its IP total length
+    BAD_IP_HEADER = 6  # not IPv4 or IHL < 5
+    IP_OPTIONS = 7
+    FRAGMENT = 8
+    BAD_TCP_HEADER = 9  # data offset < 5 or past the end
+    BAD_FLAGS = 10  # SYN+FIN, SYN+RST, or none of SYN/ACK/RST
+    UNKNOWN_FLOW = 11  # mid-stream client segment of an unknown connection
+    UNKNOWN_REPLY = 12  # backend segment of an unknown connection
+    NO_BACKEND = 13  # new connection but no eligible backend
+    TABLE_FULL = 14  # new connection refused: the table is at capacity
+
+    @property
+    def verdict(self) -> int:
+        return ACCEPT if self <= Reason.NOT_TCP else DROP
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    name: str
+    address: ipaddress.IPv4Address
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    vip: ipaddress.IPv4Address
+    port: int
+    policy: Policy
+    backends: tuple[BackendSpec, ...]
+
+
+class Backend:
+    """A node as one service sees it, with its rewrite constants precomputed."""
+
+    __slots__ = (
+        "index",
+        "name",
+        "address",
+        "port",
+        "addr_bytes",
+        "port_bytes",
+        "rewrites_port",
+        "vip_bytes",
+        "vport_bytes",
+        "to_backend_ip_delta",
+        "to_backend_tcp_delta",
+        "to_client_ip_delta",
+        "to_client_tcp_delta",
+    )
+
+    def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes):
+        self.index = index
+        self.name = spec.name
+        self.address = spec.address
+        self.port = spec.port
+        self.addr_bytes = spec.address.packed
+        self.port_bytes = spec.port.to_bytes(2, "big")
+        self.rewrites_port = self.port_bytes != vport_bytes
+        self.vip_bytes = vip_bytes
+        self.vport_bytes = vport_bytes
+        ip_in = checksum.delta(vip_bytes, self.addr_bytes)
+        ip_out = checksum.delta(self.addr_bytes, vip_bytes)
+        # The TCP checksum covers the addresses through the pseudo-header
+        # (RFC 793 section 3.1) and the ports directly.
+        self.to_backend_ip_delta = ip_in
+        self.to_backend_tcp_delta = checksum.combine(ip_in, checksum.delta(vport_bytes, self.port_bytes))
+        self.to_client_ip_delta = ip_out
+        self.to_client_tcp_delta = checksum.combine(ip_out, checksum.delta(self.port_bytes, vport_bytes))
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name}, {self.address}:{self.port})"
+
+
+class Service:
+    __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends")
+
+    def __init__(self, spec: ServiceSpec):
+        self.name = spec.name
+        self.vip = spec.vip
+        self.port = spec.port
+        self.vip_bytes = spec.vip.packed
+        self.port_bytes = spec.port.to_bytes(2, "big")
+        self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes) for i, b in enumerate(spec.backends)]
+        self.balancer = Balancer(spec.policy, [b.weight for b in spec.backends])
+
+    def __repr__(self) -> str:
+        return f"Service({self.name}, {self.vip}:{self.port})"
+
+
+ConnectionListener = Callable[[Connection], None]
+
+
+class Interposer:
+    """Decides and rewrites every queued packet; see the module docstring."""
+
+    def __init__(self, services: Sequence[ServiceSpec], table: ConnectionTable):
+        if not services:
+            raise ValueError("the interposer needs at least one service")
+        self.table = table
+        self.services = [Service(spec) for spec in services]
+        self._by_vip: dict[bytes, Service] = {}
+        self._backend_sources: set[bytes] = set()
+        for service in self.services:
+            self._by_vip[service.vip_bytes + service.port_bytes] = service
+            for backend in service.backends:
+                self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
+        self.counts = [0] * len(Reason)
+        # Observers (metrics, replication) subscribe; the core only calls them.
+        self.opened_listeners: list[ConnectionListener] = []
+        self.ended_listeners: list[ConnectionListener] = []
+
+    # -- the per-packet path -------------------------------------------------
+    def handle(self, packet: bytes, now: float) -> tuple[int, bytes | None]:
+        reason, out = self._decide(packet, now)
+        self.counts[reason] += 1
+        return reason.verdict, out
+
+    def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
+        length = len(packet)
+        if length < 20:
+            return Reason.TRUNCATED, None
+        first = packet[0]
+        if first != 0x45:
+            if first >> 4 != 4 or first & 0x0F < 5:
+                return Reason.BAD_IP_HEADER, None
+            return Reason.IP_OPTIONS, None
+        if (packet[2] << 8 | packet[3]) != length:
+            return Reason.TRUNCATED, None
+        if packet[9] != _IPPROTO_TCP:
+            return Reason.NOT_TCP, None
+        if packet[6] & 0x3F or packet[7]:
+            return Reason.FRAGMENT, None
+        if length < 40:
+            return Reason.TRUNCATED, None
+        tcp_header = (packet[32] >> 4) * 4
+        if tcp_header < 20 or 20 + tcp_header > length:
+            return Reason.BAD_TCP_HEADER, None
+        flags = packet[33]
+        if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
+            return Reason.BAD_FLAGS, None
+
+        key = packet[12:24]
+        conn = self.table.get(key)
+        if conn is None:
+            return self._unknown(packet, key, flags, now)
+        if conn.key == key:
+            if flags & (SYN | ACK) == SYN and conn.state >= TcpState.CLOSING:
+                # The client reuses the 4-tuple of a finished connection.
+                self.table.remove(conn)
+                return self._unknown(packet, key, flags, now)
+            out = _to_backend(packet, conn.backend)
+            if self.table.advance(conn, flags, True, now):
+                self._ended(conn)
+            return Reason.TO_BACKEND, out
+        out = _to_client(packet, conn.backend)
+        if self.table.advance(conn, flags, False, now):
+            self._ended(conn)
+        return Reason.TO_CLIENT, out
+
+    def _unknown(self, packet: bytes, key: bytes, flags: int, now: float) -> tuple[Reason, bytes | None]:
+        service = self._by_vip.get(packet[16:20] + packet[22:24])
+        if service is None:
+            if packet[12:16] + packet[20:22] in self._backend_sources:
+                return Reason.UNKNOWN_REPLY, None
+            return Reason.NOT_SERVICE, None
+        if flags & (SYN | ACK) != SYN:
+            return Reason.UNKNOWN_FLOW, None
+        index = service.balancer.acquire()
+        if index is None:
+            return Reason.NO_BACKEND, None
+        backend = service.backends[index]
+        reply_key = backend.addr_bytes + packet[12:16] + backend.port_bytes + packet[20:22]
+        stale = self.table.get(reply_key)
+        if stale is not None and self.table.remove(stale):
+            self._ended(stale)
+        conn = self.table.open(key, reply_key, service, backend, now)
+        if conn is None:
+            service.balancer.release(index)
+            return Reason.TABLE_FULL, None
+        for listener in self.opened_listeners:
+            listener(conn)
+        return Reason.NEW_CONNECTION, _to_backend(packet, backend)
+
+    # -- housekeeping ------------------------------------------------------
+    def expire(self, now: float, budget: int = 10_000) -> int:
+        """Expire idle connections; returns how many open ones ended."""
+        ended = self.table.expire(now, budget)
+        for conn in ended:
+            self._ended(conn)
+        return len(ended)
+
+    def _ended(self, conn: Connection) -> None:
+        conn.service.balancer.release(conn.backend.index)
+        for listener in self.ended_listeners:
+            listener(conn)
+
+    def set_node_available(self, name: str, available: bool) -> int:
+        """Gate a node (by name) for new connections in every service; returns how many services have it."""
+        found = 0
+        for service in self.services:
+            for backend in service.backends:
+                if backend.name == name:
+                    service.balancer.set_available(backend.index, available)
+                    found += 1
+        return found
+
+    def count(self, reason: Reason) -> int:
+        return self.counts[reason]
+
+    def backends(self) -> Iterable[tuple[Service, Backend]]:
+        for service in self.services:
+            for backend in service.backends:
+                yield service, backend
+
+
+def _to_backend(packet: bytes, backend: Backend) -> bytes:
+    buf = bytearray(packet)
+    buf[16:20] = backend.addr_bytes
+    if backend.rewrites_port:
+        buf[22:24] = backend.port_bytes
+    checksum.patch(buf, _IP_CHECKSUM, backend.to_backend_ip_delta)
+    checksum.patch(buf, _TCP_CHECKSUM, backend.to_backend_tcp_delta)
+    return bytes(buf)
+
+
+def _to_client(packet: bytes, backend: Backend) -> bytes:
+    # The reply's source is the backend (the table key guarantees it), so the
+    # precomputed backend -> VIP delta is exact.
+    buf = bytearray(packet)
+    buf[12:16] = backend.vip_bytes
+    if backend.rewrites_port:
+        buf[20:22] = backend.vport_bytes
+    checksum.patch(buf, _IP_CHECKSUM, backend.to_client_ip_delta)
+    checksum.patch(buf, _TCP_CHECKSUM, backend.to_client_tcp_delta)
+    return bytes(buf)

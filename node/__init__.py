@@ -1,0 +1,1 @@
+"""The node agent: probes the local web server and sends heartbeats."""

@@ -1,0 +1,119 @@
+"""``cluster-testbed``: the namespace testbed with docker-compose-like verbs.
+
+Contract: each verb acts on the run selected by ``-p NAME`` (default
+``cluster``) and exits 0 on success, 1 with a one-line reason on failure, 2
+on a usage error.  ``exec`` exits with the command's own status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .runner import DEFAULT_PROJECT, Options, Testbed, TestbedError
+from .topology import MAX_NODES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cluster-testbed",
+        description="Run the distributor's cluster (client, dist1, dist2, web1..N) in network namespaces on this "
+        "machine. Needs root. Verbs mirror docker compose.",
+    )
+    parser.add_argument("-p", "--project", default=DEFAULT_PROJECT,
+                        help=f"name of the run; prefixes every namespace (default: {DEFAULT_PROJECT})")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    up = verbs.add_parser("up", help="build the cluster, start every service, return when the VIP answers")
+    up.add_argument("--nodes", type=int, default=3, help=f"number of web nodes, 1 to {MAX_NODES} (default: 3)")
+    up.add_argument("--policy", default="round-robin",
+                    choices=["round-robin", "weighted-round-robin", "least-outstanding", "weighted-least-outstanding"],
+                    help="balancing policy of the distributor (default: round-robin)")
+    up.add_argument("--capacity", type=int, default=262_144, help="connection table capacity (default: 262144)")
+    up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the VIP (default: 60)")
+
+    verbs.add_parser("down", help="stop everything and remove every namespace and file of the run")
+    verbs.add_parser("ps", help="list hosts, addresses and services")
+    run = verbs.add_parser("exec", help="run a command inside a host: exec HOST -- CMD...")
+    run.add_argument("host")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    for verb, text in (
+        ("kill", "SIGKILL every process of a host and take its links down"),
+        ("stop", "stop a host's services (SIGTERM) and take its links down"),
+        ("start", "bring a host's links up and start its services"),
+    ):
+        verbs.add_parser(verb, help=text).add_argument("host")
+    logs = verbs.add_parser("logs", help="print the logs of a host's services")
+    logs.add_argument("host")
+    logs.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines of each log")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="cluster-testbed: %(message)s")
+    if os.geteuid() != 0:
+        print("cluster-testbed: needs root (network namespaces, iptables)", file=sys.stderr)
+        return 1
+    try:
+        return _dispatch(args)
+    except TestbedError as exc:
+        print(f"cluster-testbed: {exc}", file=sys.stderr)
+        return 1
+    except KeyError as exc:
+        print(f"cluster-testbed: {exc.args[0]}", file=sys.stderr)
+        return 1
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.verb == "up":
+        try:
+            options = Options(nodes=args.nodes, policy=args.policy, capacity=args.capacity)
+            bed = Testbed(args.project, options)
+        except ValueError as exc:
+            raise TestbedError(str(exc)) from None
+        bed.up(timeout=args.timeout)
+        print(f"{args.project}: up with {args.nodes} web node(s); VIP http://{bed.vip}/ answers")
+        return 0
+    if args.verb == "down":
+        try:
+            bed = Testbed.load(args.project)
+        except TestbedError:
+            bed = Testbed(args.project)  # no state: still sweep stale namespaces of this project
+        removed = bed.down()
+        print(f"{args.project}: removed {len(removed)} namespace(s)")
+        return 0
+    bed = Testbed.load(args.project)
+    if args.verb == "ps":
+        print(f"{'HOST':8} {'NETNS':20} {'SERVICE':12} {'PID':>7} {'STATE':8} ADDRESSES")
+        for row in bed.ps():
+            pid = str(row["pid"] or "-")
+            print(f"{row['host']:8} {row['netns']:20} {row['service']:12} {pid:>7} {row['state']:8} {' '.join(row['addresses'])}")
+        return 0
+    if args.verb == "exec":
+        command = args.command[1:] if args.command[:1] == ["--"] else args.command
+        if not command:
+            raise TestbedError("exec needs a command: cluster-testbed exec HOST -- CMD...")
+        argv = bed.exec_argv(args.host, command)
+        os.execvp(argv[0], argv)
+    if args.verb in ("kill", "stop", "start"):
+        getattr(bed, args.verb)(args.host)
+        print(f"{args.project}: {args.verb} {args.host}: done")
+        return 0
+    if args.verb == "logs":
+        host = bed.topology.host(args.host)
+        if not host.services:
+            print(f"{args.host} runs no services")
+        for service in host.services:
+            print(f"==> {args.host}/{service} <==")
+            text = bed.log_path(args.host, service).read_text(errors="replace") if bed.log_path(args.host, service).exists() else ""
+            lines = text.splitlines()
+            print("\n".join(lines[-args.lines:] if args.lines else lines))
+        return 0
+    raise TestbedError(f"unknown verb {args.verb}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""Builds the testbed topology from network namespaces, veth pairs and bridges.
+
+Contract
+--------
+* A run is named by a *project* (``-p NAME``).  Every namespace it creates is
+  ``<project>-<host>``, plus ``<project>-sw`` which holds the two bridges, so
+  the run adds nothing to the root namespace.  Its files (configs, logs, pid
+  files, web content) live under ``/run/cluster-testbed/<project>/``.
+* :meth:`Testbed.up` first removes whatever an earlier run of the same project
+  left (also after a crash or a SIGKILL), builds the topology, starts every
+  declared service, and returns only when the VIP answers HTTP.
+* :meth:`Testbed.down` ends the processes inside the project's namespaces (by
+  pid, SIGTERM then SIGKILL), deletes the namespaces and the state directory.
+  Nothing outside the project is touched.
+* ``kill``/``stop``/``start`` act on one host like their docker compose
+  namesakes: kill sends SIGKILL to everything in the host and takes its links
+  down (a dead host answers nothing); stop does the same politely; start
+  brings the links up and starts the host's services again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import content, http, netns
+from .topology import Host, Topology, build
+
+log = logging.getLogger("testbed")
+
+STATE_ROOT = Path(os.environ.get("CLUSTER_TESTBED_STATE", "/run/cluster-testbed"))
+DEFAULT_PROJECT = "cluster"
+METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host
+_PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
+_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|sw)$")
+
+
+class TestbedError(RuntimeError):
+    __test__ = False
+
+
+@dataclass
+class Options:
+    """What ``up`` may vary; saved with the run so later verbs rebuild the same configs."""
+
+    nodes: int = 3
+    policy: str = "round-robin"
+    capacity: int = 262_144
+    extra: dict = field(default_factory=dict)
+
+
+def check_project(name: str) -> str:
+    if not _PROJECT_RE.match(name):
+        raise TestbedError(f"project name {name!r} is not valid: use 1-12 lower-case letters and digits, starting with a letter")
+    return name
+
+
+def wait_until(condition: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> object:
+    """Poll ``condition`` until it returns a true value or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while True:
+        try:
+            value = condition()
+            if value:
+                return value
+        except Exception as exc:  # conditions probe the network; failures mean "not yet"
+            last_error = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {last_error})" if last_error else ""
+            raise TestbedError(f"timed out after {timeout:.0f} s waiting for {what}{detail}")
+        time.sleep(interval)
+
+
+def _run(argv: list[str], check: bool = True, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+    if check and result.returncode != 0:
+        raise TestbedError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+    return result
+
+
+class Testbed:
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, project: str = DEFAULT_PROJECT, options: Options | None = None):
+        self.project = check_project(project)
+        self.options = options or Options()
+        self.topology: Topology = build(self.options.nodes)
+        self.state_dir = STATE_ROOT / project
+        self._children: dict[int, subprocess.Popen] = {}
+
+    # -- naming ------------------------------------------------------------
+    def ns(self, host: str) -> str:
+        if host != "sw":
+            self.topology.host(host)  # raises for an unknown host
+        return f"{self.project}-{host}"
+
+    def host_dir(self, host: str) -> Path:
+        return self.state_dir / host
+
+    def log_path(self, host: str, service: str) -> Path:
+        return self.host_dir(host) / f"{service}.log"
+
+    @property
+    def vip(self) -> str:
+        return str(self.topology.vip)
+
+    # -- persistence -------------------------------------------------------
+    @classmethod
+    def load(cls, project: str = DEFAULT_PROJECT) -> "Testbed":
+        check_project(project)
+        state = STATE_ROOT / project / "state.json"
+        try:
+            data = json.loads(state.read_text())
+        except FileNotFoundError:
+            raise TestbedError(f"no testbed {project!r} is up (no {state}); run `cluster-testbed -p {project} up`") from None
+        return cls(project, Options(**data["options"]))
+
+    def _save(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        data = {"project": self.project, "options": self.options.__dict__}
+        (self.state_dir / "state.json").write_text(json.dumps(data, indent=2))
+
+    # -- up / down ---------------------------------------------------------
+    def up(self, timeout: float = 60.0) -> None:
+        self.down()
+        self._save()
+        try:
+            self._build_network()
+            self._write_files()
+            for host in self.topology.hosts:
+                for service in host.services:
+                    self._start_service(host, service)
+            self.wait_vip(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> list[str]:
+        """Remove every namespace, process and file of this project; returns the namespaces removed."""
+        prefix = f"{self.project}-"
+        mine = [n for n in netns.names() if n.startswith(prefix) and _HOST_RE.match(n[len(prefix):])]
+        mine.sort(key=lambda n: n.endswith("-sw"))  # the switch goes last
+        for name in mine:
+            self._end_processes(netns.pids(name), name)
+        for name in mine:
+            _run(["ip", "netns", "del", name], check=False)
+        for child in list(self._children.values()):
+            self._reap(child)
+        if self.state_dir.exists():
+            shutil.rmtree(self.state_dir)
+        return mine
+
+    def _build_network(self) -> None:
+        sw = self.ns("sw")
+        _run(["ip", "netns", "add", sw])
+        _run(["ip", "-n", sw, "link", "set", "lo", "up"])
+        for bridge in self.topology.bridges:
+            _run(["ip", "-n", sw, "link", "add", bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0"])
+            _run(["ip", "-n", sw, "link", "set", bridge, "up"])
+        for host in self.topology.hosts:
+            ns = self.ns(host.name)
+            _run(["ip", "netns", "add", ns])
+            _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            for key, value in host.sysctls:
+                _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
+            for link in host.links:
+                port = f"{host.name}-{link.bridge}"
+                _run(["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", link.ifname, "netns", ns])
+                _run(["ip", "-n", sw, "link", "set", port, "master", link.bridge, "up"])
+                _run(["ip", "-n", ns, "addr", "add", str(link.address), "dev", link.ifname])
+                _run(["ip", "-n", ns, "link", "set", link.ifname, "up"])
+            if host.default_gateway is not None:
+                _run(["ip", "-n", ns, "route", "add", "default", "via", str(host.default_gateway)])
+        primary = self.topology.host(self.topology.primary)
+        ns = self.ns(primary.name)
+        _run(["ip", "-n", ns, "addr", "add", f"{self.topology.vip}/32", "dev", _ifname(primary, "ext")])
+        _run(["ip", "-n", ns, "addr", "add", f"{self.topology.gateway}/24", "dev", _ifname(primary, "int")])
+
+    def _write_files(self) -> None:
+        self.state_dir.chmod(0o755)
+        for host in self.topology.hosts:
+            directory = self.host_dir(host.name)
+            directory.mkdir(parents=True, exist_ok=True)
+            directory.chmod(0o755)
+            if "nginx" in host.services:
+                write_web_files(self.topology, host, directory)
+            if "distributor" in host.services:
+                (directory / "distributor.toml").write_text(self.distributor_config(host))
+
+    def distributor_config(self, host: Host) -> str:
+        return render_distributor_config(self.topology, self.options, host)
+
+    # -- services ----------------------------------------------------------
+    def _service_argv(self, host: Host, service: str) -> list[str]:
+        directory = self.host_dir(host.name)
+        if service == "nginx":
+            return ["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory), "-e", str(directory / "nginx-error.log")]
+        if service == "distributor":
+            return [sys.executable, "-m", "distributor.daemon", "--config", str(directory / "distributor.toml")]
+        raise TestbedError(f"unknown service {service!r} on {host.name}")
+
+    def _start_service(self, host: Host, service: str, timeout: float = 20.0) -> int:
+        argv = ["ip", "netns", "exec", self.ns(host.name), *self._service_argv(host, service)]
+        log_file = open(self.log_path(host.name, service), "ab")
+        try:
+            child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        finally:
+            log_file.close()
+        self._children[child.pid] = child
+        (self.host_dir(host.name) / f"{service}.pid").write_text(str(child.pid))
+        self._wait_service(host, service, child, timeout)
+        return child.pid
+
+    def _wait_service(self, host: Host, service: str, child: subprocess.Popen, timeout: float) -> None:
+        def ready() -> bool:
+            if child.poll() is not None:
+                tail = self.log_tail(host.name, service)
+                raise TestbedError(f"{service} on {host.name} exited with {child.returncode}:\n{tail}")
+            if service == "nginx":
+                reply = http.get(self.ns(host.name), str(host.address_on("int")), self.topology.vip_port, "/health", timeout=1)
+                return reply.status == 200
+            if service == "distributor":
+                return "ready" in self.log_path(host.name, service).read_text(errors="replace")
+            return True
+
+        try:
+            wait_until(ready, timeout, f"{service} on {host.name}")
+        except TestbedError as exc:
+            if "exited with" in str(exc):
+                raise
+            raise TestbedError(f"{exc}\n{self.log_tail(host.name, service)}") from None
+
+    def service_pid(self, host: str, service: str) -> int | None:
+        """The pid of a running service of ``host``, or None."""
+        try:
+            pid = int((self.host_dir(host) / f"{service}.pid").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if pid in netns.pids(self.ns(host)) else None
+
+    def wait_vip(self, timeout: float = 30.0) -> None:
+        def answers() -> bool:
+            return http.get(self.ns("client"), self.vip, self.topology.vip_port, "/health", timeout=1).status == 200
+
+        wait_until(answers, timeout, f"the VIP {self.vip}:{self.topology.vip_port} to answer")
+
+    # -- compose-like verbs --------------------------------------------------
+    def kill(self, host: str) -> None:
+        self._end_processes(netns.pids(self.ns(host)), self.ns(host), polite=False)
+        self._links(host, "down")
+
+    def stop(self, host: str) -> None:
+        spec = self.topology.host(host)
+        for service in reversed(spec.services):
+            pid = self.service_pid(host, service)
+            if pid is not None:
+                self._end_processes([pid], self.ns(host))
+        self._end_processes(netns.pids(self.ns(host)), self.ns(host))
+        self._links(host, "down")
+
+    def start(self, host: str) -> None:
+        spec = self.topology.host(host)
+        self._links(host, "up")
+        for service in spec.services:
+            if self.service_pid(host, service) is None:
+                self._start_service(spec, service)
+
+    def _links(self, host: str, state: str) -> None:
+        for link in self.topology.host(host).links:
+            _run(["ip", "-n", self.ns(host), "link", "set", link.ifname, state])
+
+    def exec_argv(self, host: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.ns(host), *argv]
+
+    def run(self, host: str, argv: list[str], check: bool = True, timeout: float | None = 120, **kwargs) -> subprocess.CompletedProcess:
+        """Run a command inside ``host`` and wait for it."""
+        return _run(self.exec_argv(host, argv), check=check, timeout=timeout, **kwargs)
+
+    def popen(self, host: str, argv: list[str], **kwargs) -> subprocess.Popen:
+        child = subprocess.Popen(self.exec_argv(host, argv), **kwargs)
+        self._children[child.pid] = child
+        return child
+
+    def metrics(self, host: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        """The distributor's Prometheus samples on ``host``: {(name, sorted labels): value}."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        reply = http.get(self.ns(host), "127.0.0.1", METRICS_PORT, "/metrics", timeout=2)
+        samples = {}
+        for family in text_string_to_metric_families(reply.body.decode()):
+            for sample in family.samples:
+                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return samples
+
+    def log_tail(self, host: str, service: str, lines: int = 30) -> str:
+        try:
+            text = self.log_path(host, service).read_text(errors="replace")
+        except FileNotFoundError:
+            return f"(no log for {service} on {host})"
+        return "\n".join(text.splitlines()[-lines:])
+
+    def ps(self) -> list[dict]:
+        rows = []
+        for host in self.topology.hosts:
+            ns = self.ns(host.name)
+            alive = netns.exists(ns)
+            addresses = _addresses(ns) if alive else []
+            services = host.services or ("-",)
+            for service in services:
+                pid = self.service_pid(host.name, service) if service != "-" and alive else None
+                state = "-" if service == "-" else ("running" if pid else "exited")
+                rows.append({"host": host.name, "netns": ns if alive else "(missing)", "addresses": addresses,
+                             "service": service, "pid": pid, "state": state})
+        return rows
+
+    # -- process ending ----------------------------------------------------
+    def _end_processes(self, pids: list[int], ns: str, polite: bool = True, grace: float = 5.0) -> None:
+        if not pids:
+            return
+        first = signal.SIGTERM if polite else signal.SIGKILL
+        for pid in pids:
+            _signal(pid, first)
+        deadline = time.monotonic() + grace
+        remaining = list(pids)
+        while remaining and time.monotonic() < deadline:
+            for pid in list(remaining):
+                child = self._children.get(pid)
+                if child is not None:
+                    if child.poll() is not None:
+                        remaining.remove(pid)
+                elif not _alive(pid, ns):
+                    remaining.remove(pid)
+            if remaining:
+                time.sleep(0.02)
+        for pid in remaining:
+            log.warning("pid %d in %s did not end within %.0f s; sending SIGKILL", pid, ns, grace)
+            _signal(pid, signal.SIGKILL)
+        for pid in pids:
+            child = self._children.get(pid)
+            if child is not None:
+                self._reap(child)
+
+    def _reap(self, child: subprocess.Popen) -> None:
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+        self._children.pop(child.pid, None)
+
+
+def write_web_files(topology: Topology, host: Host, directory: Path) -> None:
+    """The web node's document root (the known files of testbed.content) and its nginx.conf."""
+    root = directory / "www"
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    for path in content.FILES:
+        target = root / path.lstrip("/")
+        target.write_bytes(content.body(path))
+        target.chmod(0o644)
+    (root / "index.html").write_text(f"<h1>{host.name}</h1>\n")
+    (root / "index.html").chmod(0o644)
+    (directory / "tmp").mkdir(exist_ok=True)
+    (directory / "nginx.conf").write_text(
+        NGINX_CONF.format(dir=directory, root=root, address=host.address_on("int"), port=topology.vip_port, node=host.name)
+    )
+
+
+def render_distributor_config(topology: Topology, options: Options, host: Host) -> str:
+    nodes = "".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in topology.web_nodes)
+    backends = ", ".join(f'"{web.name}"' for web in topology.web_nodes)
+    return DISTRIBUTOR_CONF.format(
+        name=host.name,
+        capacity=options.capacity,
+        metrics_port=METRICS_PORT,
+        nodes=nodes,
+        vip=topology.vip,
+        port=topology.vip_port,
+        policy=options.policy,
+        backends=backends,
+    )
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _alive(pid: int, ns: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _ifname(host: Host, bridge: str) -> str:
+    for link in host.links:
+        if link.bridge == bridge:
+            return link.ifname
+    raise KeyError(bridge)
+
+
+def _addresses(ns: str) -> list[str]:
+    result = _run(["ip", "-n", ns, "-j", "addr", "show"], check=False)
+    if result.returncode != 0:
+        return []
+    found = []
+    for link in json.loads(result.stdout or "[]"):
+        if link.get("ifname") == "lo":
+            continue
+        for info in link.get("addr_info", []):
+            if info.get("family") == "inet":
+                found.append(f"{info['local']}/{info['prefixlen']}")
+    return found
+
+
+NGINX_CONF = """\
+# Written by cluster-testbed for {node}.
+daemon off;
+worker_processes 1;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 1000000;
+    keepalive_timeout 65s;
+    client_body_temp_path {dir}/tmp/body;
+    proxy_temp_path {dir}/tmp/proxy;
+    fastcgi_temp_path {dir}/tmp/fastcgi;
+    uwsgi_temp_path {dir}/tmp/uwsgi;
+    scgi_temp_path {dir}/tmp/scgi;
+    types {{ text/html html; application/octet-stream bin; text/plain txt; }}
+    default_type text/plain;
+    server {{
+        listen {address}:{port} backlog=4096;
+        root {root};
+        add_header X-Node {node} always;
+        location / {{ }}
+    }}
+}}
+"""
+
+DISTRIBUTOR_CONF = """\
+# Written by cluster-testbed for {name}.
+[distributor]
+name = "{name}"
+queue = 0
+
+[table]
+capacity = {capacity}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+{nodes}
+[[services]]
+name = "http"
+vip = "{vip}"
+port = {port}
+policy = "{policy}"
+backends = [{backends}]
+"""

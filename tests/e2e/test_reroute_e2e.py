@@ -1,0 +1,154 @@
+"""HTTP through the VIP, end to end, with real clients in the namespace testbed."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import sys
+
+import pytest
+
+from testbed import content, http, netns, wrk
+from testbed.runner import wait_until
+from tests.e2e.conftest import counter, open_samples
+
+VIP_URL = "http://203.0.113.1"
+
+
+@pytest.fixture(scope="module")
+def bed(make_testbed):
+    return make_testbed("treroute", nodes=3, policy="round-robin")
+
+
+def test_curl_through_the_vip_is_served_by_a_named_node(bed):
+    out = bed.run("client", ["curl", "-sS", "-D", "-", "-o", "/dev/null", "-m", "5", f"{VIP_URL}/index.html"]).stdout
+    assert out.startswith("HTTP/1.1 200")
+    assert any(line.lower().startswith("x-node: web") for line in out.splitlines())
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_wrk_sees_no_socket_errors(bed, close):
+    result = wrk.run(bed, f"{VIP_URL}/1k.bin", duration=3, connections=20, close=close)
+    assert result.requests > 1000, result.output
+    assert result.socket_errors == {} or sum(result.socket_errors.values()) == 0, result.output
+    assert result.non_2xx == 0, result.output
+
+
+def test_round_robin_spreads_requests_evenly(bed):
+    result = wrk.run(bed, f"{VIP_URL}/1k.bin", duration=3, connections=12, close=True, count_nodes=True)
+    assert set(result.nodes) == {"web1", "web2", "web3"}, result.output
+    mean = sum(result.nodes.values()) / 3
+    for node, served in result.nodes.items():
+        assert abs(served - mean) <= 0.02 * mean + 12, f"{node} served {served}, mean {mean:.0f}: {result.nodes}"
+
+
+@pytest.mark.parametrize("path", ["/1m.bin", "/4m.bin"])
+def test_large_download_arrives_intact(bed, path):
+    reply = http.get(bed.ns("client"), bed.vip, 80, path, timeout=20)
+    assert reply.status == 200
+    assert hashlib.sha256(reply.body).hexdigest() == content.sha256(path)
+
+
+def test_concurrent_clients_all_get_correct_bodies(bed):
+    def client(n: int) -> list[str]:
+        nodes = []
+        for _ in range(15):
+            reply = http.get(bed.ns("client"), bed.vip, 80, "/64k.bin", timeout=10)
+            assert reply.status == 200 and reply.body == content.body("/64k.bin")
+            nodes.append(reply.node)
+        return nodes
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        served = [node for nodes in pool.map(client, range(12)) for node in nodes]
+    assert len(served) == 180
+    assert set(served) == {"web1", "web2", "web3"}
+
+
+def test_unknown_mid_stream_segment_is_dropped_not_reset(bed):
+    """A segment of a connection the distributor never saw must not reach any node or draw an RST.
+
+    Its source port lies outside the client's ephemeral range (1024-65000), so no real connection has it.
+    """
+    before = counter(bed, "unknown_flow")
+    script = (
+        "from scapy.all import IP, TCP, sr1; "
+        "answer = sr1(IP(dst='203.0.113.1')/TCP(sport=65123, dport=80, flags='PA', seq=1, ack=1)/b'GET /\\r\\n',"
+        " timeout=1.5, verbose=0); "
+        "print('none' if answer is None else answer.summary())"
+    )
+    assert bed.run("client", [sys.executable, "-c", script]).stdout.strip() == "none"
+    wait_until(lambda: counter(bed, "unknown_flow") > before, 5, "the unknown segment to be counted")
+
+
+def test_stopped_distributor_leaves_no_rule_and_restarted_one_installs_exactly_one_set(bed):
+    def our_rules() -> list[str]:
+        dump = bed.run("dist1", ["iptables-save"]).stdout
+        return [line for line in dump.splitlines() if "DIST0" in line or "NFQUEUE" in line]
+
+    assert our_rules()
+    pid = bed.service_pid("dist1", "distributor")
+    bed.run("dist1", ["kill", "-KILL", str(pid)])  # a crash leaves the rules behind
+    wait_until(lambda: bed.service_pid("dist1", "distributor") is None, 10, "the distributor to die")
+    assert our_rules()
+    bed.start("dist1")
+    rules = our_rules()
+    assert rules.count("-A PREROUTING -j DIST0-IN") == 1
+    assert rules.count("-A POSTROUTING -j DIST0-OUT") == 1
+    assert http.get(bed.ns("client"), bed.vip, 80, "/health").status == 200
+
+    bed.stop("dist1")
+    assert our_rules() == []
+    queues = bed.run("dist1", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
+    assert queues.strip() == ""
+    bed.start("dist1")
+    bed.wait_vip(10)
+
+
+@pytest.fixture(scope="module")
+def lo_bed(make_testbed):
+    return make_testbed("tleast", nodes=3, policy="least-outstanding")
+
+
+def test_least_outstanding_steers_new_connections_away_from_a_busy_node(lo_bed):
+    held = [http.hold(lo_bed.ns("client"), lo_bed.vip) for _ in range(30)]
+    try:
+        on_web1 = [conn for conn, node in held if node == "web1"]
+        assert len(on_web1) == 10, [node for _, node in held]  # least-outstanding spread them 10/10/10
+        for conn, node in held:
+            if node != "web1":
+                conn.close()
+        wait_until(lambda: open_samples(lo_bed) == {"web1": 10, "web2": 0, "web3": 0}, 10,
+                   "web2 and web3 to have no open connection")
+        served = [http.get(lo_bed.ns("client"), lo_bed.vip, 80, "/health").node for _ in range(20)]
+        assert "web1" not in served, served
+        assert served.count("web2") == served.count("web3") == 10
+    finally:
+        for conn, _ in held:
+            conn.close()
+
+
+@pytest.fixture(scope="module")
+def small_bed(make_testbed):
+    return make_testbed("tfull", nodes=2, policy="round-robin", capacity=4)
+
+
+def test_full_table_refuses_new_connections_and_keeps_serving_existing_ones(small_bed):
+    wait_until(lambda: all(v == 0 for v in open_samples(small_bed).values()), 10, "the readiness probes to finish")
+    held = [http.hold(small_bed.ns("client"), small_bed.vip)[0] for _ in range(4)]
+    try:
+        refused_before = counter(small_bed, "table_full")
+        with pytest.raises(OSError):
+            netns.connect_in(small_bed.ns("client"), (small_bed.vip, 80), timeout=2)
+        assert counter(small_bed, "table_full") > refused_before
+        for conn in held:  # existing connections are still served
+            conn.request("GET", "/1k.bin")
+            response = conn.getresponse()
+            assert response.status == 200 and response.read() == content.body("/1k.bin")
+        held.pop().close()  # one ends: its finished entry makes room
+        reply = wait_until(lambda: http.get(small_bed.ns("client"), small_bed.vip, 80, "/health", timeout=2), 10,
+                           "a new connection to be accepted")
+        assert reply.status == 200
+        assert "connection table full" in small_bed.log_tail("dist1", "distributor", 200)
+    finally:
+        for conn in held:
+            conn.close()

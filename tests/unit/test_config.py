@@ -1,0 +1,83 @@
+"""Config errors name the key and the value; defaults are sensible."""
+
+from pathlib import Path
+
+import pytest
+
+from distributor.balancer import Policy
+from distributor.config import ConfigError, load, parse
+from distributor.daemon import main
+
+EXAMPLE = Path(__file__).parents[2] / "docs" / "distributor.example.toml"
+
+MINIMAL = """
+[nodes.web1]
+address = "198.51.100.11"
+[[services]]
+vip = "203.0.113.1"
+backends = ["web1"]
+"""
+
+
+def test_minimal_config_gets_defaults():
+    config = parse(MINIMAL)
+    assert config.queue == 0 and config.capacity == 262_144
+    assert config.timeouts.established == 900
+    (service,) = config.services
+    assert service.port == 80 and service.policy is Policy.ROUND_ROBIN
+    assert service.backends[0].port == 80 and service.backends[0].weight == 1
+    assert config.metrics_listen is None
+
+
+def test_the_documented_example_is_valid():
+    config = load(EXAMPLE)
+    assert [s.name for s in config.services] == ["http", "http-alt"]
+    assert config.services[0].backends[2].weight == 2
+    assert config.services[1].backends[0].port == 8081
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (MINIMAL.replace('vip = "203.0.113.1"', 'vip = "203.0.113.300"'), r"services\[0\]\.vip: '203\.0\.113\.300'"),
+        (MINIMAL + 'policy = "leastconn"\n', r"services\[0\]\.policy: 'leastconn' .*least-outstanding"),
+        (MINIMAL.replace('["web1"]', '["web9"]'), r"services\[0\]\.backends\[0\]\.node: 'web9' is not a node"),
+        (MINIMAL.replace('["web1"]', '[{ node = "web1", weight = -2 }]'), r"backends\[0\]\.weight: -2"),
+        (MINIMAL.replace('["web1"]', '[]'), r"services\[0\]\.backends: \[\]"),
+        ("[distributor]\nqueue = 70000\n" + MINIMAL, r"distributor\.queue: 70000 .*0 to 65535"),
+        ("[distributor]\nqueu = 1\n" + MINIMAL, r"distributor\.queu: unknown key"),
+        ("[table]\ncapacity = 0\n" + MINIMAL, r"table\.capacity: 0"),
+        ("[table.timeouts]\nsyn = -1\n" + MINIMAL, r"table\.timeouts\.syn: -1"),
+        ("[metrics]\nlisten = \"localhost\"\n" + MINIMAL, r"metrics\.listen: 'localhost'"),
+        (MINIMAL.replace('address = "198.51.100.11"', 'address = 5'), r"nodes\.web1\.address: 5"),
+        ("[[services]]\nvip = \"203.0.113.1\"\nbackends = [\"a\"]\n", r"nodes: required key is missing"),
+        ("[nodes.web1]\naddress = \"198.51.100.11\"\n", r"services: required key is missing"),
+        (MINIMAL + MINIMAL.split("[[services]]")[1].join(["[[services]]", ""]), r"203\.0\.113\.1:80 is already served"),
+        ("this is = not toml [", r"not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key_and_the_value(text, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(text)
+
+
+def test_a_backend_address_port_serves_one_service_only():
+    text = MINIMAL + '[[services]]\nvip = "203.0.113.1"\nport = 81\nbackends = [{ node = "web1", port = 80 }]\n'
+    with pytest.raises(ConfigError, match=r"services\[1\]\.backends\[0\]: web1 .* already serves"):
+        parse(text)
+
+
+def test_missing_file_is_reported(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load(tmp_path / "nope.toml")
+
+
+def test_cli_check_and_exit_codes(tmp_path, capsys):
+    good = tmp_path / "good.toml"
+    good.write_text(MINIMAL)
+    assert main(["--config", str(good), "--check"]) == 0
+    assert "203.0.113.1:80" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text(MINIMAL.replace("web1\"]", "web2\"]"))
+    assert main(["--config", str(bad), "--check"]) == 2
+    assert "services[0].backends[0].node: 'web2'" in capsys.readouterr().err

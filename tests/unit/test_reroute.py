@@ -1,0 +1,262 @@
+"""Packet rewrite tables: input bytes -> expected verdict and bytes."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from distributor.balancer import Policy
+from distributor.conntable import ConnectionTable, TcpState
+from distributor.reroute import ACCEPT, DROP, BackendSpec, Interposer, Reason, ServiceSpec
+from tests.packets import CLIENT, VIP, WEB, checksums_valid, record_route, tcp, udp
+
+MSS_SACK_TS_WS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123456, 0)), ("NOP", None), ("WScale", 7)]
+
+
+def make(policy=Policy.ROUND_ROBIN, capacity=100, backend_port=80, nodes=("web1", "web2")):
+    backends = tuple(BackendSpec(n, ipaddress.IPv4Address(WEB[n]), backend_port) for n in nodes)
+    spec = ServiceSpec("web", ipaddress.IPv4Address(VIP), 80, policy, backends)
+    return Interposer([spec], ConnectionTable(capacity))
+
+
+def handshake(ip, sport=40000, node="web1", now=0.0):
+    verdict, out = ip.handle(tcp(CLIENT, VIP, sport, 80, "S", seq=1), now)
+    assert verdict == ACCEPT and out is not None
+    assert out == tcp(CLIENT, WEB[node], sport, 80, "S", seq=1)
+    return out
+
+
+# (name, packet, expected verdict, expected reason)
+MALFORMED = [
+    ("empty", b"", DROP, Reason.TRUNCATED),
+    ("19 bytes", tcp(CLIENT, VIP, 40000, 80, "S")[:19], DROP, Reason.TRUNCATED),
+    ("header cut", tcp(CLIENT, VIP, 40000, 80, "S")[:30], DROP, Reason.TRUNCATED),
+    ("payload cut", tcp(CLIENT, VIP, 40000, 80, "PA", b"x" * 100)[:-1], DROP, Reason.TRUNCATED),
+    ("ipv6", bytes([0x60]) + tcp(CLIENT, VIP, 40000, 80, "S")[1:], DROP, Reason.BAD_IP_HEADER),
+    ("ihl 4", bytes([0x44]) + tcp(CLIENT, VIP, 40000, 80, "S")[1:], DROP, Reason.BAD_IP_HEADER),
+    ("ip options", tcp(CLIENT, VIP, 40000, 80, "S", ip={"options": record_route()}), DROP, Reason.IP_OPTIONS),
+    ("more fragments", tcp(CLIENT, VIP, 40000, 80, "S", ip={"flags": "MF"}), DROP, Reason.FRAGMENT),
+    ("fragment offset", tcp(CLIENT, VIP, 40000, 80, "PA", b"abc", ip={"frag": 100}), DROP, Reason.FRAGMENT),
+    ("syn+fin", tcp(CLIENT, VIP, 40000, 80, "SF"), DROP, Reason.BAD_FLAGS),
+    ("syn+rst", tcp(CLIENT, VIP, 40000, 80, "SR"), DROP, Reason.BAD_FLAGS),
+    ("no flags", tcp(CLIENT, VIP, 40000, 80, ""), DROP, Reason.BAD_FLAGS),
+    ("fin without ack", tcp(CLIENT, VIP, 40000, 80, "F"), DROP, Reason.BAD_FLAGS),
+    ("psh only", tcp(CLIENT, VIP, 40000, 80, "P", b"data"), DROP, Reason.BAD_FLAGS),
+    ("mid-stream unknown", tcp(CLIENT, VIP, 40000, 80, "PA", b"GET /"), DROP, Reason.UNKNOWN_FLOW),
+    ("syn+ack to vip", tcp(CLIENT, VIP, 40000, 80, "SA"), DROP, Reason.UNKNOWN_FLOW),
+    ("rst to vip unknown", tcp(CLIENT, VIP, 40000, 80, "R"), DROP, Reason.UNKNOWN_FLOW),
+    ("reply unknown", tcp(WEB["web1"], CLIENT, 80, 40000, "SA"), DROP, Reason.UNKNOWN_REPLY),
+    ("other port", tcp(CLIENT, VIP, 40000, 443, "S"), ACCEPT, Reason.NOT_SERVICE),
+    ("other address", tcp(CLIENT, "203.0.113.99", 40000, 80, "S"), ACCEPT, Reason.NOT_SERVICE),
+    ("udp to vip", udp(CLIENT, VIP, 5000, 80), ACCEPT, Reason.NOT_TCP),
+]
+
+
+def _bad_offset(doff: int) -> bytes:
+    packet = bytearray(tcp(CLIENT, VIP, 40000, 80, "S"))
+    packet[32] = (doff << 4) | (packet[32] & 0x0F)
+    return bytes(packet)
+
+
+MALFORMED += [
+    ("data offset 4", _bad_offset(4), DROP, Reason.BAD_TCP_HEADER),
+    ("data offset past end", _bad_offset(15), DROP, Reason.BAD_TCP_HEADER),
+]
+
+
+@pytest.mark.parametrize("name,packet,verdict,reason", MALFORMED, ids=[m[0] for m in MALFORMED])
+def test_malformed_and_foreign_packets_get_a_counted_verdict_and_leave_the_table_alone(name, packet, verdict, reason):
+    ip = make()
+    assert ip.handle(packet, 0.0) == (verdict, None)
+    assert ip.count(reason) == 1
+    assert len(ip.table) == 0
+    assert all(ip.services[0].balancer.outstanding(i) == 0 for i in range(2))
+
+
+def test_syn_is_rewritten_to_the_chosen_backend_with_valid_checksums():
+    ip = make()
+    out = handshake(ip)
+    assert checksums_valid(out)
+    assert ip.count(Reason.NEW_CONNECTION) == 1
+    assert ip.services[0].balancer.outstanding(0) == 1
+
+
+@pytest.mark.parametrize("payload_len", [0, 1, 2, 3, 511, 1447, 1448])
+@pytest.mark.parametrize("options", [(), MSS_SACK_TS_WS[2:3], MSS_SACK_TS_WS], ids=["no-opts", "ts", "all-opts"])
+def test_both_directions_rewrite_exactly_with_any_payload_length_and_options(payload_len, options):
+    ip = make()
+    handshake(ip)
+    payload = bytes((i * 7 + 3) & 0xFF for i in range(payload_len))
+    forward = tcp(CLIENT, VIP, 40000, 80, "PA", payload, options=options, seq=77, ack=99)
+    verdict, out = ip.handle(forward, 1.0)
+    assert verdict == ACCEPT
+    assert out == tcp(CLIENT, WEB["web1"], 40000, 80, "PA", payload, options=options, seq=77, ack=99)
+    assert checksums_valid(out)
+
+    reply = tcp(WEB["web1"], CLIENT, 80, 40000, "PA", payload, options=options, seq=5, ack=6)
+    verdict, out = ip.handle(reply, 1.0)
+    assert verdict == ACCEPT
+    assert out == tcp(VIP, CLIENT, 80, 40000, "PA", payload, options=options, seq=5, ack=6)
+    assert checksums_valid(out)
+
+
+def test_backend_on_another_port_gets_port_rewritten_both_ways():
+    ip = make(backend_port=8080)
+    verdict, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
+    assert out == tcp(CLIENT, WEB["web1"], 40000, 8080, "S")
+    verdict, out = ip.handle(tcp(WEB["web1"], CLIENT, 8080, 40000, "SA"), 0.0)
+    assert out == tcp(VIP, CLIENT, 80, 40000, "SA")
+    assert checksums_valid(out)
+
+
+def test_checksum_results_match_full_recomputation_for_many_addresses_and_ids():
+    # Sweep IP ids and ports so the incremental update meets carries and the
+    # 0x0000 / 0xFFFF corner; scapy's full recomputation is the reference.
+    ip = make(capacity=3000)
+    for sport in range(1024, 1024 + 3000):
+        fields = {"id": sport * 211 & 0xFFFF}
+        packet = tcp(CLIENT, VIP, sport, 80, "S", seq=sport * 7919, ip=fields)
+        _, out = ip.handle(packet, 0.0)
+        backend = ip.table.get(packet[12:24]).backend
+        assert out == tcp(CLIENT, WEB[backend.name], sport, 80, "S", seq=sport * 7919, ip=fields)
+
+
+def test_every_packet_of_a_connection_goes_to_the_backend_chosen_at_its_syn():
+    ip = make()
+    handshake(ip, 40000, "web1")
+    handshake(ip, 40001, "web2")
+    for _ in range(5):
+        _, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 1.0)
+        assert out[16:20] == bytes(map(int, WEB["web1"].split(".")))
+        _, out = ip.handle(tcp(CLIENT, VIP, 40001, 80, "A"), 1.0)
+        assert out[16:20] == bytes(map(int, WEB["web2"].split(".")))
+
+
+def test_retransmitted_syn_goes_to_the_same_backend_and_is_not_counted_twice():
+    ip = make()
+    handshake(ip, 40000, "web1")
+    _, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "S", seq=1), 1.0)
+    assert out == tcp(CLIENT, WEB["web1"], 40000, 80, "S", seq=1)
+    assert ip.services[0].balancer.outstanding(0) == 1
+    assert len(ip.table) == 1
+
+
+def test_full_lifecycle_releases_the_backend_once():
+    ip = make()
+    handshake(ip)
+    ip.handle(tcp(WEB["web1"], CLIENT, 80, 40000, "SA"), 0.1)
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.2)
+    conn = ip.table.get(tcp(CLIENT, VIP, 40000, 80, "A")[12:24])
+    assert conn.state is TcpState.ESTABLISHED
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "FA"), 0.3)
+    assert conn.state is TcpState.FIN_WAIT
+    assert ip.services[0].balancer.outstanding(0) == 1
+    ip.handle(tcp(WEB["web1"], CLIENT, 80, 40000, "FA"), 0.4)
+    assert conn.state is TcpState.CLOSING
+    assert ip.services[0].balancer.outstanding(0) == 0
+    verdict, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.5)  # the last ACK still passes
+    assert verdict == ACCEPT and out is not None
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "R"), 0.6)
+    assert ip.services[0].balancer.outstanding(0) == 0
+
+
+def test_rst_from_backend_ends_the_connection():
+    ip = make()
+    handshake(ip)
+    verdict, out = ip.handle(tcp(WEB["web1"], CLIENT, 80, 40000, "RA"), 0.1)
+    assert verdict == ACCEPT and out == tcp(VIP, CLIENT, 80, 40000, "RA")
+    assert ip.services[0].balancer.outstanding(0) == 0
+
+
+def test_syn_reusing_a_finished_4_tuple_opens_a_new_connection():
+    ip = make()
+    handshake(ip, 40000, "web1")
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "R"), 0.1)
+    _, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.2)
+    assert out == tcp(CLIENT, WEB["web2"], 40000, 80, "S")  # round-robin moved on
+    assert len(ip.table) == 1
+    assert ip.services[0].balancer.outstanding(1) == 1
+
+
+def test_full_table_refuses_new_connections_but_serves_existing_ones():
+    ip = make(capacity=2)
+    handshake(ip, 40000, "web1")
+    handshake(ip, 40001, "web2")
+    assert ip.handle(tcp(CLIENT, VIP, 40002, 80, "S"), 0.1) == (DROP, None)
+    assert ip.count(Reason.TABLE_FULL) == 1
+    assert [ip.services[0].balancer.outstanding(i) for i in range(2)] == [1, 1]
+    verdict, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "PA", b"GET /"), 0.2)
+    assert verdict == ACCEPT and out is not None
+    # A finished connection makes room at once.
+    ip.handle(tcp(CLIENT, VIP, 40001, 80, "R"), 0.3)
+    verdict, _ = ip.handle(tcp(CLIENT, VIP, 40002, 80, "S"), 0.4)
+    assert verdict == ACCEPT
+    assert len(ip.table) == 2
+
+
+def test_no_eligible_backend_refuses_the_syn():
+    ip = make()
+    ip.set_node_available("web1", False)
+    ip.set_node_available("web2", False)
+    assert ip.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0) == (DROP, None)
+    assert ip.count(Reason.NO_BACKEND) == 1
+
+
+def test_idle_connections_expire_and_release_their_backend():
+    ip = make()
+    handshake(ip)
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 1.0)
+    assert ip.expire(1.0 + 899) == 0
+    assert ip.expire(1.0 + 900) == 1
+    assert len(ip.table) == 0
+    assert ip.services[0].balancer.outstanding(0) == 0
+    assert ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 902.0) == (DROP, None)
+
+
+def test_several_services_each_with_their_own_nodes_and_policy():
+    specs = [
+        ServiceSpec("http", ipaddress.IPv4Address(VIP), 80, Policy.ROUND_ROBIN,
+                    (BackendSpec("web1", ipaddress.IPv4Address(WEB["web1"]), 80),)),
+        ServiceSpec("alt", ipaddress.IPv4Address(VIP), 8080, Policy.LEAST_OUTSTANDING,
+                    (BackendSpec("web2", ipaddress.IPv4Address(WEB["web2"]), 9000),)),
+    ]
+    ip = Interposer(specs, ConnectionTable(10))
+    _, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
+    assert out == tcp(CLIENT, WEB["web1"], 40000, 80, "S")
+    _, out = ip.handle(tcp(CLIENT, VIP, 40000, 8080, "S"), 0.0)
+    assert out == tcp(CLIENT, WEB["web2"], 40000, 9000, "S")
+    _, out = ip.handle(tcp(WEB["web2"], CLIENT, 9000, 40000, "SA"), 0.0)
+    assert out == tcp(VIP, CLIENT, 8080, 40000, "SA")
+
+
+packet_bytes = st.one_of(
+    st.binary(max_size=80),
+    st.builds(
+        lambda base, pos, value: base[:pos] + bytes([value]) + base[pos + 1:],
+        st.sampled_from([tcp(CLIENT, VIP, 40000, 80, "S"), tcp(CLIENT, VIP, 40000, 80, "PA", b"abc"),
+                         tcp(WEB["web1"], CLIENT, 80, 40000, "SA")]),
+        st.integers(0, 42),
+        st.integers(0, 255),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(packet_bytes, max_size=30))
+def test_any_byte_sequence_gets_a_verdict_and_keeps_the_table_consistent(packets):
+    ip = make(capacity=4)
+    for i, packet in enumerate(packets):
+        verdict, out = ip.handle(packet, float(i))
+        assert verdict in (ACCEPT, DROP)
+        assert out is None or (verdict == ACCEPT and len(out) == len(packet))
+    ip.expire(10_000.0)
+    balancer = ip.services[0].balancer
+    open_per_backend = [0, 0]
+    for conn in ip.table:
+        if conn.is_open:
+            open_per_backend[conn.backend.index] += 1
+    assert open_per_backend == [balancer.outstanding(0), balancer.outstanding(1)]
+    assert sum(ip.counts) == len(packets)
