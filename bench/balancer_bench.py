@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--picks", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
-    print(f"| policy | 10 nodes (us/pick) | 1,000 nodes (us/pick) | ratio |")
+    print("| policy | 10 nodes (us/pick) | 1,000 nodes (us/pick) | ratio |")
     print("|---|---|---|---|")
     for policy in Policy:
         small, large = [], []

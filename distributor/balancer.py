@@ -17,8 +17,8 @@ A :class:`Balancer` chooses one of ``n`` backends (identified by their index
 * :meth:`Balancer.set_ramp` scales a backend's effective weight by a factor in
   (0, 1] during slow start.
 
-Policies: round-robin, weighted round-robin (stride scheduling, so the
-interleaving is smooth rather than bursty), least-outstanding and weighted
+Policies: round-robin and weighted round-robin (both stride scheduling, so
+the interleaving is smooth rather than bursty and a slow-start ramp applies), least-outstanding and weighted
 least-outstanding (fewest ``(open + 1) / weight``; the ``+1`` makes a heavier
 backend win when both are idle, as HAProxy's leastconn does).
 
@@ -63,6 +63,10 @@ class Policy(enum.Enum):
         raise ValueError(f"unknown balancing policy {text!r}; valid policies: {valid}")
 
 
+# Round-robin is stride scheduling with equal weights: the ramp then works alike.
+_STRIDE_POLICIES = (Policy.ROUND_ROBIN, Policy.WEIGHTED_ROUND_ROBIN)
+
+
 class Balancer:
     """Chooses a backend per new connection; see the module docstring."""
 
@@ -80,6 +84,7 @@ class Balancer:
         self._last_pick = [0] * self._count
         self._pass = [0] * self._count
         self._picks = 0
+        self.acquired = [0] * self._count  # connections ever given to each backend
         size = 1
         while size < self._count:
             size <<= 1
@@ -115,9 +120,10 @@ class Balancer:
             return None
         self._picks += 1
         self._last_pick[best] = self._picks
-        if self.policy is Policy.WEIGHTED_ROUND_ROBIN:
+        if self.policy in _STRIDE_POLICIES:
             self._pass[best] += self._stride(best)
         self._outstanding[best] += 1
+        self.acquired[best] += 1
         self._update(best)
         return best
 
@@ -153,7 +159,9 @@ class Balancer:
 
     # -- internals ---------------------------------------------------------
     def _effective_weight(self, index: int) -> float:
-        return self._weights[index] * self._ramp[index]
+        # Round-robin ignores configured weights but honours the slow-start ramp.
+        base = 1 if self.policy is Policy.ROUND_ROBIN else self._weights[index]
+        return base * self._ramp[index]
 
     def _stride(self, index: int) -> int:
         return int(_STRIDE / self._effective_weight(index))
@@ -162,7 +170,7 @@ class Balancer:
         # A backend coming back must not be owed the picks it missed: stride
         # scheduling would otherwise give it every connection until its pass
         # catches up.  Start it at the smallest pass among eligible backends.
-        if self.policy is Policy.WEIGHTED_ROUND_ROBIN:
+        if self.policy in _STRIDE_POLICIES:
             best = self._tree[1]
             if best != _NO_LEAF and self._keys[best][0] == _AVAILABLE and best != index:
                 self._pass[index] = max(self._pass[index], self._pass[best])
@@ -171,8 +179,6 @@ class Balancer:
         if not self._available[i] or self._weights[i] == 0:
             return (_UNAVAILABLE, 0, 0)
         policy = self.policy
-        if policy is Policy.ROUND_ROBIN:
-            return (_AVAILABLE, 0, self._last_pick[i])
         if policy is Policy.LEAST_OUTSTANDING:
             ramp = self._ramp[i]
             load = self._outstanding[i] + 1

@@ -10,7 +10,10 @@ form that a full recomputation would not produce either.
 
 from __future__ import annotations
 
-__all__ = ["delta", "combine", "patch"]
+import struct
+import sys
+
+__all__ = ["delta", "combine", "patch", "full", "tcp_segment"]
 
 
 def _fold(value: int) -> int:
@@ -40,3 +43,25 @@ def patch(buf: bytearray, offset: int, change: int) -> None:
     checksum = ~total & 0xFFFF
     buf[offset] = checksum >> 8
     buf[offset + 1] = checksum & 0xFF
+
+
+def full(data: bytes) -> int:
+    """The Internet checksum of ``data`` (RFC 1071), for packets the distributor crafts itself."""
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(memoryview(data).cast("H"))
+    # The cast reads host-order words; swap once at the end instead of per word.
+    total = _fold(total)
+    if sys.byteorder == "little":
+        total = ((total & 0xFF) << 8) | (total >> 8)
+    return ~total & 0xFFFF
+
+
+def tcp_segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, window: int = 0) -> bytes:
+    """A complete IPv4 packet carrying a TCP segment without options or payload, checksums set."""
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0, 0)
+    pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + full(pseudo + tcp).to_bytes(2, "big") + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+    ip = ip[:10] + full(ip).to_bytes(2, "big") + ip[12:]
+    return ip + tcp

@@ -15,15 +15,26 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from .alerts import SmtpSettings
 from .balancer import MAX_WEIGHT, Policy
 from .conntable import Timeouts
+from .heartbeat import HealthSettings
 from .reroute import BackendSpec, ServiceSpec
 
-__all__ = ["ConfigError", "Config", "load", "parse"]
+__all__ = ["ConfigError", "Config", "TableReader", "load", "parse"]
 
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthConfig:
+    settings: HealthSettings
+    listen: tuple[str, int]
+    keys_file: str
+    freshness: float
+    on_dead: str  # "keep" or "reset"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +48,15 @@ class Config:
     nodes: dict[str, ipaddress.IPv4Address]
     metrics_listen: tuple[str, int] | None
     log_level: str
+    health: HealthConfig | None = None
+    alert_log: str | None = None
+    smtp: SmtpSettings | None = None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
-class _Table:
+class TableReader:
     """A TOML table being read: tracks the keys used so leftovers can be reported."""
 
     def __init__(self, data: Any, path: str):
@@ -63,9 +77,9 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: required key is missing")
         return default
 
-    def table(self, name: str, required: bool = False) -> "_Table":
+    def table(self, name: str, required: bool = False) -> "TableReader":
         value = self.get(name, dataclasses.MISSING if required else {})
-        return _Table(value, self.key(name))
+        return TableReader(value, self.key(name))
 
     def integer(self, name: str, default: Any, low: int, high: int) -> int:
         value = self.get(name, default)
@@ -73,10 +87,11 @@ class _Table:
             raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected an integer from {low} to {high}")
         return value
 
-    def number(self, name: str, default: Any, low: float) -> float:
+    def number(self, name: str, default: Any, low: float, inclusive: bool = False) -> float:
         value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > low:
-            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected a number > {low}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= low if inclusive else value > low):
+            bound = ">=" if inclusive else ">"
+            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected a number {bound} {low}")
         return float(value)
 
     def string(self, name: str, default: Any = dataclasses.MISSING, choices: tuple[str, ...] | None = None) -> str:
@@ -121,7 +136,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = _Table(data, "")
+    top = TableReader(data, "")
 
     dist = top.table("distributor")
     name = dist.string("name", "distributor")
@@ -149,6 +164,8 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     nodes = _nodes(top)
     services = _services(top, nodes)
+    health = _health(top)
+    alert_log, smtp = _alerts(top)
     top.done()
     return Config(
         name=name,
@@ -160,11 +177,86 @@ def parse(text: str, source: str = "<config>") -> Config:
         nodes=nodes,
         metrics_listen=metrics_listen,
         log_level=log_level,
+        health=health,
+        alert_log=alert_log,
+        smtp=smtp,
     )
 
 
-def _listen(table: _Table, name: str) -> tuple[str, int] | None:
-    value = table.get(name, "")
+def _health(top: TableReader) -> HealthConfig | None:
+    if "health" not in top.data:
+        return None
+    health = top.table("health")
+    if not _boolean(health, "enabled", True):
+        return None  # the other keys stay valid but unused
+    defaults = HealthSettings()
+    try:
+        settings = HealthSettings(
+            tick=health.number("tick", defaults.tick, 0),
+            warning=health.integer("warning", defaults.warning, 0, 100_000),
+            dead=health.integer("dead", defaults.dead, 1, 100_000),
+            rise=health.integer("rise", defaults.rise, 1, 1000),
+            slow_start=health.number("slow_start", defaults.slow_start, 0, inclusive=True),
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
+    listen = _listen(health, "listen", "0.0.0.0:8405")
+    keys_file = health.string("keys_file")
+    freshness = health.number("freshness", 5.0, 0)
+    on_dead = health.string("on_dead", "keep", ("keep", "reset"))
+    health.done()
+    assert listen is not None
+    return HealthConfig(settings, listen, keys_file, freshness, on_dead)
+
+
+def _alerts(top: TableReader) -> tuple[str | None, SmtpSettings | None]:
+    alerts = top.table("alerts")
+    log_file = alerts.get("log_file", "")
+    if not isinstance(log_file, str):
+        raise ConfigError(f"alerts.log_file: {_show(log_file)} is not valid; expected a file path or \"\" to disable")
+    smtp = None
+    if "smtp" in alerts.data:
+        table = alerts.table("smtp")
+        host = table.string("host")
+        recipients = table.get("recipients")
+        if not isinstance(recipients, list) or not recipients or not all(isinstance(r, str) and "@" in r for r in recipients):
+            raise ConfigError(
+                f"alerts.smtp.recipients: {_show(recipients)} is not valid; expected a list of e-mail addresses"
+            )
+        password = table.get("password", "")
+        password_file = table.get("password_file", "")
+        if password_file:
+            try:
+                password = Path(password_file).read_text().strip()
+            except OSError as exc:
+                raise ConfigError(f"alerts.smtp.password_file: cannot read {password_file!r}: {exc.strerror}") from None
+        smtp = SmtpSettings(
+            host=host,
+            port=table.integer("port", 25, 1, 65535),
+            sender=table.string("sender", "distributor@localhost"),
+            recipients=tuple(recipients),
+            starttls=_boolean(table, "starttls", False),
+            username=table.get("username", ""),
+            password=password,
+            timeout=table.number("timeout", 10.0, 0),
+            retries=table.integer("retries", 3, 0, 100),
+        )
+        table.done()
+    alerts.done()
+    return log_file or None, smtp
+
+
+def _boolean(table: TableReader, name: str, default: bool) -> bool:
+    value = table.get(name, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{table.key(name)}: {_show(value)} is not valid; expected true or false")
+    return value
+
+
+def _listen(table: TableReader, name: str, default: str = "") -> tuple[str, int] | None:
+    value = table.get(name, default)
     if value == "":
         return None
     host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
@@ -180,7 +272,7 @@ def _listen(table: _Table, name: str) -> tuple[str, int] | None:
     return host, port_number
 
 
-def _nodes(top: _Table) -> dict[str, ipaddress.IPv4Address]:
+def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:
     nodes_table = top.table("nodes", required=True)
     if not nodes_table.data:
         raise ConfigError("nodes: at least one node is required, e.g. [nodes.web1] address = \"198.51.100.11\"")
@@ -193,7 +285,7 @@ def _nodes(top: _Table) -> dict[str, ipaddress.IPv4Address]:
     return nodes
 
 
-def _services(top: _Table, nodes: dict[str, ipaddress.IPv4Address]) -> tuple[ServiceSpec, ...]:
+def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tuple[ServiceSpec, ...]:
     raw = top.get("services")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"services: {_show(raw)} is not valid; expected at least one [[services]] table")
@@ -201,7 +293,7 @@ def _services(top: _Table, nodes: dict[str, ipaddress.IPv4Address]) -> tuple[Ser
     seen_vips: dict[tuple[ipaddress.IPv4Address, int], str] = {}
     backend_owner: dict[tuple[ipaddress.IPv4Address, int], str] = {}
     for i, item in enumerate(raw):
-        svc = _Table(item, f"services[{i}]")
+        svc = TableReader(item, f"services[{i}]")
         name = svc.string("name", f"service{i}")
         vip = svc.ipv4("vip")
         port = svc.integer("port", 80, 1, 65535)
@@ -220,7 +312,7 @@ def _services(top: _Table, nodes: dict[str, ipaddress.IPv4Address]) -> tuple[Ser
             where = f"{svc.key('backends')}[{j}]"
             if isinstance(entry, str):
                 entry = {"node": entry}
-            backend = _Table(entry, where)
+            backend = TableReader(entry, where)
             node_name = backend.string("node")
             if node_name not in nodes:
                 raise ConfigError(f"{backend.key('node')}: {node_name!r} is not a node; known nodes: {', '.join(nodes)}")

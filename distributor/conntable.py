@@ -116,7 +116,7 @@ class Timeouts:
 class Connection:
     """One rerouted connection.  ``backend`` and ``service`` are opaque to the table."""
 
-    __slots__ = ("key", "reply_key", "service", "backend", "state", "last_seen", "queued_at", "fins")
+    __slots__ = ("key", "reply_key", "service", "backend", "state", "last_seen", "queued_at", "fins", "client_ack", "reset_by_us")
 
     def __init__(self, key: bytes, reply_key: bytes, service: Any, backend: Any, now: float):
         self.key = key
@@ -127,6 +127,11 @@ class Connection:
         self.last_seen = now
         self.queued_at = now
         self.fins = 0
+        # The ACK field of the client's last segment: the sequence number it
+        # expects next from the server, which an RST must carry to be accepted
+        # at once (RFC 5961 section 3.2).
+        self.client_ack = b""
+        self.reset_by_us = False
 
     @property
     def is_open(self) -> bool:
@@ -180,6 +185,14 @@ class ConnectionTable:
         """Drop an entry at once; returns True when it was open (the caller releases it)."""
         was_open = conn.is_open
         self._move(conn, TcpState.GONE, conn.last_seen)
+        return was_open
+
+    def close(self, conn: Connection, now: float) -> bool:
+        """Mark a connection reset by the distributor; returns True when it was open."""
+        if conn.state is TcpState.CLOSED:
+            return False
+        was_open = conn.is_open
+        self._move(conn, TcpState.CLOSED, now)
         return was_open
 
     def advance(self, conn: Connection, flags: int, from_client: bool, now: float) -> bool:

@@ -20,10 +20,13 @@ import sys
 import time
 
 from . import __version__
+from .alerts import Alerts
 from .config import Config, ConfigError, load
 from .conntable import ConnectionTable
-from .datapath import PacketQueue, Rules, RulesError
+from .datapath import PacketQueue, RawSender, Rules, RulesError
+from .health import HealthMonitor
 from .reroute import Interposer, Reason
+from .wire import Keys, KeysError
 
 log = logging.getLogger("distributor")
 
@@ -52,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
-    except ConfigError as exc:
+        keys = Keys.load(config.health.keys_file) if config.health else None
+    except (ConfigError, KeysError) as exc:
         print(f"distributor: config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -64,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(config))
         return 0
     try:
-        asyncio.run(serve(config))
-    except RulesError as exc:
+        asyncio.run(serve(config, keys))
+    except (RulesError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
@@ -76,31 +80,58 @@ def describe(config: Config) -> str:
     for service in config.services:
         backends = ", ".join(f"{b.name}={b.address}:{b.port}(w{b.weight})" for b in service.backends)
         lines.append(f"  service {service.name}: {service.vip}:{service.port} {service.policy.value} -> {backends}")
+    if config.health:
+        h = config.health.settings
+        lines.append(f"  health: heartbeats on udp {config.health.listen[0]}:{config.health.listen[1]}, excluded after "
+                     f"{h.warning_seconds:.2f} s of silence, dead after {h.dead_seconds:.2f} s, rise {h.rise}, "
+                     f"slow start {h.slow_start:g} s, dead node's connections: {config.health.on_dead}")
+    else:
+        lines.append("  health: off (no [health] section): every node is always a candidate")
     return "\n".join(lines)
 
 
-async def serve(config: Config) -> None:
+async def serve(config: Config, keys: Keys | None = None) -> None:
     loop = asyncio.get_running_loop()
     table = ConnectionTable(config.capacity, config.timeouts)
     interposer = Interposer(config.services, table)
     clock = time.monotonic
+    raw = RawSender()
     queue = PacketQueue(config.queue, lambda data: interposer.handle(data, clock()), config.queue_length)
+
+    def on_readable() -> None:
+        queue.drain()
+        if interposer.outbox:
+            raw.send_all(interposer.outbox)
+
     rules = Rules(config.queue, config.services)
+    alerts = Alerts(config.name, config.alert_log, config.smtp)
+    monitor = None
+    if config.health is not None and keys is not None:
+        monitor = HealthMonitor(config, interposer, keys, clock)
+        monitor.listeners.append(lambda t: alerts.notify(t.node, t.old.value, t.new.value, t.reason))
+        monitor.listeners.append(lambda t: raw.send_all(interposer.outbox) if interposer.outbox else None)
+    else:
+        log.warning("health checking is off (no [health] section): every node is always a candidate")
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     metrics_runner = None
     reporter = DropReporter(interposer, config.capacity)
+    tasks: list[asyncio.Task] = []
     try:
+        alerts.start()
+        if monitor is not None:
+            await monitor.start()
+            tasks.append(loop.create_task(monitor.run(stop), name="health-ticks"))
         rules.install()
-        loop.add_reader(queue.fileno(), queue.drain)
+        loop.add_reader(queue.fileno(), on_readable)
         if config.metrics_listen:
             from prometheus_client import CollectorRegistry
 
             from .metrics import InterposerCollector, start_metrics_server
 
             registry = CollectorRegistry()
-            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors))
+            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors, monitor, alerts))
             metrics_runner = await start_metrics_server(registry, *config.metrics_listen)
         log.info(
             "distributor %s ready: %d service(s) on queue %d: %s",
@@ -120,6 +151,7 @@ async def serve(config: Config) -> None:
         log.info("stopping on signal")
         _notify_systemd("STOPPING=1")
     finally:
+        stop.set()
         loop.remove_reader(queue.fileno())
         try:
             rules.remove()
@@ -127,6 +159,12 @@ async def serve(config: Config) -> None:
             # Packets queued before the rules went away still need a verdict.
             queue.drain()
             queue.close()
+            raw.close()
+            for task in tasks:
+                await task
+            if monitor is not None:
+                monitor.close()
+            await alerts.stop()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
 

@@ -29,13 +29,14 @@ the wrong backend; TCP retransmits it) and the error is counted and logged.
 from __future__ import annotations
 
 import logging
+import socket
 import subprocess
 import time
 from typing import Callable, Iterable
 
 from .reroute import ACCEPT, ServiceSpec
 
-__all__ = ["Rules", "PacketQueue", "RulesError", "render_rules"]
+__all__ = ["Rules", "PacketQueue", "RawSender", "RulesError", "render_rules"]
 
 log = logging.getLogger("distributor.datapath")
 
@@ -177,3 +178,26 @@ class PacketQueue:
                 packet.accept()
             else:
                 packet.drop()
+
+
+class RawSender:
+    """Sends complete IPv4 packets the core crafted (RSTs to clients) through a raw socket."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        self._sock.setblocking(False)
+        self.sent = 0
+        self.failed = 0
+
+    def send_all(self, packets: list[bytes]) -> None:
+        for packet in packets:
+            try:
+                self._sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+                self.sent += 1
+            except OSError as exc:
+                self.failed += 1
+                log.warning("cannot send a crafted packet to %s: %s", socket.inet_ntoa(packet[16:20]), exc)
+        packets.clear()
+
+    def close(self) -> None:
+        self._sock.close()

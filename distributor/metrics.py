@@ -15,11 +15,15 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from .heartbeat import NodeState
 from .reroute import Reason
+from .wire import NodeHeartbeat, Reject
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from .alerts import Alerts
+    from .health import HealthMonitor
     from .reroute import Interposer
 
 log = logging.getLogger("distributor.metrics")
@@ -45,10 +49,13 @@ def read_queue_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[
 
 
 class InterposerCollector:
-    def __init__(self, interposer: "Interposer", queue: int, handler_errors: Callable[[], int]):
+    def __init__(self, interposer: "Interposer", queue: int, handler_errors: Callable[[], int],
+                 monitor: "HealthMonitor | None" = None, alerts: "Alerts | None" = None):
         self.interposer = interposer
         self.queue = queue
         self.handler_errors = handler_errors
+        self.monitor = monitor
+        self.alerts = alerts
 
     def collect(self) -> Iterator:
         interposer = self.interposer
@@ -78,14 +85,26 @@ class InterposerCollector:
             "distributor_backend_eligible", "1 when the backend may take new connections", labels=["service", "node"]
         )
         weight = GaugeMetricFamily("distributor_backend_weight", "Configured weight", labels=["service", "node"])
+        acquired = CounterMetricFamily(
+            "distributor_backend_connections", "New connections given to each backend", labels=["service", "node"]
+        )
         for service, backend in interposer.backends():
             labels = [service.name, backend.name]
+            acquired.add_metric(labels, service.balancer.acquired[backend.index])
             outstanding.add_metric(labels, service.balancer.outstanding(backend.index))
             eligible.add_metric(labels, 1 if service.balancer.eligible(backend.index) else 0)
             weight.add_metric(labels, service.balancer.weight(backend.index))
+        yield acquired
         yield outstanding
         yield eligible
         yield weight
+        if self.monitor is not None:
+            yield from self._health(self.monitor)
+        if self.alerts is not None:
+            mails = CounterMetricFamily("distributor_alert_mails", "Alert e-mails by outcome", labels=["result"])
+            for result, value in (("sent", self.alerts.sent), ("retried", self.alerts.retried), ("failed", self.alerts.failed)):
+                mails.add_metric([result], value)
+            yield mails
         stats = read_queue_stats().get(self.queue)
         if stats is not None:
             yield GaugeMetricFamily("distributor_nfqueue_waiting", "Packets waiting in the kernel queue", value=stats["waiting"])
@@ -94,6 +113,37 @@ class InterposerCollector:
                 "Packets the kernel dropped: queue full or socket buffer full",
                 value=stats["queue_dropped"] + stats["user_dropped"],
             )
+
+
+    def _health(self, monitor: "HealthMonitor") -> Iterator:
+        board = monitor.board
+        state = GaugeMetricFamily("distributor_node_state", "1 for the node's current health state", labels=["node", "state"])
+        counter = GaugeMetricFamily("distributor_node_heartbeat_counter", "Ticks since the node's last heartbeat", labels=["node"])
+        beats = CounterMetricFamily("distributor_node_heartbeats", "Verified heartbeats per node", labels=["node"])
+        load = GaugeMetricFamily("distributor_node_load1", "Load average the node last reported", labels=["node"])
+        cpu = GaugeMetricFamily("distributor_node_cpu_busy_ratio", "CPU busy fraction the node last reported", labels=["node"])
+        probe = GaugeMetricFamily("distributor_node_probe_seconds", "Probe response time the node last reported", labels=["node"])
+        for node in board.nodes:
+            for candidate in NodeState:
+                state.add_metric([node, candidate.value], 1 if board.state(node) is candidate else 0)
+            counter.add_metric([node], board.counter(node))
+            beats.add_metric([node], board.heartbeats(node))
+            report = board.report(node)
+            if isinstance(report, NodeHeartbeat):
+                load.add_metric([node], report.load1)
+                cpu.add_metric([node], report.cpu)
+                probe.add_metric([node], report.response_ms / 1000)
+        yield from (state, counter, beats, load, cpu, probe)
+        transitions = CounterMetricFamily("distributor_node_transitions", "Node state changes", labels=["from", "to"])
+        for (old, new), value in board.transitions.items():
+            transitions.add_metric([old.value, new.value], value)
+        yield transitions
+        rejected = CounterMetricFamily("distributor_heartbeats_rejected", "Rejected heartbeat datagrams", labels=["reason"])
+        for reason in Reject:
+            rejected.add_metric([reason.value], monitor.rejected[reason])
+        yield rejected
+        yield CounterMetricFamily("distributor_connections_reset", "Connections reset because their node died",
+                                  value=monitor.reset_connections)
 
 
 async def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> "web.AppRunner":

@@ -83,6 +83,7 @@ class Reason(enum.IntEnum):
     UNKNOWN_REPLY = 12  # backend segment of an unknown connection
     NO_BACKEND = 13  # new connection but no eligible backend
     TABLE_FULL = 14  # new connection refused: the table is at capacity
+    RESET_CONNECTION = 15  # segment of a connection the distributor reset (its node died)
 
     @property
     def verdict(self) -> int:
@@ -182,6 +183,8 @@ class Interposer:
             for backend in service.backends:
                 self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
         self.counts = [0] * len(Reason)
+        # Packets the core wants sent (RSTs to clients); the adapter drains it.
+        self.outbox: list[bytes] = []
         # Observers (metrics, replication) subscribe; the core only calls them.
         self.opened_listeners: list[ConnectionListener] = []
         self.ended_listeners: list[ConnectionListener] = []
@@ -221,14 +224,27 @@ class Interposer:
         if conn is None:
             return self._unknown(packet, key, flags, now)
         if conn.key == key:
-            if flags & (SYN | ACK) == SYN and conn.state >= TcpState.CLOSING:
-                # The client reuses the 4-tuple of a finished connection.
-                self.table.remove(conn)
+            if flags & (SYN | ACK) == SYN and (
+                conn.state >= TcpState.CLOSING or not conn.service.balancer.eligible(conn.backend.index)
+            ):
+                # A new connection on the 4-tuple of a finished one, or on one
+                # whose node may take no new connection (a client that gave up
+                # on an unanswered SYN reuses its port at once: no TIME_WAIT).
+                if self.table.remove(conn):
+                    self._ended(conn)
                 return self._unknown(packet, key, flags, now)
+            if conn.reset_by_us:
+                if flags & ACK and not flags & RST:
+                    self.outbox.append(_reset_for(packet, conn.backend))
+                return Reason.RESET_CONNECTION, None
+            if flags & ACK:
+                conn.client_ack = packet[28:32]
             out = _to_backend(packet, conn.backend)
             if self.table.advance(conn, flags, True, now):
                 self._ended(conn)
             return Reason.TO_BACKEND, out
+        if conn.reset_by_us:
+            return Reason.RESET_CONNECTION, None
         out = _to_client(packet, conn.backend)
         if self.table.advance(conn, flags, False, now):
             self._ended(conn)
@@ -281,6 +297,29 @@ class Interposer:
                     found += 1
         return found
 
+    def set_node_ramp(self, name: str, factor: float) -> None:
+        """Scale a node's share of new connections (slow start) in every service that has it."""
+        for service in self.services:
+            for backend in service.backends:
+                if backend.name == name:
+                    service.balancer.set_ramp(backend.index, factor)
+
+    def reset_node(self, name: str, now: float) -> int:
+        """End every open connection on a node: RST to each client, and to any later segment of it.
+
+        Returns the number of connections reset.  The entries stay (CLOSED) so
+        a client that missed the RST gets another on its next segment.
+        """
+        reset = 0
+        for conn in [c for c in self.table if c.backend.name == name and c.is_open]:
+            if self.table.close(conn, now):
+                self._ended(conn)
+            conn.reset_by_us = True
+            if conn.client_ack:
+                self.outbox.append(_rst_to_client(conn))
+            reset += 1
+        return reset
+
     def count(self, reason: Reason) -> int:
         return self.counts[reason]
 
@@ -310,3 +349,18 @@ def _to_client(packet: bytes, backend: Backend) -> bytes:
     checksum.patch(buf, _IP_CHECKSUM, backend.to_client_ip_delta)
     checksum.patch(buf, _TCP_CHECKSUM, backend.to_client_tcp_delta)
     return bytes(buf)
+
+
+def _rst_to_client(conn: Connection) -> bytes:
+    backend = conn.backend
+    client_ip, client_port = conn.key[0:4], int.from_bytes(conn.key[8:10], "big")
+    seq = int.from_bytes(conn.client_ack, "big")
+    return checksum.tcp_segment(backend.vip_bytes, client_ip, int.from_bytes(backend.vport_bytes, "big"), client_port, seq, 0, RST)
+
+
+def _reset_for(packet: bytes, backend: Backend) -> bytes:
+    # RFC 793: an RST answering a segment that carries ACK takes its sequence
+    # number from that ACK field, which is exactly what the client expects.
+    seq = int.from_bytes(packet[28:32], "big")
+    return checksum.tcp_segment(backend.vip_bytes, packet[12:16], int.from_bytes(backend.vport_bytes, "big"),
+                                int.from_bytes(packet[20:22], "big"), seq, 0, RST)

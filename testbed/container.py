@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .runner import Options, render_distributor_config, write_web_files
+from .runner import Options, render_agent_config, render_distributor_config, write_web_files
 from .topology import build
 
 STATE = Path("/run/testbed")
+DEMO_KEY = "64656d6f206b6579206f66207468652064697374726962757465722074657374"  # only for the compose demo
 
 
 def _interface_with(address: str) -> str:
@@ -45,12 +46,19 @@ def main(argv: list[str] | None = None) -> int:
     if host.name == topology.primary:
         subprocess.run(["ip", "addr", "replace", f"{topology.vip}/32", "dev", _interface_with(str(host.address_on("ext")))], check=True)
         subprocess.run(["ip", "addr", "replace", f"{topology.gateway}/24", "dev", _interface_with(str(host.address_on("int")))], check=True)
+    keys = STATE / "keys"
+    # Compose cannot generate a per-run secret; it passes one in TESTBED_KEY (see docker-compose.yml).
+    keys.write_text(f"1 {os.environ.get('TESTBED_KEY', DEMO_KEY)}\n")
+    keys.chmod(0o600)
+    if "agent" in host.services:
+        (directory / "agent.toml").write_text(render_agent_config(topology, host, keys))
+        subprocess.Popen([sys.executable, "-m", "node.agent", "--config", str(directory / "agent.toml")])
     if "nginx" in host.services:
         write_web_files(topology, host, directory)
         os.execvp("nginx", ["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory), "-e", "/dev/stderr"])
     if "distributor" in host.services:
         config = directory / "distributor.toml"
-        config.write_text(render_distributor_config(topology, Options(nodes=len(topology.web_nodes)), host))
+        config.write_text(render_distributor_config(topology, Options(nodes=len(topology.web_nodes)), host, keys, directory))
         os.execvp(sys.executable, [sys.executable, "-m", "distributor.daemon", "--config", str(config)])
     os.execvp("sleep", ["sleep", "infinity"])
     return 0

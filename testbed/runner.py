@@ -29,7 +29,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -41,6 +42,7 @@ log = logging.getLogger("testbed")
 STATE_ROOT = Path(os.environ.get("CLUSTER_TESTBED_STATE", "/run/cluster-testbed"))
 DEFAULT_PROJECT = "cluster"
 METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host
+HEARTBEAT_PORT = 8405
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _HOST_RE = re.compile(r"^(client|dist\d+|web\d+|sw)$")
 
@@ -56,7 +58,8 @@ class Options:
     nodes: int = 3
     policy: str = "round-robin"
     capacity: int = 262_144
-    extra: dict = field(default_factory=dict)
+    on_dead: str = "keep"  # what the distributor does with a dead node's connections
+    smtp: str | None = None  # "ADDRESS:PORT" of a mail server for alerts, or None
 
 
 def check_project(name: str) -> str:
@@ -138,7 +141,8 @@ class Testbed:
         try:
             self._build_network()
             self._write_files()
-            for host in self.topology.hosts:
+            # Web nodes first, so the distributor hears heartbeats from its first tick.
+            for host in sorted(self.topology.hosts, key=lambda h: h.role != "web"):
                 for service in host.services:
                     self._start_service(host, service)
             self.wait_vip(timeout)
@@ -187,19 +191,36 @@ class Testbed:
         _run(["ip", "-n", ns, "addr", "add", f"{self.topology.vip}/32", "dev", _ifname(primary, "ext")])
         _run(["ip", "-n", ns, "addr", "add", f"{self.topology.gateway}/24", "dev", _ifname(primary, "int")])
 
+    @property
+    def keys_file(self) -> Path:
+        return self.state_dir / "keys"
+
     def _write_files(self) -> None:
         self.state_dir.chmod(0o755)
+        self.keys_file.write_text(f"# heartbeat keys of testbed run {self.project}\n1 {secrets.token_hex(32)}\n")
+        self.keys_file.chmod(0o600)
         for host in self.topology.hosts:
             directory = self.host_dir(host.name)
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(0o755)
             if "nginx" in host.services:
                 write_web_files(self.topology, host, directory)
+            if "agent" in host.services:
+                (directory / "agent.toml").write_text(render_agent_config(self.topology, host, self.keys_file))
             if "distributor" in host.services:
                 (directory / "distributor.toml").write_text(self.distributor_config(host))
 
     def distributor_config(self, host: Host) -> str:
-        return render_distributor_config(self.topology, self.options, host)
+        return render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name))
+
+    def set_web_delay(self, host: str, seconds: float) -> None:
+        """Make a web node answer /health after ``seconds`` (0: at once); nginx reloads its config."""
+        spec = self.topology.host(host)
+        write_web_files(self.topology, spec, self.host_dir(host), health_delay=seconds, content_too=False)
+        pid = self.service_pid(host, "nginx")
+        if pid is None:
+            raise TestbedError(f"nginx is not running on {host}")
+        os.kill(pid, signal.SIGHUP)
 
     # -- services ----------------------------------------------------------
     def _service_argv(self, host: Host, service: str) -> list[str]:
@@ -208,6 +229,8 @@ class Testbed:
             return ["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory), "-e", str(directory / "nginx-error.log")]
         if service == "distributor":
             return [sys.executable, "-m", "distributor.daemon", "--config", str(directory / "distributor.toml")]
+        if service == "agent":
+            return [sys.executable, "-m", "node.agent", "--config", str(directory / "agent.toml")]
         raise TestbedError(f"unknown service {service!r} on {host.name}")
 
     def _start_service(self, host: Host, service: str, timeout: float = 20.0) -> int:
@@ -232,6 +255,8 @@ class Testbed:
                 return reply.status == 200
             if service == "distributor":
                 return "ready" in self.log_path(host.name, service).read_text(errors="replace")
+            if service == "agent":
+                return "sending heartbeats" in self.log_path(host.name, service).read_text(errors="replace")
             return True
 
         try:
@@ -277,8 +302,12 @@ class Testbed:
                 self._start_service(spec, service)
 
     def _links(self, host: str, state: str) -> None:
-        for link in self.topology.host(host).links:
+        spec = self.topology.host(host)
+        for link in spec.links:
             _run(["ip", "-n", self.ns(host), "link", "set", link.ifname, state])
+        if state == "up" and spec.default_gateway is not None:
+            # Taking a link down deletes the routes through it; bring the default route back.
+            _run(["ip", "-n", self.ns(host), "route", "replace", "default", "via", str(spec.default_gateway)])
 
     def exec_argv(self, host: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host), *argv]
@@ -302,6 +331,20 @@ class Testbed:
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         return samples
+
+    def alerts(self, host: str = "dist1") -> list[dict]:
+        """The node state changes the distributor on ``host`` wrote to its alert log."""
+        path = self.host_dir(host) / "alerts.log"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def wait_alert(self, node: str, state: str, since: float, timeout: float, host: str = "dist1") -> dict:
+        """The first alert, at or after wall time ``since``, of ``node`` entering ``state``."""
+        def find() -> dict | None:
+            return next((r for r in self.alerts(host) if r["node"] == node and r["to"] == state and r["time"] >= since), None)
+
+        return wait_until(find, timeout, f"{node} to become {state}")  # type: ignore[return-value]
 
     def log_tail(self, host: str, service: str, lines: int = 30) -> str:
         try:
@@ -360,26 +403,41 @@ class Testbed:
         self._children.pop(child.pid, None)
 
 
-def write_web_files(topology: Topology, host: Host, directory: Path) -> None:
+def write_web_files(topology: Topology, host: Host, directory: Path, health_delay: float = 0.0,
+                    content_too: bool = True) -> None:
     """The web node's document root (the known files of testbed.content) and its nginx.conf."""
     root = directory / "www"
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o755)
-    for path in content.FILES:
-        target = root / path.lstrip("/")
-        target.write_bytes(content.body(path))
-        target.chmod(0o644)
-    (root / "index.html").write_text(f"<h1>{host.name}</h1>\n")
-    (root / "index.html").chmod(0o644)
-    (directory / "tmp").mkdir(exist_ok=True)
+    if content_too:
+        root.mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)
+        for path in content.FILES:
+            target = root / path.lstrip("/")
+            target.write_bytes(content.body(path))
+            target.chmod(0o644)
+        (root / "index.html").write_text(f"<h1>{host.name}</h1>\n")
+        (root / "index.html").chmod(0o644)
+        (directory / "tmp").mkdir(exist_ok=True)
+    # The echo module's echo_sleep delays the answer without blocking the worker.
+    health = f"location = /health {{ echo_sleep {health_delay:g}; echo ok; }}" if health_delay > 0 else ""
     (directory / "nginx.conf").write_text(
-        NGINX_CONF.format(dir=directory, root=root, address=host.address_on("int"), port=topology.vip_port, node=host.name)
+        NGINX_CONF.format(dir=directory, root=root, address=host.address_on("int"), port=topology.vip_port,
+                          node=host.name, health=health)
     )
 
 
-def render_distributor_config(topology: Topology, options: Options, host: Host) -> str:
+def render_agent_config(topology: Topology, host: Host, keys_file: Path) -> str:
+    network = topology.bridges["int"]
+    return AGENT_CONF.format(node=host.name, address=host.address_on("int"), port=topology.vip_port,
+                             broadcast=network.broadcast_address, heartbeat_port=HEARTBEAT_PORT, keys=keys_file)
+
+
+def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path) -> str:
     nodes = "".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in topology.web_nodes)
     backends = ", ".join(f'"{web.name}"' for web in topology.web_nodes)
+    smtp = ""
+    if options.smtp:
+        smtp_host, _, smtp_port = options.smtp.rpartition(":")
+        smtp = SMTP_CONF.format(host=smtp_host, port=smtp_port, name=host.name)
     return DISTRIBUTOR_CONF.format(
         name=host.name,
         capacity=options.capacity,
@@ -389,6 +447,11 @@ def render_distributor_config(topology: Topology, options: Options, host: Host) 
         port=topology.vip_port,
         policy=options.policy,
         backends=backends,
+        keys=keys_file,
+        heartbeat_port=HEARTBEAT_PORT,
+        on_dead=options.on_dead,
+        alert_log=directory / "alerts.log",
+        smtp=smtp,
     )
 
 
@@ -403,7 +466,7 @@ def _alive(pid: int, ns: str) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, IndexError):
+    except (OSError, IndexError):  # gone between listing and reading
         return False
     return state != "Z"
 
@@ -431,6 +494,7 @@ def _addresses(ns: str) -> list[str]:
 
 NGINX_CONF = """\
 # Written by cluster-testbed for {node}.
+load_module /usr/lib/nginx/modules/ngx_http_echo_module.so;
 daemon off;
 worker_processes 1;
 pid {dir}/nginx.pid;
@@ -454,6 +518,7 @@ http {{
         root {root};
         add_header X-Node {node} always;
         location / {{ }}
+        {health}
     }}
 }}
 """
@@ -477,4 +542,36 @@ vip = "{vip}"
 port = {port}
 policy = "{policy}"
 backends = [{backends}]
+
+[health]
+listen = "0.0.0.0:{heartbeat_port}"
+keys_file = "{keys}"
+on_dead = "{on_dead}"
+
+[alerts]
+log_file = "{alert_log}"
+{smtp}"""
+
+SMTP_CONF = """\
+[alerts.smtp]
+host = "{host}"
+port = {port}
+sender = "distributor@{name}.cluster.test"
+recipients = ["ops@cluster.test"]
+timeout = 5
+"""
+
+AGENT_CONF = """\
+# Written by cluster-testbed for {node}.
+[agent]
+id = "{node}"
+probe_url = "http://{address}:{port}/health"
+# Every namespace shares this machine's kernel, so load and CPU are machine-wide:
+# thresholds this high keep a benchmark on one node from silencing all of them.
+max_load = 1000.0
+max_cpu = 1.0
+
+[heartbeat]
+destination = "{broadcast}:{heartbeat_port}"
+keys_file = "{keys}"
 """

@@ -122,7 +122,7 @@ def build(nodes: int = 3) -> Topology:
                 "web",
                 (Link("int", "eth0", ipaddress.IPv4Interface(f"198.51.100.{10 + n}/24")),),
                 default_gateway=GATEWAY,
-                services=("nginx",),
+                services=("nginx", "agent"),
             )
         )
     return Topology(tuple(hosts))

@@ -34,6 +34,28 @@ def test_the_documented_example_is_valid():
     assert [s.name for s in config.services] == ["http", "http-alt"]
     assert config.services[0].backends[2].weight == 2
     assert config.services[1].backends[0].port == 8081
+    assert config.health.settings.dead == 8 and config.health.on_dead == "keep"
+    assert config.smtp.recipients == ("ops@example.org",) and config.alert_log.endswith("alerts.log")
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        ("[health]\nwarning = 8\ndead = 8\nkeys_file = \"k\"\n", r"health\.warning = 8 must be >= 0 and below health\.dead"),
+        ("[health]\non_dead = \"drop\"\nkeys_file = \"k\"\n", r"health\.on_dead: 'drop'"),
+        ("[health]\ntick = 0.25\n", r"health\.keys_file: required key is missing"),
+        ("[alerts.smtp]\nhost = \"mx\"\nrecipients = \"ops\"\n", r"alerts\.smtp\.recipients: 'ops'"),
+        ("[alerts.smtp]\nhost = \"mx\"\nrecipients = [\"a@b\"]\nstarttls = \"yes\"\n", r"alerts\.smtp\.starttls: 'yes'"),
+    ],
+)
+def test_bad_health_and_alert_settings_name_the_key(extra, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(MINIMAL + extra)
+
+
+def test_health_is_off_without_its_section_or_when_disabled():
+    assert parse(MINIMAL).health is None
+    assert parse(MINIMAL + "[health]\nenabled = false\n").health is None
 
 
 @pytest.mark.parametrize(

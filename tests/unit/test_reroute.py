@@ -260,3 +260,37 @@ def test_any_byte_sequence_gets_a_verdict_and_keeps_the_table_consistent(packets
             open_per_backend[conn.backend.index] += 1
     assert open_per_backend == [balancer.outstanding(0), balancer.outstanding(1)]
     assert sum(ip.counts) == len(packets)
+
+
+def test_reset_node_sends_each_client_an_acceptable_rst_and_answers_later_segments_with_rst():
+    from scapy.layers.inet import IP, TCP
+
+    ip = make()
+    handshake(ip, 40000, "web1")
+    handshake(ip, 40001, "web2")
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "A", seq=2, ack=5001), 0.1)
+    assert ip.reset_node("web1", 1.0) == 1
+    assert ip.services[0].balancer.outstanding(0) == 0
+    (rst,) = ip.outbox
+    assert checksums_valid(rst)
+    packet = IP(rst)
+    assert (packet.src, packet.dst, packet[TCP].sport, packet[TCP].dport) == (VIP, CLIENT, 80, 40000)
+    assert packet[TCP].flags == "R" and packet[TCP].seq == 5001
+    ip.outbox.clear()
+    # The client missed it and sends more: another RST, at the sequence it now expects; nothing reaches web1.
+    assert ip.handle(tcp(CLIENT, VIP, 40000, 80, "PA", b"more", seq=2, ack=6001), 1.1) == (DROP, None)
+    assert IP(ip.outbox[0])[TCP].seq == 6001
+    assert ip.handle(tcp(WEB["web1"], CLIENT, 80, 40000, "PA", b"late"), 1.2) == (DROP, None)
+    # web2's connection is untouched.
+    verdict, out = ip.handle(tcp(CLIENT, VIP, 40001, 80, "A"), 1.3)
+    assert verdict == ACCEPT and out is not None
+
+
+def test_syn_on_the_4_tuple_of_a_connection_to_an_excluded_node_is_balanced_again():
+    ip = make()
+    handshake(ip, 40000, "web1")  # web1 never answers: the client gives up and reuses the port
+    ip.set_node_available("web1", False)
+    _, out = ip.handle(tcp(CLIENT, VIP, 40000, 80, "S", seq=999), 3.0)
+    assert out == tcp(CLIENT, WEB["web2"], 40000, 80, "S", seq=999)
+    assert [ip.services[0].balancer.outstanding(i) for i in range(2)] == [0, 1]
+    assert len(ip.table) == 1

@@ -1,0 +1,238 @@
+"""Every datagram the programs exchange, authenticated (pure; no sockets, no clock).
+
+Layout (network byte order)::
+
+    magic    4   b"DSTB"
+    version  1   VERSION
+    kind     1   Kind
+    key id   2   which shared key signed it (keys file; rotation by id)
+    sender  16   sender id, ASCII, NUL-padded
+    sequence 8   only grows per sender (see SequenceCounter)
+    time     8   sender's wall clock, seconds since the epoch (float64)
+    length   2   payload length
+    payload  length
+    mac     32   HMAC-SHA256(key, everything above)
+
+Contract
+--------
+* :func:`seal` builds a datagram; :meth:`Verifier.verify` checks one and
+  returns ``(Message, None)`` or ``(None, Reject)``.  It never raises, for any
+  bytes.  Cheap checks come first (length, magic, version, kind, length
+  field, known sender and source address, known key id, freshness, replay);
+  the HMAC is checked last, and only a datagram that passes everything moves
+  the sender's replay mark, so a forgery cannot lock a real sender out.
+* Sequences: a sender starts its counter at the current time in microseconds
+  and then counts up (:class:`SequenceCounter`), so a restarted sender's
+  sequences are above anything it sent before (unless it sent more than a
+  million datagrams a second) without keeping state on disk.  A receiver that
+  restarts forgets the marks; the freshness window bounds what could be
+  replayed to it then.
+* Keys file: one ``KEY_ID HEX_SECRET`` per line (``#`` comments); secrets of
+  at least 16 bytes.  Senders sign with one id; receivers accept every id in
+  the file, which is how keys rotate.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import struct
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+__all__ = [
+    "VERSION",
+    "Kind",
+    "Reject",
+    "Message",
+    "Keys",
+    "KeysError",
+    "seal",
+    "Verifier",
+    "SequenceCounter",
+    "NodeHeartbeat",
+    "HEADER_SIZE",
+    "MAC_SIZE",
+    "MAX_PAYLOAD",
+]
+
+MAGIC = b"DSTB"
+VERSION = 1
+_HEADER = struct.Struct("!4sBBH16sQdH")
+HEADER_SIZE = _HEADER.size
+MAC_SIZE = 32
+# Keep datagrams within one Ethernet frame: IP 20 + UDP 8 + header + mac.
+MAX_PAYLOAD = 1500 - 28 - HEADER_SIZE - MAC_SIZE
+MIN_SECRET = 16
+
+
+class Kind(enum.IntEnum):
+    NODE_HEARTBEAT = 1
+    DIST_HEARTBEAT = 2
+    STATE_SYNC = 3
+    RESIGN = 4
+
+
+class Reject(enum.Enum):
+    SHORT = "short"
+    BAD_MAGIC = "bad_magic"
+    BAD_VERSION = "bad_version"
+    BAD_KIND = "bad_kind"
+    BAD_LENGTH = "bad_length"
+    UNKNOWN_SENDER = "unknown_sender"
+    WRONG_ADDRESS = "wrong_address"
+    UNKNOWN_KEY = "unknown_key"
+    STALE = "stale"
+    REPLAY = "replay"
+    BAD_MAC = "bad_mac"
+    BAD_PAYLOAD = "bad_payload"
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: Kind
+    sender: str
+    sequence: int
+    timestamp: float
+    key_id: int
+    payload: bytes
+
+
+class KeysError(ValueError):
+    pass
+
+
+class Keys:
+    """Shared HMAC keys by id, and the id this program signs with."""
+
+    def __init__(self, secrets: Mapping[int, bytes], signing_id: int | None = None):
+        if not secrets:
+            raise KeysError("no key: a keys file needs at least one 'KEY_ID HEX_SECRET' line")
+        for key_id, secret in secrets.items():
+            if not 0 <= key_id <= 0xFFFF:
+                raise KeysError(f"key id {key_id} must be from 0 to 65535")
+            if len(secret) < MIN_SECRET:
+                raise KeysError(f"key {key_id}: secret of {len(secret)} bytes is too short; use at least {MIN_SECRET}")
+        self.secrets = dict(secrets)
+        self.signing_id = max(self.secrets) if signing_id is None else signing_id
+        if self.signing_id not in self.secrets:
+            raise KeysError(f"signing key id {self.signing_id} is not in the keys file (ids: {sorted(self.secrets)})")
+
+    @classmethod
+    def load(cls, path: str | Path, signing_id: int | None = None) -> "Keys":
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise KeysError(f"cannot read keys file {str(path)!r}: {exc.strerror}") from None
+        secrets: dict[int, bytes] = {}
+        for number, line in enumerate(text.splitlines(), 1):
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = line.split()
+            try:
+                if len(parts) != 2:
+                    raise ValueError
+                key_id, secret = int(parts[0]), bytes.fromhex(parts[1])
+            except ValueError:
+                raise KeysError(f"{path}:{number}: expected 'KEY_ID HEX_SECRET', got {line[:40]!r}") from None
+            if key_id in secrets:
+                raise KeysError(f"{path}:{number}: key id {key_id} appears twice")
+            secrets[key_id] = secret
+        return cls(secrets, signing_id)
+
+
+def _sender_field(sender: str) -> bytes:
+    raw = sender.encode("ascii")
+    if not raw or len(raw) > 16:
+        raise ValueError(f"sender id {sender!r} must be 1 to 16 ASCII characters")
+    return raw.ljust(16, b"\0")
+
+
+def seal(keys: Keys, kind: Kind, sender: str, sequence: int, timestamp: float, payload: bytes = b"") -> bytes:
+    if len(payload) > MAX_PAYLOAD:
+        raise ValueError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    header = _HEADER.pack(MAGIC, VERSION, kind, keys.signing_id, _sender_field(sender), sequence, timestamp, len(payload))
+    body = header + payload
+    return body + hmac.new(keys.secrets[keys.signing_id], body, hashlib.sha256).digest()
+
+
+class Verifier:
+    """Checks datagrams of some kinds from known senders; keeps each sender's replay mark."""
+
+    def __init__(self, keys: Keys, senders: Mapping[str, str | None], kinds: set[Kind], window: float = 5.0):
+        """``senders`` maps an id to the source address it must come from (None: any address)."""
+        if window <= 0:
+            raise ValueError(f"freshness window {window!r} must be > 0 seconds")
+        self.keys = keys
+        self.senders = {_sender_field(name): (name, address) for name, address in senders.items()}
+        self.kinds = frozenset(kinds)
+        self.window = window
+        self.last_sequence: dict[str, int] = {}
+
+    def verify(self, data: bytes, source: str | None, now: float) -> tuple[Message | None, Reject | None]:
+        if len(data) < HEADER_SIZE + MAC_SIZE:
+            return None, Reject.SHORT
+        magic, version, kind, key_id, sender_raw, sequence, timestamp, length = _HEADER.unpack_from(data)
+        if magic != MAGIC:
+            return None, Reject.BAD_MAGIC
+        if version != VERSION:
+            return None, Reject.BAD_VERSION
+        if kind not in self.kinds:
+            return None, Reject.BAD_KIND
+        if HEADER_SIZE + length + MAC_SIZE != len(data):
+            return None, Reject.BAD_LENGTH
+        known = self.senders.get(sender_raw)
+        if known is None:
+            return None, Reject.UNKNOWN_SENDER
+        sender, address = known
+        if address is not None and source != address:
+            return None, Reject.WRONG_ADDRESS
+        secret = self.keys.secrets.get(key_id)
+        if secret is None:
+            return None, Reject.UNKNOWN_KEY
+        if not abs(now - timestamp) <= self.window:  # also rejects NaN
+            return None, Reject.STALE
+        if sequence <= self.last_sequence.get(sender, -1):
+            return None, Reject.REPLAY
+        body = data[: HEADER_SIZE + length]
+        if not hmac.compare_digest(hmac.new(secret, body, hashlib.sha256).digest(), data[HEADER_SIZE + length :]):
+            return None, Reject.BAD_MAC
+        self.last_sequence[sender] = sequence
+        return Message(Kind(kind), sender, sequence, timestamp, key_id, bytes(data[HEADER_SIZE : HEADER_SIZE + length])), None
+
+
+class SequenceCounter:
+    """Sequences that only grow, across restarts too: they start at the clock in microseconds."""
+
+    def __init__(self, clock_ns=time.time_ns):
+        self._clock_ns = clock_ns
+        self._last = 0
+
+    def next(self) -> int:
+        self._last = max(self._last + 1, self._clock_ns() // 1000)
+        return self._last
+
+
+@dataclass(frozen=True)
+class NodeHeartbeat:
+    """What a node agent reports with each heartbeat."""
+
+    load1: float  # 1-minute load average
+    cpu: float  # busy fraction of all CPUs since the previous probe, 0..1
+    response_ms: float  # the probe's response time
+    interval_ms: int  # when the next heartbeat is due
+
+    _FORMAT = struct.Struct("!fffI")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.load1, self.cpu, self.response_ms, self.interval_ms)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "NodeHeartbeat | None":
+        if len(payload) != cls._FORMAT.size:
+            return None
+        return cls(*cls._FORMAT.unpack(payload))

@@ -1,0 +1,242 @@
+"""The node agent: probe the local web server, check the load, heartbeat while healthy.
+
+Contract
+--------
+``node-agent --config FILE`` loops until SIGTERM/SIGINT.  Each round it GETs
+``probe_url`` on a new connection and times the answer; when the status is
+200, the body contains ``expect``, the response time is at most
+``max_response_time``, the 1-minute load average is at most ``max_load`` and
+the CPU busy fraction since the last round at most ``max_cpu``, it sends one
+authenticated :class:`~distributor.wire.NodeHeartbeat` datagram to
+``destination`` (the cluster LAN's broadcast address, so every distributor
+hears it).  Otherwise it sends nothing, and the distributors' counters climb.
+
+The next round starts ``interval`` after this one started, with
+``interval = max(this response time, previous one) x multiplier`` held within
+``[min_interval, max_interval]`` (:func:`next_interval`): a slow node probes,
+and heartbeats, less often, so it gets less new work before it is cut off.
+
+The decisions (:func:`next_interval`, :func:`assess`, :class:`CpuSampler`) are
+pure; the probe, the clock, ``/proc`` and the socket are adapters around them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from distributor.config import ConfigError, TableReader
+from distributor.wire import Keys, KeysError, Kind, NodeHeartbeat, SequenceCounter, seal
+
+log = logging.getLogger("node-agent")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_id: str
+    probe_url: str
+    expect: str
+    probe_timeout: float
+    min_interval: float
+    max_interval: float
+    multiplier: float
+    max_response_time: float
+    max_load: float
+    max_cpu: float
+    destination: tuple[str, int]
+    keys_file: str
+    key_id: int | None
+    log_level: str
+
+
+# -- pure decisions ----------------------------------------------------------
+def next_interval(response_time: float, previous: float, multiplier: float, low: float, high: float) -> float:
+    return min(high, max(low, max(response_time, previous) * multiplier))
+
+
+@dataclass(frozen=True)
+class Assessment:
+    healthy: bool
+    reason: str
+
+
+def assess(status: int | None, body_ok: bool, response_time: float, load1: float, cpu: float,
+           config: AgentConfig, error: str | None = None) -> Assessment:
+    if error is not None:
+        return Assessment(False, f"probe failed: {error}")
+    if status != 200:
+        return Assessment(False, f"probe answered HTTP {status}")
+    if not body_ok:
+        return Assessment(False, f"probe body lacks {config.expect!r}")
+    if response_time > config.max_response_time:
+        return Assessment(False, f"response time {response_time * 1000:.0f} ms > {config.max_response_time * 1000:.0f} ms")
+    if load1 > config.max_load:
+        return Assessment(False, f"load average {load1:.2f} > {config.max_load:.2f}")
+    if cpu > config.max_cpu:
+        return Assessment(False, f"CPU busy {cpu:.0%} > {config.max_cpu:.0%}")
+    return Assessment(True, "healthy")
+
+
+class CpuSampler:
+    """Busy fraction of all CPUs between two readings of /proc/stat's first line."""
+
+    def __init__(self) -> None:
+        self._last: tuple[int, int] | None = None
+
+    def sample(self, proc_stat: str) -> float:
+        fields = [int(v) for v in proc_stat.split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        total = sum(fields[:8])  # guest time is already counted in user
+        last, self._last = self._last, (idle, total)
+        if last is None or total == last[1]:
+            return 0.0
+        return max(0.0, min(1.0, 1.0 - (idle - last[0]) / (total - last[1])))
+
+
+# -- config -------------------------------------------------------------------
+def parse_config(text: str, source: str = "<config>") -> AgentConfig:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
+    top = TableReader(data, "")
+    agent = top.table("agent", required=True)
+    node_id = agent.string("id")
+    if len(node_id.encode()) > 16 or not node_id.isascii():
+        raise ConfigError(f"agent.id: {node_id!r} is not valid; expected 1 to 16 ASCII characters (the node's name)")
+    probe_url = agent.string("probe_url")
+    if not probe_url.startswith("http://"):
+        raise ConfigError(f"agent.probe_url: {probe_url!r} is not valid; expected an http:// URL of the local web server")
+    config = dict(
+        node_id=node_id,
+        probe_url=probe_url,
+        expect=agent.get("expect", "ok"),
+        probe_timeout=agent.number("probe_timeout", 2.0, 0),
+        min_interval=agent.number("min_interval", 0.2, 0),
+        max_interval=agent.number("max_interval", 2.0, 0),
+        multiplier=agent.number("multiplier", 10.0, 0),
+        max_response_time=agent.number("max_response_time", 1.0, 0),
+        max_load=agent.number("max_load", 2.0 * (os.cpu_count() or 1), 0),
+        max_cpu=agent.number("max_cpu", 0.98, 0),
+        log_level=agent.string("log_level", "info", ("debug", "info", "warning", "error")),
+    )
+    if not isinstance(config["expect"], str):
+        raise ConfigError(f"agent.expect: {config['expect']!r} is not valid; expected a string the probe body contains")
+    if config["max_interval"] < config["min_interval"]:
+        raise ConfigError(f"agent.max_interval: {config['max_interval']} is below agent.min_interval {config['min_interval']}")
+    if config["max_cpu"] > 1:
+        raise ConfigError(f"agent.max_cpu: {config['max_cpu']} is not valid; expected a fraction in (0, 1]")
+    agent.done()
+    beat = top.table("heartbeat", required=True)
+    host, _, port = beat.string("destination", "198.51.100.255:8405").rpartition(":")
+    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"heartbeat.destination: {beat.data.get('destination')!r} is not valid; expected \"ADDRESS:PORT\"")
+    key_id = beat.get("key_id", None)
+    if key_id is not None and (isinstance(key_id, bool) or not isinstance(key_id, int)):
+        raise ConfigError(f"heartbeat.key_id: {key_id!r} is not valid; expected an integer key id of the keys file")
+    keys_file = beat.string("keys_file")
+    beat.done()
+    top.done()
+    return AgentConfig(destination=(host, int(port)), keys_file=keys_file, key_id=key_id, **config)
+
+
+# -- adapters -------------------------------------------------------------------
+async def probe(session, url: str, expect: str, timeout: float) -> tuple[int | None, bool, float, str | None]:
+    import aiohttp
+
+    started = time.monotonic()
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
+            body = await response.text(errors="replace")
+            return response.status, expect in body, time.monotonic() - started, None
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        return None, False, time.monotonic() - started, f"{type(exc).__name__}: {exc}".rstrip(": ")
+
+
+async def run(config: AgentConfig, keys: Keys) -> None:
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    sock.setblocking(False)
+    sequence = SequenceCounter()
+    cpu = CpuSampler()
+    cpu.sample(Path("/proc/stat").read_text())
+    previous_rt: float | None = None
+    last: Assessment | None = None
+    sent = 0
+    log.info("node agent %s: probing %s, heartbeats to %s:%d", config.node_id, config.probe_url, *config.destination)
+    # A new connection per probe: a web server that stopped must fail the next probe.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+        while not stop.is_set():
+            started = time.monotonic()
+            status, body_ok, rt, error = await probe(session, config.probe_url, config.expect, config.probe_timeout)
+            load1 = os.getloadavg()[0]
+            busy = cpu.sample(Path("/proc/stat").read_text())
+            verdict = assess(status, body_ok, rt, load1, busy, config, error)
+            interval = next_interval(rt, previous_rt if previous_rt is not None else rt,
+                                     config.multiplier, config.min_interval, config.max_interval)
+            previous_rt = rt
+            if last is None or verdict.healthy != last.healthy:
+                (log.info if verdict.healthy else log.warning)(
+                    "%s: %s; %s", config.node_id, verdict.reason,
+                    "sending heartbeats" if verdict.healthy else "heartbeats stop")
+            last = verdict
+            if verdict.healthy:
+                report = NodeHeartbeat(load1, busy, rt * 1000, int(interval * 1000))
+                datagram = seal(keys, Kind.NODE_HEARTBEAT, config.node_id, sequence.next(), time.time(), report.pack())
+                try:
+                    sock.sendto(datagram, config.destination)
+                    sent += 1
+                except OSError as exc:  # e.g. the link is down: the distributors will notice the silence
+                    log.warning("cannot send heartbeat to %s:%d: %s", *config.destination, exc)
+            delay = max(0.0, started + interval - time.monotonic())
+            try:
+                await asyncio.wait_for(stop.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+    sock.close()
+    log.info("node agent %s stopping after %d heartbeats", config.node_id, sent)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="node-agent",
+        description="Node agent: probes the local web server and, while it answers well and the load is under "
+        "the thresholds, sends authenticated heartbeats to the distributors.",
+    )
+    parser.add_argument("-c", "--config", required=True, help="TOML config file (see docs/node-agent.example.toml)")
+    parser.add_argument("--check", action="store_true", help="validate the config and the keys file, then exit")
+    args = parser.parse_args(argv)
+    try:
+        config = parse_config(Path(args.config).read_text(), args.config)
+        keys = Keys.load(config.keys_file, config.key_id)
+    except OSError as exc:
+        print(f"node-agent: cannot read config file {args.config!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except (ConfigError, KeysError) as exc:
+        print(f"node-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.check:
+        print(f"config OK: node {config.node_id}, probe {config.probe_url}, heartbeats to {config.destination[0]}:{config.destination[1]}")
+        return 0
+    asyncio.run(run(config, keys))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Node health end to end: real agents, nginx, heartbeats, alerts by mail, in the namespace testbed."""
+
+from __future__ import annotations
+
+import mailbox
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from distributor.wire import Keys, Kind, NodeHeartbeat, seal
+from testbed import http, netns, wrk
+from testbed.loadgen import Recorder
+from testbed.runner import wait_until
+
+SMTP = ("198.51.100.3", 2525)  # on the cluster LAN, in dist2's namespace
+
+
+@pytest.fixture(scope="module")
+def bed(make_testbed):
+    return make_testbed("thealth", nodes=3, policy="round-robin", smtp=f"{SMTP[0]}:{SMTP[1]}")
+
+
+@pytest.fixture(scope="module")
+def maildir(bed, tmp_path_factory):
+    path = tmp_path_factory.mktemp("mail") / "Maildir"
+    server = bed.popen("dist2", [sys.executable, "-m", "aiosmtpd", "-n", "-l", f"{SMTP[0]}:{SMTP[1]}",
+                                 "-c", "aiosmtpd.handlers.Mailbox", str(path)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def listening() -> bool:
+        netns.connect_in(bed.ns("dist1"), SMTP, timeout=1).close()
+        return True
+
+    wait_until(listening, 10, "the SMTP server")
+    yield mailbox.Maildir(path, create=False)
+    server.terminate()
+    server.wait(timeout=10)
+
+
+def alerts(bed, node: str, since: float = 0.0) -> list[dict]:
+    return [r for r in bed.alerts() if r["node"] == node and r["time"] >= since]
+
+
+def first_alert(bed, node: str, state: str, since: float, timeout: float) -> dict:
+    return bed.wait_alert(node, state, since, timeout)
+
+
+def node_state(bed, node: str) -> str:
+    for (name, labels), value in bed.metrics("dist1").items():
+        labels = dict(labels)
+        if name == "distributor_node_state" and labels["node"] == node and value == 1:
+            return labels["state"]
+    raise AssertionError(f"no state for {node}")
+
+
+def acquired(bed, node: str) -> float:
+    return next(v for (name, labels), v in bed.metrics("dist1").items()
+                if name == "distributor_backend_connections_total" and dict(labels)["node"] == node)
+
+
+def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, maildir):
+    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=8, connections=8, close=True),
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    recorder = Recorder(bed)
+    try:
+        time.sleep(1.0)  # traffic flows on all nodes first
+        stopped_at = time.time()
+        bed.run("web1", ["kill", "-TERM", str(bed.service_pid("web1", "nginx"))])
+        warning = first_alert(bed, "web1", "warning", stopped_at, 5)
+        given_to_web1 = acquired(bed, "web1")
+        dead = first_alert(bed, "web1", "dead", stopped_at, 10)
+        time.sleep(2.0)
+        assert acquired(bed, "web1") == given_to_web1, "a new connection reached web1 after the warning"
+    finally:
+        recorder.stop()
+        output = load.communicate(timeout=30)[0]
+    late = recorder.after(warning["time"])
+    assert late and all(ok for _, ok, _ in late), [r for r in late if not r[1]][:5]
+    assert {node for _, _, node in late} == {"web2", "web3"}
+    assert wrk.parse(output).requests > 0
+    assert dead["time"] - stopped_at < 5
+
+    def mailed() -> bool:
+        return any("web1" in m["Subject"] and "dead" in m["Subject"] or "web1: warning -> dead" in m.get_payload()
+                   for m in maildir)
+
+    wait_until(mailed, 15, "the alert mail about web1")
+
+    restarted_at = time.time()
+    bed.start("web1")
+    first_alert(bed, "web1", "rising", restarted_at, 10)
+    first_alert(bed, "web1", "slow_start", restarted_at, 10)
+    wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web1" for _ in range(30)),
+               20, "web1 to receive traffic again")
+
+
+def test_slow_node_is_excluded_and_included_again_when_it_recovers(bed):
+    wait_until(lambda: node_state(bed, "web2") == "up", 20, "web2 to be up")
+    slowed_at = time.time()
+    bed.set_web_delay("web2", 1.5)  # over the agent's max_response_time of 1 s
+    try:
+        first_alert(bed, "web2", "warning", slowed_at, 10)
+        first_alert(bed, "web2", "dead", slowed_at, 10)
+        served = {http.get(bed.ns("client"), bed.vip, 80, "/1k.bin").node for _ in range(20)}
+        assert "web2" not in served
+    finally:
+        recovered_at = time.time()
+        bed.set_web_delay("web2", 0)
+    first_alert(bed, "web2", "slow_start", recovered_at, 15)
+    assert node_state(bed, "web2") in ("slow_start", "up")
+
+
+def test_killed_node_host_is_excluded_like_a_dead_web_server(bed):
+    wait_until(lambda: node_state(bed, "web3") == "up", 20, "web3 to be up")
+    recorder = Recorder(bed)
+    try:
+        time.sleep(0.5)
+        killed_at = time.time()
+        bed.kill("web3")
+        warning = first_alert(bed, "web3", "warning", killed_at, 5)
+        first_alert(bed, "web3", "dead", killed_at, 10)
+        time.sleep(1.0)
+    finally:
+        recorder.stop()
+    late = recorder.after(warning["time"])
+    assert late and all(ok for _, ok, _ in late), [r for r in late if not r[1]][:5]
+    assert "web3" not in {node for _, _, node in late}
+    bed.start("web3")
+    first_alert(bed, "web3", "slow_start", killed_at, 20)
+    wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web3" for _ in range(30)),
+               20, "the restarted web3 to serve requests again")
+
+
+def test_forged_replayed_and_stale_heartbeats_are_rejected_and_keep_no_node_alive(bed):
+    wait_until(lambda: node_state(bed, "web1") in ("up", "slow_start"), 30, "web1 to be a candidate")
+    bed.run("web1", ["kill", "-TERM", str(bed.service_pid("web1", "agent"))])
+    silenced_at = time.time()
+    first_alert(bed, "web1", "dead", silenced_at, 10)
+
+    real = Keys.load(bed.keys_file)
+    forged_keys = Keys({1: b"an attacker's guess at the key!!"})
+    report = NodeHeartbeat(0.1, 0.1, 1.0, 200).pack()
+    sock = netns.socket_in(bed.ns("web1"), socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    destination = ("198.51.100.255", 8405)
+    before = {r: counter_rejected(bed, r) for r in ("bad_mac", "stale", "replay")}
+    captured = seal(real, Kind.NODE_HEARTBEAT, "web1", time.time_ns() // 1000, time.time(), report)
+    sock.sendto(captured, destination)  # one genuine datagram: a single heartbeat must not revive the node
+    try:
+        deadline = time.monotonic() + 4
+        sequence = time.time_ns() // 1000 + 10
+        while time.monotonic() < deadline:
+            sequence += 1
+            sock.sendto(seal(forged_keys, Kind.NODE_HEARTBEAT, "web1", sequence, time.time(), report), destination)
+            sock.sendto(seal(real, Kind.NODE_HEARTBEAT, "web1", sequence, time.time() - 120, report), destination)
+            sock.sendto(captured, destination)  # replayed
+            assert node_state(bed, "web1") in ("dead", "rising")
+            time.sleep(0.1)
+    finally:
+        sock.close()
+    for reason in ("bad_mac", "stale", "replay"):
+        assert counter_rejected(bed, reason) >= before[reason] + 20, reason
+    states = [r["to"] for r in alerts(bed, "web1", silenced_at)]
+    assert "slow_start" not in states and "up" not in states, states
+    wait_until(lambda: node_state(bed, "web1") == "dead", 5, "web1 to stay dead")
+    bed.start("web1")
+    first_alert(bed, "web1", "slow_start", silenced_at, 15)
+
+
+def counter_rejected(bed, reason: str) -> float:
+    return next(v for (name, labels), v in bed.metrics("dist1").items()
+                if name == "distributor_heartbeats_rejected_total" and dict(labels)["reason"] == reason)
