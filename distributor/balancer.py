@@ -127,6 +127,12 @@ class Balancer:
         self._update(best)
         return best
 
+    def take(self, index: int) -> None:
+        """Count an open connection placed on ``index`` by someone else (a replicated one)."""
+        self._outstanding[index] += 1
+        if self.policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
+            self._update(index)
+
     def release(self, index: int) -> None:
         if self._outstanding[index] <= 0:
             raise ValueError(f"backend {index} has no open connection to release")

@@ -13,13 +13,17 @@ import dataclasses
 import ipaddress
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .alerts import SmtpSettings
 from .balancer import MAX_WEIGHT, Policy
 from .conntable import Timeouts
 from .heartbeat import HealthSettings
 from .reroute import BackendSpec, ServiceSpec
+
+if TYPE_CHECKING:
+    from backup.roles import FailoverSettings
+    from backup.takeover import FloatingAddress
 
 __all__ = ["ConfigError", "Config", "TableReader", "load", "parse"]
 
@@ -38,6 +42,20 @@ class HealthConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FailoverConfig:
+    settings: "FailoverSettings"
+    address: ipaddress.IPv4Address
+    listen: tuple[str, int]
+    destination: tuple[str, int]
+    keys_file: str
+    freshness: float
+    peers: tuple[str, ...]
+    addresses: tuple["FloatingAddress", ...]
+    garp_count: int
+    garp_repeat: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str
     queue: int
@@ -51,6 +69,7 @@ class Config:
     health: HealthConfig | None = None
     alert_log: str | None = None
     smtp: SmtpSettings | None = None
+    failover: FailoverConfig | None = None
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -166,6 +185,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     services = _services(top, nodes)
     health = _health(top)
     alert_log, smtp = _alerts(top)
+    failover = _failover(top, name, health)
     top.done()
     return Config(
         name=name,
@@ -180,7 +200,73 @@ def parse(text: str, source: str = "<config>") -> Config:
         health=health,
         alert_log=alert_log,
         smtp=smtp,
+        failover=failover,
     )
+
+
+def _failover(top: TableReader, name: str, health: HealthConfig | None) -> FailoverConfig | None:
+    from backup.roles import FailoverSettings
+    from backup.takeover import FloatingAddress
+
+    if "failover" not in top.data:
+        return None
+    table = top.table("failover")
+    if not _boolean(table, "enabled", True):
+        return None
+    if len(name.encode()) > 16 or not name.isascii():
+        raise ConfigError(f"distributor.name: {name!r} is not valid with failover; expected 1 to 16 ASCII characters")
+    defaults = FailoverSettings()
+    try:
+        settings = FailoverSettings(
+            priority=table.integer("priority", defaults.priority, 0, 65535),
+            preempt=_boolean(table, "preempt", defaults.preempt),
+            interval=table.number("interval", defaults.interval, 0),
+            warning=table.integer("warning", defaults.warning, 0, 10_000),
+            dead=table.integer("dead", defaults.dead, 1, 10_000),
+        )
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(str(exc)) from None
+    address = table.ipv4("address")
+    listen = _listen(table, "listen", "0.0.0.0:8406")
+    destination = _listen(table, "destination")
+    if destination is None:
+        raise ConfigError("failover.destination: required, e.g. \"198.51.100.255:8406\" (the cluster LAN's broadcast address)")
+    keys_file = table.get("keys_file", health.keys_file if health else None)
+    if not isinstance(keys_file, str) or not keys_file:
+        raise ConfigError("failover.keys_file: required (or set health.keys_file): a 'KEY_ID HEX_SECRET' file shared by the distributors")
+    peers = table.get("peers")
+    if not isinstance(peers, list) or not peers or not all(isinstance(p, str) and p and p != name for p in peers):
+        raise ConfigError(f"failover.peers: {_show(peers)} is not valid; expected the names of the other distributors, e.g. [\"dist2\"]")
+    raw = table.get("addresses")
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(f"failover.addresses: {_show(raw)} is not valid; expected "
+                          "[{ address = \"203.0.113.1/32\", interface = \"ext0\" }, ...]")
+    addresses = []
+    for i, item in enumerate(raw):
+        entry = TableReader(item, f"failover.addresses[{i}]")
+        text = entry.string("address")
+        try:
+            interface_address = ipaddress.IPv4Interface(text)
+        except ValueError:
+            raise ConfigError(f"{entry.key('address')}: {text!r} is not valid; expected ADDRESS/PREFIX such as \"203.0.113.1/32\"") from None
+        addresses.append(FloatingAddress(interface_address, entry.string("interface")))
+        entry.done()
+    config = FailoverConfig(
+        settings=settings,
+        address=address,
+        listen=listen or ("0.0.0.0", 8406),
+        destination=destination,
+        keys_file=keys_file,
+        freshness=table.number("freshness", 5.0, 0),
+        peers=tuple(peers),
+        addresses=tuple(addresses),
+        garp_count=table.integer("garp_count", 3, 1, 100),
+        garp_repeat=table.number("garp_repeat", 5.0, 0, inclusive=True),
+    )
+    table.done()
+    return config
 
 
 def _health(top: TableReader) -> HealthConfig | None:

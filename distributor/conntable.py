@@ -154,6 +154,9 @@ class ConnectionTable:
         self.transitions: collections.Counter[tuple[TcpState, TcpState]] = collections.Counter()
         self.evicted = 0
         self.expired = 0
+        # Open connections count as active at least until this time: a backup's
+        # replica sees no packets, so its idle timers start at the takeover.
+        self.activity_floor = 0.0
 
     def __len__(self) -> int:
         return self._count
@@ -218,11 +221,16 @@ class ConnectionTable:
             self._move(conn, TcpState.ESTABLISHED, now)
         return False
 
+    def hold_expiry(self, now: float) -> None:
+        """Treat every open connection as active at ``now`` (a backup's replica, until it takes over)."""
+        self.activity_floor = max(self.activity_floor, now)
+
     def expire(self, now: float, budget: int = 10_000) -> list[Connection]:
         """Remove idle entries; returns those that were still open when they expired."""
         ended: list[Connection] = []
         for state in (TcpState.SYN_SEEN, TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSING, TcpState.CLOSED):
             timeout = self.timeouts.for_state(state)
+            floor = self.activity_floor if state in OPEN_STATES else 0.0
             queue = self._queues[state]
             while queue and budget > 0:
                 budget -= 1
@@ -230,10 +238,10 @@ class ConnectionTable:
                 if conn.state is not state:
                     queue.popleft()  # stale reference: the entry moved on or left
                     continue
-                if conn.queued_at + timeout > now:
+                if max(conn.queued_at, floor) + timeout > now:
                     break  # everything behind was queued later
                 queue.popleft()
-                if conn.last_seen + timeout > now:
+                if max(conn.last_seen, floor) + timeout > now:
                     conn.queued_at = now
                     queue.append(conn)
                     continue

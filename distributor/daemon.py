@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load(args.config)
         keys = Keys.load(config.health.keys_file) if config.health else None
+        failover_keys = Keys.load(config.failover.keys_file) if config.failover else None
     except (ConfigError, KeysError) as exc:
         print(f"distributor: config error: {exc}", file=sys.stderr)
         return 2
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(config))
         return 0
     try:
-        asyncio.run(serve(config, keys))
+        asyncio.run(serve(config, keys, failover_keys))
     except (RulesError, OSError) as exc:
         log.error("%s", exc)
         return 1
@@ -87,16 +88,23 @@ def describe(config: Config) -> str:
                      f"slow start {h.slow_start:g} s, dead node's connections: {config.health.on_dead}")
     else:
         lines.append("  health: off (no [health] section): every node is always a candidate")
+    if config.failover:
+        f = config.failover
+        addresses = ", ".join(f"{a.address} on {a.interface}" for a in f.addresses)
+        lines.append(f"  failover: priority {f.settings.priority}{', preempts' if f.settings.preempt else ''}, peers "
+                     f"{', '.join(f.peers)}, takes over after {f.settings.dead_seconds:.2f} s of silence; floating: {addresses}")
+    else:
+        lines.append("  failover: off (no [failover] section): this distributor serves alone")
     return "\n".join(lines)
 
 
-async def serve(config: Config, keys: Keys | None = None) -> None:
+async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | None = None) -> None:
     loop = asyncio.get_running_loop()
     table = ConnectionTable(config.capacity, config.timeouts)
     interposer = Interposer(config.services, table)
     clock = time.monotonic
     raw = RawSender()
-    queue = PacketQueue(config.queue, lambda data: interposer.handle(data, clock()), config.queue_length)
+    queue = PacketQueue(config.queue, lambda data: interposer.decide(data, clock()), config.queue_length)
 
     def on_readable() -> None:
         queue.drain()
@@ -112,6 +120,15 @@ async def serve(config: Config, keys: Keys | None = None) -> None:
         monitor.listeners.append(lambda t: raw.send_all(interposer.outbox) if interposer.outbox else None)
     else:
         log.warning("health checking is off (no [health] section): every node is always a candidate")
+    failover = None
+    if config.failover is not None and failover_keys is not None:
+        from backup.controller import FailoverController
+
+        failover = FailoverController(
+            config, interposer, rules, queue, failover_keys,
+            on_role_change=lambda old, new, reason: alerts.notify(config.name, old.name.lower(), new.name.lower(), reason),
+            clock=clock,
+        )
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
@@ -123,7 +140,11 @@ async def serve(config: Config, keys: Keys | None = None) -> None:
         if monitor is not None:
             await monitor.start()
             tasks.append(loop.create_task(monitor.run(stop), name="health-ticks"))
-        rules.install()
+        if failover is not None:
+            await failover.start()
+            tasks.append(loop.create_task(failover.run(stop), name="failover"))
+        else:
+            rules.install()
         loop.add_reader(queue.fileno(), on_readable)
         if config.metrics_listen:
             from prometheus_client import CollectorRegistry
@@ -131,7 +152,7 @@ async def serve(config: Config, keys: Keys | None = None) -> None:
             from .metrics import InterposerCollector, start_metrics_server
 
             registry = CollectorRegistry()
-            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors, monitor, alerts))
+            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors, monitor, alerts, failover))
             metrics_runner = await start_metrics_server(registry, *config.metrics_listen)
         log.info(
             "distributor %s ready: %d service(s) on queue %d: %s",
@@ -152,6 +173,10 @@ async def serve(config: Config, keys: Keys | None = None) -> None:
         _notify_systemd("STOPPING=1")
     finally:
         stop.set()
+        for task in tasks:
+            await task
+        if failover is not None:
+            await failover.shutdown()
         loop.remove_reader(queue.fileno())
         try:
             rules.remove()
@@ -160,8 +185,6 @@ async def serve(config: Config, keys: Keys | None = None) -> None:
             queue.drain()
             queue.close()
             raw.close()
-            for task in tasks:
-                await task
             if monitor is not None:
                 monitor.close()
             await alerts.stop()

@@ -34,7 +34,7 @@ import subprocess
 import time
 from typing import Callable, Iterable
 
-from .reroute import ACCEPT, ServiceSpec
+from .reroute import ACCEPT, Reason, ServiceSpec
 
 __all__ = ["Rules", "PacketQueue", "RawSender", "RulesError", "render_rules"]
 
@@ -73,10 +73,11 @@ class Rules:
         self.chain_in, self.chain_out = chain_names(queue)
         self._hooks = {"raw": ("PREROUTING", self.chain_in), "mangle": ("POSTROUTING", self.chain_out)}
 
-    def install(self) -> None:
+    def install(self, known_absent: bool = False) -> None:
+        """Install the rules; ``known_absent`` skips looking for old ones (after :meth:`remove`), saving time on a takeover."""
         lines = render_rules(self.queue, self.services)
         script: list[str] = []
-        existing = self._existing()
+        existing = {table: (0, False) for table in self._hooks} if known_absent else self._existing()
         for table, (hook, chain) in self._hooks.items():
             script.append(f"*{table}")
             script.extend(f"-D {hook} -j {chain}" for _ in range(existing[table][0]))
@@ -129,18 +130,32 @@ class Rules:
         return result
 
 
-Handler = Callable[[bytes], "tuple[int, bytes | None]"]
+Decider = Callable[[bytes], "tuple[Reason, bytes | None]"]
+_VERDICTS = [reason.verdict for reason in Reason]
 
 
 class PacketQueue:
-    """One bound NFQUEUE, read from an asyncio loop; see the module docstring."""
+    """One bound NFQUEUE, read from an asyncio loop; see the module docstring.
 
-    def __init__(self, queue: int, handler: Handler, max_len: int = 4096):
+    With ``hold_new`` set, the SYN of every new connection waits for its
+    verdict until the whole batch read from the socket is handled and
+    ``before_release`` has run (the daemon sends the replication batch that
+    announces these connections there), so a backup learns of a connection
+    before its node does.
+    """
+
+    def __init__(self, queue: int, decide: Decider, max_len: int = 4096):
         from netfilterqueue import NetfilterQueue  # imported here: the core never needs it
 
         self.queue = queue
-        self.handler = handler
+        self.decide = decide
         self.errors = 0
+        self.hold_new = False
+        self.before_release: Callable[[], None] | None = None
+        # Set to a clock to time the next forwarded packet (a takeover's first).
+        self.await_forward: Callable[[], float] | None = None
+        self.first_forward_at: float | None = None
+        self._held: list = []
         self._last_error_log = 0.0
         self._nfq = NetfilterQueue()
         try:
@@ -154,18 +169,51 @@ class PacketQueue:
         return self._nfq.get_fd()
 
     def drain(self) -> None:
-        """Handle every packet waiting on the socket without blocking."""
-        self._nfq.run(block=False)
+        """Handle every packet waiting on the socket without blocking, then release held SYNs."""
+        try:
+            self._nfq.run(block=False)
+        finally:
+            if self._held:
+                self._release()
 
     def close(self) -> None:
+        if self._held:
+            self._release()
         self._nfq.unbind()
+
+    def _release(self) -> None:
+        held, self._held = self._held, []
+        try:
+            if self.before_release is not None:
+                self.before_release()
+        except Exception:
+            # The SYNs still go: a lost replication batch costs a snapshot, not the connections.
+            self.errors += 1
+            log.exception("could not run the pre-release hook; releasing %d held SYN(s) anyway", len(held))
+        finally:
+            for packet in held:
+                packet.accept()
+            if self.await_forward is not None:
+                self._forwarded()
+
+    def _forwarded(self) -> None:
+        assert self.await_forward is not None
+        self.first_forward_at = self.await_forward()
+        self.await_forward = None
 
     def _on_packet(self, packet) -> None:
         verdict = 0
+        held = False
         try:
-            verdict, out = self.handler(packet.get_payload())
+            reason, out = self.decide(packet.get_payload())
             if out is not None:
                 packet.set_payload(out)
+            verdict = _VERDICTS[reason]
+            if reason is Reason.NEW_CONNECTION and self.hold_new:
+                self._held.append(packet)
+                held = True
+            elif out is not None and self.await_forward is not None:
+                self._forwarded()
         except Exception:
             verdict = 0
             self.errors += 1
@@ -174,7 +222,9 @@ class PacketQueue:
                 self._last_error_log = now
                 log.exception("packet handler failed (%d failures so far); the packet is dropped", self.errors)
         finally:
-            if verdict == ACCEPT:
+            if held:
+                pass
+            elif verdict == ACCEPT:
                 packet.accept()
             else:
                 packet.drop()

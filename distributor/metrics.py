@@ -50,12 +50,13 @@ def read_queue_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[
 
 class InterposerCollector:
     def __init__(self, interposer: "Interposer", queue: int, handler_errors: Callable[[], int],
-                 monitor: "HealthMonitor | None" = None, alerts: "Alerts | None" = None):
+                 monitor: "HealthMonitor | None" = None, alerts: "Alerts | None" = None, failover=None):
         self.interposer = interposer
         self.queue = queue
         self.handler_errors = handler_errors
         self.monitor = monitor
         self.alerts = alerts
+        self.failover = failover
 
     def collect(self) -> Iterator:
         interposer = self.interposer
@@ -100,6 +101,8 @@ class InterposerCollector:
         yield weight
         if self.monitor is not None:
             yield from self._health(self.monitor)
+        if self.failover is not None:
+            yield from self._failover(self.failover)
         if self.alerts is not None:
             mails = CounterMetricFamily("distributor_alert_mails", "Alert e-mails by outcome", labels=["result"])
             for result, value in (("sent", self.alerts.sent), ("retried", self.alerts.retried), ("failed", self.alerts.failed)):
@@ -144,6 +147,50 @@ class InterposerCollector:
         yield rejected
         yield CounterMetricFamily("distributor_connections_reset", "Connections reset because their node died",
                                   value=monitor.reset_connections)
+
+
+    def _failover(self, failover) -> Iterator:
+        from backup.roles import Role
+
+        machine = failover.machine
+        role = GaugeMetricFamily("distributor_failover_role", "1 for this distributor's current role", labels=["role"])
+        for candidate in Role:
+            role.add_metric([candidate.name.lower()], 1 if machine.role is candidate else 0)
+        yield role
+        yield GaugeMetricFamily("distributor_failover_term", "Term of this distributor's last takeover", value=machine.term)
+        peers = GaugeMetricFamily("distributor_failover_peer_alive", "1 while the peer heartbeats", labels=["peer", "role"])
+        for peer in machine.peers.values():
+            peers.add_metric([peer.name, peer.role.name.lower()], 1 if peer.alive else 0)
+        yield peers
+        lag = failover.lag()
+        if lag is not None:
+            yield GaugeMetricFamily("distributor_sync_lag_batches", "Sync batches the replica is behind the active", value=lag)
+        yield GaugeMetricFamily("distributor_sync_caught_up", "1 when this standby's replica is complete and current",
+                                value=1 if machine.caught_up else 0)
+        yield GaugeMetricFamily("distributor_sync_active_connections", "Connections the active distributor reports",
+                                value=failover.active_connections)
+        yield CounterMetricFamily("distributor_sync_gaps", "Gaps found in the sync stream", value=failover.receiver.gaps)
+        yield CounterMetricFamily("distributor_sync_records_applied", "Replicated changes applied",
+                                  value=failover.receiver.records_applied)
+        yield CounterMetricFamily("distributor_sync_records_sent", "Changes sent to the standbys", value=failover.sender.records_sent)
+        sent = CounterMetricFamily("distributor_failover_datagrams_sent", "Datagrams sent to the peers", labels=["kind"])
+        for kind, value in failover.sent.items():
+            sent.add_metric([kind.name.lower()], value)
+        yield sent
+        rejected = CounterMetricFamily("distributor_failover_datagrams_rejected", "Rejected peer datagrams", labels=["reason"])
+        for reason in Reject:
+            rejected.add_metric([reason.value], failover.rejected[reason])
+        yield rejected
+        takeover = failover.last_takeover
+        if takeover is not None and takeover.last_heartbeat is not None:
+            phases = GaugeMetricFamily("distributor_failover_takeover_seconds",
+                                       "Last takeover, from the old active's last heartbeat", labels=["phase"])
+            phases.add_metric(["decided"], takeover.started - takeover.last_heartbeat)
+            if takeover.claimed is not None:
+                phases.add_metric(["claimed"], takeover.claimed - takeover.last_heartbeat)
+            if takeover.first_forward is not None:
+                phases.add_metric(["first_forward"], takeover.first_forward - takeover.last_heartbeat)
+            yield phases
 
 
 async def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> "web.AppRunner":

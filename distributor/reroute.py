@@ -190,6 +190,12 @@ class Interposer:
         self.ended_listeners: list[ConnectionListener] = []
 
     # -- the per-packet path -------------------------------------------------
+    def decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
+        """Like :meth:`handle`, but returns the reason (its verdict is ``reason.verdict``)."""
+        reason, out = self._decide(packet, now)
+        self.counts[reason] += 1
+        return reason, out
+
     def handle(self, packet: bytes, now: float) -> tuple[int, bytes | None]:
         reason, out = self._decide(packet, now)
         self.counts[reason] += 1
@@ -319,6 +325,41 @@ class Interposer:
                 self.outbox.append(_rst_to_client(conn))
             reset += 1
         return reset
+
+    # -- replication (the backup's table follows the active's) -----------------
+    def install(self, key: bytes, backend_index: int, now: float) -> bool:
+        """Insert a connection the active distributor opened; False when the key or index fits no service."""
+        service = self._by_vip.get(key[4:8] + key[10:12])
+        if service is None or not 0 <= backend_index < len(service.backends):
+            return False
+        existing = self.table.get(key)
+        if existing is not None and self.table.remove(existing):
+            self._ended(existing)
+        backend = service.backends[backend_index]
+        reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
+        stale = self.table.get(reply_key)
+        if stale is not None and self.table.remove(stale):
+            self._ended(stale)
+        conn = self.table.open(key, reply_key, service, backend, now)
+        if conn is None:
+            return False
+        self.table.advance(conn, ACK, True, now)  # it is past its SYN on the active
+        service.balancer.take(backend_index)
+        return True
+
+    def end(self, key: bytes, now: float) -> None:
+        """A connection ended on the active distributor: keep its entry briefly for the last segments."""
+        conn = self.table.get(key)
+        if conn is not None and conn.key == key and self.table.close(conn, now):
+            self._ended(conn)
+
+    def clear(self) -> int:
+        """Forget every connection (before a snapshot replaces the table); returns how many."""
+        conns = list(self.table)
+        for conn in conns:
+            if self.table.remove(conn):
+                self._ended(conn)
+        return len(conns)
 
     def count(self, reason: Reason) -> int:
         return self.counts[reason]

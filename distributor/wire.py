@@ -54,6 +54,10 @@ __all__ = [
     "Verifier",
     "SequenceCounter",
     "NodeHeartbeat",
+    "DistHeartbeat",
+    "SyncBatch",
+    "SyncRecord",
+    "Resign",
     "HEADER_SIZE",
     "MAC_SIZE",
     "MAX_PAYLOAD",
@@ -74,6 +78,7 @@ class Kind(enum.IntEnum):
     DIST_HEARTBEAT = 2
     STATE_SYNC = 3
     RESIGN = 4
+    SYNC_REQUEST = 5
 
 
 class Reject(enum.Enum):
@@ -236,3 +241,97 @@ class NodeHeartbeat:
         if len(payload) != cls._FORMAT.size:
             return None
         return cls(*cls._FORMAT.unpack(payload))
+
+
+@dataclass(frozen=True)
+class DistHeartbeat:
+    """What every distributor broadcasts about itself, whatever its role."""
+
+    role: int  # backup.roles.Role value
+    priority: int
+    term: int
+    address: bytes  # 4 bytes: its cluster LAN address, the last tie-breaker
+    caught_up: bool  # a backup whose replica is complete and current
+    preempt: bool  # it would take the addresses back when it outranks the active
+    sync_batch: int  # active: last batch sent; backup: last batch applied
+    connections: int  # entries in its table
+
+    _FORMAT = struct.Struct("!BBHQ4sQI")
+
+    def pack(self) -> bytes:
+        flags = (1 if self.caught_up else 0) | (2 if self.preempt else 0)
+        return self._FORMAT.pack(self.role, flags, self.priority, self.term, self.address, self.sync_batch,
+                                 self.connections)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "DistHeartbeat | None":
+        if len(payload) != cls._FORMAT.size:
+            return None
+        role, flags, priority, term, address, batch, connections = cls._FORMAT.unpack(payload)
+        return cls(role, priority, term, address, bool(flags & 1), bool(flags & 2), batch, connections)
+
+
+OPEN = 1
+END = 2
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    op: int  # OPEN or END
+    key: bytes  # the connection's 12-byte client -> VIP 4-tuple
+    backend: int  # index of the backend in its service (OPEN only)
+
+
+class SyncBatch:
+    """Connection table changes, in order: ``batch`` numbers datagrams consecutively per sender."""
+
+    _HEAD = struct.Struct("!QBH")
+    _RECORD = struct.Struct("!B12sH")
+    SNAPSHOT_START = 1
+    SNAPSHOT_END = 2
+    MAX_RECORDS = (MAX_PAYLOAD - _HEAD.size) // _RECORD.size
+
+    def __init__(self, batch: int, flags: int, records: list[SyncRecord]):
+        self.batch = batch
+        self.flags = flags
+        self.records = records
+
+    def pack(self) -> bytes:
+        if len(self.records) > self.MAX_RECORDS:
+            raise ValueError(f"{len(self.records)} records exceed {self.MAX_RECORDS} per datagram")
+        parts = [self._HEAD.pack(self.batch, self.flags, len(self.records))]
+        parts.extend(self._RECORD.pack(r.op, r.key, r.backend) for r in self.records)
+        return b"".join(parts)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "SyncBatch | None":
+        if len(payload) < cls._HEAD.size:
+            return None
+        batch, flags, count = cls._HEAD.unpack_from(payload)
+        if len(payload) != cls._HEAD.size + count * cls._RECORD.size:
+            return None
+        records = []
+        for offset in range(cls._HEAD.size, len(payload), cls._RECORD.size):
+            op, key, backend = cls._RECORD.unpack_from(payload, offset)
+            if op not in (OPEN, END):
+                return None
+            records.append(SyncRecord(op, key, backend))
+        return cls(batch, flags, records)
+
+
+@dataclass(frozen=True)
+class Resign:
+    term: int
+    stopping: bool  # True: the sender shuts down; False: it stays as a standby
+
+    _FORMAT = struct.Struct("!QB")
+
+    def pack(self) -> bytes:
+        return self._FORMAT.pack(self.term, 1 if self.stopping else 0)
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "Resign | None":
+        if len(payload) != cls._FORMAT.size:
+            return None
+        term, stopping = cls._FORMAT.unpack(payload)
+        return cls(term, bool(stopping))

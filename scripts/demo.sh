@@ -18,7 +18,22 @@ echo "== wrk, 3 s keep-alive, then 3 s Connection: close =="
 tb exec client -- wrk -t2 -c20 -d3s http://203.0.113.1/1k.bin | grep -E "requests in|Requests/sec|Socket errors|Non-2xx" || true
 tb exec client -- wrk -t2 -c20 -d3s -H "Connection: close" http://203.0.113.1/1k.bin | grep -E "requests in|Requests/sec|Socket errors|Non-2xx" || true
 echo
-echo "== the distributor's view (Prometheus metrics) =="
-tb exec dist1 -- curl -s http://127.0.0.1:9110/metrics | grep -E '^distributor_(packets_total|backend_connections_open|connections )' | grep -v ' 0.0$' || true
+echo "== takeover: kill the primary (dist1) while wrk runs 6 s of keep-alive traffic =="
+tb exec client -- wrk -t2 -c16 -d6s --timeout 5s http://203.0.113.1/1k.bin > /tmp/distributor-demo-wrk.$$ &
+wrk_pid=$!
+sleep 2
+tb kill dist1
+wait "$wrk_pid"
+echo "what the client saw:"
+grep -E "requests in|Requests/sec|Latency|Socket errors|Non-2xx" /tmp/distributor-demo-wrk.$$ || true
+grep -q "Socket errors" /tmp/distributor-demo-wrk.$$ || echo "  no socket errors, no failed requests"
+rm -f /tmp/distributor-demo-wrk.$$
+echo "what dist2 did:"
+tb logs dist2 | grep -E "took over|takeover timeline" | sed 's/^/  /'
+tb ps | grep -E "^(HOST|dist)"
+echo
+
+echo "== the distributor's view (Prometheus metrics of dist2, now active) =="
+tb exec dist2 -- curl -s http://127.0.0.1:9110/metrics | grep -E '^distributor_(packets_total|backend_connections_open|connections |failover_role|failover_takeover)' | grep -v ' 0.0$' || true
 echo
 echo "== cluster-testbed down =="

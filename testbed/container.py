@@ -43,9 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     if host.default_gateway is not None:
         subprocess.run(["ip", "route", "replace", "default", "via", str(host.default_gateway)], check=True)
-    if host.name == topology.primary:
-        subprocess.run(["ip", "addr", "replace", f"{topology.vip}/32", "dev", _interface_with(str(host.address_on("ext")))], check=True)
-        subprocess.run(["ip", "addr", "replace", f"{topology.gateway}/24", "dev", _interface_with(str(host.address_on("int")))], check=True)
+    if host.role == "distributor":
+        # Compose names interfaces in attachment order; the config names them as the runner does.
+        for link in host.links:
+            current = _interface_with(str(link.address.ip))
+            if current != link.ifname:
+                subprocess.run(["ip", "link", "set", current, "down"], check=True)
+                subprocess.run(["ip", "link", "set", current, "name", link.ifname], check=True)
+                subprocess.run(["ip", "link", "set", link.ifname, "up"], check=True)
     keys = STATE / "keys"
     # Compose cannot generate a per-run secret; it passes one in TESTBED_KEY (see docker-compose.yml).
     keys.write_text(f"1 {os.environ.get('TESTBED_KEY', DEMO_KEY)}\n")

@@ -43,6 +43,7 @@ STATE_ROOT = Path(os.environ.get("CLUSTER_TESTBED_STATE", "/run/cluster-testbed"
 DEFAULT_PROJECT = "cluster"
 METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host
 HEARTBEAT_PORT = 8405
+FAILOVER_PORT = 8406
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _HOST_RE = re.compile(r"^(client|dist\d+|web\d+|sw)$")
 
@@ -59,6 +60,7 @@ class Options:
     policy: str = "round-robin"
     capacity: int = 262_144
     on_dead: str = "keep"  # what the distributor does with a dead node's connections
+    preempt: bool = False  # a returning dist1 takes the addresses back once caught up
     smtp: str | None = None  # "ADDRESS:PORT" of a mail server for alerts, or None
 
 
@@ -146,6 +148,11 @@ class Testbed:
                 for service in host.services:
                     self._start_service(host, service)
             self.wait_vip(timeout)
+        except TestbedError as exc:
+            tails = "\n".join(f"--- {h.name}/{s} ---\n{self.log_tail(h.name, s, 15)}"
+                              for h in self.topology.by_role("distributor") for s in h.services)
+            self.down()
+            raise TestbedError(f"{exc}\n{tails}") from None
         except BaseException:
             self.down()
             raise
@@ -186,10 +193,6 @@ class Testbed:
                 _run(["ip", "-n", ns, "link", "set", link.ifname, "up"])
             if host.default_gateway is not None:
                 _run(["ip", "-n", ns, "route", "add", "default", "via", str(host.default_gateway)])
-        primary = self.topology.host(self.topology.primary)
-        ns = self.ns(primary.name)
-        _run(["ip", "-n", ns, "addr", "add", f"{self.topology.vip}/32", "dev", _ifname(primary, "ext")])
-        _run(["ip", "-n", ns, "addr", "add", f"{self.topology.gateway}/24", "dev", _ifname(primary, "int")])
 
     @property
     def keys_file(self) -> Path:
@@ -235,17 +238,24 @@ class Testbed:
 
     def _start_service(self, host: Host, service: str, timeout: float = 20.0) -> int:
         argv = ["ip", "netns", "exec", self.ns(host.name), *self._service_argv(host, service)]
-        log_file = open(self.log_path(host.name, service), "ab")
+        path = self.log_path(host.name, service)
+        offset = path.stat().st_size if path.exists() else 0  # readiness looks only at what this run writes
+        log_file = open(path, "ab")
         try:
             child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
         finally:
             log_file.close()
         self._children[child.pid] = child
         (self.host_dir(host.name) / f"{service}.pid").write_text(str(child.pid))
-        self._wait_service(host, service, child, timeout)
+        self._wait_service(host, service, child, timeout, offset)
         return child.pid
 
-    def _wait_service(self, host: Host, service: str, child: subprocess.Popen, timeout: float) -> None:
+    def _wait_service(self, host: Host, service: str, child: subprocess.Popen, timeout: float, offset: int) -> None:
+        def new_log() -> str:
+            with open(self.log_path(host.name, service), "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+
         def ready() -> bool:
             if child.poll() is not None:
                 tail = self.log_tail(host.name, service)
@@ -254,9 +264,9 @@ class Testbed:
                 reply = http.get(self.ns(host.name), str(host.address_on("int")), self.topology.vip_port, "/health", timeout=1)
                 return reply.status == 200
             if service == "distributor":
-                return "ready" in self.log_path(host.name, service).read_text(errors="replace")
+                return "ready" in new_log()
             if service == "agent":
-                return "sending heartbeats" in self.log_path(host.name, service).read_text(errors="replace")
+                return "sending heartbeats" in new_log()
             return True
 
         try:
@@ -331,6 +341,29 @@ class Testbed:
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         return samples
+
+    def role(self, host: str) -> str | None:
+        """The failover role of the distributor on ``host`` (None when it is not running)."""
+        if self.service_pid(host, "distributor") is None:
+            return None
+        for (name, labels), value in self.metrics(host).items():
+            if name == "distributor_failover_role" and value == 1:
+                return dict(labels)["role"]
+        return None
+
+    def wait_settled(self, timeout: float = 20.0) -> tuple[str, str]:
+        """Wait for one active distributor and one caught-up backup; returns (active, backup)."""
+        dists = [h.name for h in self.topology.by_role("distributor")]
+
+        def check() -> tuple[str, str] | None:
+            roles = {h: self.role(h) for h in dists}
+            if sorted(map(str, roles.values())) != ["active", "backup"]:
+                return None
+            active = next(h for h, r in roles.items() if r == "active")
+            backup = next(h for h, r in roles.items() if r == "backup")
+            return (active, backup) if self.metrics(backup)[("distributor_sync_caught_up", ())] == 1 else None
+
+        return wait_until(check, timeout, "one active distributor and one caught-up backup")  # type: ignore[return-value]
 
     def alerts(self, host: str = "dist1") -> list[dict]:
         """The node state changes the distributor on ``host`` wrote to its alert log."""
@@ -438,8 +471,19 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
     if options.smtp:
         smtp_host, _, smtp_port = options.smtp.rpartition(":")
         smtp = SMTP_CONF.format(host=smtp_host, port=smtp_port, name=host.name)
+    peers = ", ".join(f'"{d.name}"' for d in topology.by_role("distributor") if d.name != host.name)
     return DISTRIBUTOR_CONF.format(
         name=host.name,
+        priority=topology.priorities[host.name],
+        preempt="true" if options.preempt else "false",
+        lan_address=host.address_on("int"),
+        broadcast=topology.bridges["int"].broadcast_address,
+        failover_port=FAILOVER_PORT,
+        peers=peers,
+        ext=_ifname(host, "ext"),
+        int=_ifname(host, "int"),
+        gateway=topology.gateway,
+        gateway_prefix=topology.bridges["int"].prefixlen,
         capacity=options.capacity,
         metrics_port=METRICS_PORT,
         nodes=nodes,
@@ -547,6 +591,18 @@ backends = [{backends}]
 listen = "0.0.0.0:{heartbeat_port}"
 keys_file = "{keys}"
 on_dead = "{on_dead}"
+
+[failover]
+priority = {priority}
+preempt = {preempt}
+address = "{lan_address}"
+listen = "0.0.0.0:{failover_port}"
+destination = "{broadcast}:{failover_port}"
+peers = [{peers}]
+addresses = [
+    {{ address = "{vip}/32", interface = "{ext}" }},
+    {{ address = "{gateway}/{gateway_prefix}", interface = "{int}" }},
+]
 
 [alerts]
 log_file = "{alert_log}"

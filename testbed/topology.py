@@ -58,7 +58,8 @@ class Topology:
     vip: ipaddress.IPv4Address = VIP
     vip_port: int = VIP_PORT
     gateway: ipaddress.IPv4Address = GATEWAY
-    primary: str = "dist1"
+    primary: str = "dist1"  # the highest priority: active when both start
+    priorities: dict[str, int] = field(default_factory=lambda: {"dist1": 200, "dist2": 100})
 
     def host(self, name: str) -> Host:
         for host in self.hosts:
@@ -111,7 +112,7 @@ def build(nodes: int = 3) -> Topology:
                 Link("ext", "ext0", ipaddress.IPv4Interface("203.0.113.3/24")),
                 Link("int", "int0", ipaddress.IPv4Interface("198.51.100.3/24")),
             ),
-            services=(),
+            services=("distributor",),
             sysctls=_ROUTER_SYSCTLS,
         ),
     ]

@@ -80,27 +80,29 @@ def test_unknown_mid_stream_segment_is_dropped_not_reset(bed):
     wait_until(lambda: counter(bed, "unknown_flow") > before, 5, "the unknown segment to be counted")
 
 
-def test_stopped_distributor_leaves_no_rule_and_restarted_one_installs_exactly_one_set(bed):
-    def our_rules() -> list[str]:
-        dump = bed.run("dist1", ["iptables-save"]).stdout
+def test_crashed_distributor_rules_are_cleaned_on_restart_and_a_stopped_one_leaves_none(bed):
+    def our_rules(host: str) -> list[str]:
+        dump = bed.run(host, ["iptables-save"]).stdout
         return [line for line in dump.splitlines() if "DIST0" in line or "NFQUEUE" in line]
 
-    assert our_rules()
-    pid = bed.service_pid("dist1", "distributor")
-    bed.run("dist1", ["kill", "-KILL", str(pid)])  # a crash leaves the rules behind
+    def jumps(host: str) -> tuple[int, int]:
+        rules = our_rules(host)
+        return rules.count("-A PREROUTING -j DIST0-IN"), rules.count("-A POSTROUTING -j DIST0-OUT")
+
+    assert jumps("dist1") == (1, 1) and our_rules("dist2") == []  # dist1 active, dist2 standing by
+    bed.run("dist1", ["kill", "-KILL", str(bed.service_pid("dist1", "distributor"))])  # a crash leaves its rules
     wait_until(lambda: bed.service_pid("dist1", "distributor") is None, 10, "the distributor to die")
-    assert our_rules()
-    bed.start("dist1")
-    rules = our_rules()
-    assert rules.count("-A PREROUTING -j DIST0-IN") == 1
-    assert rules.count("-A POSTROUTING -j DIST0-OUT") == 1
+    assert jumps("dist1") == (1, 1)
+    wait_until(lambda: jumps("dist2") == (1, 1), 5, "dist2 to take over with exactly one set of rules")
+    bed.start("dist1")  # back as a backup: it removes what the crash left
+    assert our_rules("dist1") == []
     assert http.get(bed.ns("client"), bed.vip, 80, "/health").status == 200
 
-    bed.stop("dist1")
-    assert our_rules() == []
-    queues = bed.run("dist1", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout
-    assert queues.strip() == ""
-    bed.start("dist1")
+    bed.stop("dist2")  # SIGTERM: dist2 resigns, removes its rules and exits; dist1 takes over
+    assert our_rules("dist2") == []
+    assert bed.run("dist2", ["cat", "/proc/net/netfilter/nfnetlink_queue"]).stdout.strip() == ""
+    wait_until(lambda: jumps("dist1") == (1, 1), 5, "dist1 to take over")
+    bed.start("dist2")
     bed.wait_vip(10)
 
 

@@ -36,6 +36,37 @@ def test_the_documented_example_is_valid():
     assert config.services[1].backends[0].port == 8081
     assert config.health.settings.dead == 8 and config.health.on_dead == "keep"
     assert config.smtp.recipients == ("ops@example.org",) and config.alert_log.endswith("alerts.log")
+    assert config.failover.settings.priority == 200 and config.failover.peers == ("dist2",)
+    assert [str(a.address) for a in config.failover.addresses] == ["203.0.113.1/32", "198.51.100.1/24"]
+    assert config.failover.keys_file == config.health.keys_file
+
+
+FAILOVER = """
+[failover]
+address = "198.51.100.2"
+destination = "198.51.100.255:8406"
+keys_file = "keys"
+peers = ["dist2"]
+addresses = [{ address = "203.0.113.1/32", interface = "ext0" }]
+"""
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (("peers = [\"dist2\"]", "peers = []"), r"failover\.peers: \[\]"),
+        (("peers = [\"dist2\"]", "peers = [\"distributor\"]"), r"failover\.peers"),
+        (("203.0.113.1/32", "203.0.113.1/40"), r"failover\.addresses\[0\]\.address: '203\.0\.113\.1/40'"),
+        (("address = \"198.51.100.2\"", "address = \"dist1\""), r"failover\.address: 'dist1'"),
+        (("destination = \"198.51.100.255:8406\"\n", ""), r"failover\.destination: required"),
+        (("keys_file = \"keys\"\n", ""), r"failover\.keys_file: required"),
+        (("peers", "warning = 9\npeers"), r"failover\.warning = 9 must be >= 0 and below failover\.dead"),
+    ],
+)
+def test_bad_failover_settings_name_the_key(change, message):
+    assert parse(MINIMAL + FAILOVER).failover.settings.dead == 6
+    with pytest.raises(ConfigError, match=message):
+        parse(MINIMAL + FAILOVER.replace(*change))
 
 
 @pytest.mark.parametrize(

@@ -142,3 +142,17 @@ def test_churn_does_not_accumulate_stale_timer_references():
         table.remove(conn)
     assert len(table) == 1
     assert sum(len(q) for q in table._queues) < 5_000
+
+
+def test_held_expiry_keeps_open_replicas_until_the_takeover_then_times_them_from_there():
+    table = ConnectionTable(10)
+    conn = open_conn(table, 1, now=0.0)
+    table.advance(conn, ACK, True, 0.0)
+    closed = open_conn(table, 2, now=0.0)
+    table.advance(closed, RST, True, 0.0)
+    for t in range(0, 5000, 100):  # a backup: no packets, but the replica must survive
+        table.hold_expiry(float(t))
+        table.expire(float(t))
+    assert table.get(key(1)) is conn and table.get(key(2)) is None  # finished entries still go
+    assert table.expire(4900 + 899.0) == []
+    assert table.expire(4900 + 900.0) == [conn]

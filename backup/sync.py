@@ -1,0 +1,138 @@
+"""Connection-table replication from the active distributor to the backups (pure).
+
+Contract
+--------
+:class:`SyncSender` (on the active) collects table changes as the
+interposer reports them (``opened`` / ``ended``) and cuts them into
+:class:`~distributor.wire.SyncBatch` payloads numbered consecutively.  On a
+backup's request it also streams a snapshot of every open connection, in
+chunks interleaved with the live batches and numbered in the same sequence;
+the first snapshot batch carries ``SNAPSHOT_START``, the last
+``SNAPSHOT_END``.  A connection opened or ended while the snapshot runs is
+in the live batches, so the two together are always complete.
+
+:class:`SyncReceiver` (on a backup) applies batches to its interposer in
+order.  A missing batch number is a gap: it answers that a snapshot is
+needed.  ``SNAPSHOT_START`` clears the replica first.  The replica is
+*caught up* once a snapshot completed with no gap since and the active's
+last advertised batch has been applied.
+
+The daemon adds the only rule that ties replication to the data path: the
+active releases a SYN that opened a connection only after the batch that
+announces it has been sent (see :class:`distributor.datapath.PacketQueue`).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+from distributor.conntable import Connection
+from distributor.reroute import Interposer
+from distributor.wire import END, OPEN, SyncBatch, SyncRecord
+
+
+class SyncSender:
+    def __init__(self) -> None:
+        self.batch = 0  # number of the last batch cut
+        self.pending: list[SyncRecord] = []
+        self.records_sent = 0
+        self.snapshots = 0
+        self._snapshot: Iterator[Connection] | None = None
+        self._snapshot_started = False
+
+    def opened(self, conn: Connection) -> None:
+        self.pending.append(SyncRecord(OPEN, conn.key, conn.backend.index))
+
+    def ended(self, conn: Connection) -> None:
+        self.pending.append(SyncRecord(END, conn.key, 0))
+
+    def start_snapshot(self, conns: list[Connection]) -> None:
+        """Stream every still-open connection of ``conns`` (a copy of the table taken now)."""
+        self._snapshot = iter(conns)
+        self._snapshot_started = False
+        self.snapshots += 1
+
+    @property
+    def snapshot_running(self) -> bool:
+        return self._snapshot is not None
+
+    def live_batches(self) -> list[bytes]:
+        """The pending changes as payloads (empty list when there are none)."""
+        payloads = []
+        while self.pending:
+            chunk, self.pending = self.pending[: SyncBatch.MAX_RECORDS], self.pending[SyncBatch.MAX_RECORDS:]
+            payloads.append(self._cut(0, chunk))
+        return payloads
+
+    def snapshot_batches(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` payloads of the running snapshot."""
+        payloads: list[bytes] = []
+        while self._snapshot is not None and len(payloads) < limit:
+            chunk: list[SyncRecord] = []
+            for conn in self._snapshot:
+                if conn.is_open:
+                    chunk.append(SyncRecord(OPEN, conn.key, conn.backend.index))
+                    if len(chunk) == SyncBatch.MAX_RECORDS:
+                        break
+            flags = 0 if self._snapshot_started else SyncBatch.SNAPSHOT_START
+            self._snapshot_started = True
+            if len(chunk) < SyncBatch.MAX_RECORDS:
+                flags |= SyncBatch.SNAPSHOT_END
+                self._snapshot = None
+            payloads.append(self._cut(flags, chunk))
+        return payloads
+
+    def _cut(self, flags: int, records: list[SyncRecord]) -> bytes:
+        self.batch += 1
+        self.records_sent += len(records)
+        return SyncBatch(self.batch, flags, records).pack()
+
+
+class SyncReceiver:
+    def __init__(self, interposer: Interposer) -> None:
+        self.interposer = interposer
+        self.applied: int | None = None  # number of the last batch applied
+        self.snapshot_complete = False
+        self._in_snapshot = False
+        self.gaps = 0
+        self.records_applied = 0
+        self.rejected_records = 0
+
+    def reset(self) -> None:
+        """Forget the stream (a new active is followed): the next batch starts it again."""
+        self.applied = None
+        self.snapshot_complete = False
+        self._in_snapshot = False
+
+    def receive(self, batch: SyncBatch, now: float) -> bool:
+        """Apply one batch; returns True when a snapshot is needed (a gap was found)."""
+        gap = False
+        if self.applied is not None:
+            if batch.batch <= self.applied:
+                return False  # a duplicate or a stale one
+            if batch.batch != self.applied + 1:
+                gap = True
+                self.gaps += 1
+                self.snapshot_complete = False
+                self._in_snapshot = False
+        if batch.flags & SyncBatch.SNAPSHOT_START:
+            self.interposer.clear()
+            self._in_snapshot = True
+        for record in batch.records:
+            if record.op == OPEN:
+                if not self.interposer.install(record.key, record.backend, now):
+                    self.rejected_records += 1
+            else:
+                self.interposer.end(record.key, now)
+        self.records_applied += len(batch.records)
+        if batch.flags & SyncBatch.SNAPSHOT_END and self._in_snapshot:
+            self._in_snapshot = False
+            self.snapshot_complete = True
+        self.applied = batch.batch
+        return gap
+
+    def caught_up(self, active_batch: int) -> bool:
+        return self.snapshot_complete and self.applied is not None and active_batch - self.applied <= 1
+
+    def lag(self, active_batch: int) -> int | None:
+        return None if self.applied is None else max(0, active_batch - self.applied)

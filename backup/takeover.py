@@ -1,0 +1,119 @@
+"""Claiming, releasing and announcing the floating addresses (adapter).
+
+Contract: :class:`AddressOwner` is prepared once at start (interfaces looked
+up, gratuitous ARP frames crafted with scapy, one AF_PACKET socket opened
+per interface and kept), so a takeover costs only netlink calls and socket
+sends.  Netlink goes through pyroute2's asyncio API, on the daemon's own
+loop.  :meth:`claim` and :meth:`release` are idempotent (an address already
+present, or already gone, is not an error).  :meth:`announce` sends
+``garp_count`` gratuitous ARP requests per address on its interface; the
+caller schedules the second burst.  Gratuitous ARP *requests* are used, as
+keepalived does: Linux updates an existing neighbour entry from one even
+with ``arp_accept = 0``, and overrides its ``locktime`` for it.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+from dataclasses import dataclass
+
+log = logging.getLogger("distributor.takeover")
+
+ETH_P_ARP = 0x0806
+
+
+@dataclass(frozen=True)
+class FloatingAddress:
+    address: ipaddress.IPv4Interface
+    interface: str
+
+
+class AddressOwner:
+    def __init__(self, addresses: list[FloatingAddress], garp_count: int = 3):
+        self.addresses = addresses
+        self.garp_count = garp_count
+        self.announcements = 0
+        self._ipr = None
+        self._index: dict[str, int] = {}
+        self._sockets: dict[str, socket.socket] = {}
+        self._frames: list[tuple[str, bytes]] = []
+
+    async def prepare(self) -> None:
+        from pyroute2 import AsyncIPRoute  # imported here: only a distributor with failover needs it
+
+        self._ipr = AsyncIPRoute()
+        try:
+            for floating in self.addresses:
+                name = floating.interface
+                if name not in self._index:
+                    found = await self._ipr.link_lookup(ifname=name)
+                    if not found:
+                        raise OSError(f"no interface {name!r} for floating address {floating.address}")
+                    self._index[name] = found[0]
+                    sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
+                    sock.bind((name, 0))
+                    sock.setblocking(False)
+                    self._sockets[name] = sock
+                links = [link async for link in await self._ipr.get_links(self._index[name])]
+                mac = links[0].get_attr("IFLA_ADDRESS")
+                self._frames.append((name, _garp_frame(mac, str(floating.address.ip))))
+        except BaseException:
+            self.close()
+            raise
+
+    async def claim(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for floating in self.addresses:
+            try:
+                await self._ipr.addr("add", index=self._index[floating.interface], address=str(floating.address.ip),
+                                     prefixlen=floating.address.network.prefixlen)
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise OSError(f"cannot add {floating.address} to {floating.interface}: {exc}") from None
+
+    async def release(self) -> None:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        for floating in self.addresses:
+            try:
+                await self._ipr.addr("del", index=self._index[floating.interface], address=str(floating.address.ip),
+                                     prefixlen=floating.address.network.prefixlen)
+            except NetlinkError as exc:
+                if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
+                    log.error("cannot remove %s from %s: %s", floating.address, floating.interface, exc)
+
+    async def owned(self) -> list[str]:
+        """The floating addresses configured here now."""
+        present = []
+        for floating in self.addresses:
+            addresses = [a.get_attr("IFA_ADDRESS") async for a in await self._ipr.get_addr(index=self._index[floating.interface])]
+            if str(floating.address.ip) in addresses:
+                present.append(str(floating.address))
+        return present
+
+    def announce(self) -> None:
+        for _ in range(self.garp_count):
+            for name, frame in self._frames:
+                try:
+                    self._sockets[name].send(frame)
+                except OSError as exc:
+                    log.warning("cannot send gratuitous ARP on %s: %s", name, exc)
+        self.announcements += 1
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close()
+        self._sockets.clear()
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+
+def _garp_frame(mac: str, ip: str) -> bytes:
+    from scapy.layers.l2 import ARP, Ether
+
+    return bytes(Ether(dst="ff:ff:ff:ff:ff:ff", src=mac) / ARP(op=1, hwsrc=mac, psrc=ip, hwdst="00:00:00:00:00:00", pdst=ip))

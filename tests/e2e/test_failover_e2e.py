@@ -1,0 +1,161 @@
+"""Primary-backup failover end to end: both distributors, real agents and nginx, real clients."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from testbed import content, http, wrk
+from testbed.runner import wait_until
+
+DISTS = ("dist1", "dist2")
+DEAD_WINDOW = 0.35  # the default: (dead + 1) x interval
+WARNING_WINDOW = 0.2
+
+
+@pytest.fixture(scope="module")
+def bed(make_testbed):
+    return make_testbed("tfail", nodes=3, policy="least-outstanding", preempt=False)
+
+
+def role(bed, host: str) -> str | None:
+    return bed.role(host)
+
+
+def term(bed, host: str) -> float:
+    return next(v for (name, _), v in bed.metrics(host).items() if name == "distributor_failover_term")
+
+
+def active(bed) -> str:
+    found = wait_until(lambda: [h for h in DISTS if role(bed, h) == "active"], 10, "an active distributor")
+    assert len(found) == 1, found
+    return found[0]
+
+
+def settled(bed) -> tuple[str, str]:
+    return bed.wait_settled()
+
+
+def owners(bed) -> list[str]:
+    return [h for h in DISTS
+            if f"{bed.vip}/32" in bed.run(h, ["ip", "-4", "-o", "addr", "show", "dev", "ext0"]).stdout]
+
+
+def forwards(bed, host: str) -> bool:
+    return "DIST0-IN" in bed.run(host, ["iptables-save", "-t", "raw"]).stdout
+
+
+def signal_distributor(bed, host: str, signum: int) -> None:
+    os.kill(bed.service_pid(host, "distributor"), signum)
+
+
+def restart(bed, host: str) -> None:
+    wait_until(lambda: bed.service_pid(host, "distributor") is None, 10, f"the distributor on {host} to end")
+    bed.start(host)
+
+
+def run_wrk_across(bed, action, close: bool, duration: float = 6.0) -> wrk.WrkResult:
+    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=duration, connections=16, close=close,
+                                           timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(1.5)
+        action()
+    finally:
+        output = load.communicate(timeout=duration + 30)[0]
+    return wrk.parse(output)
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
+def test_sigkill_of_the_active_loses_no_request(bed, close):
+    primary, backup = settled(bed)
+    result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGKILL), close)
+    assert active(bed) == backup
+    assert result.requests > 1000, result.output
+    assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
+    takeover = bed.metrics(backup)
+    first = takeover[("distributor_failover_takeover_seconds", (("phase", "first_forward"),))]
+    assert first < 1.0, first
+    restart(bed, primary)
+
+
+def test_download_in_progress_across_a_takeover_arrives_intact(bed):
+    primary, backup = settled(bed)
+    download = bed.popen("client", ["curl", "-sS", "--limit-rate", "300K", "-o", "-", f"http://{bed.vip}/1m.bin"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(1.0)  # about a third of the file has arrived
+    signal_distributor(bed, primary, signal.SIGKILL)
+    body, errors = download.communicate(timeout=60)
+    assert download.returncode == 0, errors
+    assert hashlib.sha256(body).hexdigest() == content.sha256("/1m.bin")
+    assert active(bed) == backup
+    restart(bed, primary)
+
+
+def test_sigterm_hands_over_in_a_fraction_of_the_dead_window(bed):
+    primary, backup = settled(bed)
+    result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGTERM), close=False)
+    assert active(bed) == backup
+    decided = bed.metrics(backup)[("distributor_failover_takeover_seconds", (("phase", "decided"),))]
+    assert decided < DEAD_WINDOW / 2, decided
+    assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
+    assert not forwards(bed, primary) or bed.service_pid(primary, "distributor") is None
+    restart(bed, primary)
+
+
+def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed):
+    primary, backup = settled(bed)
+    before = term(bed, backup)
+    signal_distributor(bed, primary, signal.SIGSTOP)
+    time.sleep(WARNING_WINDOW / 2)
+    signal_distributor(bed, primary, signal.SIGCONT)
+    time.sleep(1.0)
+    assert (role(bed, primary), role(bed, backup)) == ("active", "backup")
+    assert term(bed, backup) == before
+
+    signal_distributor(bed, primary, signal.SIGSTOP)
+    try:
+        wait_until(lambda: role(bed, backup) == "active", 5, f"{backup} to take over")
+        time.sleep(0.5)
+    finally:
+        signal_distributor(bed, primary, signal.SIGCONT)
+    wait_until(lambda: role(bed, primary) == "backup", 5, f"{primary} to give up")
+    assert owners(bed) == [backup]
+    assert not forwards(bed, primary) and forwards(bed, backup)
+    for _ in range(5):  # traffic through the VIP: the client's neighbour entry must point at the owner
+        assert http.get(bed.ns("client"), bed.vip, 80, "/health").status == 200
+    neighbour = bed.run("client", ["ip", "neigh", "show", bed.vip]).stdout
+    owner_mac = bed.run(backup, ["cat", "/sys/class/net/ext0/address"]).stdout.strip()
+    assert owner_mac in neighbour, (neighbour, owner_mac)
+
+
+def test_restarted_primary_without_preempt_stays_backup_and_connections_survive(bed):
+    primary, backup = settled(bed)
+    result = run_wrk_across(bed, lambda: (signal_distributor(bed, backup, signal.SIGKILL), restart(bed, backup)),
+                            close=False, duration=8)
+    assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
+    assert settled(bed) == (primary, backup)  # the restarted one caught up and stayed a backup
+
+
+@pytest.fixture(scope="module")
+def preempt_bed(make_testbed):
+    return make_testbed("tpreempt", nodes=2, policy="round-robin", preempt=True)
+
+
+def test_restarted_primary_with_preempt_takes_back_once_caught_up_without_breaking_connections(preempt_bed):
+    bed = preempt_bed
+    assert settled(bed) == ("dist1", "dist2")
+
+    def fail_and_return():
+        signal_distributor(bed, "dist1", signal.SIGKILL)
+        wait_until(lambda: role(bed, "dist2") == "active", 5, "dist2 to take over")
+        restart(bed, "dist1")
+
+    result = run_wrk_across(bed, fail_and_return, close=False, duration=9)
+    assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
+    assert settled(bed) == ("dist1", "dist2")
+    assert term(bed, "dist1") >= 3  # dist1 (1) -> dist2 (2) -> dist1 again (3)

@@ -1,0 +1,98 @@
+"""Connection-table replication: live batches, snapshots, gaps, and what the replica then forwards."""
+
+import random
+
+from backup.sync import SyncReceiver, SyncSender
+from distributor.balancer import Policy
+from distributor.reroute import ACCEPT, DROP
+from distributor.wire import SyncBatch
+from tests.packets import CLIENT, VIP, WEB, tcp
+from tests.unit.test_reroute import make
+
+
+def pair(policy=Policy.LEAST_OUTSTANDING):
+    active, replica = make(policy, capacity=100_000), make(policy, capacity=100_000)
+    sender = SyncSender()
+    active.opened_listeners.append(sender.opened)
+    active.ended_listeners.append(sender.ended)
+    return active, replica, sender, SyncReceiver(replica)
+
+
+def deliver(payloads, receiver, now=0.0, drop=()):
+    gaps = False
+    for i, payload in enumerate(payloads):
+        if i not in drop:
+            gaps |= receiver.receive(SyncBatch.unpack(payload), now)
+    return gaps
+
+
+def open_conn(ip, port, now=0.0):
+    ip.handle(tcp(CLIENT, VIP, port, 80, "S"), now)
+    ip.handle(tcp(CLIENT, VIP, port, 80, "A"), now)
+
+
+def table_view(ip):
+    return {conn.key: conn.backend.name for conn in ip.table if conn.is_open}
+
+
+def test_live_batches_replicate_opens_and_ends_and_the_replica_forwards_to_the_same_node():
+    active, replica, sender, receiver = pair()
+    for port in range(40000, 40300):
+        open_conn(active, port)
+    for port in range(40000, 40100):
+        active.handle(tcp(CLIENT, VIP, port, 80, "R"), 1.0)
+    assert deliver(sender.live_batches(), receiver) is False
+    assert table_view(replica) == table_view(active) and len(table_view(active)) == 200
+    outstanding = [replica.services[0].balancer.outstanding(i) for i in range(2)]
+    assert outstanding == [active.services[0].balancer.outstanding(i) for i in range(2)]
+    # After a takeover the replica sends every packet of a replicated connection where the active did.
+    for port in (40100, 40150, 40299):
+        node = active.table.get(tcp(CLIENT, VIP, port, 80, "A")[12:24]).backend.name
+        verdict, out = replica.handle(tcp(CLIENT, VIP, port, 80, "PA", b"more"), 2.0)
+        assert verdict == ACCEPT and out == tcp(CLIENT, WEB[node], port, 80, "PA", b"more")
+        verdict, out = replica.handle(tcp(WEB[node], CLIENT, 80, port, "PA", b"reply"), 2.0)
+        assert verdict == ACCEPT and out == tcp(VIP, CLIENT, 80, port, "PA", b"reply")
+    # An ended one is not resurrected, and an unknown mid-stream segment is dropped.
+    assert replica.handle(tcp(CLIENT, VIP, 45000, 80, "PA", b"x"), 2.0) == (DROP, None)
+
+
+def test_a_lost_batch_is_a_gap_and_a_snapshot_repairs_the_replica_while_changes_continue():
+    active, replica, sender, receiver = pair()
+    for port in range(40000, 40500):
+        open_conn(active, port)
+    assert deliver(sender.live_batches(), receiver, drop={2}) is True
+    assert receiver.gaps == 1 and not receiver.caught_up(sender.batch)
+    sender.start_snapshot(list(active.table))
+    rng = random.Random(1)
+    port = 41000
+    while sender.snapshot_running:
+        deliver(sender.snapshot_batches(2), receiver)
+        for _ in range(30):  # the table keeps changing during the snapshot
+            if rng.random() < 0.6:
+                open_conn(active, port)
+                port += 1
+            else:
+                victim = rng.choice(list(table_view(active)))
+                active.handle(tcp(CLIENT, VIP, int.from_bytes(victim[8:10], "big"), 80, "R"), 1.0)
+        deliver(sender.live_batches(), receiver)
+    assert receiver.caught_up(sender.batch)
+    assert table_view(replica) == table_view(active)
+
+
+def test_empty_table_snapshot_completes_and_duplicates_are_ignored():
+    active, replica, sender, receiver = pair()
+    sender.start_snapshot([])
+    payloads = sender.snapshot_batches(10)
+    assert len(payloads) == 1
+    deliver(payloads + payloads, receiver)
+    assert receiver.caught_up(sender.batch) and receiver.gaps == 0
+
+
+def test_full_datagrams_split_records_over_consecutive_batches():
+    active, replica, sender, receiver = pair()
+    for port in range(40000, 40000 + SyncBatch.MAX_RECORDS * 2 + 5):
+        open_conn(active, port)
+    payloads = sender.live_batches()
+    assert len(payloads) == 3 and [SyncBatch.unpack(p).batch for p in payloads] == [1, 2, 3]
+    deliver(payloads, receiver)
+    assert len(replica.table) == SyncBatch.MAX_RECORDS * 2 + 5
