@@ -4,8 +4,9 @@ Contract
 --------
 :class:`FailoverController` owns the distributor-to-distributor UDP socket.
 Every ``interval`` it ticks the :class:`~backup.roles.RoleMachine` and
-broadcasts its own heartbeat; it verifies every datagram it receives (own
-broadcasts are ignored), feeds heartbeats and resigns to the role machine,
+broadcasts its own heartbeat on the cluster LAN (resigns are broadcast too;
+the state-sync stream goes unicast to each configured peer); it verifies every
+datagram it receives (own broadcasts are ignored), feeds heartbeats and resigns to the role machine,
 sync batches to the :class:`~backup.sync.SyncReceiver` and snapshot requests
 to the :class:`~backup.sync.SyncSender`, and carries out the decisions:
 
@@ -52,6 +53,10 @@ from .takeover import AddressOwner
 
 log = logging.getLogger("distributor.failover")
 
+# Heartbeats and resigns are broadcast on the cluster LAN (every distributor hears them); the
+# state-sync stream and snapshot requests go unicast to the configured peers.
+_BROADCAST_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.RESIGN})
+
 SYNC_FLUSH = 0.01  # seconds between sends of ended connections and snapshot chunks
 SNAPSHOT_CHUNK = 16  # snapshot datagrams per flush (about 1,500 connections)
 RESIGN_COPIES = 3
@@ -86,7 +91,7 @@ class FailoverController(asyncio.DatagramProtocol):
         self.machine = RoleMachine(config.name, int(self.config.address), self.config.settings)
         self.sender = SyncSender()
         self.receiver = SyncReceiver(interposer)
-        self.verifier = Verifier(keys, {peer: None for peer in self.config.peers},
+        self.verifier = Verifier(keys, {peer: str(address) for peer, address in self.config.peers.items()},
                                  {Kind.DIST_HEARTBEAT, Kind.STATE_SYNC, Kind.RESIGN, Kind.SYNC_REQUEST},
                                  self.config.freshness)
         self.sequence = SequenceCounter()
@@ -102,6 +107,9 @@ class FailoverController(asyncio.DatagramProtocol):
         self._last_sync_request = -1e9
         self._transport: asyncio.DatagramTransport | None = None
         self._own_address = str(self.config.address)
+        # The sync stream goes to each peer, unicast: broadcast, every batch would be flooded to every
+        # node of the LAN, in our own context, on the data path's critical section.
+        self._sync_destinations = [(str(address), self.config.listen[1]) for address in self.config.peers.values()]
         self._second_burst: asyncio.TimerHandle | None = None
         interposer.opened_listeners.append(self._opened)
         interposer.ended_listeners.append(self._ended)
@@ -129,9 +137,10 @@ class FailoverController(asyncio.DatagramProtocol):
             raise OSError(f"cannot listen for distributor datagrams on {host}:{port}: {exc.strerror}") from None
         self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
         settings = self.config.settings
-        log.info("failover: %s priority %d%s, heartbeats every %.2f s to %s:%d, peer dead after %.2f s; starting",
-                 self.name, settings.priority, " (preempts)" if settings.preempt else "", settings.interval,
-                 *self.config.destination, settings.dead_seconds)
+        log.info("failover: %s priority %d%s, heartbeats every %.2f s to %s:%d, sync to %s, peer dead after %.2f s; "
+                 "starting", self.name, settings.priority, " (preempts)" if settings.preempt else "", settings.interval,
+                 *self.config.destination, ", ".join(f"{peer} {address}" for peer, address in self.config.peers.items()),
+                 settings.dead_seconds)
 
     def decide(self, decisions: list[Decision]) -> None:
         if decisions:
@@ -295,7 +304,11 @@ class FailoverController(asyncio.DatagramProtocol):
         if self._transport is None:
             return
         datagram = seal(self.keys, kind, self.name, self.sequence.next(), self.wall_clock(), payload)
-        self._transport.sendto(datagram, self.config.destination)
+        if kind in _BROADCAST_KINDS:
+            self._transport.sendto(datagram, self.config.destination)
+        else:
+            for destination in self._sync_destinations:
+                self._transport.sendto(datagram, destination)
         self.sent[kind] += 1
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -46,10 +46,10 @@ class FailoverConfig:
     settings: "FailoverSettings"
     address: ipaddress.IPv4Address
     listen: tuple[str, int]
-    destination: tuple[str, int]
+    destination: tuple[str, int]  # heartbeats and resigns: the cluster LAN's broadcast address
     keys_file: str
     freshness: float
-    peers: tuple[str, ...]
+    peers: dict[str, ipaddress.IPv4Address]  # name -> address: the state-sync stream goes to each, unicast
     addresses: tuple["FloatingAddress", ...]
     garp_count: int
     garp_repeat: float
@@ -58,6 +58,7 @@ class FailoverConfig:
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
+    mode: str  # "rewrite" (user space rewrites every packet) or "kernel" (first packet only; conntrack NAT)
     queue: int
     queue_length: int
     capacity: int
@@ -159,6 +160,7 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     dist = top.table("distributor")
     name = dist.string("name", "distributor")
+    mode = dist.string("mode", "rewrite", ("rewrite", "kernel"))
     queue = dist.integer("queue", 0, 0, 65535)
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
@@ -189,6 +191,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     top.done()
     return Config(
         name=name,
+        mode=mode,
         queue=queue,
         queue_length=queue_length,
         capacity=capacity,
@@ -236,9 +239,15 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
     keys_file = table.get("keys_file", health.keys_file if health else None)
     if not isinstance(keys_file, str) or not keys_file:
         raise ConfigError("failover.keys_file: required (or set health.keys_file): a 'KEY_ID HEX_SECRET' file shared by the distributors")
-    peers = table.get("peers")
-    if not isinstance(peers, list) or not peers or not all(isinstance(p, str) and p and p != name for p in peers):
-        raise ConfigError(f"failover.peers: {_show(peers)} is not valid; expected the names of the other distributors, e.g. [\"dist2\"]")
+    peers_table = table.table("peers", required=True)
+    if not peers_table.data:
+        raise ConfigError('failover.peers: expected the other distributors by name and address, e.g. { dist2 = "198.51.100.3" }')
+    peers = {}
+    for peer in peers_table.data:
+        if peer == name:
+            raise ConfigError(f"failover.peers.{peer}: that is this distributor's own name")
+        peers[peer] = peers_table.ipv4(peer)
+    peers_table.done()
     raw = table.get("addresses")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"failover.addresses: {_show(raw)} is not valid; expected "
@@ -260,7 +269,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         destination=destination,
         keys_file=keys_file,
         freshness=table.number("freshness", 5.0, 0),
-        peers=tuple(peers),
+        peers=peers,
         addresses=tuple(addresses),
         garp_count=table.integer("garp_count", 3, 1, 100),
         garp_repeat=table.number("garp_repeat", 5.0, 0, inclusive=True),

@@ -148,6 +148,9 @@ class ConnectionTable:
         self.capacity = capacity
         self.timeouts = timeouts or Timeouts()
         self._by_key: dict[bytes, Connection] = {}
+        # get(key) -> Connection | None, by either key (client -> VIP or backend -> client
+        # 4-tuple): the dict's own method, so a per-packet lookup costs no Python frame.
+        self.get = self._by_key.get
         self._count = 0
         self._queues: list[collections.deque[Connection]] = [collections.deque() for _ in TcpState]
         self._live = [0] * len(TcpState)
@@ -160,10 +163,6 @@ class ConnectionTable:
 
     def __len__(self) -> int:
         return self._count
-
-    def get(self, key: bytes) -> Connection | None:
-        """Look up by either key (client->VIP or backend->client 4-tuple)."""
-        return self._by_key.get(key)
 
     def __iter__(self) -> Iterator[Connection]:
         for key, conn in self._by_key.items():
@@ -225,8 +224,13 @@ class ConnectionTable:
         """Treat every open connection as active at ``now`` (a backup's replica, until it takes over)."""
         self.activity_floor = max(self.activity_floor, now)
 
-    def expire(self, now: float, budget: int = 10_000) -> list[Connection]:
-        """Remove idle entries; returns those that were still open when they expired."""
+    def expire(self, now: float, budget: int = 10_000, suspects: list[Connection] | None = None) -> list[Connection]:
+        """Remove idle entries; returns those that were still open when they expired.
+
+        With ``suspects`` (kernel mode, where the data packets never reach user
+        space), open entries past their timeout are kept, queued again and
+        listed there for the caller to confirm with conntrack.
+        """
         ended: list[Connection] = []
         for state in (TcpState.SYN_SEEN, TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSING, TcpState.CLOSED):
             timeout = self.timeouts.for_state(state)
@@ -241,7 +245,9 @@ class ConnectionTable:
                 if max(conn.queued_at, floor) + timeout > now:
                     break  # everything behind was queued later
                 queue.popleft()
-                if max(conn.last_seen, floor) + timeout > now:
+                if max(conn.last_seen, floor) + timeout > now or (suspects is not None and state in OPEN_STATES):
+                    if max(conn.last_seen, floor) + timeout <= now:
+                        suspects.append(conn)  # type: ignore[union-attr]
                     conn.queued_at = now
                     queue.append(conn)
                     continue

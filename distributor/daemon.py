@@ -23,9 +23,9 @@ from . import __version__
 from .alerts import Alerts
 from .config import Config, ConfigError, load
 from .conntable import ConnectionTable
-from .datapath import PacketQueue, RawSender, Rules, RulesError
+from .datapath import Conntrack, PacketQueue, RawSender, Rules, RulesError
 from .health import HealthMonitor
-from .reroute import Interposer, Reason
+from .reroute import Interposer, Reason, probe_for
 from .wire import Keys, KeysError
 
 log = logging.getLogger("distributor")
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def describe(config: Config) -> str:
-    lines = [f"config OK: distributor {config.name!r}, queue {config.queue}, table capacity {config.capacity}"]
+    lines = [f"config OK: distributor {config.name!r}, {config.mode} mode, queue {config.queue}, "
+             f"table capacity {config.capacity}"]
     for service in config.services:
         backends = ", ".join(f"{b.name}={b.address}:{b.port}(w{b.weight})" for b in service.backends)
         lines.append(f"  service {service.name}: {service.vip}:{service.port} {service.policy.value} -> {backends}")
@@ -104,20 +105,27 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     interposer = Interposer(config.services, table)
     clock = time.monotonic
     raw = RawSender()
-    queue = PacketQueue(config.queue, lambda data: interposer.decide(data, clock()), config.queue_length)
+    kernel_mode = config.mode == "kernel"
+    if kernel_mode:
+        queue = PacketQueue(config.queue, interposer.decide_mark, config.queue_length, marks=True, clock=clock)
+    else:
+        queue = PacketQueue(config.queue, interposer.decide, config.queue_length, clock=clock)
+    conntrack = Conntrack() if kernel_mode else None
 
     def on_readable() -> None:
         queue.drain()
         if interposer.outbox:
             raw.send_all(interposer.outbox)
 
-    rules = Rules(config.queue, config.services)
+    rules = Rules(config.queue, config.services, config.mode)
     alerts = Alerts(config.name, config.alert_log, config.smtp)
     monitor = None
     if config.health is not None and keys is not None:
         monitor = HealthMonitor(config, interposer, keys, clock)
         monitor.listeners.append(lambda t: alerts.notify(t.node, t.old.value, t.new.value, t.reason))
         monitor.listeners.append(lambda t: raw.send_all(interposer.outbox) if interposer.outbox else None)
+        if conntrack is not None:
+            monitor.on_reset = lambda conns: loop.create_task(forget_in_conntrack(conntrack, raw, conns))
     else:
         log.warning("health checking is off (no [health] section): every node is always a candidate")
     failover = None
@@ -145,6 +153,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             tasks.append(loop.create_task(failover.run(stop), name="failover"))
         else:
             rules.install()
+        if kernel_mode:
+            Conntrack.be_liberal()
         loop.add_reader(queue.fileno(), on_readable)
         if config.metrics_listen:
             from prometheus_client import CollectorRegistry
@@ -152,7 +162,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             from .metrics import InterposerCollector, start_metrics_server
 
             registry = CollectorRegistry()
-            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors, monitor, alerts, failover))
+            registry.register(InterposerCollector(interposer, config.queue, lambda: queue.errors, monitor, alerts, failover,
+                                                  lambda: (queue.drains, queue.packets)))
             metrics_runner = await start_metrics_server(registry, *config.metrics_listen)
         log.info(
             "distributor %s ready: %d service(s) on queue %d: %s",
@@ -167,7 +178,13 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
                 await asyncio.wait_for(stop.wait(), TICK_SECONDS)
             except TimeoutError:
                 pass
-            interposer.expire(clock())
+            if conntrack is None:
+                interposer.expire(clock())
+            else:
+                suspects: list = []
+                interposer.expire(clock(), suspects=suspects)
+                if suspects:
+                    await confirm_with_conntrack(interposer, conntrack, suspects, clock)
             reporter.report()
         log.info("stopping on signal")
         _notify_systemd("STOPPING=1")
@@ -185,11 +202,38 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             queue.drain()
             queue.close()
             raw.close()
+            if conntrack is not None:
+                conntrack.close()
             if monitor is not None:
                 monitor.close()
             await alerts.stop()
             if metrics_runner is not None:
                 await metrics_runner.cleanup()
+
+
+async def confirm_with_conntrack(interposer: Interposer, conntrack: Conntrack, suspects: list, clock) -> None:
+    """Kernel mode: an open entry that looks idle ends only if conntrack no longer tracks it."""
+    for conn in suspects:
+        try:
+            alive = await conntrack.tracks(conn.key)
+        except Exception as exc:  # netlink trouble: keep the entry rather than miscount
+            log.warning("cannot ask conntrack about a connection (%s); keeping it", exc)
+            return
+        if alive:
+            interposer.touch(conn, clock())
+        else:
+            interposer.end(conn.key, clock())
+
+
+async def forget_in_conntrack(conntrack: Conntrack, raw: RawSender, conns: list) -> None:
+    """Kernel mode, node declared dead with on_dead = "reset": make each client send us a segment we can reset."""
+    for conn in conns:
+        try:
+            await conntrack.forget(conn.key)
+        except Exception as exc:
+            log.warning("cannot delete a connection from conntrack (%s); its client waits for its own timeout", exc)
+            return
+        raw.send_all([probe_for(conn)])
 
 
 class DropReporter:

@@ -28,13 +28,14 @@ the wrong backend; TCP retransmits it) and the error is counted and logged.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import subprocess
 import time
 from typing import Callable, Iterable
 
-from .reroute import ACCEPT, Reason, ServiceSpec
+from .reroute import ACCEPT, END_MARK, MARK_MASK, Reason, ServiceSpec, backend_marks
 
 __all__ = ["Rules", "PacketQueue", "RawSender", "RulesError", "render_rules"]
 
@@ -49,8 +50,27 @@ def chain_names(queue: int) -> tuple[str, str]:
     return f"DIST{queue}-IN", f"DIST{queue}-OUT"
 
 
-def render_rules(queue: int, services: Iterable[ServiceSpec]) -> dict[str, list[str]]:
-    """The rule lines of both owned chains, per table (pure, for tests and install)."""
+# Where each mode's chains hang: (table, built-in chain, our chain suffix).
+_MODE_HOOKS = {
+    "rewrite": (("raw", "PREROUTING", "IN"), ("mangle", "POSTROUTING", "OUT"), ("raw", "OUTPUT", "LOCAL")),
+    "kernel": (("mangle", "PREROUTING", "IN"), ("nat", "PREROUTING", "NAT"), ("raw", "OUTPUT", "LOCAL")),
+}
+_TABLES = ("raw", "mangle", "nat")
+_BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+
+
+def _render_local(queue: int, services: tuple[ServiceSpec, ...]) -> list[str]:
+    # Packets the distributor sends itself from a VIP (RSTs, reset probes) stay out of conntrack,
+    # so a client's answer to them is not taken for a reply of a tracked connection.
+    return [f"-A DIST{queue}-LOCAL -s {service.vip}/32 -p tcp -m tcp --sport {service.port} -j CT --notrack"
+            for service in services]
+
+
+def render_rules(queue: int, services: Iterable[ServiceSpec], mode: str = "rewrite") -> dict[tuple[str, str], list[str]]:
+    """The rule lines of every owned chain, keyed by (table, chain) (pure, for tests and install)."""
+    services = tuple(services)
+    if mode == "kernel":
+        return _render_kernel(queue, services)
     chain_in, chain_out = chain_names(queue)
     raw: list[str] = []
     mangle: list[str] = []
@@ -62,58 +82,102 @@ def render_rules(queue: int, services: Iterable[ServiceSpec]) -> dict[str, list[
             match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
             raw.append(f"-A {chain_in} {match_backend} -j CT --notrack")
             mangle.append(f"-A {chain_out} {match_backend} -j NFQUEUE --queue-num {queue}")
-    return {"raw": raw, "mangle": mangle}
+    return {("raw", chain_in): raw, ("mangle", chain_out): mangle, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+
+
+def _render_kernel(queue: int, services: tuple[ServiceSpec, ...]) -> dict[tuple[str, str], list[str]]:
+    # Kernel-assisted mode: user space sees a connection's first packet (conntrack NEW: a SYN, or the
+    # first segment after a takeover) and its first FIN or RST; conntrack NAT does everything else.
+    # Every forwarded packet walks DIST<q>-IN, so the common one (established, no FIN/RST) leaves
+    # after two rules: each xt match costs, through nft's compat layer.
+    chain_in, chain_new, chain_nat = f"DIST{queue}-IN", f"DIST{queue}-NEW", f"DIST{queue}-NAT"
+    to_queue = f"-j NFQUEUE --queue-num {queue}"
+    end = f"{END_MARK:#x}/{END_MARK:#x}"
+    mangle_in = [
+        f"-A {chain_in} -m conntrack --ctstate NEW,INVALID -j {chain_new}",
+        f"-A {chain_in} -p tcp -m tcp --tcp-flags FIN,RST NONE -j RETURN",
+        f"-A {chain_in} -m connmark --mark {end} -j RETURN",
+        # A connection's first FIN or RST comes back from user space with NF_REPEAT and END_MARK
+        # set: remember it in the connmark, so the connection's later FINs stay in the kernel.
+        f"-A {chain_in} -m mark --mark {end} -j CONNMARK --save-mark --nfmask {END_MARK:#x} --ctmask {END_MARK:#x}",
+        f"-A {chain_in} -m mark --mark {end} -j RETURN",
+    ]
+    mangle_new: list[str] = []
+    nat: list[str] = []
+    marks = backend_marks(services)
+    for service in services:
+        match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
+        mangle_new.append(f"-A {chain_new} {match_vip} -m conntrack --ctstate NEW {to_queue}")
+        mangle_in.append(f"-A {chain_in} {match_vip} {to_queue}")  # its first FIN or RST
+        for index, backend in enumerate(service.backends):
+            match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
+            # A node's segment that conntrack cannot tie to a NATed connection (after a takeover,
+            # before the client's next segment) would reach the client with the node's address.
+            mangle_new.append(f"-A {chain_new} {match_backend} -j DROP")
+            mangle_in.append(f"-A {chain_in} {match_backend} {to_queue}")
+            mark = marks[(service.name, index)]
+            nat.append(f"-A {chain_nat} {match_vip} -m mark --mark {mark:#x}/{MARK_MASK:#x} "
+                       f"-j DNAT --to-destination {backend.address}:{backend.port}")
+    return {("mangle", chain_new): mangle_new, ("mangle", chain_in): mangle_in, ("nat", chain_nat): nat,
+            ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
 
 
 class Rules:
-    def __init__(self, queue: int, services: Iterable[ServiceSpec], *, netns_exec: tuple[str, ...] = ()):
+    """The iptables chains of one queue number (``DIST<q>-*``), installed and removed in single transactions."""
+
+    def __init__(self, queue: int, services: Iterable[ServiceSpec], mode: str = "rewrite", *,
+                 netns_exec: tuple[str, ...] = ()):
+        if mode not in _MODE_HOOKS:
+            raise ValueError(f"mode {mode!r}: expected one of {', '.join(_MODE_HOOKS)}")
         self.queue = queue
+        self.mode = mode
         self.services = tuple(services)
         self._prefix = netns_exec
-        self.chain_in, self.chain_out = chain_names(queue)
-        self._hooks = {"raw": ("PREROUTING", self.chain_in), "mangle": ("POSTROUTING", self.chain_out)}
+        self._ours = f"DIST{queue}-"
 
     def install(self, known_absent: bool = False) -> None:
-        """Install the rules; ``known_absent`` skips looking for old ones (after :meth:`remove`), saving time on a takeover."""
-        lines = render_rules(self.queue, self.services)
+        """Install the rules in one transaction, replacing any this queue number left (skip the look with ``known_absent``)."""
+        lines = render_rules(self.queue, self.services, self.mode)
+        existing = {table: ([], []) for table in _TABLES} if known_absent else self._existing()
         script: list[str] = []
-        existing = {table: (0, False) for table in self._hooks} if known_absent else self._existing()
-        for table, (hook, chain) in self._hooks.items():
-            script.append(f"*{table}")
-            script.extend(f"-D {hook} -j {chain}" for _ in range(existing[table][0]))
-            script.append(f":{chain} - [0:0]")  # declaring an existing chain flushes it
-            script.extend(lines[table])
-            script.append(f"-I {hook} 1 -j {chain}")
-            script.append("COMMIT")
+        for table in _TABLES:
+            wanted = [chain for (t, chain) in lines if t == table]
+            jumps, present = existing[table]
+            hooks = [(hook, f"{self._ours}{suffix}") for t, hook, suffix in _MODE_HOOKS[self.mode] if t == table]
+            if not wanted and not jumps and not present:
+                continue
+            body = [f":{chain} - [0:0]" for chain in wanted]  # declaring an existing chain flushes it
+            body += [f"-D {jump}" for jump in jumps]
+            stale = [chain for chain in present if chain not in wanted]
+            body += [f"-F {chain}" for chain in stale] + [f"-X {chain}" for chain in stale]
+            for chain in wanted:
+                body += lines[(table, chain)]
+            body += [f"-I {hook} 1 -j {chain}" for hook, chain in hooks]
+            script += [f"*{table}", *body, "COMMIT"]
         self._restore(script)
-        log.info("installed %d rules in %s and %s (queue %d)", sum(map(len, lines.values())), self.chain_in, self.chain_out, self.queue)
+        log.info("installed %d %s-mode rules for queue %d", sum(map(len, lines.values())), self.mode, self.queue)
 
     def remove(self) -> bool:
-        """Remove the owned chains and their jumps; returns False when there was nothing to remove."""
-        existing = self._existing()
+        """Remove every ``DIST<q>-*`` chain and every jump to one; returns False when there was nothing to remove."""
         script: list[str] = []
-        for table, (hook, chain) in self._hooks.items():
-            jumps, present = existing[table]
-            if not jumps and not present:
-                continue
-            script.append(f"*{table}")
-            script.extend(f"-D {hook} -j {chain}" for _ in range(jumps))
-            if present:
-                script += [f"-F {chain}", f"-X {chain}"]
-            script.append("COMMIT")
+        for table, (jumps, present) in self._existing().items():
+            if jumps or present:
+                script += [f"*{table}", *[f"-D {jump}" for jump in jumps], *[f"-F {chain}" for chain in present],
+                           *[f"-X {chain}" for chain in present], "COMMIT"]
         if not script:
             return False
         self._restore(script)
-        log.info("removed chains %s and %s", self.chain_in, self.chain_out)
+        log.info("removed the chains of queue %d", self.queue)
         return True
 
-    def _existing(self) -> dict[str, tuple[int, bool]]:
-        """Per table: how many jumps to our chain the hook has, and whether the chain exists."""
+    def _existing(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Per table: the jumps from built-in chains to ours (as rule specs) and our chains."""
         found = {}
-        for table, (hook, chain) in self._hooks.items():
-            out = self._run(["iptables-save", "-t", table]).stdout
-            jumps = sum(1 for line in out.splitlines() if line.strip() == f"-A {hook} -j {chain}")
-            present = any(line.startswith(f":{chain} ") for line in out.splitlines())
+        for table in _TABLES:
+            out = self._run(["iptables-save", "-t", table]).stdout.splitlines()
+            jumps = [line[3:] for line in out
+                     if line.startswith("-A ") and line.split()[1] in _BUILTIN and f" -j {self._ours}" in line]
+            present = [line[1:].split()[0] for line in out if line.startswith(f":{self._ours}")]
             found[table] = (jumps, present)
         return found
 
@@ -130,8 +194,41 @@ class Rules:
         return result
 
 
-Decider = Callable[[bytes], "tuple[Reason, bytes | None]"]
+# Packets handled per wake-up before the event loop gets its turn (timers, heartbeats).
+DRAIN_BATCH = 256
+
+
+class _BudgetedSocket:
+    """A non-blocking recv that reports EAGAIN once ``left`` packets were read.
+
+    netfilterqueue's ``run_socket`` reads until EAGAIN; this is how a drain is bounded.
+    It runs once per packet, hence the slots and the prebuilt exception.
+    """
+
+    __slots__ = ("sock", "left", "_recv")
+    _DONE = BlockingIOError(errno.EAGAIN, "batch done")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.sock.setblocking(False)
+        self._recv = sock.recv
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        left = self.left
+        if left <= 0:
+            raise self._DONE
+        self.left = left - 1
+        return self._recv(size)
+
+
+# Kernel mode decides on headers only: IPv4 (20) + TCP with options (60) fit.
+KERNEL_MODE_COPY = 128
+
+Decider = Callable[[bytes, float], "tuple[Reason, bytes | int | None]"]
 _VERDICTS = [reason.verdict for reason in Reason]
+_NEW = Reason.NEW_CONNECTION
+_REPEAT = -1  # kernel mode: the packet walks the hook again (to save its mark in the connmark)
 
 
 class PacketQueue:
@@ -144,10 +241,19 @@ class PacketQueue:
     before its node does.
     """
 
-    def __init__(self, queue: int, decide: Decider, max_len: int = 4096):
+    def __init__(self, queue: int, decide: Decider, max_len: int = 4096, marks: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
+        """``decide(bytes, now)``; with ``marks`` it returns a mark to set (kernel mode), not new bytes, and only headers are copied."""
         from netfilterqueue import NetfilterQueue  # imported here: the core never needs it
 
         self.queue = queue
+        self._clock = clock
+        self._now = clock()
+        # Kernel mode's end of a connection is repeated through the hook rather than accepted.
+        self._verdicts = list(_VERDICTS)
+        if marks:
+            self._verdicts[Reason.CONNECTION_END] = _REPEAT
+        self.marks = marks
         self.decide = decide
         self.errors = 0
         self.hold_new = False
@@ -157,22 +263,40 @@ class PacketQueue:
         self.first_forward_at: float | None = None
         self._held: list = []
         self._last_error_log = 0.0
+        self.batch = DRAIN_BATCH
+        self.drains = 0  # wake-ups that read the queue
+        self.packets = 0  # packets read (a batch per wake-up at most)
         self._nfq = NetfilterQueue()
         try:
             # One packet of up to 4 KiB in flight per slot; the socket buffer
             # must hold a full queue or the kernel reports ENOBUFS and drops.
-            self._nfq.bind(queue, self._on_packet, max_len=max_len, sock_len=max_len * 4096)
+            if marks:
+                self._nfq.bind(queue, self._on_packet, max_len=max_len, range=KERNEL_MODE_COPY,
+                               sock_len=max_len * (KERNEL_MODE_COPY + 512))
+            else:
+                self._nfq.bind(queue, self._on_packet, max_len=max_len, sock_len=max_len * 4096)
         except OSError as exc:
             raise RulesError(f"cannot bind NFQUEUE {queue}: {exc} (is another daemon bound to it? are you root?)") from None
+        self._budget = _BudgetedSocket(socket.fromfd(self._nfq.get_fd(), socket.AF_NETLINK, socket.SOCK_RAW))
 
     def fileno(self) -> int:
         return self._nfq.get_fd()
 
     def drain(self) -> None:
-        """Handle every packet waiting on the socket without blocking, then release held SYNs."""
+        """Handle up to ``batch`` waiting packets without blocking, then release held SYNs.
+
+        The bound matters: under sustained traffic the socket never empties, and
+        an unbounded drain would keep the event loop from its timers, so the
+        distributor would stop heartbeating and its backup would take over.
+        One clock reading serves the whole batch.
+        """
+        self._now = self._clock()
+        self._budget.left = self.batch
+        self.drains += 1
         try:
-            self._nfq.run(block=False)
+            self._nfq.run_socket(self._budget)
         finally:
+            self.packets += self.batch - self._budget.left
             if self._held:
                 self._release()
 
@@ -180,6 +304,7 @@ class PacketQueue:
         if self._held:
             self._release()
         self._nfq.unbind()
+        self._budget.sock.close()
 
     def _release(self) -> None:
         held, self._held = self._held, []
@@ -205,15 +330,18 @@ class PacketQueue:
         verdict = 0
         held = False
         try:
-            reason, out = self.decide(packet.get_payload())
+            reason, out = self.decide(packet.get_payload(), self._now)
             if out is not None:
-                packet.set_payload(out)
-            verdict = _VERDICTS[reason]
-            if reason is Reason.NEW_CONNECTION and self.hold_new:
-                self._held.append(packet)
-                held = True
-            elif out is not None and self.await_forward is not None:
-                self._forwarded()
+                if self.marks:
+                    packet.set_mark(out)
+                else:
+                    packet.set_payload(out)
+                if reason is _NEW and self.hold_new:
+                    self._held.append(packet)
+                    held = True
+                elif self.await_forward is not None:
+                    self._forwarded()
+            verdict = self._verdicts[reason]
         except Exception:
             verdict = 0
             self.errors += 1
@@ -226,6 +354,8 @@ class PacketQueue:
                 pass
             elif verdict == ACCEPT:
                 packet.accept()
+            elif verdict == _REPEAT:
+                packet.repeat()
             else:
                 packet.drop()
 
@@ -251,3 +381,71 @@ class RawSender:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class Conntrack:
+    """Kernel mode's view of conntrack: does the kernel still track a connection? (netlink, asyncio)."""
+
+    LIBERAL = "/proc/sys/net/netfilter/nf_conntrack_tcp_be_liberal"
+
+    def __init__(self) -> None:
+        self._socket = None
+        self.lookups = 0
+
+    @classmethod
+    def be_liberal(cls) -> None:
+        # A backup that takes over meets connections mid-stream: conntrack picks them
+        # up (nf_conntrack_tcp_loose), but without window history it would mark some
+        # segments INVALID, and INVALID segments are not NATed.
+        try:
+            with open(cls.LIBERAL, "w") as f:
+                f.write("1\n")
+        except OSError as exc:
+            log.warning("cannot set %s: %s; connections may break after a takeover", cls.LIBERAL, exc)
+
+    async def _connect(self) -> None:
+        if self._socket is None:
+            from pyroute2 import AsyncNFCTSocket
+
+            self._socket = AsyncNFCTSocket()
+
+    @staticmethod
+    def _tuple(key: bytes):
+        from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+        return NFCTAttrTuple(saddr=socket.inet_ntoa(key[0:4]), daddr=socket.inet_ntoa(key[4:8]), proto=socket.IPPROTO_TCP,
+                             sport=int.from_bytes(key[8:10], "big"), dport=int.from_bytes(key[10:12], "big"))
+
+    async def tracks(self, key: bytes) -> bool:
+        """True when conntrack has the client -> VIP connection of this 12-byte key."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        await self._connect()
+        self.lookups += 1
+        try:
+            result = await self._socket.entry("get", tuple_orig=self._tuple(key))
+            if hasattr(result, "__aiter__"):
+                result = [entry async for entry in result]
+            return bool(result)
+        except NetlinkError as exc:
+            if exc.code == 2:  # ENOENT
+                return False
+            raise
+
+    async def forget(self, key: bytes) -> bool:
+        """Delete the client -> VIP connection of this key from conntrack; False when it was not there."""
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        await self._connect()
+        try:
+            await self._socket.entry("del", tuple_orig=self._tuple(key))
+            return True
+        except NetlinkError as exc:
+            if exc.code == 2:  # ENOENT
+                return False
+            raise
+
+    def close(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None

@@ -46,6 +46,7 @@ class HealthMonitor(asyncio.DatagramProtocol):
         self.rejected: collections.Counter[Reject] = collections.Counter()
         self.listeners: list[TransitionListener] = []
         self.reset_connections = 0
+        self.on_reset: Callable[[list], None] | None = None  # kernel mode: forget them in conntrack too
         self._transport: asyncio.DatagramTransport | None = None
         self._last_reject_log = 0.0
 
@@ -114,8 +115,10 @@ class HealthMonitor(asyncio.DatagramProtocol):
             elif change.old is NodeState.SLOW_START or change.new is NodeState.UP:
                 self.interposer.set_node_ramp(change.node, 1.0)
             if change.new is NodeState.DEAD and self.health.on_dead == "reset":
-                count = self.interposer.reset_node(change.node, change.at)
-                self.reset_connections += count
-                log.warning("node %s is dead: reset %d open connection(s)", change.node, count)
+                reset = self.interposer.reset_node(change.node, change.at)
+                self.reset_connections += len(reset)
+                log.warning("node %s is dead: reset %d open connection(s)", change.node, len(reset))
+                if reset and self.on_reset is not None:
+                    self.on_reset(reset)
             for listener in self.listeners:
                 listener(change)

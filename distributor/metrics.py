@@ -50,13 +50,15 @@ def read_queue_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[
 
 class InterposerCollector:
     def __init__(self, interposer: "Interposer", queue: int, handler_errors: Callable[[], int],
-                 monitor: "HealthMonitor | None" = None, alerts: "Alerts | None" = None, failover=None):
+                 monitor: "HealthMonitor | None" = None, alerts: "Alerts | None" = None, failover=None,
+                 queue_stats: Callable[[], tuple[int, int]] | None = None):
         self.interposer = interposer
         self.queue = queue
         self.handler_errors = handler_errors
         self.monitor = monitor
         self.alerts = alerts
         self.failover = failover
+        self.queue_stats = queue_stats
 
     def collect(self) -> Iterator:
         interposer = self.interposer
@@ -79,6 +81,10 @@ class InterposerCollector:
         yield CounterMetricFamily(
             "distributor_handler_errors", "Packets dropped because handling them raised", value=self.handler_errors()
         )
+        if self.queue_stats is not None:
+            drains, packets = self.queue_stats()
+            yield CounterMetricFamily("distributor_nfqueue_reads", "Wake-ups that read the queue", value=drains)
+            yield CounterMetricFamily("distributor_nfqueue_packets_read", "Packets read from the queue", value=packets)
         outstanding = GaugeMetricFamily(
             "distributor_backend_connections_open", "Open connections per backend", labels=["service", "node"]
         )

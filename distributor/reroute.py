@@ -61,6 +61,8 @@ DROP = 0
 ACCEPT = 1
 
 _IPPROTO_TCP = 6
+_ESTABLISHED = TcpState.ESTABLISHED
+_NOT_PLAIN = SYN | FIN | RST
 _IP_CHECKSUM = 10
 _TCP_CHECKSUM = 20 + 16
 
@@ -84,10 +86,24 @@ class Reason(enum.IntEnum):
     NO_BACKEND = 13  # new connection but no eligible backend
     TABLE_FULL = 14  # new connection refused: the table is at capacity
     RESET_CONNECTION = 15  # segment of a connection the distributor reset (its node died)
+    CONNECTION_END = 16  # kernel mode: the first FIN or RST of a connection, seen and passed
 
     @property
     def verdict(self) -> int:
-        return ACCEPT if self <= Reason.NOT_TCP else DROP
+        return ACCEPT if self in _ACCEPTED else DROP
+
+
+_ACCEPTED = frozenset({Reason.NEW_CONNECTION, Reason.TO_BACKEND, Reason.TO_CLIENT, Reason.NOT_SERVICE, Reason.NOT_TCP,
+                       Reason.CONNECTION_END})
+
+_TO_BACKEND = Reason.TO_BACKEND
+_TO_CLIENT = Reason.TO_CLIENT
+
+# Kernel mode: the verdict's mark selects a backend's DNAT rule (low 16 bits)
+# or, with END_MARK, tells the rules to stop queueing the connection's FINs.
+MARK_BASE = 0x1000
+MARK_MASK = 0xFFFF
+END_MARK = 0x40000000
 
 
 @dataclass(frozen=True)
@@ -120,14 +136,16 @@ class Backend:
         "rewrites_port",
         "vip_bytes",
         "vport_bytes",
+        "mark",
         "to_backend_ip_delta",
         "to_backend_tcp_delta",
         "to_client_ip_delta",
         "to_client_tcp_delta",
     )
 
-    def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes):
+    def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes, mark: int = 0):
         self.index = index
+        self.mark = mark
         self.name = spec.name
         self.address = spec.address
         self.port = spec.port
@@ -152,13 +170,13 @@ class Backend:
 class Service:
     __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends")
 
-    def __init__(self, spec: ServiceSpec):
+    def __init__(self, spec: ServiceSpec, first_mark: int = MARK_BASE):
         self.name = spec.name
         self.vip = spec.vip
         self.port = spec.port
         self.vip_bytes = spec.vip.packed
         self.port_bytes = spec.port.to_bytes(2, "big")
-        self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes) for i, b in enumerate(spec.backends)]
+        self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes, first_mark + i) for i, b in enumerate(spec.backends)]
         self.balancer = Balancer(spec.policy, [b.weight for b in spec.backends])
 
     def __repr__(self) -> str:
@@ -168,6 +186,19 @@ class Service:
 ConnectionListener = Callable[[Connection], None]
 
 
+def backend_marks(services: Sequence[ServiceSpec]) -> dict[tuple[str, int], int]:
+    """The kernel-mode mark of every (service name, backend index); the rules use the same."""
+    marks = {}
+    next_mark = MARK_BASE
+    for spec in services:
+        for index in range(len(spec.backends)):
+            marks[(spec.name, index)] = next_mark
+            next_mark += 1
+    if next_mark - 1 > MARK_MASK:
+        raise ValueError(f"{next_mark - MARK_BASE} backends exceed the {MARK_MASK - MARK_BASE + 1} kernel-mode marks")
+    return marks
+
+
 class Interposer:
     """Decides and rewrites every queued packet; see the module docstring."""
 
@@ -175,7 +206,8 @@ class Interposer:
         if not services:
             raise ValueError("the interposer needs at least one service")
         self.table = table
-        self.services = [Service(spec) for spec in services]
+        marks = backend_marks(services)
+        self.services = [Service(spec, marks[(spec.name, 0)]) for spec in services]
         self._by_vip: dict[bytes, Service] = {}
         self._backend_sources: set[bytes] = set()
         for service in self.services:
@@ -183,6 +215,7 @@ class Interposer:
             for backend in service.backends:
                 self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
         self.counts = [0] * len(Reason)
+        self._lookup = table.get
         # Packets the core wants sent (RSTs to clients); the adapter drains it.
         self.outbox: list[bytes] = []
         # Observers (metrics, replication) subscribe; the core only calls them.
@@ -191,7 +224,48 @@ class Interposer:
 
     # -- the per-packet path -------------------------------------------------
     def decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
-        """Like :meth:`handle`, but returns the reason (its verdict is ``reason.verdict``)."""
+        """Like :meth:`handle`, but returns the reason (its verdict is ``reason.verdict``).
+
+        The data path calls this for every packet, so the most common one, a
+        well-formed data or ACK segment of an established connection, is
+        checked and rewritten inline; everything else goes to the full path.
+        """
+        length = len(packet)
+        if (length >= 40 and packet[0] == 0x45 and packet[9] == _IPPROTO_TCP and not (packet[6] & 0x3F or packet[7])
+                and (packet[2] << 8 | packet[3]) == length and 80 <= packet[32] and (packet[32] >> 4) * 4 + 20 <= length
+                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK):
+            key = packet[12:24]
+            conn = self._lookup(key)
+            if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us:
+                conn.last_seen = now
+                backend = conn.backend
+                buf = bytearray(packet)
+                # RFC 1624 equation 3 on both checksums, with the deltas precomputed per backend.
+                ip_sum = ((packet[10] << 8 | packet[11]) ^ 0xFFFF)
+                tcp_sum = ((packet[36] << 8 | packet[37]) ^ 0xFFFF)
+                if conn.key == key:
+                    conn.client_ack = packet[28:32]
+                    ip_sum += backend.to_backend_ip_delta
+                    tcp_sum += backend.to_backend_tcp_delta
+                    buf[16:20] = backend.addr_bytes
+                    if backend.rewrites_port:
+                        buf[22:24] = backend.port_bytes
+                    reason = _TO_BACKEND
+                else:
+                    ip_sum += backend.to_client_ip_delta
+                    tcp_sum += backend.to_client_tcp_delta
+                    buf[12:16] = backend.vip_bytes
+                    if backend.rewrites_port:
+                        buf[20:22] = backend.vport_bytes
+                    reason = _TO_CLIENT
+                ip_sum = ((ip_sum & 0xFFFF) + (ip_sum >> 16)) ^ 0xFFFF
+                tcp_sum = ((tcp_sum & 0xFFFF) + (tcp_sum >> 16)) ^ 0xFFFF
+                buf[10] = ip_sum >> 8
+                buf[11] = ip_sum & 0xFF
+                buf[36] = tcp_sum >> 8
+                buf[37] = tcp_sum & 0xFF
+                self.counts[reason] += 1
+                return reason, bytes(buf)
         reason, out = self._decide(packet, now)
         self.counts[reason] += 1
         return reason, out
@@ -256,7 +330,65 @@ class Interposer:
             self._ended(conn)
         return Reason.TO_CLIENT, out
 
-    def _unknown(self, packet: bytes, key: bytes, flags: int, now: float) -> tuple[Reason, bytes | None]:
+    # -- kernel-assisted mode --------------------------------------------------
+    def decide_mark(self, packet: bytes, now: float) -> tuple[Reason, int | None]:
+        """Kernel mode: decide a connection's first packet, or note its first FIN/RST; returns a mark, never bytes.
+
+        Only headers are needed (the queue copies 128 bytes), so the copy may
+        be shorter than the packet.  The kernel rewrites every packet itself
+        (DNAT chosen by the mark, then conntrack).
+        """
+        reason, mark = self._decide_mark(packet, now)
+        self.counts[reason] += 1
+        return reason, mark
+
+    def _decide_mark(self, packet: bytes, now: float) -> tuple[Reason, int | None]:
+        length = len(packet)
+        if length < 40:
+            return Reason.TRUNCATED, None
+        first = packet[0]
+        if first != 0x45:
+            if first >> 4 != 4 or first & 0x0F < 5:
+                return Reason.BAD_IP_HEADER, None
+            return Reason.IP_OPTIONS, None
+        if packet[9] != _IPPROTO_TCP:
+            return Reason.NOT_TCP, None
+        if packet[6] & 0x3F or packet[7]:
+            return Reason.FRAGMENT, None
+        if (packet[32] >> 4) < 5:
+            return Reason.BAD_TCP_HEADER, None
+        flags = packet[33]
+        if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
+            return Reason.BAD_FLAGS, None
+        key = packet[12:24]
+        conn = self.table.get(key)
+        if flags & (FIN | RST):
+            # The rules queue only a connection's first FIN or RST, from either side.
+            if conn is not None and self.table.close(conn, now):
+                self._ended(conn)
+            return Reason.CONNECTION_END, END_MARK
+        if conn is not None and conn.key == key:
+            if conn.reset_by_us and not flags & SYN:
+                self.outbox.append(_reset_for(packet, conn.backend))
+                return Reason.RESET_CONNECTION, None
+            if flags & (SYN | ACK) == SYN and (
+                conn.state >= TcpState.CLOSING or not conn.service.balancer.eligible(conn.backend.index)
+            ):
+                if self.table.remove(conn):
+                    self._ended(conn)
+            else:
+                # A retransmitted SYN, or the first segment this distributor's
+                # conntrack sees of a replicated connection (after a takeover).
+                if self.table.advance(conn, flags, True, now):
+                    self._ended(conn)
+                return Reason.TO_BACKEND, conn.backend.mark
+        reason, _ = self._unknown(packet, key, flags, now, rewrite=False)
+        if reason is Reason.NEW_CONNECTION:
+            return reason, self.table.get(key).backend.mark
+        return reason, None
+
+    def _unknown(self, packet: bytes, key: bytes, flags: int, now: float,
+                 rewrite: bool = True) -> tuple[Reason, bytes | None]:
         service = self._by_vip.get(packet[16:20] + packet[22:24])
         if service is None:
             if packet[12:16] + packet[20:22] in self._backend_sources:
@@ -278,15 +410,19 @@ class Interposer:
             return Reason.TABLE_FULL, None
         for listener in self.opened_listeners:
             listener(conn)
-        return Reason.NEW_CONNECTION, _to_backend(packet, backend)
+        return Reason.NEW_CONNECTION, _to_backend(packet, backend) if rewrite else None
 
     # -- housekeeping ------------------------------------------------------
-    def expire(self, now: float, budget: int = 10_000) -> int:
-        """Expire idle connections; returns how many open ones ended."""
-        ended = self.table.expire(now, budget)
+    def expire(self, now: float, budget: int = 10_000, suspects: list[Connection] | None = None) -> int:
+        """Expire idle connections; returns how many open ones ended (see ConnectionTable.expire for ``suspects``)."""
+        ended = self.table.expire(now, budget, suspects)
         for conn in ended:
             self._ended(conn)
         return len(ended)
+
+    def touch(self, conn: Connection, now: float) -> None:
+        """Conntrack still tracks this connection: it is alive, whatever user space saw of it."""
+        conn.last_seen = now
 
     def _ended(self, conn: Connection) -> None:
         conn.service.balancer.release(conn.backend.index)
@@ -310,20 +446,21 @@ class Interposer:
                 if backend.name == name:
                     service.balancer.set_ramp(backend.index, factor)
 
-    def reset_node(self, name: str, now: float) -> int:
+    def reset_node(self, name: str, now: float) -> list[Connection]:
         """End every open connection on a node: RST to each client, and to any later segment of it.
 
-        Returns the number of connections reset.  The entries stay (CLOSED) so
-        a client that missed the RST gets another on its next segment.
+        Returns the connections reset.  The entries stay (CLOSED) so a client
+        that missed the RST gets another on its next segment.  In kernel mode
+        the core never saw the client's sequence numbers: the caller must also
+        delete the connections from conntrack, so their next segment is queued.
         """
-        reset = 0
-        for conn in [c for c in self.table if c.backend.name == name and c.is_open]:
+        reset = [c for c in self.table if c.backend.name == name and c.is_open]
+        for conn in reset:
             if self.table.close(conn, now):
                 self._ended(conn)
             conn.reset_by_us = True
             if conn.client_ack:
                 self.outbox.append(_rst_to_client(conn))
-            reset += 1
         return reset
 
     # -- replication (the backup's table follows the active's) -----------------
@@ -405,3 +542,16 @@ def _reset_for(packet: bytes, backend: Backend) -> bytes:
     seq = int.from_bytes(packet[28:32], "big")
     return checksum.tcp_segment(backend.vip_bytes, packet[12:16], int.from_bytes(backend.vport_bytes, "big"),
                                 int.from_bytes(packet[20:22], "big"), seq, 0, RST)
+
+
+def probe_for(conn: Connection) -> bytes:
+    """Kernel mode, after a reset: an ACK from the VIP far outside the client's window.
+
+    The client answers it with a duplicate ACK carrying the sequence number it
+    expects (RFC 793 section 3.9, "If an incoming segment is not acceptable, an
+    acknowledgment should be sent"); that ACK, no longer known to conntrack,
+    is queued and gets an RST the client accepts.
+    """
+    backend = conn.backend
+    return checksum.tcp_segment(backend.vip_bytes, conn.key[0:4], int.from_bytes(backend.vport_bytes, "big"),
+                                int.from_bytes(conn.key[8:10], "big"), 0, 0, ACK, window=0)

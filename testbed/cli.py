@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
                     choices=["round-robin", "weighted-round-robin", "least-outstanding", "weighted-least-outstanding"],
                     help="balancing policy of the distributor (default: round-robin)")
     up.add_argument("--capacity", type=int, default=262_144, help="connection table capacity (default: 262144)")
+    up.add_argument("--mode", choices=["rewrite", "kernel"], default="rewrite",
+                    help="the distributors' data path: rewrite every packet in user space, or kernel-assisted (default: rewrite)")
+    up.add_argument("--preempt", action="store_true", help="a returning dist1 takes the addresses back once caught up")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the VIP (default: 60)")
 
     verbs.add_parser("down", help="stop everything and remove every namespace and file of the run")
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "up":
         try:
-            options = Options(nodes=args.nodes, policy=args.policy, capacity=args.capacity)
+            options = Options(nodes=args.nodes, policy=args.policy, capacity=args.capacity, mode=args.mode,
+                              preempt=args.preempt)
             bed = Testbed(args.project, options)
         except ValueError as exc:
             raise TestbedError(str(exc)) from None

@@ -61,6 +61,8 @@ class Options:
     capacity: int = 262_144
     on_dead: str = "keep"  # what the distributor does with a dead node's connections
     preempt: bool = False  # a returning dist1 takes the addresses back once caught up
+    mode: str = "rewrite"  # the distributors' data path: "rewrite" or "kernel"
+    established_timeout: float = 900.0  # the distributors' idle timeout of an established connection
     smtp: str | None = None  # "ADDRESS:PORT" of a mail server for alerts, or None
 
 
@@ -215,6 +217,24 @@ class Testbed:
 
     def distributor_config(self, host: Host) -> str:
         return render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name))
+
+    def start_service(self, host: str, service: str) -> int:
+        """Start one declared service of ``host`` (no-op when it runs); returns its pid."""
+        pid = self.service_pid(host, service)
+        return pid if pid is not None else self._start_service(self.topology.host(host), service)
+
+    def stop_service(self, host: str, service: str) -> None:
+        """SIGTERM one service of ``host`` and wait for it (SIGKILL after 5 s)."""
+        pid = self.service_pid(host, service)
+        if pid is not None:
+            self._end_processes([pid], self.ns(host))
+
+    def set_mode(self, mode: str) -> None:
+        """Rewrite the distributors' configs for another data path; takes effect when they (re)start."""
+        self.options.mode = mode
+        self._save()
+        for host in self.topology.by_role("distributor"):
+            (self.host_dir(host.name) / "distributor.toml").write_text(self.distributor_config(host))
 
     def set_web_delay(self, host: str, seconds: float) -> None:
         """Make a web node answer /health after ``seconds`` (0: at once); nginx reloads its config."""
@@ -471,9 +491,11 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
     if options.smtp:
         smtp_host, _, smtp_port = options.smtp.rpartition(":")
         smtp = SMTP_CONF.format(host=smtp_host, port=smtp_port, name=host.name)
-    peers = ", ".join(f'"{d.name}"' for d in topology.by_role("distributor") if d.name != host.name)
+    peers = ", ".join(f'{d.name} = "{d.address_on("int")}"' for d in topology.by_role("distributor") if d.name != host.name)
     return DISTRIBUTOR_CONF.format(
         name=host.name,
+        mode=options.mode,
+        established=options.established_timeout,
         priority=topology.priorities[host.name],
         preempt="true" if options.preempt else "false",
         lan_address=host.address_on("int"),
@@ -571,10 +593,12 @@ DISTRIBUTOR_CONF = """\
 # Written by cluster-testbed for {name}.
 [distributor]
 name = "{name}"
+mode = "{mode}"
 queue = 0
 
 [table]
 capacity = {capacity}
+timeouts = {{ established = {established} }}
 
 [metrics]
 listen = "127.0.0.1:{metrics_port}"
@@ -598,7 +622,7 @@ preempt = {preempt}
 address = "{lan_address}"
 listen = "0.0.0.0:{failover_port}"
 destination = "{broadcast}:{failover_port}"
-peers = [{peers}]
+peers = {{ {peers} }}
 addresses = [
     {{ address = "{vip}/32", interface = "{ext}" }},
     {{ address = "{gateway}/{gateway_prefix}", interface = "{int}" }},

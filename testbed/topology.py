@@ -87,6 +87,10 @@ _ROUTER_SYSCTLS = (
 _CLIENT_SYSCTLS = (
     ("net.ipv4.ip_local_port_range", "1024 65000"),
     ("net.ipv4.tcp_tw_reuse", "1"),
+    # Timestamps without per-destination random offsets: a client port reused towards
+    # the VIP after direct traffic to a node (benchmarks do both) would otherwise fail
+    # the node's PAWS check against its TIME_WAIT socket and wait for a SYN retransmission.
+    ("net.ipv4.tcp_timestamps", "2"),
 )
 
 

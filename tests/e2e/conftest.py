@@ -42,6 +42,9 @@ def make_testbed():
         bed.down()
 
 
+MODES = ["rewrite", "kernel"]
+
+
 def open_samples(bed: Testbed, host: str = "dist1") -> dict[str, float]:
     """Per-backend open connections from the distributor's metrics."""
     return {

@@ -12,15 +12,17 @@ import pytest
 
 from testbed import content, http, wrk
 from testbed.runner import wait_until
+from tests.e2e.conftest import MODES
 
 DISTS = ("dist1", "dist2")
 DEAD_WINDOW = 0.35  # the default: (dead + 1) x interval
 WARNING_WINDOW = 0.2
 
 
-@pytest.fixture(scope="module")
-def bed(make_testbed):
-    return make_testbed("tfail", nodes=3, policy="least-outstanding", preempt=False)
+@pytest.fixture(scope="module", params=MODES)
+def bed(make_testbed, request):
+    return make_testbed(f"tfail{request.param[0]}", nodes=3, policy="least-outstanding", preempt=False,
+                        mode=request.param)
 
 
 def role(bed, host: str) -> str | None:
@@ -47,7 +49,8 @@ def owners(bed) -> list[str]:
 
 
 def forwards(bed, host: str) -> bool:
-    return "DIST0-IN" in bed.run(host, ["iptables-save", "-t", "raw"]).stdout
+    """The distributor on ``host`` has its rules in place (either mode)."""
+    return "-A PREROUTING -j DIST0-" in bed.run(host, ["iptables-save"]).stdout
 
 
 def signal_distributor(bed, host: str, signum: int) -> None:
@@ -79,7 +82,9 @@ def test_sigkill_of_the_active_loses_no_request(bed, close):
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
     takeover = bed.metrics(backup)
     first = takeover[("distributor_failover_takeover_seconds", (("phase", "first_forward"),))]
-    assert first < 1.0, first
+    # Figures belong to bench/failover_bench.py; this only catches a takeover gone badly wrong:
+    # the dead window, plus one SYN retransmission (1 s) when only new connections were waiting.
+    assert first < DEAD_WINDOW + 1.5, first
     restart(bed, primary)
 
 
@@ -141,9 +146,9 @@ def test_restarted_primary_without_preempt_stays_backup_and_connections_survive(
     assert settled(bed) == (primary, backup)  # the restarted one caught up and stayed a backup
 
 
-@pytest.fixture(scope="module")
-def preempt_bed(make_testbed):
-    return make_testbed("tpreempt", nodes=2, policy="round-robin", preempt=True)
+@pytest.fixture(scope="module", params=MODES)
+def preempt_bed(make_testbed, request):
+    return make_testbed(f"tpreempt{request.param[0]}", nodes=2, policy="round-robin", preempt=True, mode=request.param)
 
 
 def test_restarted_primary_with_preempt_takes_back_once_caught_up_without_breaking_connections(preempt_bed):

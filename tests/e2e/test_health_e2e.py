@@ -14,6 +14,7 @@ from distributor.wire import Keys, Kind, NodeHeartbeat, seal
 from testbed import http, netns, wrk
 from testbed.loadgen import Recorder
 from testbed.runner import wait_until
+from tests.e2e.conftest import MODES
 
 SMTP = ("198.51.100.3", 2525)  # on the cluster LAN, in dist2's namespace
 
@@ -172,3 +173,36 @@ def test_forged_replayed_and_stale_heartbeats_are_rejected_and_keep_no_node_aliv
 def counter_rejected(bed, reason: str) -> float:
     return next(v for (name, labels), v in bed.metrics("dist1").items()
                 if name == "distributor_heartbeats_rejected_total" and dict(labels)["reason"] == reason)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def reset_bed(make_testbed, request):
+    return make_testbed(f"treset{request.param[0]}", nodes=2, policy="round-robin", on_dead="reset", mode=request.param)
+
+
+def test_dead_nodes_connections_are_reset_so_clients_fail_fast(reset_bed):
+    bed = reset_bed
+
+    def connect_small_window() -> socket.socket:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # the node cannot push the file ahead of us
+        sock.settimeout(20)
+        sock.connect((bed.vip, 80))
+        return sock
+
+    sock = netns.call_in(bed.ns("client"), connect_small_window)
+    try:
+        sock.sendall(b"GET /4m.bin HTTP/1.1\r\nHost: vip\r\n\r\n")
+        head = sock.recv(4096).decode(errors="replace")
+        node = next(line.split(":", 1)[1].strip() for line in head.split("\r\n") if line.lower().startswith("x-node:"))
+        killed_at = time.time()
+        bed.kill(node)  # links down: without a reset the client would wait for its own timeouts (minutes)
+        bed.wait_alert(node, "dead", killed_at, 10)
+        with pytest.raises(ConnectionResetError):
+            while True:
+                if not sock.recv(4096):
+                    raise AssertionError("the download ended normally: the node was not cut off")
+        assert time.time() - killed_at < 8
+    finally:
+        sock.close()
+    bed.start(node)

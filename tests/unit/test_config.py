@@ -36,7 +36,7 @@ def test_the_documented_example_is_valid():
     assert config.services[1].backends[0].port == 8081
     assert config.health.settings.dead == 8 and config.health.on_dead == "keep"
     assert config.smtp.recipients == ("ops@example.org",) and config.alert_log.endswith("alerts.log")
-    assert config.failover.settings.priority == 200 and config.failover.peers == ("dist2",)
+    assert config.failover.settings.priority == 200 and list(config.failover.peers) == ["dist2"]
     assert [str(a.address) for a in config.failover.addresses] == ["203.0.113.1/32", "198.51.100.1/24"]
     assert config.failover.keys_file == config.health.keys_file
 
@@ -46,7 +46,7 @@ FAILOVER = """
 address = "198.51.100.2"
 destination = "198.51.100.255:8406"
 keys_file = "keys"
-peers = ["dist2"]
+peers = { dist2 = "198.51.100.3" }
 addresses = [{ address = "203.0.113.1/32", interface = "ext0" }]
 """
 
@@ -54,8 +54,9 @@ addresses = [{ address = "203.0.113.1/32", interface = "ext0" }]
 @pytest.mark.parametrize(
     "change,message",
     [
-        (("peers = [\"dist2\"]", "peers = []"), r"failover\.peers: \[\]"),
-        (("peers = [\"dist2\"]", "peers = [\"distributor\"]"), r"failover\.peers"),
+        (("peers = { dist2 = \"198.51.100.3\" }", "peers = {}"), r"failover\.peers: expected"),
+        (("dist2 = \"198.51.100.3\"", "distributor = \"198.51.100.3\""), r"failover\.peers\.distributor: that is this"),
+        (("dist2 = \"198.51.100.3\"", "dist2 = \"somewhere\""), r"failover\.peers\.dist2: 'somewhere'"),
         (("203.0.113.1/32", "203.0.113.1/40"), r"failover\.addresses\[0\]\.address: '203\.0\.113\.1/40'"),
         (("address = \"198.51.100.2\"", "address = \"dist1\""), r"failover\.address: 'dist1'"),
         (("destination = \"198.51.100.255:8406\"\n", ""), r"failover\.destination: required"),

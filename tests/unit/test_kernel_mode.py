@@ -1,0 +1,75 @@
+"""Kernel-assisted mode: header-only decisions that return marks, and the rules that use them."""
+
+import pytest
+
+from distributor.datapath import render_rules
+from distributor.reroute import END_MARK, MARK_BASE, Reason
+from tests.packets import CLIENT, VIP, WEB, tcp
+from tests.unit.test_reroute import make, service_spec
+
+
+def test_syn_gets_the_chosen_backends_mark_and_opens_a_connection():
+    ip = make()
+    assert ip.decide_mark(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0) == (Reason.NEW_CONNECTION, MARK_BASE)
+    assert ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "S"), 0.0) == (Reason.NEW_CONNECTION, MARK_BASE + 1)
+    assert ip.services[0].balancer.outstanding(0) == 1 and len(ip.table) == 2
+
+
+def test_header_only_copies_are_enough():
+    ip = make()
+    packet = tcp(CLIENT, VIP, 40000, 80, "S", payload=b"x" * 1000)
+    assert ip.decide_mark(packet[:128], 0.0) == (Reason.NEW_CONNECTION, MARK_BASE)
+
+
+def test_first_fin_or_rst_from_either_side_ends_the_connection_and_stops_further_queueing():
+    ip = make()
+    ip.decide_mark(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
+    ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "S"), 0.0)
+    assert ip.decide_mark(tcp(WEB["web1"], CLIENT, 80, 40000, "FA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
+    assert ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "RA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
+    assert [ip.services[0].balancer.outstanding(i) for i in range(2)] == [0, 0]
+    # An end of a connection this distributor does not know still passes (the kernel NATs it).
+    assert ip.decide_mark(tcp(CLIENT, VIP, 45000, 80, "FA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
+
+
+def test_mid_stream_pickup_of_a_replicated_connection_goes_to_its_node_an_unknown_one_is_dropped():
+    ip = make()
+    key = tcp(CLIENT, VIP, 40000, 80, "A")[12:24]
+    assert ip.install(key, 1, 0.0)
+    assert ip.decide_mark(tcp(CLIENT, VIP, 40000, 80, "PA", b"more"), 1.0) == (Reason.TO_BACKEND, MARK_BASE + 1)
+    assert ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "PA", b"more"), 1.0) == (Reason.UNKNOWN_FLOW, None)
+
+
+@pytest.mark.parametrize("packet,reason", [
+    (b"\x45" * 39, Reason.TRUNCATED),
+    (tcp(CLIENT, VIP, 40000, 80, "SF"), Reason.BAD_FLAGS),
+    (tcp(CLIENT, "203.0.113.9", 40000, 80, "S"), Reason.NOT_SERVICE),
+])
+def test_malformed_and_foreign_packets(packet, reason):
+    ip = make()
+    assert ip.decide_mark(packet, 0.0) == (reason, None)
+    assert len(ip.table) == 0
+
+
+def test_kernel_rules_queue_only_new_connections_and_first_ends_and_dnat_by_mark():
+    specs = [service_spec()]
+    rules = render_rules(0, specs, "kernel")
+    chain_in = rules[("mangle", "DIST0-IN")]
+    # The common packet (established, no FIN/RST) leaves after the first two rules.
+    assert ("mangle", "DIST0-FWD") not in rules  # no per-packet FORWARD hook
+    assert chain_in[:3] == [
+        "-A DIST0-IN -m conntrack --ctstate NEW,INVALID -j DIST0-NEW",
+        "-A DIST0-IN -p tcp -m tcp --tcp-flags FIN,RST NONE -j RETURN",
+        "-A DIST0-IN -m connmark --mark 0x40000000/0x40000000 -j RETURN",
+    ]
+    assert sum("-j NFQUEUE --queue-num 0" in line for line in chain_in) == 3  # the client side and 2 nodes
+    new = rules[("mangle", "DIST0-NEW")]
+    assert new[0].endswith("--dport 80 -m conntrack --ctstate NEW -j NFQUEUE --queue-num 0")
+    assert [line.split()[3] for line in new[1:]] == ["198.51.100.11/32", "198.51.100.12/32"]
+    assert all(line.endswith("-j DROP") for line in new[1:])
+    nat = rules[("nat", "DIST0-NAT")]
+    assert nat == [
+        "-A DIST0-NAT -d 203.0.113.1/32 -p tcp -m tcp --dport 80 -m mark --mark 0x1000/0xffff -j DNAT --to-destination 198.51.100.11:80",
+        "-A DIST0-NAT -d 203.0.113.1/32 -p tcp -m tcp --dport 80 -m mark --mark 0x1001/0xffff -j DNAT --to-destination 198.51.100.12:80",
+    ]
+    assert "CONNMARK --save-mark" in chain_in[3] and chain_in[4].endswith("-j RETURN")  # the repeated first FIN
