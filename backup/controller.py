@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -45,6 +44,7 @@ from typing import Callable
 from distributor.config import Config
 from distributor.datapath import PacketQueue, Rules
 from distributor.reroute import Interposer
+from distributor.udp import open_endpoint
 from distributor.wire import (DistHeartbeat, Keys, Kind, Reject, Resign, SequenceCounter, SyncBatch, Verifier, seal)
 
 from .roles import Action, Decision, Role, RoleMachine
@@ -121,21 +121,12 @@ class FailoverController(asyncio.DatagramProtocol):
 
     # -- life cycle ----------------------------------------------------------------
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         await self.owner.prepare()
         # Whatever a crashed run left: we own nothing until the role machine says so.
         await self.owner.release()
         self.rules.remove()
         host, port = self.config.listen
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"cannot listen for distributor datagrams on {host}:{port}: {exc.strerror}") from None
-        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self._transport = await open_endpoint(self, host, port, "distributor datagrams", broadcast=True)
         settings = self.config.settings
         log.info("failover: %s priority %d%s, heartbeats every %.2f s to %s:%d, sync to %s, peer dead after %.2f s; "
                  "starting", self.name, settings.priority, " (preempts)" if settings.preempt else "", settings.interval,

@@ -245,8 +245,9 @@ class ConnectionTable:
                 if max(conn.queued_at, floor) + timeout > now:
                     break  # everything behind was queued later
                 queue.popleft()
-                if max(conn.last_seen, floor) + timeout > now or (suspects is not None and state in OPEN_STATES):
-                    if max(conn.last_seen, floor) + timeout <= now:
+                idle = max(conn.last_seen, floor) + timeout <= now
+                if not idle or (suspects is not None and state in OPEN_STATES):
+                    if idle:
                         suspects.append(conn)  # type: ignore[union-attr]
                     conn.queued_at = now
                     queue.append(conn)

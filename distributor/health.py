@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import socket
 import time
 from typing import Callable
 
 from .config import Config
 from .heartbeat import HealthBoard, NodeState, Transition
 from .reroute import Interposer
+from .udp import open_endpoint
 from .wire import Keys, Kind, Message, NodeHeartbeat, Reject, Verifier
 
 log = logging.getLogger("distributor.health")
@@ -51,16 +51,8 @@ class HealthMonitor(asyncio.DatagramProtocol):
         self._last_reject_log = 0.0
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
         host, port = self.health.listen
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            sock.close()
-            raise OSError(f"cannot listen for heartbeats on {host}:{port}: {exc.strerror}") from None
-        self._transport, _ = await loop.create_datagram_endpoint(lambda: self, sock=sock)
+        self._transport = await open_endpoint(self, host, port, "node heartbeats")
         log.info("listening for node heartbeats on udp %s:%d (tick %.2f s, warning %d, dead %d, rise %d, slow start %.0f s)",
                  host, port, self.health.settings.tick, self.health.settings.warning, self.health.settings.dead,
                  self.health.settings.rise, self.health.settings.slow_start)

@@ -276,28 +276,10 @@ class Interposer:
         return reason.verdict, out
 
     def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
-        length = len(packet)
-        if length < 20:
-            return Reason.TRUNCATED, None
-        first = packet[0]
-        if first != 0x45:
-            if first >> 4 != 4 or first & 0x0F < 5:
-                return Reason.BAD_IP_HEADER, None
-            return Reason.IP_OPTIONS, None
-        if (packet[2] << 8 | packet[3]) != length:
-            return Reason.TRUNCATED, None
-        if packet[9] != _IPPROTO_TCP:
-            return Reason.NOT_TCP, None
-        if packet[6] & 0x3F or packet[7]:
-            return Reason.FRAGMENT, None
-        if length < 40:
-            return Reason.TRUNCATED, None
-        tcp_header = (packet[32] >> 4) * 4
-        if tcp_header < 20 or 20 + tcp_header > length:
-            return Reason.BAD_TCP_HEADER, None
+        invalid = _invalid(packet, whole=True)
+        if invalid is not None:
+            return invalid, None
         flags = packet[33]
-        if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
-            return Reason.BAD_FLAGS, None
 
         key = packet[12:24]
         conn = self.table.get(key)
@@ -343,23 +325,10 @@ class Interposer:
         return reason, mark
 
     def _decide_mark(self, packet: bytes, now: float) -> tuple[Reason, int | None]:
-        length = len(packet)
-        if length < 40:
-            return Reason.TRUNCATED, None
-        first = packet[0]
-        if first != 0x45:
-            if first >> 4 != 4 or first & 0x0F < 5:
-                return Reason.BAD_IP_HEADER, None
-            return Reason.IP_OPTIONS, None
-        if packet[9] != _IPPROTO_TCP:
-            return Reason.NOT_TCP, None
-        if packet[6] & 0x3F or packet[7]:
-            return Reason.FRAGMENT, None
-        if (packet[32] >> 4) < 5:
-            return Reason.BAD_TCP_HEADER, None
+        invalid = _invalid(packet, whole=False)
+        if invalid is not None:
+            return invalid, None
         flags = packet[33]
-        if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
-            return Reason.BAD_FLAGS, None
         key = packet[12:24]
         conn = self.table.get(key)
         if flags & (FIN | RST):
@@ -505,6 +474,37 @@ class Interposer:
         for service in self.services:
             for backend in service.backends:
                 yield service, backend
+
+
+def _invalid(packet: bytes, whole: bool) -> Reason | None:
+    """Why the IPv4 and TCP headers of ``packet`` cannot be handled, or None when they can.
+
+    ``whole``: the copy must be the entire packet (rewrite mode hands it back, and the
+    kernel would trim the packet to a shorter copy); kernel mode needs the headers only.
+    """
+    length = len(packet)
+    if length < 20:
+        return Reason.TRUNCATED
+    first = packet[0]
+    if first != 0x45:
+        if first >> 4 != 4 or first & 0x0F < 5:
+            return Reason.BAD_IP_HEADER
+        return Reason.IP_OPTIONS
+    if whole and (packet[2] << 8 | packet[3]) != length:
+        return Reason.TRUNCATED
+    if packet[9] != _IPPROTO_TCP:
+        return Reason.NOT_TCP
+    if packet[6] & 0x3F or packet[7]:
+        return Reason.FRAGMENT
+    if length < 40:
+        return Reason.TRUNCATED
+    tcp_header = (packet[32] >> 4) * 4
+    if tcp_header < 20 or (whole and 20 + tcp_header > length):
+        return Reason.BAD_TCP_HEADER
+    flags = packet[33]
+    if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
+        return Reason.BAD_FLAGS
+    return None
 
 
 def _to_backend(packet: bytes, backend: Backend) -> bytes:

@@ -25,22 +25,14 @@ def bed(make_testbed, request):
                         mode=request.param)
 
 
-def role(bed, host: str) -> str | None:
-    return bed.role(host)
-
-
 def term(bed, host: str) -> float:
     return next(v for (name, _), v in bed.metrics(host).items() if name == "distributor_failover_term")
 
 
 def active(bed) -> str:
-    found = wait_until(lambda: [h for h in DISTS if role(bed, h) == "active"], 10, "an active distributor")
+    found = wait_until(lambda: [h for h in DISTS if bed.role(h) == "active"], 10, "an active distributor")
     assert len(found) == 1, found
     return found[0]
-
-
-def settled(bed) -> tuple[str, str]:
-    return bed.wait_settled()
 
 
 def owners(bed) -> list[str]:
@@ -75,7 +67,7 @@ def run_wrk_across(bed, action, close: bool, duration: float = 6.0) -> wrk.WrkRe
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
 def test_sigkill_of_the_active_loses_no_request(bed, close):
-    primary, backup = settled(bed)
+    primary, backup = bed.wait_settled()
     result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGKILL), close)
     assert active(bed) == backup
     assert result.requests > 1000, result.output
@@ -89,7 +81,7 @@ def test_sigkill_of_the_active_loses_no_request(bed, close):
 
 
 def test_download_in_progress_across_a_takeover_arrives_intact(bed):
-    primary, backup = settled(bed)
+    primary, backup = bed.wait_settled()
     download = bed.popen("client", ["curl", "-sS", "--limit-rate", "300K", "-o", "-", f"http://{bed.vip}/1m.bin"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(1.0)  # about a third of the file has arrived
@@ -102,7 +94,7 @@ def test_download_in_progress_across_a_takeover_arrives_intact(bed):
 
 
 def test_sigterm_hands_over_in_a_fraction_of_the_dead_window(bed):
-    primary, backup = settled(bed)
+    primary, backup = bed.wait_settled()
     result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGTERM), close=False)
     assert active(bed) == backup
     decided = bed.metrics(backup)[("distributor_failover_takeover_seconds", (("phase", "decided"),))]
@@ -113,22 +105,22 @@ def test_sigterm_hands_over_in_a_fraction_of_the_dead_window(bed):
 
 
 def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed):
-    primary, backup = settled(bed)
+    primary, backup = bed.wait_settled()
     before = term(bed, backup)
     signal_distributor(bed, primary, signal.SIGSTOP)
     time.sleep(WARNING_WINDOW / 2)
     signal_distributor(bed, primary, signal.SIGCONT)
     time.sleep(1.0)
-    assert (role(bed, primary), role(bed, backup)) == ("active", "backup")
+    assert (bed.role(primary), bed.role(backup)) == ("active", "backup")
     assert term(bed, backup) == before
 
     signal_distributor(bed, primary, signal.SIGSTOP)
     try:
-        wait_until(lambda: role(bed, backup) == "active", 5, f"{backup} to take over")
+        wait_until(lambda: bed.role(backup) == "active", 5, f"{backup} to take over")
         time.sleep(0.5)
     finally:
         signal_distributor(bed, primary, signal.SIGCONT)
-    wait_until(lambda: role(bed, primary) == "backup", 5, f"{primary} to give up")
+    wait_until(lambda: bed.role(primary) == "backup", 5, f"{primary} to give up")
     assert owners(bed) == [backup]
     assert not forwards(bed, primary) and forwards(bed, backup)
     for _ in range(5):  # traffic through the VIP: the client's neighbour entry must point at the owner
@@ -139,11 +131,11 @@ def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed):
 
 
 def test_restarted_primary_without_preempt_stays_backup_and_connections_survive(bed):
-    primary, backup = settled(bed)
+    primary, backup = bed.wait_settled()
     result = run_wrk_across(bed, lambda: (signal_distributor(bed, backup, signal.SIGKILL), restart(bed, backup)),
                             close=False, duration=8)
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
-    assert settled(bed) == (primary, backup)  # the restarted one caught up and stayed a backup
+    assert bed.wait_settled() == (primary, backup)  # the restarted one caught up and stayed a backup
 
 
 @pytest.fixture(scope="module", params=MODES)
@@ -153,14 +145,14 @@ def preempt_bed(make_testbed, request):
 
 def test_restarted_primary_with_preempt_takes_back_once_caught_up_without_breaking_connections(preempt_bed):
     bed = preempt_bed
-    assert settled(bed) == ("dist1", "dist2")
+    assert bed.wait_settled() == ("dist1", "dist2")
 
     def fail_and_return():
         signal_distributor(bed, "dist1", signal.SIGKILL)
-        wait_until(lambda: role(bed, "dist2") == "active", 5, "dist2 to take over")
+        wait_until(lambda: bed.role("dist2") == "active", 5, "dist2 to take over")
         restart(bed, "dist1")
 
     result = run_wrk_across(bed, fail_and_return, close=False, duration=9)
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
-    assert settled(bed) == ("dist1", "dist2")
+    assert bed.wait_settled() == ("dist1", "dist2")
     assert term(bed, "dist1") >= 3  # dist1 (1) -> dist2 (2) -> dist1 again (3)

@@ -41,7 +41,8 @@ def test_mid_stream_pickup_of_a_replicated_connection_goes_to_its_node_an_unknow
 
 
 @pytest.mark.parametrize("packet,reason", [
-    (b"\x45" * 39, Reason.TRUNCATED),
+    (tcp(CLIENT, VIP, 40000, 80, "S")[:39], Reason.TRUNCATED),
+    (bytes([0x46]) + tcp(CLIENT, VIP, 40000, 80, "S")[1:], Reason.IP_OPTIONS),
     (tcp(CLIENT, VIP, 40000, 80, "SF"), Reason.BAD_FLAGS),
     (tcp(CLIENT, "203.0.113.9", 40000, 80, "S"), Reason.NOT_SERVICE),
 ])
