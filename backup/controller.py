@@ -184,12 +184,14 @@ class FailoverController(asyncio.DatagramProtocol):
                 self._report_takeover()
 
     async def shutdown(self) -> None:
-        """On SIGTERM (after :meth:`run` ended): resign if active, so a backup takes over at once; release everything."""
+        """On SIGTERM (after :meth:`run` ended): resign if active, so a backup takes over at once; release the addresses.
+
+        The daemon removes the rules afterwards, whatever the role was.
+        """
         await self.carry_out(self.machine.shutdown())
         if self._second_burst is not None:
             self._second_burst.cancel()
-        await self.owner.release()
-        self.rules.remove()
+        await self.owner.release()  # a standby never claimed them; an active resigned above: both idempotent
         if self._transport is not None:
             self._transport.close()
             self._transport = None

@@ -86,15 +86,6 @@ class AddressOwner:
                 if exc.code not in (errno.EADDRNOTAVAIL, errno.ENOENT, errno.ENODEV):
                     log.error("cannot remove %s from %s: %s", floating.address, floating.interface, exc)
 
-    async def owned(self) -> list[str]:
-        """The floating addresses configured here now."""
-        present = []
-        for floating in self.addresses:
-            addresses = [a.get_attr("IFA_ADDRESS") async for a in await self._ipr.get_addr(index=self._index[floating.interface])]
-            if str(floating.address.ip) in addresses:
-                present.append(str(floating.address))
-        return present
-
     def announce(self) -> None:
         for _ in range(self.garp_count):
             for name, frame in self._frames:

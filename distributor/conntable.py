@@ -201,9 +201,9 @@ class ConnectionTable:
         """Account one packet of ``conn``; returns True when the connection just stopped being open."""
         conn.last_seen = now
         state = conn.state
+        if state is TcpState.CLOSED:
+            return False  # reset: stragglers (a late FIN, a retransmission) change nothing
         if flags & RST:
-            if state is TcpState.CLOSED:
-                return False
             self._move(conn, TcpState.CLOSED, now)
             return state in OPEN_STATES
         if flags & FIN:

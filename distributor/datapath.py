@@ -390,7 +390,6 @@ class Conntrack:
 
     def __init__(self) -> None:
         self._socket = None
-        self.lookups = 0
 
     @classmethod
     def be_liberal(cls) -> None:
@@ -421,7 +420,6 @@ class Conntrack:
         from pyroute2.netlink.exceptions import NetlinkError
 
         await self._connect()
-        self.lookups += 1
         try:
             result = await self._socket.entry("get", tuple_orig=self._tuple(key))
             if hasattr(result, "__aiter__"):

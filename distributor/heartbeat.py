@@ -95,9 +95,6 @@ class Transition:
     counter: int
     reason: str
 
-    def describe(self) -> str:
-        return f"node {self.node}: {self.old.value} -> {self.new.value} ({self.reason})"
-
 
 class _Node:
     __slots__ = ("name", "state", "counter", "rises", "slow_start_since", "heartbeats", "report")

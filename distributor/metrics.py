@@ -114,6 +114,8 @@ class InterposerCollector:
             for result, value in (("sent", self.alerts.sent), ("retried", self.alerts.retried), ("failed", self.alerts.failed)):
                 mails.add_metric([result], value)
             yield mails
+            yield CounterMetricFamily("distributor_alert_log_errors", "State changes the alert log file could not take",
+                                      value=self.alerts.file_errors)
         stats = read_queue_stats().get(self.queue)
         if stats is not None:
             yield GaugeMetricFamily("distributor_nfqueue_waiting", "Packets waiting in the kernel queue", value=stats["waiting"])
@@ -179,6 +181,13 @@ class InterposerCollector:
         yield CounterMetricFamily("distributor_sync_records_applied", "Replicated changes applied",
                                   value=failover.receiver.records_applied)
         yield CounterMetricFamily("distributor_sync_records_sent", "Changes sent to the standbys", value=failover.sender.records_sent)
+        yield CounterMetricFamily("distributor_sync_snapshots_sent", "Table snapshots streamed on a standby's request",
+                                  value=failover.sender.snapshots)
+        yield CounterMetricFamily("distributor_sync_records_rejected",
+                                  "Replicated connections this distributor could not install (unknown service or full table)",
+                                  value=failover.receiver.rejected_records)
+        yield CounterMetricFamily("distributor_failover_announcements", "Bursts of gratuitous ARP sent",
+                                  value=failover.owner.announcements)
         sent = CounterMetricFamily("distributor_failover_datagrams_sent", "Datagrams sent to the peers", labels=["kind"])
         for kind, value in failover.sent.items():
             sent.add_metric([kind.name.lower()], value)

@@ -271,8 +271,7 @@ class Interposer:
         return reason, out
 
     def handle(self, packet: bytes, now: float) -> tuple[int, bytes | None]:
-        reason, out = self._decide(packet, now)
-        self.counts[reason] += 1
+        reason, out = self.decide(packet, now)
         return reason.verdict, out
 
     def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
@@ -286,12 +285,7 @@ class Interposer:
         if conn is None:
             return self._unknown(packet, key, flags, now)
         if conn.key == key:
-            if flags & (SYN | ACK) == SYN and (
-                conn.state >= TcpState.CLOSING or not conn.service.balancer.eligible(conn.backend.index)
-            ):
-                # A new connection on the 4-tuple of a finished one, or on one
-                # whose node may take no new connection (a client that gave up
-                # on an unanswered SYN reuses its port at once: no TIME_WAIT).
+            if flags & (SYN | ACK) == SYN and _starts_over(conn):
                 if self.table.remove(conn):
                     self._ended(conn)
                 return self._unknown(packet, key, flags, now)
@@ -340,9 +334,7 @@ class Interposer:
             if conn.reset_by_us and not flags & SYN:
                 self.outbox.append(_reset_for(packet, conn.backend))
                 return Reason.RESET_CONNECTION, None
-            if flags & (SYN | ACK) == SYN and (
-                conn.state >= TcpState.CLOSING or not conn.service.balancer.eligible(conn.backend.index)
-            ):
+            if flags & (SYN | ACK) == SYN and _starts_over(conn):
                 if self.table.remove(conn):
                     self._ended(conn)
             else:
@@ -474,6 +466,16 @@ class Interposer:
         for service in self.services:
             for backend in service.backends:
                 yield service, backend
+
+
+def _starts_over(conn: Connection) -> bool:
+    """A client SYN on this entry opens a new connection, balanced afresh.
+
+    Either the entry is finished (both FINs or an RST), or its node may take no
+    new connection: a client that gave up on an unanswered SYN reuses its port
+    at once (there is no TIME_WAIT for it), and must not be sent back there.
+    """
+    return conn.state >= TcpState.CLOSING or not conn.service.balancer.eligible(conn.backend.index)
 
 
 def _invalid(packet: bytes, whole: bool) -> Reason | None:

@@ -435,7 +435,7 @@ class Testbed:
                 if child is not None:
                     if child.poll() is not None:
                         remaining.remove(pid)
-                elif not _alive(pid, ns):
+                elif not _alive(pid):
                     remaining.remove(pid)
             if remaining:
                 time.sleep(0.02)
@@ -528,7 +528,7 @@ def _signal(pid: int, signum: int) -> None:
         pass
 
 
-def _alive(pid: int, ns: str) -> bool:
+def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
             state = f.read().rsplit(")", 1)[1].split()[0]

@@ -58,7 +58,7 @@ class Topology:
     vip: ipaddress.IPv4Address = VIP
     vip_port: int = VIP_PORT
     gateway: ipaddress.IPv4Address = GATEWAY
-    primary: str = "dist1"  # the highest priority: active when both start
+    # The highest priority is active when both start: dist1 is the primary.
     priorities: dict[str, int] = field(default_factory=lambda: {"dist1": 200, "dist2": 100})
 
     def host(self, name: str) -> Host:

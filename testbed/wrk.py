@@ -70,14 +70,12 @@ def parse(output: str) -> WrkResult:
 
 
 def command(url: str, duration: float = 3.0, connections: int = 20, threads: int = 2, close: bool = False,
-            script: str | None = None, rate: int | None = None, timeout: float = 5.0) -> list[str]:
+            script: str | None = None, timeout: float = 5.0) -> list[str]:
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", f"--timeout={timeout:g}s", "--latency"]
     if close:
         argv += ["-H", "Connection: close"]
     if script:
         argv += ["-s", script]
-    if rate:
-        raise ValueError("wrk (Debian 4.1) has no fixed-rate mode; use testbed.loadgen for a fixed rate")
     return argv + [url]
 
 

@@ -44,10 +44,6 @@ def alerts(bed, node: str, since: float = 0.0) -> list[dict]:
     return [r for r in bed.alerts() if r["node"] == node and r["time"] >= since]
 
 
-def first_alert(bed, node: str, state: str, since: float, timeout: float) -> dict:
-    return bed.wait_alert(node, state, since, timeout)
-
-
 def node_state(bed, node: str) -> str:
     for (name, labels), value in bed.metrics("dist1").items():
         labels = dict(labels)
@@ -69,9 +65,9 @@ def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, ma
         time.sleep(1.0)  # traffic flows on all nodes first
         stopped_at = time.time()
         bed.run("web1", ["kill", "-TERM", str(bed.service_pid("web1", "nginx"))])
-        warning = first_alert(bed, "web1", "warning", stopped_at, 5)
+        warning = bed.wait_alert("web1", "warning", stopped_at, 5)
         given_to_web1 = acquired(bed, "web1")
-        dead = first_alert(bed, "web1", "dead", stopped_at, 10)
+        dead = bed.wait_alert("web1", "dead", stopped_at, 10)
         time.sleep(2.0)
         assert acquired(bed, "web1") == given_to_web1, "a new connection reached web1 after the warning"
     finally:
@@ -91,8 +87,8 @@ def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, ma
 
     restarted_at = time.time()
     bed.start("web1")
-    first_alert(bed, "web1", "rising", restarted_at, 10)
-    first_alert(bed, "web1", "slow_start", restarted_at, 10)
+    bed.wait_alert("web1", "rising", restarted_at, 10)
+    bed.wait_alert("web1", "slow_start", restarted_at, 10)
     wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web1" for _ in range(30)),
                20, "web1 to receive traffic again")
 
@@ -102,14 +98,14 @@ def test_slow_node_is_excluded_and_included_again_when_it_recovers(bed):
     slowed_at = time.time()
     bed.set_web_delay("web2", 1.5)  # over the agent's max_response_time of 1 s
     try:
-        first_alert(bed, "web2", "warning", slowed_at, 10)
-        first_alert(bed, "web2", "dead", slowed_at, 10)
+        bed.wait_alert("web2", "warning", slowed_at, 10)
+        bed.wait_alert("web2", "dead", slowed_at, 10)
         served = {http.get(bed.ns("client"), bed.vip, 80, "/1k.bin").node for _ in range(20)}
         assert "web2" not in served
     finally:
         recovered_at = time.time()
         bed.set_web_delay("web2", 0)
-    first_alert(bed, "web2", "slow_start", recovered_at, 15)
+    bed.wait_alert("web2", "slow_start", recovered_at, 15)
     assert node_state(bed, "web2") in ("slow_start", "up")
 
 
@@ -120,8 +116,8 @@ def test_killed_node_host_is_excluded_like_a_dead_web_server(bed):
         time.sleep(0.5)
         killed_at = time.time()
         bed.kill("web3")
-        warning = first_alert(bed, "web3", "warning", killed_at, 5)
-        first_alert(bed, "web3", "dead", killed_at, 10)
+        warning = bed.wait_alert("web3", "warning", killed_at, 5)
+        bed.wait_alert("web3", "dead", killed_at, 10)
         time.sleep(1.0)
     finally:
         recorder.stop()
@@ -129,7 +125,7 @@ def test_killed_node_host_is_excluded_like_a_dead_web_server(bed):
     assert late and all(ok for _, ok, _ in late), [r for r in late if not r[1]][:5]
     assert "web3" not in {node for _, _, node in late}
     bed.start("web3")
-    first_alert(bed, "web3", "slow_start", killed_at, 20)
+    bed.wait_alert("web3", "slow_start", killed_at, 20)
     wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web3" for _ in range(30)),
                20, "the restarted web3 to serve requests again")
 
@@ -138,7 +134,7 @@ def test_forged_replayed_and_stale_heartbeats_are_rejected_and_keep_no_node_aliv
     wait_until(lambda: node_state(bed, "web1") in ("up", "slow_start"), 30, "web1 to be a candidate")
     bed.run("web1", ["kill", "-TERM", str(bed.service_pid("web1", "agent"))])
     silenced_at = time.time()
-    first_alert(bed, "web1", "dead", silenced_at, 10)
+    bed.wait_alert("web1", "dead", silenced_at, 10)
 
     real = Keys.load(bed.keys_file)
     forged_keys = Keys({1: b"an attacker's guess at the key!!"})
@@ -167,7 +163,7 @@ def test_forged_replayed_and_stale_heartbeats_are_rejected_and_keep_no_node_aliv
     assert "slow_start" not in states and "up" not in states, states
     wait_until(lambda: node_state(bed, "web1") == "dead", 5, "web1 to stay dead")
     bed.start("web1")
-    first_alert(bed, "web1", "slow_start", silenced_at, 15)
+    bed.wait_alert("web1", "slow_start", silenced_at, 15)
 
 
 def counter_rejected(bed, reason: str) -> float:

@@ -156,3 +156,12 @@ def test_held_expiry_keeps_open_replicas_until_the_takeover_then_times_them_from
     assert table.get(key(1)) is conn and table.get(key(2)) is None  # finished entries still go
     assert table.expire(4900 + 899.0) == []
     assert table.expire(4900 + 900.0) == [conn]
+
+
+def test_segments_after_an_rst_change_nothing():
+    table = ConnectionTable(10)
+    conn = open_conn(table, 1)
+    assert table.advance(conn, RST, True, 0.1) is True
+    for flags, from_client in ((FIN | ACK, True), (FIN | ACK, False), (ACK, True), (RST, False)):
+        assert table.advance(conn, flags, from_client, 0.2) is False
+        assert conn.state is TcpState.CLOSED

@@ -89,9 +89,13 @@ def test_syn_is_rewritten_to_the_chosen_backend_with_valid_checksums():
 
 @pytest.mark.parametrize("payload_len", [0, 1, 2, 3, 511, 1447, 1448])
 @pytest.mark.parametrize("options", [(), MSS_SACK_TS_WS[2:3], MSS_SACK_TS_WS], ids=["no-opts", "ts", "all-opts"])
-def test_both_directions_rewrite_exactly_with_any_payload_length_and_options(payload_len, options):
+@pytest.mark.parametrize("established", [False, True], ids=["handshake", "established-fast-path"])
+def test_both_directions_rewrite_exactly_with_any_payload_length_and_options(payload_len, options, established):
     ip = make()
     handshake(ip)
+    if established:  # the client's ACK: later segments take Interposer.decide's inline path
+        ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.5)
+        assert ip.table.get(tcp(CLIENT, VIP, 40000, 80, "A")[12:24]).state is TcpState.ESTABLISHED
     payload = bytes((i * 7 + 3) & 0xFF for i in range(payload_len))
     forward = tcp(CLIENT, VIP, 40000, 80, "PA", payload, options=options, seq=77, ack=99)
     verdict, out = ip.handle(forward, 1.0)
@@ -113,6 +117,9 @@ def test_backend_on_another_port_gets_port_rewritten_both_ways():
     verdict, out = ip.handle(tcp(WEB["web1"], CLIENT, 8080, 40000, "SA"), 0.0)
     assert out == tcp(VIP, CLIENT, 80, 40000, "SA")
     assert checksums_valid(out)
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.1)  # established: the inline path rewrites ports too
+    assert ip.handle(tcp(CLIENT, VIP, 40000, 80, "PA", b"GET /"), 0.2)[1] == tcp(CLIENT, WEB["web1"], 40000, 8080, "PA", b"GET /")
+    assert ip.handle(tcp(WEB["web1"], CLIENT, 8080, 40000, "PA", b"200"), 0.2)[1] == tcp(VIP, CLIENT, 80, 40000, "PA", b"200")
 
 
 def test_checksum_results_match_full_recomputation_for_many_addresses_and_ids():
