@@ -1,1 +1,4 @@
-"""The backup distributor: primary watch, takeover and state-sync receiver (primary-backup failover)."""
+"""The backup distributor: primary watch, takeover and state-sync (primary-backup failover).
+
+Cores: :mod:`.roles`, :mod:`.sync`, :mod:`.failover`; adapter: :mod:`.takeover`.
+"""

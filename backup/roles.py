@@ -15,7 +15,9 @@ must carry out, in order:
   and current (or stops being so);
 * :meth:`~RoleMachine.shutdown` on SIGTERM.
 
-Roles (:class:`Role`; moves outside ``TRANSITIONS`` raise): a distributor
+Roles (:class:`Role`) move only through the table ``ROLE_MOVES`` keyed by
+(role, :class:`RoleEvent`), whose values also name the :class:`Action` the move
+requires (see :mod:`common.machine`); any other move raises.  A distributor
 starts in STARTING and listens for one dead window.  If it hears an ACTIVE
 peer it becomes BACKUP and asks for a snapshot of the connection table;
 otherwise the highest-ranked one takes over.  A BACKUP takes over when no
@@ -38,7 +40,12 @@ import collections
 import dataclasses
 import enum
 
-__all__ = ["Role", "Action", "Decision", "FailoverSettings", "RoleMachine", "IllegalRoleTransition", "PeerView"]
+from common.machine import IllegalTransition, TransitionTable
+
+__all__ = ["Role", "RoleEvent", "Action", "Decision", "FailoverSettings", "RoleMachine", "IllegalRoleTransition",
+           "PeerView", "PeerBeat", "ROLE_MOVES"]
+
+IllegalRoleTransition = IllegalTransition
 
 
 class Role(enum.IntEnum):
@@ -48,12 +55,13 @@ class Role(enum.IntEnum):
     STOPPED = 3
 
 
-TRANSITIONS: dict[Role, frozenset[Role]] = {
-    Role.STARTING: frozenset({Role.BACKUP, Role.ACTIVE, Role.STOPPED}),
-    Role.BACKUP: frozenset({Role.ACTIVE, Role.STOPPED}),
-    Role.ACTIVE: frozenset({Role.BACKUP, Role.STOPPED}),
-    Role.STOPPED: frozenset(),
-}
+class RoleEvent(enum.Enum):
+    ELECTED = "elected"  # no active peer is alive and no live standby outranks us
+    ACTIVE_SEEN = "active_seen"  # while starting: an active peer heartbeats
+    OUTRANKED = "outranked"  # while starting: a higher-ranked standby will take over
+    SUPERSEDED = "superseded"  # while active: another active has a higher (term, priority, address)
+    PREEMPTED = "preempted"  # while active: a caught-up standby of higher priority asks for the addresses
+    STOP = "stop"  # shutting down
 
 
 class Action(enum.Enum):
@@ -79,8 +87,32 @@ class Decision:
         return f"{self.action.value}{change}: {self.reason}"
 
 
-class IllegalRoleTransition(RuntimeError):
-    pass
+_R, _V, _A = Role, RoleEvent, Action
+# Every legal move of a distributor's role, and what it must do for it.
+ROLE_MOVES: dict[tuple[Role, RoleEvent], tuple[Role, Action | None]] = {
+    (_R.STARTING, _V.ELECTED): (_R.ACTIVE, _A.TAKE_OVER),
+    (_R.BACKUP, _V.ELECTED): (_R.ACTIVE, _A.TAKE_OVER),
+    (_R.STARTING, _V.ACTIVE_SEEN): (_R.BACKUP, _A.REQUEST_SYNC),
+    (_R.STARTING, _V.OUTRANKED): (_R.BACKUP, _A.REQUEST_SYNC),
+    (_R.ACTIVE, _V.SUPERSEDED): (_R.BACKUP, _A.GIVE_UP),
+    (_R.ACTIVE, _V.PREEMPTED): (_R.BACKUP, _A.RESIGN),
+    (_R.STARTING, _V.STOP): (_R.STOPPED, None),
+    (_R.BACKUP, _V.STOP): (_R.STOPPED, None),
+    (_R.ACTIVE, _V.STOP): (_R.STOPPED, _A.RESIGN),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerBeat:
+    """What a verified peer heartbeat says about its sender."""
+
+    name: str
+    role: Role
+    priority: int
+    term: int
+    address: int
+    caught_up: bool
+    preempt: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +169,8 @@ class RoleMachine:
         self.peers: dict[str, PeerView] = {}
         self.following: tuple[str, int] | None = None  # (active peer, its term) the replica follows
         self._ticks_in_role = 0
-        self.transitions: collections.Counter[tuple[Role, Role]] = collections.Counter()
+        self._machine = TransitionTable("role", ROLE_MOVES)
+        self.transitions: collections.Counter[tuple[Role, Role]] = self._machine.counts
 
     @property
     def rank(self) -> tuple[int, int]:
@@ -169,15 +202,16 @@ class RoleMachine:
             if self.active_peer() is None and not self._outranked():
                 decisions += self._take_over("no active distributor heard while starting")
             elif self._outranked():
-                decisions += self._become(Role.BACKUP, Action.REQUEST_SYNC, "a higher-ranked distributor is starting")
+                decisions += self._fire(RoleEvent.OUTRANKED, "a higher-ranked distributor is starting")
         elif self.role is Role.BACKUP and self.active_peer() is None and not self._outranked():
             lost = self.following[0] if self.following else "the active distributor"
             decisions += self._take_over(f"{lost} is silent")
         return decisions
 
-    def heartbeat(self, name: str, role: Role, priority: int, term: int, address: int, caught_up: bool,
-                  preempt: bool) -> list[Decision]:
+    def heartbeat(self, beat: PeerBeat) -> list[Decision]:
         decisions: list[Decision] = []
+        name, role, priority, term, address = beat.name, beat.role, beat.priority, beat.term, beat.address
+        caught_up, preempt = beat.caught_up, beat.preempt
         peer = self.peers.get(name)
         if peer is None:
             peer = self.peers[name] = PeerView(name, role, priority, term, address, caught_up, preempt)
@@ -190,14 +224,14 @@ class RoleMachine:
         if role is Role.ACTIVE:
             if self.role is Role.ACTIVE:
                 if (term, priority, address) > (self.term, self.settings.priority, self.address):
-                    decisions += self._become(Role.BACKUP, Action.GIVE_UP, f"{name} is active with term {term} > ours {self.term}"
-                                              if term > self.term else f"{name} is active and outranks us at term {term}")
+                    decisions += self._fire(RoleEvent.SUPERSEDED, f"{name} is active with term {term} > ours {self.term}"
+                                            if term > self.term else f"{name} is active and outranks us at term {term}")
                     decisions.append(Decision(Action.REQUEST_SYNC, f"follow {name}", name))
                     self.following = (name, term)
                 else:
                     decisions.append(Decision(Action.ANNOUNCE, f"{name} also claims to be active (term {term})", name))
             elif self.role is Role.STARTING:
-                decisions += self._become(Role.BACKUP, Action.REQUEST_SYNC, f"{name} is active (term {term})")
+                decisions += self._fire(RoleEvent.ACTIVE_SEEN, f"{name} is active (term {term})")
                 self.following = (name, term)
             elif self.role is Role.BACKUP and self.following != (name, term):
                 self.following = (name, term)
@@ -205,8 +239,8 @@ class RoleMachine:
                 decisions.append(Decision(Action.REQUEST_SYNC, f"{name} is active now (term {term})", name))
         elif (self.role is Role.ACTIVE and role is Role.BACKUP and preempt and caught_up
               and priority > self.settings.priority):
-            decisions += self._become(Role.BACKUP, Action.RESIGN, f"{name} has priority {priority} > ours "
-                                      f"{self.settings.priority}, has caught up and preempts")
+            decisions += self._fire(RoleEvent.PREEMPTED, f"{name} has priority {priority} > ours "
+                                    f"{self.settings.priority}, has caught up and preempts")
         return decisions
 
     def resign(self, name: str, term: int, stopping: bool) -> list[Decision]:
@@ -225,30 +259,25 @@ class RoleMachine:
         self.caught_up = caught_up
 
     def shutdown(self) -> list[Decision]:
-        if self.role is Role.ACTIVE:
-            return self._become(Role.STOPPED, Action.RESIGN, "shutting down")
         if self.role is Role.STOPPED:
             return []
-        self._move(Role.STOPPED)
-        return []
+        return self._fire(RoleEvent.STOP, "shutting down")
 
     # -- internals -------------------------------------------------------------
     def _take_over(self, reason: str) -> list[Decision]:
         self.term = self.max_term + 1
         self.max_term = self.term
         self.following = None
-        return self._become(Role.ACTIVE, Action.TAKE_OVER, f"{reason}; term {self.term}")
+        return self._fire(RoleEvent.ELECTED, f"{reason}; term {self.term}")
 
-    def _become(self, role: Role, action: Action, reason: str) -> list[Decision]:
+    def _fire(self, event: RoleEvent, reason: str) -> list[Decision]:
+        """Move by the table; the decision its action requires (none for a silent move)."""
         old = self.role
-        self._move(role)
-        return [Decision(action, reason, role_change=(old, role))]
-
-    def _move(self, role: Role) -> None:
-        if role not in TRANSITIONS[self.role]:
-            raise IllegalRoleTransition(f"{self.name}: {self.role.name} -> {role.name} is not allowed")
-        self.transitions[(self.role, role)] += 1
-        self.role = role
+        new, action, _ = self._machine.move(old, event, self.name)
+        self.role = new
         self._ticks_in_role = 0
-        if role is not Role.BACKUP:
+        if new is not Role.BACKUP:
             self.caught_up = False
+        if action is None:
+            return []
+        return [Decision(action, reason, role_change=(old, new))]

@@ -3,7 +3,8 @@
 Contract
 --------
 :class:`SyncSender` (on the active) collects table changes as the
-interposer reports them (``opened`` / ``ended``) and cuts them into
+interposer reports them (``opened`` / ``ended``, by 12-byte connection key)
+and cuts them into
 :class:`~distributor.wire.SyncBatch` payloads numbered consecutively.  On a
 backup's request it also streams a snapshot of every open connection, in
 chunks interleaved with the live batches and numbered in the same sequence;
@@ -11,24 +12,40 @@ the first snapshot batch carries ``SNAPSHOT_START``, the last
 ``SNAPSHOT_END``.  A connection opened or ended while the snapshot runs is
 in the live batches, so the two together are always complete.
 
-:class:`SyncReceiver` (on a backup) applies batches to its interposer in
-order.  A missing batch number is a gap: it answers that a snapshot is
+:class:`SyncReceiver` (on a backup) applies batches in order to its
+:class:`Replica` (the interposer's table: install, end, clear).  A missing batch number is a gap: it answers that a snapshot is
 needed.  ``SNAPSHOT_START`` clears the replica first.  The replica is
 *caught up* once a snapshot completed with no gap since and the active's
 last advertised batch has been applied.
 
-The daemon adds the only rule that ties replication to the data path: the
-active releases a SYN that opened a connection only after the batch that
-announces it has been sent (see :class:`distributor.datapath.PacketQueue`).
+The failover core adds the only rule that ties replication to the data
+path: the active releases a SYN that opened a connection only after the batch
+that announces it has been sent (``HoldNewSyns`` / ``ReleaseNewSyns``).
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator, Protocol
 
-from distributor.conntable import Connection
-from distributor.reroute import Interposer
-from distributor.wire import END, OPEN, SyncBatch, SyncRecord
+from common.wire import END, OPEN, SyncBatch, SyncRecord
+
+
+class Replica(Protocol):
+    """What replication needs of the local connection table (the interposer provides it)."""
+
+    def install(self, key: bytes, backend_index: int, now: float) -> bool: ...
+
+    def end(self, key: bytes, now: float) -> None: ...
+
+    def clear(self) -> int: ...
+
+    def hold_expiry(self, now: float) -> None: ...
+
+    def open_connections(self) -> list[tuple[bytes, int]]: ...
+
+    def is_open(self, key: bytes) -> bool: ...
+
+    def __len__(self) -> int: ...
 
 
 class SyncSender:
@@ -37,17 +54,17 @@ class SyncSender:
         self.pending: list[SyncRecord] = []
         self.records_sent = 0
         self.snapshots = 0
-        self._snapshot: Iterator[Connection] | None = None
+        self._snapshot: Iterator[tuple[bytes, int]] | None = None
         self._snapshot_started = False
 
-    def opened(self, conn: Connection) -> None:
-        self.pending.append(SyncRecord(OPEN, conn.key, conn.backend.index))
+    def opened(self, key: bytes, backend_index: int) -> None:
+        self.pending.append(SyncRecord(OPEN, key, backend_index))
 
-    def ended(self, conn: Connection) -> None:
-        self.pending.append(SyncRecord(END, conn.key, 0))
+    def ended(self, key: bytes) -> None:
+        self.pending.append(SyncRecord(END, key, 0))
 
-    def start_snapshot(self, conns: list[Connection]) -> None:
-        """Stream every still-open connection of ``conns`` (a copy of the table taken now)."""
+    def start_snapshot(self, conns: list[tuple[bytes, int]]) -> None:
+        """Stream ``conns``, (key, backend index) of every open connection, copied from the table now."""
         self._snapshot = iter(conns)
         self._snapshot_started = False
         self.snapshots += 1
@@ -64,16 +81,21 @@ class SyncSender:
             payloads.append(self._cut(0, chunk))
         return payloads
 
-    def snapshot_batches(self, limit: int) -> list[bytes]:
-        """Up to ``limit`` payloads of the running snapshot."""
+    def snapshot_batches(self, limit: int, still_open: "Callable[[bytes], bool]") -> list[bytes]:
+        """Up to ``limit`` payloads of the running snapshot.
+
+        A connection that ended since the snapshot started is skipped (``still_open``):
+        its END already went out in a live batch, and an OPEN after it would resurrect it.
+        """
         payloads: list[bytes] = []
         while self._snapshot is not None and len(payloads) < limit:
             chunk: list[SyncRecord] = []
-            for conn in self._snapshot:
-                if conn.is_open:
-                    chunk.append(SyncRecord(OPEN, conn.key, conn.backend.index))
-                    if len(chunk) == SyncBatch.MAX_RECORDS:
-                        break
+            for key, backend_index in self._snapshot:
+                if not still_open(key):
+                    continue
+                chunk.append(SyncRecord(OPEN, key, backend_index))
+                if len(chunk) == SyncBatch.MAX_RECORDS:
+                    break
             flags = 0 if self._snapshot_started else SyncBatch.SNAPSHOT_START
             self._snapshot_started = True
             if len(chunk) < SyncBatch.MAX_RECORDS:
@@ -89,8 +111,8 @@ class SyncSender:
 
 
 class SyncReceiver:
-    def __init__(self, interposer: Interposer) -> None:
-        self.interposer = interposer
+    def __init__(self, replica: Replica) -> None:
+        self.replica = replica
         self.applied: int | None = None  # number of the last batch applied
         self.snapshot_complete = False
         self._in_snapshot = False
@@ -116,20 +138,25 @@ class SyncReceiver:
                 self.snapshot_complete = False
                 self._in_snapshot = False
         if batch.flags & SyncBatch.SNAPSHOT_START:
-            self.interposer.clear()
+            self.replica.clear()
             self._in_snapshot = True
         for record in batch.records:
             if record.op == OPEN:
-                if not self.interposer.install(record.key, record.backend, now):
+                if not self.replica.install(record.key, record.backend, now):
                     self.rejected_records += 1
             else:
-                self.interposer.end(record.key, now)
+                self.replica.end(record.key, now)
         self.records_applied += len(batch.records)
         if batch.flags & SyncBatch.SNAPSHOT_END and self._in_snapshot:
             self._in_snapshot = False
             self.snapshot_complete = True
         self.applied = batch.batch
         return gap
+
+    @property
+    def in_snapshot(self) -> bool:
+        """A snapshot is arriving (its first batch came, its last not yet)."""
+        return self._in_snapshot
 
     def caught_up(self, active_batch: int) -> bool:
         return self.snapshot_complete and self.applied is not None and active_batch - self.applied <= 1

@@ -20,6 +20,9 @@ import logging
 import socket
 from dataclasses import dataclass
 
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
 log = logging.getLogger("distributor.takeover")
 
 ETH_P_ARP = 0x0806
@@ -42,8 +45,6 @@ class AddressOwner:
         self._frames: list[tuple[str, bytes]] = []
 
     async def prepare(self) -> None:
-        from pyroute2 import AsyncIPRoute  # imported here: only a distributor with failover needs it
-
         self._ipr = AsyncIPRoute()
         try:
             for floating in self.addresses:
@@ -65,8 +66,6 @@ class AddressOwner:
             raise
 
     async def claim(self) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         for floating in self.addresses:
             try:
                 await self._ipr.addr("add", index=self._index[floating.interface], address=str(floating.address.ip),
@@ -76,8 +75,6 @@ class AddressOwner:
                     raise OSError(f"cannot add {floating.address} to {floating.interface}: {exc}") from None
 
     async def release(self) -> None:
-        from pyroute2.netlink.exceptions import NetlinkError
-
         for floating in self.addresses:
             try:
                 await self._ipr.addr("del", index=self._index[floating.interface], address=str(floating.address.ip),

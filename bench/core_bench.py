@@ -1,7 +1,6 @@
 """Micro-benchmark: the interposer core's cost per packet, without the kernel.
 
-Times :meth:`Interposer.decide` (rewrite mode) and :meth:`Interposer.decide_mark`
-(kernel mode) on established segments of both directions and on SYNs, medians
+Times :meth:`Interposer.decide` in rewrite mode and in kernel mode on established segments of both directions and on SYNs, medians
 of interleaved rounds.  The data path's full cost per packet adds NFQUEUE's
 round trip (see bench.nfqueue_floor and docs/performance.md).
 
@@ -17,7 +16,7 @@ import time
 
 from distributor.balancer import Policy
 from distributor.conntable import ConnectionTable
-from distributor.reroute import BackendSpec, Interposer, ServiceSpec
+from distributor.reroute import BackendSpec, Interposer, Mode, ServiceSpec
 
 from .table_scale import segment
 
@@ -25,9 +24,10 @@ VIP = ipaddress.IPv4Address("203.0.113.1")
 CLIENT = ipaddress.IPv4Address("203.0.113.10").packed
 
 
-def interposer() -> Interposer:
+def interposer(mode: Mode = Mode.REWRITE) -> Interposer:
     backends = tuple(BackendSpec(f"web{i}", ipaddress.IPv4Address(f"198.51.100.{11 + i}"), 80) for i in range(3))
-    return Interposer([ServiceSpec("web", VIP, 80, Policy.LEAST_OUTSTANDING, backends)], ConnectionTable(1_000_000))
+    return Interposer([ServiceSpec("web", VIP, 80, Policy.LEAST_OUTSTANDING, backends)], ConnectionTable(1_000_000),
+                      mode)
 
 
 def established(count: int) -> float:
@@ -48,9 +48,9 @@ def established(count: int) -> float:
 
 
 def syns(count: int, kernel: bool) -> float:
-    ip = interposer()
+    ip = interposer(Mode.KERNEL if kernel else Mode.REWRITE)
     packets = [segment(CLIENT, VIP.packed, 1024 + i % 60000, 80, 0x02) for i in range(count)]
-    decide = ip.decide_mark if kernel else ip.decide
+    decide = ip.decide
     started = time.perf_counter()
     for i, packet in enumerate(packets):
         if i % 60000 == 0 and i:

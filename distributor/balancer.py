@@ -106,6 +106,9 @@ class Balancer:
     def weight(self, index: int) -> int:
         return self._weights[index]
 
+    def ramp(self, index: int) -> float:
+        return self._ramp[index]
+
     def is_available(self, index: int) -> bool:
         return self._available[index]
 

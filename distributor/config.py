@@ -11,25 +11,21 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+
+from backup.failover import FailoverOptions
+from backup.roles import FailoverSettings
+from backup.takeover import FloatingAddress
+from common.tomlconfig import ConfigError, TableReader, loads, show
 
 from .alerts import SmtpSettings
 from .balancer import MAX_WEIGHT, Policy
 from .conntable import Timeouts
-from .heartbeat import HealthSettings
-from .reroute import BackendSpec, ServiceSpec
+from .core import HealthOptions
+from .heartbeat import HealthSettings, OnDead
+from .reroute import BackendSpec, Mode, ServiceSpec
 
-if TYPE_CHECKING:
-    from backup.roles import FailoverSettings
-    from backup.takeover import FloatingAddress
-
-__all__ = ["ConfigError", "Config", "TableReader", "load", "parse"]
-
-
-class ConfigError(ValueError):
-    pass
+__all__ = ["ConfigError", "Config", "load", "parse"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,27 +34,35 @@ class HealthConfig:
     listen: tuple[str, int]
     keys_file: str
     freshness: float
-    on_dead: str  # "keep" or "reset"
+    on_dead: OnDead
+
+    def options(self, nodes: dict[str, ipaddress.IPv4Address]) -> HealthOptions:
+        return HealthOptions(self.settings, {name: str(address) for name, address in nodes.items()}, self.freshness,
+                             self.on_dead)
 
 
 @dataclasses.dataclass(frozen=True)
 class FailoverConfig:
-    settings: "FailoverSettings"
+    settings: FailoverSettings
     address: ipaddress.IPv4Address
     listen: tuple[str, int]
     destination: tuple[str, int]  # heartbeats and resigns: the cluster LAN's broadcast address
     keys_file: str
     freshness: float
     peers: dict[str, ipaddress.IPv4Address]  # name -> address: the state-sync stream goes to each, unicast
-    addresses: tuple["FloatingAddress", ...]
+    addresses: tuple[FloatingAddress, ...]
     garp_count: int
     garp_repeat: float
+
+    def options(self, name: str) -> FailoverOptions:
+        return FailoverOptions(name, self.address, self.settings, self.destination, dict(self.peers), self.listen[1],
+                               self.freshness, self.garp_repeat)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     name: str
-    mode: str  # "rewrite" (user space rewrites every packet) or "kernel" (first packet only; conntrack NAT)
+    mode: Mode
     queue: int
     queue_length: int
     capacity: int
@@ -74,73 +78,7 @@ class Config:
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
-
-
-class TableReader:
-    """A TOML table being read: tracks the keys used so leftovers can be reported."""
-
-    def __init__(self, data: Any, path: str):
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path or 'the top level'}: expected a table, got {_show(data)}")
-        self.data = data
-        self.path = path
-        self.used: set[str] = set()
-
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
-
-    def get(self, name: str, default: Any = dataclasses.MISSING) -> Any:
-        self.used.add(name)
-        if name in self.data:
-            return self.data[name]
-        if default is dataclasses.MISSING:
-            raise ConfigError(f"{self.key(name)}: required key is missing")
-        return default
-
-    def table(self, name: str, required: bool = False) -> "TableReader":
-        value = self.get(name, dataclasses.MISSING if required else {})
-        return TableReader(value, self.key(name))
-
-    def integer(self, name: str, default: Any, low: int, high: int) -> int:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected an integer from {low} to {high}")
-        return value
-
-    def number(self, name: str, default: Any, low: float, inclusive: bool = False) -> float:
-        value = self.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= low if inclusive else value > low):
-            bound = ">=" if inclusive else ">"
-            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected a number {bound} {low}")
-        return float(value)
-
-    def string(self, name: str, default: Any = dataclasses.MISSING, choices: tuple[str, ...] | None = None) -> str:
-        value = self.get(name, default)
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected a non-empty string")
-        if choices is not None and value not in choices:
-            raise ConfigError(f"{self.key(name)}: {_show(value)} is not valid; expected one of {', '.join(choices)}")
-        return value
-
-    def ipv4(self, name: str) -> ipaddress.IPv4Address:
-        value = self.get(name)
-        try:
-            if not isinstance(value, str):
-                raise ValueError
-            return ipaddress.IPv4Address(value)
-        except ValueError:
-            raise ConfigError(
-                f"{self.key(name)}: {_show(value)} is not valid; expected an IPv4 address such as \"203.0.113.1\""
-            ) from None
-
-    def done(self) -> None:
-        extra = sorted(set(self.data) - self.used)
-        if extra:
-            raise ConfigError(f"{self.key(extra[0])}: unknown key (known keys here: {', '.join(sorted(self.used))})")
-
-
-def _show(value: Any) -> str:
-    return repr(value) if not isinstance(value, dict) else "a table"
+_show = show
 
 
 def load(path: str | Path) -> Config:
@@ -152,15 +90,11 @@ def load(path: str | Path) -> Config:
 
 
 def parse(text: str, source: str = "<config>") -> Config:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = TableReader(data, "")
+    top = TableReader(loads(text, source), "")
 
     dist = top.table("distributor")
     name = dist.string("name", "distributor")
-    mode = dist.string("mode", "rewrite", ("rewrite", "kernel"))
+    mode = Mode(dist.string("mode", Mode.REWRITE.value, tuple(m.value for m in Mode)))
     queue = dist.integer("queue", 0, 0, 65535)
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
@@ -208,13 +142,10 @@ def parse(text: str, source: str = "<config>") -> Config:
 
 
 def _failover(top: TableReader, name: str, health: HealthConfig | None) -> FailoverConfig | None:
-    from backup.roles import FailoverSettings
-    from backup.takeover import FloatingAddress
-
     if "failover" not in top.data:
         return None
     table = top.table("failover")
-    if not _boolean(table, "enabled", True):
+    if not table.boolean("enabled", True):
         return None
     if len(name.encode()) > 16 or not name.isascii():
         raise ConfigError(f"distributor.name: {name!r} is not valid with failover; expected 1 to 16 ASCII characters")
@@ -222,7 +153,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
     try:
         settings = FailoverSettings(
             priority=table.integer("priority", defaults.priority, 0, 65535),
-            preempt=_boolean(table, "preempt", defaults.preempt),
+            preempt=table.boolean("preempt", defaults.preempt),
             interval=table.number("interval", defaults.interval, 0),
             warning=table.integer("warning", defaults.warning, 0, 10_000),
             dead=table.integer("dead", defaults.dead, 1, 10_000),
@@ -282,7 +213,7 @@ def _health(top: TableReader) -> HealthConfig | None:
     if "health" not in top.data:
         return None
     health = top.table("health")
-    if not _boolean(health, "enabled", True):
+    if not health.boolean("enabled", True):
         return None  # the other keys stay valid but unused
     defaults = HealthSettings()
     try:
@@ -300,7 +231,7 @@ def _health(top: TableReader) -> HealthConfig | None:
     listen = _listen(health, "listen", "0.0.0.0:8405")
     keys_file = health.string("keys_file")
     freshness = health.number("freshness", 5.0, 0)
-    on_dead = health.string("on_dead", "keep", ("keep", "reset"))
+    on_dead = OnDead(health.string("on_dead", OnDead.KEEP.value, tuple(o.value for o in OnDead)))
     health.done()
     assert listen is not None
     return HealthConfig(settings, listen, keys_file, freshness, on_dead)
@@ -332,7 +263,7 @@ def _alerts(top: TableReader) -> tuple[str | None, SmtpSettings | None]:
             port=table.integer("port", 25, 1, 65535),
             sender=table.string("sender", "distributor@localhost"),
             recipients=tuple(recipients),
-            starttls=_boolean(table, "starttls", False),
+            starttls=table.boolean("starttls", False),
             username=table.get("username", ""),
             password=password,
             timeout=table.number("timeout", 10.0, 0),
@@ -343,28 +274,8 @@ def _alerts(top: TableReader) -> tuple[str | None, SmtpSettings | None]:
     return log_file or None, smtp
 
 
-def _boolean(table: TableReader, name: str, default: bool) -> bool:
-    value = table.get(name, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{table.key(name)}: {_show(value)} is not valid; expected true or false")
-    return value
-
-
 def _listen(table: TableReader, name: str, default: str = "") -> tuple[str, int] | None:
-    value = table.get(name, default)
-    if value == "":
-        return None
-    host, sep, port = value.rpartition(":") if isinstance(value, str) else ("", "", "")
-    try:
-        ipaddress.ip_address(host)
-        port_number = int(port)
-        if not sep or not 1 <= port_number <= 65535:
-            raise ValueError
-    except ValueError:
-        raise ConfigError(
-            f"{table.key(name)}: {_show(value)} is not valid; expected \"ADDRESS:PORT\" such as \"127.0.0.1:9110\", or \"\" to disable"
-        ) from None
-    return host, port_number
+    return table.endpoint(name, default)
 
 
 def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:

@@ -11,8 +11,9 @@ Contract
     ``node_ip client_ip node_port client_port``.
 
   so the interposer can look a packet up with one slice of its bytes.
-* Entries follow the TCP lifecycle (:class:`TcpState`); the allowed moves are
-  listed in ``TRANSITIONS`` and any other move raises ``IllegalTransition``.
+* Entries follow the TCP lifecycle (:class:`TcpState`); the legal moves are
+  the table ``MOVES`` keyed by (state, :class:`ConnEvent`) (see
+  :mod:`common.machine`) and any other move raises ``IllegalTransition``.
   A connection is *open* (counted as outstanding on its backend) from its SYN
   until both FINs, an RST, or idle expiry, and :meth:`ConnectionTable.advance`
   and :meth:`ConnectionTable.expire` report the moment it stops being open,
@@ -39,8 +40,11 @@ import dataclasses
 import enum
 from typing import Any, Iterator
 
+from common.machine import IllegalTransition, TransitionTable
+
 __all__ = [
     "TcpState",
+    "ConnEvent",
     "Timeouts",
     "Connection",
     "ConnectionTable",
@@ -68,14 +72,24 @@ class TcpState(enum.IntEnum):
     GONE = 5  # removed from the table (never stored)
 
 
-# Moves the lifecycle allows; anything else is a bug in the caller.
-TRANSITIONS: dict[TcpState, frozenset[TcpState]] = {
-    TcpState.SYN_SEEN: frozenset({TcpState.ESTABLISHED, TcpState.FIN_WAIT, TcpState.CLOSED, TcpState.GONE}),
-    TcpState.ESTABLISHED: frozenset({TcpState.FIN_WAIT, TcpState.CLOSED, TcpState.GONE}),
-    TcpState.FIN_WAIT: frozenset({TcpState.CLOSING, TcpState.CLOSED, TcpState.GONE}),
-    TcpState.CLOSING: frozenset({TcpState.CLOSED, TcpState.GONE}),
-    TcpState.CLOSED: frozenset({TcpState.GONE}),
-    TcpState.GONE: frozenset(),
+class ConnEvent(enum.Enum):
+    CLIENT_ACK = "client_ack"  # the client acknowledged the node's SYN-ACK: the handshake is done
+    FIRST_FIN = "first_fin"  # one side sent FIN
+    SECOND_FIN = "second_fin"  # the other side sent FIN too
+    RESET = "reset"  # an RST was seen, or the distributor reset the connection
+    REMOVE = "remove"  # expiry, eviction, or a new connection replacing a finished one
+
+
+_S, _E = TcpState, ConnEvent
+# The TCP lifecycle as the distributor follows it; anything else is a bug in the caller.
+MOVES: dict[tuple[TcpState, ConnEvent], tuple[TcpState, None]] = {
+    (_S.SYN_SEEN, _E.CLIENT_ACK): (_S.ESTABLISHED, None),
+    (_S.SYN_SEEN, _E.FIRST_FIN): (_S.FIN_WAIT, None),
+    (_S.ESTABLISHED, _E.FIRST_FIN): (_S.FIN_WAIT, None),
+    (_S.FIN_WAIT, _E.SECOND_FIN): (_S.CLOSING, None),
+    **{(state, _E.RESET): (_S.CLOSED, None) for state in (_S.SYN_SEEN, _S.ESTABLISHED, _S.FIN_WAIT, _S.CLOSING)},
+    **{(state, _E.REMOVE): (_S.GONE, None) for state in (_S.SYN_SEEN, _S.ESTABLISHED, _S.FIN_WAIT, _S.CLOSING,
+                                                        _S.CLOSED)},
 }
 
 OPEN_STATES = frozenset({TcpState.SYN_SEEN, TcpState.ESTABLISHED, TcpState.FIN_WAIT})
@@ -87,10 +101,6 @@ _COMPACT_SLACK = 1024
 
 _FIN_FROM_CLIENT = 1
 _FIN_FROM_NODE = 2
-
-
-class IllegalTransition(RuntimeError):
-    pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +164,8 @@ class ConnectionTable:
         self._count = 0
         self._queues: list[collections.deque[Connection]] = [collections.deque() for _ in TcpState]
         self._live = [0] * len(TcpState)
-        self.transitions: collections.Counter[tuple[TcpState, TcpState]] = collections.Counter()
+        self._machine = TransitionTable("connection", MOVES)
+        self.transitions: collections.Counter[tuple[TcpState, TcpState]] = self._machine.counts
         self.evicted = 0
         self.expired = 0
         # Open connections count as active at least until this time: a backup's
@@ -186,7 +197,7 @@ class ConnectionTable:
     def remove(self, conn: Connection) -> bool:
         """Drop an entry at once; returns True when it was open (the caller releases it)."""
         was_open = conn.is_open
-        self._move(conn, TcpState.GONE, conn.last_seen)
+        self._move(conn, ConnEvent.REMOVE, conn.last_seen)
         return was_open
 
     def close(self, conn: Connection, now: float) -> bool:
@@ -194,7 +205,7 @@ class ConnectionTable:
         if conn.state is TcpState.CLOSED:
             return False
         was_open = conn.is_open
-        self._move(conn, TcpState.CLOSED, now)
+        self._move(conn, ConnEvent.RESET, now)
         return was_open
 
     def advance(self, conn: Connection, flags: int, from_client: bool, now: float) -> bool:
@@ -204,7 +215,7 @@ class ConnectionTable:
         if state is TcpState.CLOSED:
             return False  # reset: stragglers (a late FIN, a retransmission) change nothing
         if flags & RST:
-            self._move(conn, TcpState.CLOSED, now)
+            self._move(conn, ConnEvent.RESET, now)
             return state in OPEN_STATES
         if flags & FIN:
             bit = _FIN_FROM_CLIENT if from_client else _FIN_FROM_NODE
@@ -212,12 +223,12 @@ class ConnectionTable:
                 return False  # retransmitted FIN
             conn.fins |= bit
             if conn.fins == _FIN_FROM_CLIENT | _FIN_FROM_NODE:
-                self._move(conn, TcpState.CLOSING, now)
+                self._move(conn, ConnEvent.SECOND_FIN, now)
                 return True
-            self._move(conn, TcpState.FIN_WAIT, now)
+            self._move(conn, ConnEvent.FIRST_FIN, now)
             return False
         if state is TcpState.SYN_SEEN and from_client and not flags & SYN:
-            self._move(conn, TcpState.ESTABLISHED, now)
+            self._move(conn, ConnEvent.CLIENT_ACK, now)
         return False
 
     def hold_expiry(self, now: float) -> None:
@@ -255,16 +266,14 @@ class ConnectionTable:
                 self.expired += 1
                 if state in OPEN_STATES:
                     ended.append(conn)
-                self._move(conn, TcpState.GONE, now)
+                self._move(conn, ConnEvent.REMOVE, now)
         return ended
 
     # -- internals ---------------------------------------------------------
-    def _move(self, conn: Connection, new: TcpState, now: float) -> None:
+    def _move(self, conn: Connection, event: ConnEvent, now: float) -> None:
         old = conn.state
-        if new not in TRANSITIONS[old]:
-            raise IllegalTransition(f"connection {conn.key.hex()}: {old.name} -> {new.name} is not allowed")
+        new, _, _ = self._machine.move(old, event, conn.key.hex())
         conn.state = new
-        self.transitions[(old, new)] += 1
         self._live[old] -= 1
         self._compact_if_stale(old)
         if new is TcpState.GONE:
@@ -290,7 +299,7 @@ class ConnectionTable:
             while queue:
                 conn = queue.popleft()
                 if conn.state is state:
-                    self._move(conn, TcpState.GONE, conn.last_seen)
+                    self._move(conn, ConnEvent.REMOVE, conn.last_seen)
                     self.evicted += 1
                     return True
         return False

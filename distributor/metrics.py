@@ -1,30 +1,34 @@
-"""Prometheus metrics: an observer that reads the core's counters at scrape time.
+"""Prometheus metrics: an observer that reads snapshots at scrape time (adapter).
 
-Contract: :class:`InterposerCollector` costs nothing on the packet path; it
-reads the interposer's counters, table and balancers when Prometheus scrapes.
-:func:`start_metrics_server` serves ``/metrics`` from the daemon's own asyncio
-loop (aiohttp), so no extra thread touches the core.
+Contract: :class:`DistributorCollector` costs nothing on the packet path; when Prometheus scrapes,
+it reads ``core.stats(now)`` (frozen dataclasses) and the adapters' own counters (the queue, the
+alerts, the runtime) and turns them into metric families.  :func:`start_metrics_server` serves
+``/metrics`` from the daemon's own asyncio loop (aiohttp), so no extra thread touches the core.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
+from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from .heartbeat import NodeState
+from backup.failover import FailoverStats
+from backup.roles import Role
+from common.wire import Reject
+
+from .heartbeat import HealthStats, NodeState
 from .reroute import Reason
-from .wire import NodeHeartbeat, Reject
 
 if TYPE_CHECKING:
-    from aiohttp import web
-
     from .alerts import Alerts
-    from .health import HealthMonitor
-    from .reroute import Interposer
+    from .core import DistributorCore
+    from .datapath import PacketQueue
+    from .runtime import Runtime
 
 log = logging.getLogger("distributor.metrics")
 
@@ -48,146 +52,131 @@ def read_queue_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[
     return stats
 
 
-class InterposerCollector:
-    def __init__(self, interposer: "Interposer", queue: int, handler_errors: Callable[[], int],
-                 monitor: "HealthMonitor | None" = None, alerts: "Alerts | None" = None, failover=None,
-                 queue_stats: Callable[[], tuple[int, int]] | None = None):
-        self.interposer = interposer
+class DistributorCollector:
+    def __init__(self, core: "DistributorCore", queue: "PacketQueue | None" = None, alerts: "Alerts | None" = None,
+                 runtime: "Runtime | None" = None, clock: Callable[[], float] = time.monotonic, queue_number: int = 0):
+        self.core = core
         self.queue = queue
-        self.handler_errors = handler_errors
-        self.monitor = monitor
         self.alerts = alerts
-        self.failover = failover
-        self.queue_stats = queue_stats
+        self.runtime = runtime
+        self.clock = clock
+        self.queue_number = queue.queue if queue is not None else queue_number
 
     def collect(self) -> Iterator:
-        interposer = self.interposer
-        table = interposer.table
+        stats = self.core.stats(self.clock())
+        interposer = stats.interposer
         packets = CounterMetricFamily(
             "distributor_packets", "Queued packets by the reason for their verdict", labels=["reason", "verdict"]
         )
         for reason in Reason:
             verdict = "accept" if reason.verdict else "drop"
-            packets.add_metric([reason.name.lower(), verdict], interposer.counts[reason])
+            packets.add_metric([reason.name.lower(), verdict], interposer.packets[reason])
         yield packets
-        yield GaugeMetricFamily("distributor_connections", "Connections in the table", value=len(table))
-        yield GaugeMetricFamily("distributor_connections_capacity", "Connection table capacity", value=table.capacity)
-        yield CounterMetricFamily(
-            "distributor_connections_expired", "Connections removed after idling past their timeout", value=table.expired
-        )
-        yield CounterMetricFamily(
-            "distributor_connections_evicted", "Finished connections evicted early to make room", value=table.evicted
-        )
-        yield CounterMetricFamily(
-            "distributor_handler_errors", "Packets dropped because handling them raised", value=self.handler_errors()
-        )
-        if self.queue_stats is not None:
-            drains, packets = self.queue_stats()
-            yield CounterMetricFamily("distributor_nfqueue_reads", "Wake-ups that read the queue", value=drains)
-            yield CounterMetricFamily("distributor_nfqueue_packets_read", "Packets read from the queue", value=packets)
-        outstanding = GaugeMetricFamily(
-            "distributor_backend_connections_open", "Open connections per backend", labels=["service", "node"]
-        )
-        eligible = GaugeMetricFamily(
-            "distributor_backend_eligible", "1 when the backend may take new connections", labels=["service", "node"]
-        )
+        yield GaugeMetricFamily("distributor_connections", "Connections in the table", value=interposer.connections)
+        yield GaugeMetricFamily("distributor_connections_capacity", "Connection table capacity", value=interposer.capacity)
+        yield CounterMetricFamily("distributor_connections_expired", "Connections removed after idling past their timeout",
+                                  value=interposer.expired)
+        yield CounterMetricFamily("distributor_connections_evicted", "Finished connections evicted early to make room",
+                                  value=interposer.evicted)
+        if self.queue is not None:
+            yield CounterMetricFamily("distributor_handler_errors", "Packets dropped because handling them raised",
+                                      value=self.queue.errors)
+            yield CounterMetricFamily("distributor_nfqueue_reads", "Wake-ups that read the queue", value=self.queue.drains)
+            yield CounterMetricFamily("distributor_nfqueue_packets_read", "Packets read from the queue",
+                                      value=self.queue.packets)
+        outstanding = GaugeMetricFamily("distributor_backend_connections_open", "Open connections per backend",
+                                        labels=["service", "node"])
+        eligible = GaugeMetricFamily("distributor_backend_eligible", "1 when the backend may take new connections",
+                                     labels=["service", "node"])
         weight = GaugeMetricFamily("distributor_backend_weight", "Configured weight", labels=["service", "node"])
-        acquired = CounterMetricFamily(
-            "distributor_backend_connections", "New connections given to each backend", labels=["service", "node"]
-        )
-        for service, backend in interposer.backends():
-            labels = [service.name, backend.name]
-            acquired.add_metric(labels, service.balancer.acquired[backend.index])
-            outstanding.add_metric(labels, service.balancer.outstanding(backend.index))
-            eligible.add_metric(labels, 1 if service.balancer.eligible(backend.index) else 0)
-            weight.add_metric(labels, service.balancer.weight(backend.index))
-        yield acquired
-        yield outstanding
-        yield eligible
-        yield weight
-        if self.monitor is not None:
-            yield from self._health(self.monitor)
-        if self.failover is not None:
-            yield from self._failover(self.failover)
+        acquired = CounterMetricFamily("distributor_backend_connections", "New connections given to each backend",
+                                       labels=["service", "node"])
+        for backend in interposer.backends:
+            labels = [backend.service, backend.node]
+            acquired.add_metric(labels, backend.acquired)
+            outstanding.add_metric(labels, backend.outstanding)
+            eligible.add_metric(labels, 1 if backend.eligible else 0)
+            weight.add_metric(labels, backend.weight)
+        yield from (acquired, outstanding, eligible, weight)
+        if stats.health is not None:
+            yield from self._health(stats.health)
+        if stats.failover is not None:
+            yield from self._failover(stats.failover)
         if self.alerts is not None:
             mails = CounterMetricFamily("distributor_alert_mails", "Alert e-mails by outcome", labels=["result"])
-            for result, value in (("sent", self.alerts.sent), ("retried", self.alerts.retried), ("failed", self.alerts.failed)):
+            for result, value in (("sent", self.alerts.sent), ("retried", self.alerts.retried),
+                                  ("failed", self.alerts.failed)):
                 mails.add_metric([result], value)
             yield mails
             yield CounterMetricFamily("distributor_alert_log_errors", "State changes the alert log file could not take",
                                       value=self.alerts.file_errors)
-        stats = read_queue_stats().get(self.queue)
-        if stats is not None:
-            yield GaugeMetricFamily("distributor_nfqueue_waiting", "Packets waiting in the kernel queue", value=stats["waiting"])
-            yield CounterMetricFamily(
-                "distributor_nfqueue_dropped",
-                "Packets the kernel dropped: queue full or socket buffer full",
-                value=stats["queue_dropped"] + stats["user_dropped"],
-            )
+        queue_stats = read_queue_stats().get(self.queue_number)
+        if queue_stats is not None:
+            yield GaugeMetricFamily("distributor_nfqueue_waiting", "Packets waiting in the kernel queue",
+                                    value=queue_stats["waiting"])
+            yield CounterMetricFamily("distributor_nfqueue_dropped",
+                                      "Packets the kernel dropped: queue full or socket buffer full",
+                                      value=queue_stats["queue_dropped"] + queue_stats["user_dropped"])
 
-
-    def _health(self, monitor: "HealthMonitor") -> Iterator:
-        board = monitor.board
+    def _health(self, health: HealthStats) -> Iterator:
         state = GaugeMetricFamily("distributor_node_state", "1 for the node's current health state", labels=["node", "state"])
-        counter = GaugeMetricFamily("distributor_node_heartbeat_counter", "Ticks since the node's last heartbeat", labels=["node"])
+        counter = GaugeMetricFamily("distributor_node_heartbeat_counter", "Ticks since the node's last heartbeat",
+                                    labels=["node"])
         beats = CounterMetricFamily("distributor_node_heartbeats", "Verified heartbeats per node", labels=["node"])
         load = GaugeMetricFamily("distributor_node_load1", "Load average the node last reported", labels=["node"])
-        cpu = GaugeMetricFamily("distributor_node_cpu_busy_ratio", "CPU busy fraction the node last reported", labels=["node"])
-        probe = GaugeMetricFamily("distributor_node_probe_seconds", "Probe response time the node last reported", labels=["node"])
-        for node in board.nodes:
+        cpu = GaugeMetricFamily("distributor_node_cpu_busy_ratio", "CPU busy fraction the node last reported",
+                                labels=["node"])
+        probe = GaugeMetricFamily("distributor_node_probe_seconds", "Probe response time the node last reported",
+                                  labels=["node"])
+        for node in health.nodes:
             for candidate in NodeState:
-                state.add_metric([node, candidate.value], 1 if board.state(node) is candidate else 0)
-            counter.add_metric([node], board.counter(node))
-            beats.add_metric([node], board.heartbeats(node))
-            report = board.report(node)
-            if isinstance(report, NodeHeartbeat):
-                load.add_metric([node], report.load1)
-                cpu.add_metric([node], report.cpu)
-                probe.add_metric([node], report.response_ms / 1000)
+                state.add_metric([node.node, candidate.value], 1 if node.state is candidate else 0)
+            counter.add_metric([node.node], node.counter)
+            beats.add_metric([node.node], node.heartbeats)
+            if node.report is not None:
+                load.add_metric([node.node], node.report.load1)
+                cpu.add_metric([node.node], node.report.cpu)
+                probe.add_metric([node.node], node.report.response_ms / 1000)
         yield from (state, counter, beats, load, cpu, probe)
         transitions = CounterMetricFamily("distributor_node_transitions", "Node state changes", labels=["from", "to"])
-        for (old, new), value in board.transitions.items():
+        for (old, new), value in health.transitions.items():
             transitions.add_metric([old.value, new.value], value)
         yield transitions
         rejected = CounterMetricFamily("distributor_heartbeats_rejected", "Rejected heartbeat datagrams", labels=["reason"])
         for reason in Reject:
-            rejected.add_metric([reason.value], monitor.rejected[reason])
+            rejected.add_metric([reason.value], health.rejected[reason])
         yield rejected
         yield CounterMetricFamily("distributor_connections_reset", "Connections reset because their node died",
-                                  value=monitor.reset_connections)
+                                  value=health.reset_connections)
 
-
-    def _failover(self, failover) -> Iterator:
-        from backup.roles import Role
-
-        machine = failover.machine
+    def _failover(self, failover: FailoverStats) -> Iterator:
         role = GaugeMetricFamily("distributor_failover_role", "1 for this distributor's current role", labels=["role"])
         for candidate in Role:
-            role.add_metric([candidate.name.lower()], 1 if machine.role is candidate else 0)
+            role.add_metric([candidate.name.lower()], 1 if failover.role is candidate else 0)
         yield role
-        yield GaugeMetricFamily("distributor_failover_term", "Term of this distributor's last takeover", value=machine.term)
+        yield GaugeMetricFamily("distributor_failover_term", "Term of this distributor's last takeover", value=failover.term)
         peers = GaugeMetricFamily("distributor_failover_peer_alive", "1 while the peer heartbeats", labels=["peer", "role"])
-        for peer in machine.peers.values():
+        for peer in failover.peers:
             peers.add_metric([peer.name, peer.role.name.lower()], 1 if peer.alive else 0)
         yield peers
-        lag = failover.lag()
-        if lag is not None:
-            yield GaugeMetricFamily("distributor_sync_lag_batches", "Sync batches the replica is behind the active", value=lag)
+        if failover.lag_batches is not None:
+            yield GaugeMetricFamily("distributor_sync_lag_batches", "Sync batches the replica is behind the active",
+                                    value=failover.lag_batches)
         yield GaugeMetricFamily("distributor_sync_caught_up", "1 when this standby's replica is complete and current",
-                                value=1 if machine.caught_up else 0)
+                                value=1 if failover.caught_up else 0)
         yield GaugeMetricFamily("distributor_sync_active_connections", "Connections the active distributor reports",
                                 value=failover.active_connections)
-        yield CounterMetricFamily("distributor_sync_gaps", "Gaps found in the sync stream", value=failover.receiver.gaps)
+        yield CounterMetricFamily("distributor_sync_gaps", "Gaps found in the sync stream", value=failover.gaps)
         yield CounterMetricFamily("distributor_sync_records_applied", "Replicated changes applied",
-                                  value=failover.receiver.records_applied)
-        yield CounterMetricFamily("distributor_sync_records_sent", "Changes sent to the standbys", value=failover.sender.records_sent)
+                                  value=failover.records_applied)
+        yield CounterMetricFamily("distributor_sync_records_sent", "Changes sent to the standbys", value=failover.records_sent)
         yield CounterMetricFamily("distributor_sync_snapshots_sent", "Table snapshots streamed on a standby's request",
-                                  value=failover.sender.snapshots)
+                                  value=failover.snapshots_sent)
         yield CounterMetricFamily("distributor_sync_records_rejected",
                                   "Replicated connections this distributor could not install (unknown service or full table)",
-                                  value=failover.receiver.rejected_records)
+                                  value=failover.rejected_records)
         yield CounterMetricFamily("distributor_failover_announcements", "Bursts of gratuitous ARP sent",
-                                  value=failover.owner.announcements)
+                                  value=failover.announcements)
         sent = CounterMetricFamily("distributor_failover_datagrams_sent", "Datagrams sent to the peers", labels=["kind"])
         for kind, value in failover.sent.items():
             sent.add_metric([kind.name.lower()], value)
@@ -208,12 +197,19 @@ class InterposerCollector:
             yield phases
 
 
-async def start_metrics_server(registry: CollectorRegistry, host: str, port: int) -> "web.AppRunner":
-    from aiohttp import web
+def render(collector: DistributorCollector) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(collector)
+    return generate_latest(registry)
+
+
+async def start_metrics_server(core: "DistributorCore", queue: "PacketQueue | None", alerts: "Alerts | None",
+                               runtime: "Runtime | None", host: str, port: int) -> web.AppRunner:
+    registry = CollectorRegistry()
+    registry.register(DistributorCollector(core, queue, alerts, runtime))
 
     async def metrics(_request: web.Request) -> web.Response:
-        body = generate_latest(registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
     app.router.add_get("/metrics", metrics)

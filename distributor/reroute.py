@@ -2,11 +2,22 @@
 
 Contract
 --------
-:meth:`Interposer.handle` takes the bytes of one IPv4 packet that the kernel
-queued and the current time, and returns ``(verdict, new_bytes)``: the verdict
-is :data:`ACCEPT` or :data:`DROP`; ``new_bytes`` is ``None`` when the packet
-goes on unchanged.  It never raises for any input bytes; every outcome is
-counted in :attr:`Interposer.counts` under a :class:`Reason`.
+:meth:`Interposer.decide` takes the bytes of one IPv4 packet that the kernel
+queued and the current time, and returns one verdict, ``(reason, out,
+extra)``, the only way out of the interposer:
+
+* ``reason`` (a :class:`Reason`) gives the verdict, ``reason.verdict``
+  (:data:`ACCEPT` or :data:`DROP`), and is counted (:meth:`Interposer.stats`);
+* ``out`` is what to hand back with the verdict: the rewritten bytes in
+  :attr:`Mode.REWRITE`, the mark that selects the node's DNAT rule in
+  :attr:`Mode.KERNEL`, or ``None`` when the packet goes on unchanged;
+* ``extra`` is ``None`` or a tuple of effects the packet caused:
+  :class:`ConnectionOpened` / :class:`ConnectionEnded` (the distributor's core
+  replicates them) and :class:`SendPacket` (a crafted RST to send).
+
+It never raises for any input bytes.  Work that is not driven by a packet
+(expiry, a dead node's reset, replicated connections) returns its effects the
+same way, as lists.
 
 * client -> VIP:port of a service: a SYN opens a connection on the backend
   the service's balancer picks; every packet of a known connection gets its
@@ -39,7 +50,9 @@ from __future__ import annotations
 import enum
 import ipaddress
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
+
+from common.sansio import Command
 
 from . import checksum
 from .balancer import Balancer, Policy
@@ -48,7 +61,15 @@ from .conntable import ACK, FIN, RST, SYN, Connection, ConnectionTable, TcpState
 __all__ = [
     "ACCEPT",
     "DROP",
+    "Mode",
     "Reason",
+    "ConnectionOpened",
+    "ConnectionEnded",
+    "SendPacket",
+    "ForgetInConntrack",
+    "ConfirmWithConntrack",
+    "InterposerStats",
+    "BackendStats",
     "BackendSpec",
     "ServiceSpec",
     "Backend",
@@ -91,6 +112,20 @@ class Reason(enum.IntEnum):
     @property
     def verdict(self) -> int:
         return ACCEPT if self in _ACCEPTED else DROP
+
+
+class Mode(enum.Enum):
+    """The data path: which packets reach user space and what user space hands back."""
+
+    REWRITE = "rewrite"  # every packet of a VIP connection; user space rewrites it
+    KERNEL = "kernel"  # a connection's first packet and first FIN/RST; a mark selects the node's DNAT rule
+
+    @classmethod
+    def parse(cls, text: str) -> "Mode":
+        for mode in cls:
+            if mode.value == text:
+                return mode
+        raise ValueError(f"unknown data-path mode {text!r}; valid modes: {', '.join(m.value for m in cls)}")
 
 
 _ACCEPTED = frozenset({Reason.NEW_CONNECTION, Reason.TO_BACKEND, Reason.TO_CLIENT, Reason.NOT_SERVICE, Reason.NOT_TCP,
@@ -183,7 +218,70 @@ class Service:
         return f"Service({self.name}, {self.vip}:{self.port})"
 
 
-ConnectionListener = Callable[[Connection], None]
+# Not frozen: a frozen dataclass's __init__ costs several times more, and these are made per connection.
+@dataclass(slots=True)
+class ConnectionOpened:
+    """A new connection was placed on a node (the core replicates it)."""
+
+    conn: Connection
+
+
+@dataclass(slots=True)
+class ConnectionEnded:
+    """A connection stopped being open (both FINs, an RST, expiry, reset, replacement)."""
+
+    conn: Connection
+
+
+@dataclass(frozen=True, slots=True)
+class SendPacket(Command):
+    """Send a complete IPv4 packet the core crafted (an RST, a probe) through a raw socket."""
+
+    packet: bytes
+
+
+@dataclass(frozen=True)
+class ForgetInConntrack(Command):
+    """Kernel mode: delete these connections (client -> VIP keys) from conntrack, then send each probe.
+
+    The probe makes the client answer with a segment that conntrack no longer
+    knows, so it is queued and the core can reset it (see :func:`probe_for`).
+    """
+
+    keys: tuple[bytes, ...]
+    probes: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class ConfirmWithConntrack(Command):
+    """Kernel mode: ask conntrack whether it still tracks these idle-looking connections."""
+
+    keys: tuple[bytes, ...]
+
+
+@dataclass(frozen=True)
+class BackendStats:
+    service: str
+    node: str
+    address: str
+    port: int
+    weight: int
+    available: bool  # health and admin allow new connections
+    eligible: bool  # available and weight > 0
+    ramp: float
+    outstanding: int  # open connections
+    acquired: int  # connections ever placed on it
+
+
+@dataclass(frozen=True)
+class InterposerStats:
+    mode: Mode
+    packets: dict[Reason, int]
+    connections: int
+    capacity: int
+    expired: int
+    evicted: int
+    backends: tuple[BackendStats, ...]
 
 
 def backend_marks(services: Sequence[ServiceSpec]) -> dict[tuple[str, int], int]:
@@ -202,10 +300,12 @@ def backend_marks(services: Sequence[ServiceSpec]) -> dict[tuple[str, int], int]
 class Interposer:
     """Decides and rewrites every queued packet; see the module docstring."""
 
-    def __init__(self, services: Sequence[ServiceSpec], table: ConnectionTable):
+    def __init__(self, services: Sequence[ServiceSpec], table: ConnectionTable, mode: Mode = Mode.REWRITE):
         if not services:
             raise ValueError("the interposer needs at least one service")
         self.table = table
+        self.mode = mode
+        self._kernel = mode is Mode.KERNEL
         marks = backend_marks(services)
         self.services = [Service(spec, marks[(spec.name, 0)]) for spec in services]
         self._by_vip: dict[bytes, Service] = {}
@@ -216,24 +316,20 @@ class Interposer:
                 self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
         self.counts = [0] * len(Reason)
         self._lookup = table.get
-        # Packets the core wants sent (RSTs to clients); the adapter drains it.
-        self.outbox: list[bytes] = []
-        # Observers (metrics, replication) subscribe; the core only calls them.
-        self.opened_listeners: list[ConnectionListener] = []
-        self.ended_listeners: list[ConnectionListener] = []
 
     # -- the per-packet path -------------------------------------------------
-    def decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
-        """Like :meth:`handle`, but returns the reason (its verdict is ``reason.verdict``).
+    def decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
+        """The verdict for one queued packet: ``(reason, out, extra)`` (see the module docstring).
 
-        The data path calls this for every packet, so the most common one, a
-        well-formed data or ACK segment of an established connection, is
-        checked and rewritten inline; everything else goes to the full path.
+        The data path calls this for every packet, so the most common one in
+        rewrite mode, a well-formed data or ACK segment of an established
+        connection, is checked and rewritten inline; everything else goes to
+        the full path.  (Kernel mode never queues such segments.)
         """
         length = len(packet)
         if (length >= 40 and packet[0] == 0x45 and packet[9] == _IPPROTO_TCP and not (packet[6] & 0x3F or packet[7])
                 and (packet[2] << 8 | packet[3]) == length and 80 <= packet[32] and (packet[32] >> 4) * 4 + 20 <= length
-                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK):
+                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK and not self._kernel):
             key = packet[12:24]
             conn = self._lookup(key)
             if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us:
@@ -265,130 +361,127 @@ class Interposer:
                 buf[36] = tcp_sum >> 8
                 buf[37] = tcp_sum & 0xFF
                 self.counts[reason] += 1
-                return reason, bytes(buf)
-        reason, out = self._decide(packet, now)
-        self.counts[reason] += 1
-        return reason, out
+                return reason, bytes(buf), None
+        verdict = self._decide(packet, now)
+        self.counts[verdict[0]] += 1
+        return verdict
 
-    def handle(self, packet: bytes, now: float) -> tuple[int, bytes | None]:
-        reason, out = self.decide(packet, now)
+    def handle(self, packet: bytes, now: float) -> tuple[int, bytes | int | None]:
+        """``(ACCEPT or DROP, out)``: the verdict alone, for tests and tools that need no effects."""
+        reason, out, _ = self.decide(packet, now)
         return reason.verdict, out
 
-    def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | None]:
-        invalid = _invalid(packet, whole=True)
+    def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
+        # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
+        # would trim the packet to a shorter one); kernel mode copies the headers only.
+        invalid = _invalid(packet, whole=not self._kernel)
         if invalid is not None:
-            return invalid, None
-        flags = packet[33]
-
-        key = packet[12:24]
-        conn = self.table.get(key)
-        if conn is None:
-            return self._unknown(packet, key, flags, now)
-        if conn.key == key:
-            if flags & (SYN | ACK) == SYN and _starts_over(conn):
-                if self.table.remove(conn):
-                    self._ended(conn)
-                return self._unknown(packet, key, flags, now)
-            if conn.reset_by_us:
-                if flags & ACK and not flags & RST:
-                    self.outbox.append(_reset_for(packet, conn.backend))
-                return Reason.RESET_CONNECTION, None
-            if flags & ACK:
-                conn.client_ack = packet[28:32]
-            out = _to_backend(packet, conn.backend)
-            if self.table.advance(conn, flags, True, now):
-                self._ended(conn)
-            return Reason.TO_BACKEND, out
-        if conn.reset_by_us:
-            return Reason.RESET_CONNECTION, None
-        out = _to_client(packet, conn.backend)
-        if self.table.advance(conn, flags, False, now):
-            self._ended(conn)
-        return Reason.TO_CLIENT, out
-
-    # -- kernel-assisted mode --------------------------------------------------
-    def decide_mark(self, packet: bytes, now: float) -> tuple[Reason, int | None]:
-        """Kernel mode: decide a connection's first packet, or note its first FIN/RST; returns a mark, never bytes.
-
-        Only headers are needed (the queue copies 128 bytes), so the copy may
-        be shorter than the packet.  The kernel rewrites every packet itself
-        (DNAT chosen by the mark, then conntrack).
-        """
-        reason, mark = self._decide_mark(packet, now)
-        self.counts[reason] += 1
-        return reason, mark
-
-    def _decide_mark(self, packet: bytes, now: float) -> tuple[Reason, int | None]:
-        invalid = _invalid(packet, whole=False)
-        if invalid is not None:
-            return invalid, None
+            return invalid, None, None
         flags = packet[33]
         key = packet[12:24]
         conn = self.table.get(key)
-        if flags & (FIN | RST):
+        ended: ConnectionEnded | None = None
+        if self._kernel and flags & (FIN | RST):
             # The rules queue only a connection's first FIN or RST, from either side.
             if conn is not None and self.table.close(conn, now):
-                self._ended(conn)
-            return Reason.CONNECTION_END, END_MARK
-        if conn is not None and conn.key == key:
-            if conn.reset_by_us and not flags & SYN:
-                self.outbox.append(_reset_for(packet, conn.backend))
-                return Reason.RESET_CONNECTION, None
-            if flags & (SYN | ACK) == SYN and _starts_over(conn):
-                if self.table.remove(conn):
-                    self._ended(conn)
-            else:
-                # A retransmitted SYN, or the first segment this distributor's
-                # conntrack sees of a replicated connection (after a takeover).
-                if self.table.advance(conn, flags, True, now):
-                    self._ended(conn)
-                return Reason.TO_BACKEND, conn.backend.mark
-        reason, _ = self._unknown(packet, key, flags, now, rewrite=False)
-        if reason is Reason.NEW_CONNECTION:
-            return reason, self.table.get(key).backend.mark
-        return reason, None
+                return Reason.CONNECTION_END, END_MARK, (self._ended(conn),)
+            return Reason.CONNECTION_END, END_MARK, None
+        if conn is not None and conn.key == key and flags & (SYN | ACK) == SYN and _starts_over(conn):
+            # A new connection on a finished entry's 4-tuple, or on one whose node takes no new ones.
+            ended = self._drop_entry(conn)
+            conn = None
+        if conn is None:
+            return self._unknown(packet, key, flags, now, ended)
+        if conn.key == key:  # client -> VIP
+            if conn.reset_by_us:
+                if flags & ACK and not flags & RST:
+                    return Reason.RESET_CONNECTION, None, (SendPacket(_reset_for(packet, conn.backend)),)
+                return Reason.RESET_CONNECTION, None, None
+            if flags & ACK and not self._kernel:
+                conn.client_ack = packet[28:32]
+            done = self.table.advance(conn, flags, True, now)
+            out = conn.backend.mark if self._kernel else _to_backend(packet, conn.backend)
+            return Reason.TO_BACKEND, out, (self._ended(conn),) if done else None
+        # node -> client (kernel mode queues none of these but FIN/RST, handled above; conntrack NATs them)
+        if conn.reset_by_us:
+            return Reason.RESET_CONNECTION, None, None
+        done = self.table.advance(conn, flags, False, now)
+        out = None if self._kernel else _to_client(packet, conn.backend)
+        return Reason.TO_CLIENT, out, (self._ended(conn),) if done else None
 
     def _unknown(self, packet: bytes, key: bytes, flags: int, now: float,
-                 rewrite: bool = True) -> tuple[Reason, bytes | None]:
+                 ended: "ConnectionEnded | None") -> tuple[Reason, bytes | int | None, tuple | None]:
+        before = (ended,) if ended is not None else None
         service = self._by_vip.get(packet[16:20] + packet[22:24])
         if service is None:
             if packet[12:16] + packet[20:22] in self._backend_sources:
-                return Reason.UNKNOWN_REPLY, None
-            return Reason.NOT_SERVICE, None
+                return Reason.UNKNOWN_REPLY, None, before
+            return Reason.NOT_SERVICE, None, before
         if flags & (SYN | ACK) != SYN:
-            return Reason.UNKNOWN_FLOW, None
+            return Reason.UNKNOWN_FLOW, None, before
         index = service.balancer.acquire()
         if index is None:
-            return Reason.NO_BACKEND, None
+            return Reason.NO_BACKEND, None, before
         backend = service.backends[index]
-        reply_key = backend.addr_bytes + packet[12:16] + backend.port_bytes + packet[20:22]
+        reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
         stale = self.table.get(reply_key)
-        if stale is not None and self.table.remove(stale):
-            self._ended(stale)
-        conn = self.table.open(key, reply_key, service, backend, now)
-        if conn is None:
-            service.balancer.release(index)
-            return Reason.TABLE_FULL, None
-        for listener in self.opened_listeners:
-            listener(conn)
-        return Reason.NEW_CONNECTION, _to_backend(packet, backend) if rewrite else None
+        if stale is not None or ended is not None:
+            # Rare: a finished entry holds the reply 4-tuple, or this SYN started over; collect every effect.
+            effects: list = [] if ended is None else [ended]
+            conn = self._open(service, backend, key, now, effects)
+            if conn is None:
+                service.balancer.release(index)
+                return Reason.TABLE_FULL, None, tuple(effects) or None
+            effects.append(ConnectionOpened(conn))
+            opened = tuple(effects)
+        else:
+            conn = self.table.open(key, reply_key, service, backend, now)
+            if conn is None:
+                service.balancer.release(index)
+                return Reason.TABLE_FULL, None, None
+            opened = (ConnectionOpened(conn),)
+        out = backend.mark if self._kernel else _to_backend(packet, backend)
+        return Reason.NEW_CONNECTION, out, opened
+
+    def _open(self, service: Service, backend: Backend, key: bytes, now: float, effects: list) -> Connection | None:
+        """A table entry for ``key`` on ``backend``; a finished entry holding the reply 4-tuple is replaced."""
+        reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
+        stale = self.table.get(reply_key)
+        if stale is not None:
+            ended = self._drop_entry(stale)
+            if ended is not None:
+                effects.append(ended)
+        return self.table.open(key, reply_key, service, backend, now)
+
+    def _drop_entry(self, conn: Connection) -> "ConnectionEnded | None":
+        """Remove an entry at once; the ConnectionEnded effect when it was still open."""
+        return self._ended(conn) if self.table.remove(conn) else None
+
+    def _ended(self, conn: Connection) -> ConnectionEnded:
+        conn.service.balancer.release(conn.backend.index)
+        return ConnectionEnded(conn)
 
     # -- housekeeping ------------------------------------------------------
-    def expire(self, now: float, budget: int = 10_000, suspects: list[Connection] | None = None) -> int:
-        """Expire idle connections; returns how many open ones ended (see ConnectionTable.expire for ``suspects``)."""
-        ended = self.table.expire(now, budget, suspects)
-        for conn in ended:
-            self._ended(conn)
-        return len(ended)
+    def expire(self, now: float, budget: int = 10_000) -> list:
+        """Expire idle connections: a ConnectionEnded effect for each open one that ended.
 
-    def touch(self, conn: Connection, now: float) -> None:
-        """Conntrack still tracks this connection: it is alive, whatever user space saw of it."""
-        conn.last_seen = now
+        In kernel mode the data segments never reach user space, so an open
+        entry that looks idle is kept and listed in one ConfirmWithConntrack
+        command; :meth:`confirmed` takes the answer.
+        """
+        suspects: list[Connection] | None = [] if self._kernel else None
+        effects: list = [self._ended(conn) for conn in self.table.expire(now, budget, suspects)]
+        if suspects:
+            effects.append(ConfirmWithConntrack(tuple(conn.key for conn in suspects)))
+        return effects
 
-    def _ended(self, conn: Connection) -> None:
-        conn.service.balancer.release(conn.backend.index)
-        for listener in self.ended_listeners:
-            listener(conn)
+    def confirmed(self, alive: Iterable[bytes], gone: Iterable[bytes], now: float) -> list:
+        """Kernel mode: conntrack's answer to ConfirmWithConntrack; the ended connections' effects."""
+        for key in alive:
+            conn = self.table.get(key)
+            if conn is not None and conn.key == key:
+                conn.last_seen = now
+        return [effect for key in gone for effect in self._end_key(key, now)]
 
     def set_node_available(self, name: str, available: bool) -> int:
         """Gate a node (by name) for new connections in every service; returns how many services have it."""
@@ -407,38 +500,38 @@ class Interposer:
                 if backend.name == name:
                     service.balancer.set_ramp(backend.index, factor)
 
-    def reset_node(self, name: str, now: float) -> list[Connection]:
-        """End every open connection on a node: RST to each client, and to any later segment of it.
+    def reset_node(self, name: str, now: float) -> list:
+        """End every open connection on a node; the effects and commands that tell its clients.
 
-        Returns the connections reset.  The entries stay (CLOSED) so a client
-        that missed the RST gets another on its next segment.  In kernel mode
-        the core never saw the client's sequence numbers: the caller must also
-        delete the connections from conntrack, so their next segment is queued.
+        Rewrite mode: an RST to each client whose expected sequence number is
+        known (SendPacket), and to any later segment of it.  The entries stay
+        (CLOSED) so a client that missed the RST gets another on its next
+        segment.  Kernel mode never saw the client's sequence numbers: the
+        connections are deleted from conntrack and each client is probed
+        (ForgetInConntrack), so its answer is queued and reset.
         """
         reset = [c for c in self.table if c.backend.name == name and c.is_open]
+        effects: list = []
         for conn in reset:
             if self.table.close(conn, now):
-                self._ended(conn)
+                effects.append(self._ended(conn))
             conn.reset_by_us = True
-            if conn.client_ack:
-                self.outbox.append(_rst_to_client(conn))
-        return reset
+            if not self._kernel and conn.client_ack:
+                effects.append(SendPacket(_rst_to_client(conn)))
+        if self._kernel and reset:
+            effects.append(ForgetInConntrack(tuple(c.key for c in reset), tuple(probe_for(c) for c in reset)))
+        return effects
 
-    # -- replication (the backup's table follows the active's) -----------------
+    # -- replication (a standby's table follows the active's) -----------------
     def install(self, key: bytes, backend_index: int, now: float) -> bool:
         """Insert a connection the active distributor opened; False when the key or index fits no service."""
         service = self._by_vip.get(key[4:8] + key[10:12])
         if service is None or not 0 <= backend_index < len(service.backends):
             return False
         existing = self.table.get(key)
-        if existing is not None and self.table.remove(existing):
-            self._ended(existing)
-        backend = service.backends[backend_index]
-        reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
-        stale = self.table.get(reply_key)
-        if stale is not None and self.table.remove(stale):
-            self._ended(stale)
-        conn = self.table.open(key, reply_key, service, backend, now)
+        if existing is not None:
+            self._drop_entry(existing)
+        conn = self._open(service, service.backends[backend_index], key, now, [])
         if conn is None:
             return False
         self.table.advance(conn, ACK, True, now)  # it is past its SYN on the active
@@ -447,20 +540,52 @@ class Interposer:
 
     def end(self, key: bytes, now: float) -> None:
         """A connection ended on the active distributor: keep its entry briefly for the last segments."""
+        self._end_key(key, now)
+
+    def _end_key(self, key: bytes, now: float) -> list:
         conn = self.table.get(key)
         if conn is not None and conn.key == key and self.table.close(conn, now):
-            self._ended(conn)
+            return [self._ended(conn)]
+        return []
 
     def clear(self) -> int:
         """Forget every connection (before a snapshot replaces the table); returns how many."""
         conns = list(self.table)
         for conn in conns:
-            if self.table.remove(conn):
-                self._ended(conn)
+            self._drop_entry(conn)
         return len(conns)
 
+    def hold_expiry(self, now: float) -> None:
+        """A standby's replica sees no packets: its open entries count as active until now."""
+        self.table.hold_expiry(now)
+
+    def open_connections(self) -> list[tuple[bytes, int]]:
+        """(key, backend index) of every open connection: what a snapshot streams."""
+        return [(conn.key, conn.backend.index) for conn in self.table if conn.is_open]
+
+    def is_open(self, key: bytes) -> bool:
+        conn = self.table.get(key)
+        return conn is not None and conn.key == key and conn.is_open
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    # -- observers -----------------------------------------------------------
     def count(self, reason: Reason) -> int:
         return self.counts[reason]
+
+    def stats(self) -> InterposerStats:
+        backends = []
+        for service in self.services:
+            balancer = service.balancer
+            for backend in service.backends:
+                i = backend.index
+                backends.append(BackendStats(service.name, backend.name, str(backend.address), backend.port,
+                                             balancer.weight(i), balancer.is_available(i), balancer.eligible(i),
+                                             balancer.ramp(i), balancer.outstanding(i), balancer.acquired[i]))
+        table = self.table
+        return InterposerStats(self.mode, {reason: self.counts[reason] for reason in Reason}, len(table),
+                               table.capacity, table.expired, table.evicted, tuple(backends))
 
     def backends(self) -> Iterable[tuple[Service, Backend]]:
         for service in self.services:

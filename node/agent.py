@@ -7,7 +7,7 @@ Contract
 200, the body contains ``expect``, the response time is at most
 ``max_response_time``, the 1-minute load average is at most ``max_load`` and
 the CPU busy fraction since the last round at most ``max_cpu``, it sends one
-authenticated :class:`~distributor.wire.NodeHeartbeat` datagram to
+authenticated :class:`~common.wire.NodeHeartbeat` datagram to
 ``destination`` (the cluster LAN's broadcast address, so every distributor
 hears it).  Otherwise it sends nothing, and the distributors' counters climb.
 
@@ -30,12 +30,12 @@ import signal
 import socket
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from distributor.config import ConfigError, TableReader
-from distributor.wire import Keys, KeysError, Kind, NodeHeartbeat, SequenceCounter, seal
+from common.keyfile import load_keys
+from common.tomlconfig import ConfigError, TableReader, loads, parse_endpoint
+from common.wire import Keys, KeysError, Kind, NodeHeartbeat, SequenceCounter, seal
 
 log = logging.getLogger("node-agent")
 
@@ -104,11 +104,7 @@ class CpuSampler:
 
 # -- config -------------------------------------------------------------------
 def parse_config(text: str, source: str = "<config>") -> AgentConfig:
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    top = TableReader(data, "")
+    top = TableReader(loads(text, source), "")
     agent = top.table("agent", required=True)
     node_id = agent.string("id")
     if len(node_id.encode()) > 16 or not node_id.isascii():
@@ -137,8 +133,8 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         raise ConfigError(f"agent.max_cpu: {config['max_cpu']} is not valid; expected a fraction in (0, 1]")
     agent.done()
     beat = top.table("heartbeat", required=True)
-    host, _, port = beat.string("destination", "198.51.100.255:8405").rpartition(":")
-    if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    destination = parse_endpoint(beat.string("destination", "198.51.100.255:8405"))
+    if destination is None:
         raise ConfigError(f"heartbeat.destination: {beat.data.get('destination')!r} is not valid; expected \"ADDRESS:PORT\"")
     key_id = beat.get("key_id", None)
     if key_id is not None and (isinstance(key_id, bool) or not isinstance(key_id, int)):
@@ -146,7 +142,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
     keys_file = beat.string("keys_file")
     beat.done()
     top.done()
-    return AgentConfig(destination=(host, int(port)), keys_file=keys_file, key_id=key_id, **config)
+    return AgentConfig(destination=destination, keys_file=keys_file, key_id=key_id, **config)
 
 
 # -- adapters -------------------------------------------------------------------
@@ -197,7 +193,8 @@ async def run(config: AgentConfig, keys: Keys) -> None:
             last = verdict
             if verdict.healthy:
                 report = NodeHeartbeat(load1, busy, rt * 1000, int(interval * 1000))
-                datagram = seal(keys, Kind.NODE_HEARTBEAT, config.node_id, sequence.next(), time.time(), report.pack())
+                wall = time.time()
+                datagram = seal(keys, Kind.NODE_HEARTBEAT, config.node_id, sequence.next(wall), wall, report.pack())
                 try:
                     sock.sendto(datagram, config.destination)
                     sent += 1
@@ -223,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         config = parse_config(Path(args.config).read_text(), args.config)
-        keys = Keys.load(config.keys_file, config.key_id)
+        keys = load_keys(config.keys_file, config.key_id)
     except OSError as exc:
         print(f"node-agent: cannot read config file {args.config!r}: {exc.strerror}", file=sys.stderr)
         return 2

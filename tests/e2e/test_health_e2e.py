@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from distributor.wire import Keys, Kind, NodeHeartbeat, seal
+from common.keyfile import load_keys
+from common.wire import Keys, Kind, NodeHeartbeat, seal
 from testbed import http, netns, wrk
 from testbed.loadgen import Recorder
 from testbed.runner import wait_until
@@ -136,7 +137,7 @@ def test_forged_replayed_and_stale_heartbeats_are_rejected_and_keep_no_node_aliv
     silenced_at = time.time()
     bed.wait_alert("web1", "dead", silenced_at, 10)
 
-    real = Keys.load(bed.keys_file)
+    real = load_keys(bed.keys_file)
     forged_keys = Keys({1: b"an attacker's guess at the key!!"})
     report = NodeHeartbeat(0.1, 0.1, 1.0, 200).pack()
     sock = netns.socket_in(bed.ns("web1"), socket.AF_INET, socket.SOCK_DGRAM)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributor.config import ConfigError
+from common.tomlconfig import ConfigError
 from node.agent import CpuSampler, assess, next_interval, parse_config
 
 CONFIG = parse_config("""

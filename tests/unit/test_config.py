@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from distributor.balancer import Policy
+from distributor.heartbeat import OnDead
 from distributor.config import ConfigError, load, parse
 from distributor.daemon import main
 
@@ -34,7 +35,7 @@ def test_the_documented_example_is_valid():
     assert [s.name for s in config.services] == ["http", "http-alt"]
     assert config.services[0].backends[2].weight == 2
     assert config.services[1].backends[0].port == 8081
-    assert config.health.settings.dead == 8 and config.health.on_dead == "keep"
+    assert config.health.settings.dead == 8 and config.health.on_dead is OnDead.KEEP
     assert config.smtp.recipients == ("ops@example.org",) and config.alert_log.endswith("alerts.log")
     assert config.failover.settings.priority == 200 and list(config.failover.peers) == ["dist2"]
     assert [str(a.address) for a in config.failover.addresses] == ["203.0.113.1/32", "198.51.100.1/24"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distributor.conntable import ACK, FIN, RST, SYN, ConnectionTable, IllegalTransition, TcpState, Timeouts
+from distributor.conntable import ConnEvent, ACK, FIN, RST, SYN, ConnectionTable, IllegalTransition, TcpState, Timeouts
 
 
 def key(n: int) -> bytes:
@@ -124,8 +124,8 @@ def test_illegal_transitions_are_refused():
     table = ConnectionTable(10)
     conn = open_conn(table, 1)
     table.advance(conn, RST, True, 0.0)
-    with pytest.raises(IllegalTransition):
-        table._move(conn, TcpState.ESTABLISHED, 0.0)
+    with pytest.raises(IllegalTransition, match="event CLIENT_ACK is not allowed in state CLOSED"):
+        table._move(conn, ConnEvent.CLIENT_ACK, 0.0)
     assert table.transitions[(TcpState.SYN_SEEN, TcpState.CLOSED)] == 1
 
 

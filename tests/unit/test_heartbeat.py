@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from distributor.heartbeat import MIN_RAMP, HealthBoard, HealthSettings, IllegalNodeTransition, NodeState
+from common.machine import IllegalTransition
+from distributor.heartbeat import MIN_RAMP, HealthBoard, HealthSettings, NodeEvent, NodeState, node_moves
 
 SETTINGS = HealthSettings(tick=0.25, warning=3, dead=8, rise=3, slow_start=10.0)
 
@@ -119,8 +120,18 @@ def test_flapping_input_only_produces_legal_transitions_each_reported_once():
 
 def test_illegal_moves_are_refused():
     board = HealthBoard(SETTINGS, ["web1"])
-    with pytest.raises(IllegalNodeTransition):
-        board._move(board._nodes["web1"], NodeState.RISING, 0.0, "test")
+    with pytest.raises(IllegalTransition, match=r"node \(web1\): event RISEN is not allowed in state UP"):
+        board._fire(board._nodes["web1"], NodeEvent.RISEN, 0.0, "test")
+    assert board.state("web1") is NodeState.UP
+
+
+def test_the_table_lists_every_state_and_without_slow_start_a_risen_node_is_up_at_once():
+    for slow_start in (True, False):
+        moves = node_moves(slow_start)
+        reached = {new for new, _ in moves.values()} | {state for state, _ in moves}
+        assert reached == (set(NodeState) if slow_start else set(NodeState))
+        risen = moves[(NodeState.RISING, NodeEvent.RISEN)][0]
+        assert risen is (NodeState.SLOW_START if slow_start else NodeState.UP)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -2,42 +2,53 @@
 
 import pytest
 
-from distributor.datapath import render_rules
-from distributor.reroute import END_MARK, MARK_BASE, Reason
+from distributor.rules import render_rules
+from distributor.conntable import ConnectionTable
+from distributor.reroute import END_MARK, MARK_BASE, Interposer, Mode, Reason
 from tests.packets import CLIENT, VIP, WEB, tcp
-from tests.unit.test_reroute import make, service_spec
+from tests.unit.test_reroute import service_spec
+
+
+def make(capacity=100):
+    return Interposer([service_spec()], ConnectionTable(capacity), Mode.KERNEL)
+
+
+def decide_mark(ip, packet, now):
+    """Kernel mode's verdict without its effects: (reason, mark)."""
+    reason, mark, _ = ip.decide(packet, now)
+    return reason, mark
 
 
 def test_syn_gets_the_chosen_backends_mark_and_opens_a_connection():
     ip = make()
-    assert ip.decide_mark(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0) == (Reason.NEW_CONNECTION, MARK_BASE)
-    assert ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "S"), 0.0) == (Reason.NEW_CONNECTION, MARK_BASE + 1)
+    assert decide_mark(ip, tcp(CLIENT, VIP, 40000, 80, "S"), 0.0) == (Reason.NEW_CONNECTION, MARK_BASE)
+    assert decide_mark(ip, tcp(CLIENT, VIP, 40001, 80, "S"), 0.0) == (Reason.NEW_CONNECTION, MARK_BASE + 1)
     assert ip.services[0].balancer.outstanding(0) == 1 and len(ip.table) == 2
 
 
 def test_header_only_copies_are_enough():
     ip = make()
     packet = tcp(CLIENT, VIP, 40000, 80, "S", payload=b"x" * 1000)
-    assert ip.decide_mark(packet[:128], 0.0) == (Reason.NEW_CONNECTION, MARK_BASE)
+    assert decide_mark(ip, packet[:128], 0.0) == (Reason.NEW_CONNECTION, MARK_BASE)
 
 
 def test_first_fin_or_rst_from_either_side_ends_the_connection_and_stops_further_queueing():
     ip = make()
-    ip.decide_mark(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
-    ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "S"), 0.0)
-    assert ip.decide_mark(tcp(WEB["web1"], CLIENT, 80, 40000, "FA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
-    assert ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "RA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
+    decide_mark(ip, tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
+    decide_mark(ip, tcp(CLIENT, VIP, 40001, 80, "S"), 0.0)
+    assert decide_mark(ip, tcp(WEB["web1"], CLIENT, 80, 40000, "FA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
+    assert decide_mark(ip, tcp(CLIENT, VIP, 40001, 80, "RA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
     assert [ip.services[0].balancer.outstanding(i) for i in range(2)] == [0, 0]
     # An end of a connection this distributor does not know still passes (the kernel NATs it).
-    assert ip.decide_mark(tcp(CLIENT, VIP, 45000, 80, "FA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
+    assert decide_mark(ip, tcp(CLIENT, VIP, 45000, 80, "FA"), 1.0) == (Reason.CONNECTION_END, END_MARK)
 
 
 def test_mid_stream_pickup_of_a_replicated_connection_goes_to_its_node_an_unknown_one_is_dropped():
     ip = make()
     key = tcp(CLIENT, VIP, 40000, 80, "A")[12:24]
     assert ip.install(key, 1, 0.0)
-    assert ip.decide_mark(tcp(CLIENT, VIP, 40000, 80, "PA", b"more"), 1.0) == (Reason.TO_BACKEND, MARK_BASE + 1)
-    assert ip.decide_mark(tcp(CLIENT, VIP, 40001, 80, "PA", b"more"), 1.0) == (Reason.UNKNOWN_FLOW, None)
+    assert decide_mark(ip, tcp(CLIENT, VIP, 40000, 80, "PA", b"more"), 1.0) == (Reason.TO_BACKEND, MARK_BASE + 1)
+    assert decide_mark(ip, tcp(CLIENT, VIP, 40001, 80, "PA", b"more"), 1.0) == (Reason.UNKNOWN_FLOW, None)
 
 
 @pytest.mark.parametrize("packet,reason", [
@@ -48,16 +59,17 @@ def test_mid_stream_pickup_of_a_replicated_connection_goes_to_its_node_an_unknow
 ])
 def test_malformed_and_foreign_packets(packet, reason):
     ip = make()
-    assert ip.decide_mark(packet, 0.0) == (reason, None)
+    assert decide_mark(ip, packet, 0.0) == (reason, None)
     assert len(ip.table) == 0
 
 
 def test_kernel_rules_queue_only_new_connections_and_first_ends_and_dnat_by_mark():
     specs = [service_spec()]
-    rules = render_rules(0, specs, "kernel")
+    rules = render_rules(0, specs, Mode.KERNEL)
     chain_in = rules[("mangle", "DIST0-IN")]
+    # Exactly these chains: in particular none hooked into FORWARD, which every packet would walk.
+    assert set(rules) == {("mangle", "DIST0-NEW"), ("mangle", "DIST0-IN"), ("nat", "DIST0-NAT"), ("raw", "DIST0-LOCAL")}
     # The common packet (established, no FIN/RST) leaves after the first two rules.
-    assert ("mangle", "DIST0-FWD") not in rules  # no per-packet FORWARD hook
     assert chain_in[:3] == [
         "-A DIST0-IN -m conntrack --ctstate NEW,INVALID -j DIST0-NEW",
         "-A DIST0-IN -p tcp -m tcp --tcp-flags FIN,RST NONE -j RETURN",

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from distributor.balancer import Policy
 from distributor.conntable import ConnectionTable, TcpState
-from distributor.reroute import ACCEPT, DROP, BackendSpec, Interposer, Reason, ServiceSpec
+from distributor.reroute import ACCEPT, DROP, BackendSpec, ConnectionEnded, ConnectionOpened, Interposer, Reason, SendPacket, ServiceSpec
 from tests.packets import CLIENT, VIP, WEB, checksums_valid, record_route, tcp, udp
 
 MSS_SACK_TS_WS = [("MSS", 1460), ("SAckOK", b""), ("Timestamp", (123456, 0)), ("NOP", None), ("WScale", 7)]
@@ -219,8 +219,9 @@ def test_idle_connections_expire_and_release_their_backend():
     ip = make()
     handshake(ip)
     ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 1.0)
-    assert ip.expire(1.0 + 899) == 0
-    assert ip.expire(1.0 + 900) == 1
+    assert ip.expire(1.0 + 899) == []
+    (ended,) = ip.expire(1.0 + 900)
+    assert isinstance(ended, ConnectionEnded) and ended.conn.key == tcp(CLIENT, VIP, 40000, 80, "A")[12:24]
     assert len(ip.table) == 0
     assert ip.services[0].balancer.outstanding(0) == 0
     assert ip.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 902.0) == (DROP, None)
@@ -279,17 +280,20 @@ def test_reset_node_sends_each_client_an_acceptable_rst_and_answers_later_segmen
     handshake(ip, 40000, "web1")
     handshake(ip, 40001, "web2")
     ip.handle(tcp(CLIENT, VIP, 40000, 80, "A", seq=2, ack=5001), 0.1)
-    assert len(ip.reset_node("web1", 1.0)) == 1
+    effects = ip.reset_node("web1", 1.0)
+    ended = [e.conn.key for e in effects if isinstance(e, ConnectionEnded)]
+    assert ended == [tcp(CLIENT, VIP, 40000, 80, "A")[12:24]]
     assert ip.services[0].balancer.outstanding(0) == 0
-    (rst,) = ip.outbox
+    (rst,) = [e.packet for e in effects if isinstance(e, SendPacket)]
     assert checksums_valid(rst)
     packet = IP(rst)
     assert (packet.src, packet.dst, packet[TCP].sport, packet[TCP].dport) == (VIP, CLIENT, 80, 40000)
     assert packet[TCP].flags == "R" and packet[TCP].seq == 5001
-    ip.outbox.clear()
     # The client missed it and sends more: another RST, at the sequence it now expects; nothing reaches web1.
-    assert ip.handle(tcp(CLIENT, VIP, 40000, 80, "PA", b"more", seq=2, ack=6001), 1.1) == (DROP, None)
-    assert IP(ip.outbox[0])[TCP].seq == 6001
+    reason, out, extra = ip.decide(tcp(CLIENT, VIP, 40000, 80, "PA", b"more", seq=2, ack=6001), 1.1)
+    assert (reason.verdict, out) == (DROP, None)
+    (again,) = extra
+    assert isinstance(again, SendPacket) and IP(again.packet)[TCP].seq == 6001 and checksums_valid(again.packet)
     assert ip.handle(tcp(WEB["web1"], CLIENT, 80, 40000, "PA", b"late"), 1.2) == (DROP, None)
     # web2's connection is untouched.
     verdict, out = ip.handle(tcp(CLIENT, VIP, 40001, 80, "A"), 1.3)

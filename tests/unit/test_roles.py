@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from backup.roles import Action, FailoverSettings, IllegalRoleTransition, Role, RoleMachine
+from backup.roles import Action, FailoverSettings, IllegalRoleTransition, PeerBeat, Role, RoleEvent, RoleMachine
 
 SETTINGS = FailoverSettings(priority=200, interval=0.05, warning=3, dead=6)
 LOW = FailoverSettings(priority=100, interval=0.05, warning=3, dead=6)
@@ -25,8 +25,8 @@ class Pair:
 
     @staticmethod
     def beat(sender: RoleMachine, receiver: RoleMachine):
-        return receiver.heartbeat(sender.name, sender.role, sender.settings.priority, sender.term, sender.address,
-                                  sender.caught_up, sender.settings.preempt)
+        return receiver.heartbeat(PeerBeat(sender.name, sender.role, sender.settings.priority, sender.term,
+                                           sender.address, sender.caught_up, sender.settings.preempt))
 
     def step(self, deliver_a=True, deliver_b=True, freeze_a=False):
         """One tick on each side, then each heartbeat delivered (or lost); a frozen dist1 does nothing."""
@@ -155,7 +155,8 @@ def test_terms_only_grow():
 def test_illegal_moves_and_bad_settings_are_refused():
     machine = RoleMachine("dist1", 2, SETTINGS)
     machine.shutdown()
-    with pytest.raises(IllegalRoleTransition):
-        machine._move(Role.ACTIVE)
+    assert machine.role is Role.STOPPED and machine.shutdown() == []
+    with pytest.raises(IllegalRoleTransition, match="event ELECTED is not allowed in state STOPPED"):
+        machine._fire(RoleEvent.ELECTED, "a stopped distributor cannot take over")
     with pytest.raises(ValueError, match="failover.warning"):
         FailoverSettings(warning=6, dead=6)

@@ -4,18 +4,34 @@ import random
 
 from backup.sync import SyncReceiver, SyncSender
 from distributor.balancer import Policy
-from distributor.reroute import ACCEPT, DROP
-from distributor.wire import SyncBatch
+from distributor.reroute import ACCEPT, DROP, ConnectionEnded, ConnectionOpened
+from common.wire import SyncBatch
 from tests.packets import CLIENT, VIP, WEB, tcp
 from tests.unit.test_reroute import make
+
+
+class Recorded:
+    """An active interposer whose effects feed a sync sender, as the distributor core routes them."""
+
+    def __init__(self, interposer, sender):
+        self.interposer, self.sender = interposer, sender
+        self.table = interposer.table
+        self.services = interposer.services
+
+    def handle(self, packet, now):
+        reason, out, extra = self.interposer.decide(packet, now)
+        for effect in extra or ():
+            if isinstance(effect, ConnectionOpened):
+                self.sender.opened(effect.conn.key, effect.conn.backend.index)
+            elif isinstance(effect, ConnectionEnded):
+                self.sender.ended(effect.conn.key)
+        return reason.verdict, out
 
 
 def pair(policy=Policy.LEAST_OUTSTANDING):
     active, replica = make(policy, capacity=100_000), make(policy, capacity=100_000)
     sender = SyncSender()
-    active.opened_listeners.append(sender.opened)
-    active.ended_listeners.append(sender.ended)
-    return active, replica, sender, SyncReceiver(replica)
+    return Recorded(active, sender), replica, sender, SyncReceiver(replica)
 
 
 def deliver(payloads, receiver, now=0.0, drop=()):
@@ -52,7 +68,11 @@ def test_live_batches_replicate_opens_and_ends_and_the_replica_forwards_to_the_s
         assert verdict == ACCEPT and out == tcp(CLIENT, WEB[node], port, 80, "PA", b"more")
         verdict, out = replica.handle(tcp(WEB[node], CLIENT, 80, port, "PA", b"reply"), 2.0)
         assert verdict == ACCEPT and out == tcp(VIP, CLIENT, 80, port, "PA", b"reply")
-    # An ended one is not resurrected, and an unknown mid-stream segment is dropped.
+    # An ended one is not resurrected: the replica holds it closed (its last segments may still pass) and
+    # does not count it; a segment of a connection the active never had is dropped.
+    for port in (40000, 40050, 40099):
+        key = tcp(CLIENT, VIP, port, 80, "A")[12:24]
+        assert replica.table.get(key) is not None and not replica.is_open(key)
     assert replica.handle(tcp(CLIENT, VIP, 45000, 80, "PA", b"x"), 2.0) == (DROP, None)
 
 
@@ -62,11 +82,11 @@ def test_a_lost_batch_is_a_gap_and_a_snapshot_repairs_the_replica_while_changes_
         open_conn(active, port)
     assert deliver(sender.live_batches(), receiver, drop={2}) is True
     assert receiver.gaps == 1 and not receiver.caught_up(sender.batch)
-    sender.start_snapshot(list(active.table))
+    sender.start_snapshot(active.interposer.open_connections())
     rng = random.Random(1)
     port = 41000
     while sender.snapshot_running:
-        deliver(sender.snapshot_batches(2), receiver)
+        deliver(sender.snapshot_batches(2, active.interposer.is_open), receiver)
         for _ in range(30):  # the table keeps changing during the snapshot
             if rng.random() < 0.6:
                 open_conn(active, port)
@@ -82,7 +102,7 @@ def test_a_lost_batch_is_a_gap_and_a_snapshot_repairs_the_replica_while_changes_
 def test_empty_table_snapshot_completes_and_duplicates_are_ignored():
     active, replica, sender, receiver = pair()
     sender.start_snapshot([])
-    payloads = sender.snapshot_batches(10)
+    payloads = sender.snapshot_batches(10, active.interposer.is_open)
     assert len(payloads) == 1
     deliver(payloads + payloads, receiver)
     assert receiver.caught_up(sender.batch) and receiver.gaps == 0

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distributor.wire import (HEADER_SIZE, Keys, KeysError, Kind, NodeHeartbeat, Reject, SequenceCounter, Verifier,
+from common.keyfile import load_keys
+from common.wire import (HEADER_SIZE, Keys, KeysError, Kind, NodeHeartbeat, Reject, SequenceCounter, Verifier,
                               seal)
 
 KEYS = Keys({1: b"k" * 32, 2: b"second key, rotated in"})
@@ -62,13 +63,11 @@ def test_replay_and_old_sequences_are_rejected_but_a_restarted_sender_is_accepte
     assert v.verify(good(seq=100), "198.51.100.11", NOW)[1] is None
     assert v.verify(good(seq=100), "198.51.100.11", NOW) == (None, Reject.REPLAY)
     assert v.verify(good(seq=99), "198.51.100.11", NOW) == (None, Reject.REPLAY)
-    clock = [int(NOW * 1e9)]
-    first = SequenceCounter(lambda: clock[0])
-    seqs = [first.next() for _ in range(3)]
-    clock[0] += 1_000_000  # 1 ms later the agent restarts with a fresh counter
-    restarted = SequenceCounter(lambda: clock[0])
-    assert restarted.next() > max(seqs)
-    assert seqs == sorted(set(seqs))
+    first = SequenceCounter()
+    seqs = [first.next(NOW) for _ in range(3)]  # the same clock reading: still strictly growing
+    restarted = SequenceCounter()  # 1 ms later the agent restarts with a fresh counter
+    assert restarted.next(NOW + 0.001) > max(seqs)
+    assert seqs == sorted(set(seqs)) and len(seqs) == 3
 
 
 def test_a_forgery_does_not_move_the_replay_mark():
@@ -87,16 +86,16 @@ def test_any_address_sender_and_key_rotation():
 def test_keys_file_parsing_and_errors(tmp_path):
     path = tmp_path / "keys"
     path.write_text("# cluster keys\n1 " + "ab" * 16 + "\n2 " + "cd" * 20 + "  # newest\n")
-    keys = Keys.load(path)
+    keys = load_keys(path)
     assert keys.signing_id == 2 and keys.secrets[1] == bytes.fromhex("ab" * 16)
     path.write_text("1 abcd\n")
     with pytest.raises(KeysError, match="too short"):
-        Keys.load(path)
+        load_keys(path)
     path.write_text("one " + "ab" * 16 + "\n")
     with pytest.raises(KeysError, match=r"keys:1: expected 'KEY_ID HEX_SECRET'"):
-        Keys.load(path)
+        load_keys(path)
     with pytest.raises(KeysError, match="cannot read keys file"):
-        Keys.load(tmp_path / "missing")
+        load_keys(tmp_path / "missing")
     with pytest.raises(KeysError, match="signing key id 5"):
         Keys({1: b"k" * 32}, signing_id=5)
 

@@ -21,12 +21,12 @@ Contract
   field, known sender and source address, known key id, freshness, replay);
   the HMAC is checked last, and only a datagram that passes everything moves
   the sender's replay mark, so a forgery cannot lock a real sender out.
-* Sequences: a sender starts its counter at the current time in microseconds
-  and then counts up (:class:`SequenceCounter`), so a restarted sender's
-  sequences are above anything it sent before (unless it sent more than a
-  million datagrams a second) without keeping state on disk.  A receiver that
-  restarts forgets the marks; the freshness window bounds what could be
-  replayed to it then.
+* Sequences: a sender's counter follows its wall clock in microseconds and
+  counts up from there (:class:`SequenceCounter`, which takes the time from
+  its caller), so a restarted sender's sequences are above anything it sent
+  before (unless it sent more than a million datagrams a second) without
+  keeping state on disk.  A receiver that restarts forgets the marks; the
+  freshness window bounds what could be replayed to it then.
 * Keys file: one ``KEY_ID HEX_SECRET`` per line (``#`` comments); secrets of
   at least 16 bytes.  Senders sign with one id; receivers accept every id in
   the file, which is how keys rotate.
@@ -38,9 +38,7 @@ import enum
 import hashlib
 import hmac
 import struct
-import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 __all__ = [
@@ -127,11 +125,8 @@ class Keys:
             raise KeysError(f"signing key id {self.signing_id} is not in the keys file (ids: {sorted(self.secrets)})")
 
     @classmethod
-    def load(cls, path: str | Path, signing_id: int | None = None) -> "Keys":
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise KeysError(f"cannot read keys file {str(path)!r}: {exc.strerror}") from None
+    def parse(cls, text: str, path: str, signing_id: int | None = None) -> "Keys":
+        """Keys from the text of a keys file (``path`` names it in errors)."""
         secrets: dict[int, bytes] = {}
         for number, line in enumerate(text.splitlines(), 1):
             line = line.split("#", 1)[0].strip()
@@ -211,14 +206,14 @@ class Verifier:
 
 
 class SequenceCounter:
-    """Sequences that only grow, across restarts too: they start at the clock in microseconds."""
+    """Sequences that only grow, across restarts too: they follow the sender's wall clock in microseconds."""
 
-    def __init__(self, clock_ns=time.time_ns):
-        self._clock_ns = clock_ns
+    def __init__(self) -> None:
         self._last = 0
 
-    def next(self) -> int:
-        self._last = max(self._last + 1, self._clock_ns() // 1000)
+    def next(self, wall: float) -> int:
+        """The next sequence number at wall-clock time ``wall`` (seconds since the epoch)."""
+        self._last = max(self._last + 1, int(wall * 1_000_000))
         return self._last
 
 

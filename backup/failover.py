@@ -1,0 +1,503 @@
+"""Primary-backup failover as a sans-io core: peer datagrams and ticks in, commands out (pure).
+
+Contract
+--------
+:class:`FailoverCore` holds one distributor's role (:class:`~backup.roles.RoleMachine`), its
+replication stream (:class:`~backup.sync.SyncSender` while active, :class:`~backup.sync.SyncReceiver`
+while a standby) and the takeover timeline.  It takes events and returns commands, in the order the
+adapters must carry them out:
+
+* events: :class:`~common.sansio.Tick`, :class:`PeerDatagram` (anything that arrived on the
+  distributor-to-distributor socket; it is verified here, rejections counted by reason),
+  :class:`PacketsHandled` (the data path finished a batch), :class:`FirstForward`,
+  :class:`~common.sansio.CommandDone` and :class:`~common.sansio.StopRequested`; table changes come
+  in through :meth:`FailoverCore.record_opened` / :meth:`FailoverCore.record_ended`;
+* commands: :class:`~common.sansio.Send` (sealed datagrams: heartbeats and resigns broadcast on the
+  cluster LAN, the sync stream unicast to each peer), :class:`InstallRules`, :class:`RemoveRules`,
+  :class:`ClaimAddresses`, :class:`ReleaseAddresses`, :class:`Announce`, :class:`HoldNewSyns`,
+  :class:`ReleaseNewSyns`, :class:`ArmFirstForward`, :class:`DrainQueue`,
+  :class:`~common.sansio.Alert`, :class:`~common.sansio.Log`, :class:`~common.sansio.WakeUpAt`.
+
+Decisions, all here:
+
+* TAKE_OVER, in this order (state first, then rules, then addresses, then announcements): the
+  replica is already the interposer's table and its idle timers start now; new SYNs are held until
+  their sync batch is sent; the rules go in; the floating addresses are claimed; gratuitous ARP is
+  sent at once and again ``garp_repeat`` seconds later.
+* GIVE_UP: drop the addresses first (stop attracting packets), then the rules (stop forwarding); the
+  table is kept until a snapshot of the new active's replaces it.
+* RESIGN: send what the sync stream still holds, tell the peers (three copies), give up.
+* While active: every batch of packets ends with the sync records it produced being sent, and only
+  then are the SYNs of new connections released, so a standby knows every connection before its node
+  does.  Ended connections and snapshot chunks go out every ``SYNC_FLUSH`` seconds.
+* While a standby: the replica's idle timers are held; a snapshot is asked for when an active is
+  followed, whenever a gap shows in the stream, and again every dead window until one completes (a
+  lost request or a lost snapshot shows no gap); caught-up is reported once the replica is complete
+  and current.
+
+Mid-stream packets of a connection the new active does not know (its sync datagrams were lost) are
+dropped by the interposer (``unknown_flow``): sending them to any node could reach one that does not
+hold the connection.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import ipaddress
+from typing import Iterable, Mapping
+
+from common.sansio import Alert, Command, CommandDone, Level, Log, Send, StopRequested, Tick, WakeUpAt
+from common.wire import DistHeartbeat, Keys, Kind, Reject, Resign, SequenceCounter, SyncBatch, Verifier, seal
+
+from .roles import Action, Decision, FailoverSettings, PeerBeat, Role, RoleMachine
+from .sync import Replica, SyncReceiver, SyncSender
+
+__all__ = ["FailoverOptions", "FailoverCore", "PeerDatagram", "PacketsHandled", "FirstForward", "InstallRules",
+           "RemoveRules", "ClaimAddresses", "ReleaseAddresses", "Announce", "HoldNewSyns", "ReleaseNewSyns",
+           "ArmFirstForward", "DrainQueue", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH"]
+
+SYNC_FLUSH = 0.01  # seconds between sends of ended connections and snapshot chunks while active
+SNAPSHOT_CHUNK = 16  # snapshot datagrams per flush (about 1,500 connections)
+RESIGN_COPIES = 3  # a lost resign would cost the backup a dead window
+
+# Heartbeats and resigns are broadcast on the cluster LAN (every distributor hears them); the
+# state-sync stream and snapshot requests go unicast to the configured peers: broadcast, every
+# batch would be flooded to every node of the LAN, in the sender's context, on the data path.
+_BROADCAST_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.RESIGN})
+_PEER_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.STATE_SYNC, Kind.RESIGN, Kind.SYNC_REQUEST})
+
+
+# -- events ------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class PeerDatagram:
+    """A datagram arrived on the distributor-to-distributor socket from ``source``."""
+
+    data: bytes
+    source: str
+    now: float
+    wall: float
+
+
+@dataclasses.dataclass(frozen=True)
+class PacketsHandled:
+    """The data path gave every packet of one batch its verdict (SYNs of new connections may be held)."""
+
+    now: float
+    wall: float
+    effects: tuple = ()  # the interposer's effects of the batch (the distributor core routes them)
+
+
+@dataclasses.dataclass(frozen=True)
+class FirstForward:
+    """The first packet forwarded after ArmFirstForward, at monotonic time ``at``."""
+
+    at: float
+
+
+# -- commands -----------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class InstallRules(Command):
+    """Install the data path's rules (one transaction, replacing any left over)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoveRules(Command):
+    """Remove the data path's rules."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimAddresses(Command):
+    """Add the floating addresses (VIPs, internal gateway) to their interfaces."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseAddresses(Command):
+    """Remove the floating addresses (idempotent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Announce(Command):
+    """Send a burst of gratuitous ARP for every floating address."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HoldNewSyns(Command):
+    """While ``hold``, the data path keeps each new connection's SYN until ReleaseNewSyns."""
+
+    hold: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseNewSyns(Command):
+    """Give the held SYNs their verdict (their sync batch has been sent)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmFirstForward(Command):
+    """Report the next forwarded packet's time as a FirstForward event (the takeover timeline)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DrainQueue(Command):
+    """Give a verdict to every packet still queued (the rules just went away)."""
+
+
+# -- configuration and observation --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class FailoverOptions:
+    name: str
+    address: ipaddress.IPv4Address  # this distributor's cluster-LAN address: its identity and last tie-breaker
+    settings: FailoverSettings
+    destination: tuple[str, int]  # heartbeats and resigns: the cluster LAN's broadcast address
+    peers: Mapping[str, ipaddress.IPv4Address]  # the sync stream goes to each, unicast, on `port`
+    port: int
+    freshness: float = 5.0
+    garp_repeat: float = 5.0  # seconds to the second burst of gratuitous ARP; 0: none
+
+
+@dataclasses.dataclass
+class Takeover:
+    """Timings of the last takeover, on this distributor's monotonic clock."""
+
+    last_heartbeat: float | None  # the last heartbeat heard from the active that went away
+    started: float
+    term: int
+    claimed: float | None = None
+    first_forward: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerStats:
+    name: str
+    role: Role
+    alive: bool
+    counter: int
+    term: int
+    priority: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FailoverStats:
+    role: Role
+    term: int
+    caught_up: bool
+    peers: tuple[PeerStats, ...]
+    lag_batches: int | None
+    active_connections: int
+    gaps: int
+    records_applied: int
+    records_sent: int
+    snapshots_sent: int
+    rejected_records: int
+    announcements: int
+    sent: dict[Kind, int]
+    rejected: dict[Reject, int]
+    transitions: dict[tuple[Role, Role], int]
+    last_takeover: Takeover | None
+
+
+class FailoverCore:
+    def __init__(self, options: FailoverOptions, keys: Keys, replica: Replica):
+        self.options = options
+        self.name = options.name
+        self.keys = keys
+        self.replica = replica
+        self.machine = RoleMachine(options.name, int(options.address), options.settings)
+        self.sender = SyncSender()
+        self.receiver = SyncReceiver(replica)
+        self.verifier = Verifier(keys, {peer: str(address) for peer, address in options.peers.items()}, _PEER_KINDS,
+                                 options.freshness)
+        self.sequence = SequenceCounter()
+        self.rejected: collections.Counter[Reject] = collections.Counter()
+        self.sent: collections.Counter[Kind] = collections.Counter()
+        self.announcements = 0
+        self.last_takeover: Takeover | None = None
+        self.active_batch = 0  # the followed active's last advertised batch
+        self.active_connections = 0
+        self._own_address = str(options.address)
+        self._peer_destinations = [(str(address), options.port) for address in options.peers.values()]
+        self._last_active_heartbeat: float | None = None
+        self._next_tick: float | None = None
+        self._next_flush: float | None = None
+        self._second_burst_at: float | None = None
+        self._holding = False
+        self._last_sync_request: float | None = None
+
+    @property
+    def role(self) -> Role:
+        return self.machine.role
+
+    # -- life cycle --------------------------------------------------------------------------------
+    def start(self, now: float) -> list[Command]:
+        """Whatever a crashed run left behind goes first: we own nothing until the role machine says so."""
+        self._next_tick = now + self.options.settings.interval
+        settings = self.options.settings
+        peers = ", ".join(f"{peer} {address}" for peer, address in self.options.peers.items())
+        return [ReleaseAddresses(), RemoveRules(),
+                Log(Level.INFO, f"failover: {self.name} priority {settings.priority}"
+                                f"{' (preempts)' if settings.preempt else ''}, heartbeats every {settings.interval:.2f} s "
+                                f"to {self.options.destination[0]}:{self.options.destination[1]}, sync to {peers}, "
+                                f"peer dead after {settings.dead_seconds:.2f} s; starting"),
+                WakeUpAt(self._next_tick)]
+
+    def handle(self, event) -> list[Command]:
+        if isinstance(event, Tick):
+            return self._tick(event.now, event.wall)
+        if isinstance(event, PeerDatagram):
+            return self._datagram(event)
+        if isinstance(event, PacketsHandled):
+            return self._packets_handled(event.wall)
+        if isinstance(event, FirstForward):
+            return self._first_forward(event.at)
+        if isinstance(event, CommandDone):
+            return self._done(event)
+        if isinstance(event, StopRequested):
+            return self._decide(self.machine.shutdown(), event.now, event.wall) + [ReleaseAddresses()]
+        raise TypeError(f"the failover core takes no {type(event).__name__} event")
+
+    @property
+    def next_wakeup(self) -> float | None:
+        candidates = [t for t in (self._next_tick, self._second_burst_at) if t is not None]
+        if self.role is Role.ACTIVE and self._next_flush is not None:
+            candidates.append(self._next_flush)
+        return min(candidates) if candidates else None
+
+    # -- table changes (the distributor core feeds the interposer's effects) --------------------------
+    def record_opened(self, key: bytes, backend_index: int) -> None:
+        if self.machine.role is Role.ACTIVE:
+            self.sender.opened(key, backend_index)
+
+    def record_ended(self, key: bytes) -> None:
+        if self.machine.role is Role.ACTIVE:
+            self.sender.ended(key)
+
+    # -- events ------------------------------------------------------------------------------------------
+    def _tick(self, now: float, wall: float) -> list[Command]:
+        if self._next_tick is None:
+            return self.start(now)
+        commands: list[Command] = []
+        active = self.role is Role.ACTIVE
+        if active and self._next_flush is not None and now >= self._next_flush:
+            self._next_flush = max(self._next_flush + SYNC_FLUSH, now)
+            commands += self._flush_live(wall)
+            commands += self._snapshot_chunk(wall)
+        if now >= self._next_tick:
+            self._next_tick = max(self._next_tick + self.options.settings.interval, now)
+            if not active:
+                self.replica.hold_expiry(now)
+            commands += self._decide(self.machine.tick(now), now, wall)
+            commands += self._heartbeat(wall)
+            if (self.role is Role.BACKUP and self.machine.following is not None and not self.receiver.snapshot_complete
+                    and not self.receiver.in_snapshot):
+                # The request or the whole snapshot was lost (the first batch of a stream is never a
+                # gap): ask again, at most once per dead window, until a snapshot completes.
+                commands += self._request_sync(now, wall)
+        if self._second_burst_at is not None and now >= self._second_burst_at:
+            self._second_burst_at = None
+            if self.role is Role.ACTIVE:
+                commands.append(self._announce())
+        wake = self.next_wakeup
+        if wake is not None:
+            commands.append(WakeUpAt(wake))
+        return commands
+
+    def _datagram(self, event: PeerDatagram) -> list[Command]:
+        if event.source == self._own_address:
+            return []  # our own broadcast, looped back
+        message, reject = self.verifier.verify(event.data, event.source, event.wall)
+        if message is None:
+            assert reject is not None
+            self.rejected[reject] += 1
+            return []
+        kind = message.kind
+        if kind is Kind.DIST_HEARTBEAT:
+            beat = DistHeartbeat.unpack(message.payload)
+            try:
+                role = Role(beat.role) if beat is not None else None
+            except ValueError:
+                role = None
+            if beat is None or role is None:
+                self.rejected[Reject.BAD_PAYLOAD] += 1
+                return []
+            return self._peer_heartbeat(message.sender, role, beat, event.now, event.wall)
+        if kind is Kind.STATE_SYNC:
+            batch = SyncBatch.unpack(message.payload)
+            if batch is None:
+                self.rejected[Reject.BAD_PAYLOAD] += 1
+                return []
+            if self.role is Role.ACTIVE:
+                return []  # a stale stream from a former active
+            commands: list[Command] = []
+            if self.receiver.receive(batch, event.now):
+                commands.append(Log(Level.WARNING, f"failover: gap in the sync stream before batch {batch.batch}; "
+                                                   "asking for a snapshot"))
+                commands += self._request_sync(event.now, event.wall)
+            self._update_caught_up()
+            return commands
+        if kind is Kind.RESIGN:
+            resign = Resign.unpack(message.payload)
+            if resign is None:
+                self.rejected[Reject.BAD_PAYLOAD] += 1
+                return []
+            commands = [Log(Level.WARNING, f"failover: {message.sender} resigned (term {resign.term}"
+                                           f"{', stopping' if resign.stopping else ''})")]
+            return commands + self._decide(self.machine.resign(message.sender, resign.term, resign.stopping),
+                                           event.now, event.wall)
+        if kind is Kind.SYNC_REQUEST and self.role is Role.ACTIVE:
+            self.sender.start_snapshot(self.replica.open_connections())
+            return [Log(Level.INFO, f"failover: {message.sender} asked for a snapshot of {len(self.replica)} "
+                                    "connection(s)")]
+        return []
+
+    def _peer_heartbeat(self, sender: str, role: Role, beat: DistHeartbeat, now: float, wall: float) -> list[Command]:
+        if role is Role.ACTIVE:
+            self._last_active_heartbeat = now
+            self.active_batch = beat.sync_batch
+            self.active_connections = beat.connections
+        commands = self._decide(self.machine.heartbeat(PeerBeat(sender, role, beat.priority, beat.term,
+                                                                int.from_bytes(beat.address, "big"), beat.caught_up,
+                                                                beat.preempt)), now, wall)
+        if role is Role.ACTIVE and self.role is Role.BACKUP:
+            self._update_caught_up()
+        return commands
+
+    def _packets_handled(self, wall: float) -> list[Command]:
+        if self.role is not Role.ACTIVE:
+            return []
+        commands = self._flush_live(wall)
+        if self._holding:
+            commands.append(ReleaseNewSyns())
+        return commands
+
+    def _first_forward(self, at: float) -> list[Command]:
+        takeover = self.last_takeover
+        if takeover is None or takeover.first_forward is not None:
+            return []
+        takeover.first_forward = at
+        if takeover.last_heartbeat is None:
+            return [Log(Level.INFO, f"failover: first packet forwarded {(at - takeover.started) * 1000:.1f} ms after "
+                                    "taking over")]
+        base = takeover.last_heartbeat
+        claimed = f"{(takeover.claimed - base) * 1000:.1f}" if takeover.claimed is not None else "?"
+        return [Log(Level.WARNING, f"failover: takeover timeline from the last heartbeat of the old active: decided "
+                                   f"+{(takeover.started - base) * 1000:.1f} ms, addresses claimed +{claimed} ms, "
+                                   f"first packet forwarded +{(at - base) * 1000:.1f} ms")]
+
+    def _done(self, event: CommandDone) -> list[Command]:
+        command = event.command
+        if event.error is not None:
+            return [Log(Level.ERROR, f"failover: {type(command).__name__} failed: {event.error}")]
+        takeover = self.last_takeover
+        if isinstance(command, ClaimAddresses) and takeover is not None and takeover.claimed is None:
+            takeover.claimed = event.now
+            return [Log(Level.WARNING, f"failover: {self.name} took over (term {takeover.term}) with "
+                                       f"{len(self.replica)} replicated connection(s); addresses claimed "
+                                       f"{(event.now - takeover.started) * 1000:.1f} ms after the decision")]
+        return []
+
+    # -- decisions ------------------------------------------------------------------------------------
+    def _decide(self, decisions: Iterable[Decision], now: float, wall: float) -> list[Command]:
+        commands: list[Command] = []
+        for decision in decisions:
+            action = decision.action
+            if action in (Action.PEER_LATE, Action.PEER_LOST, Action.PEER_BACK):
+                level = Level.WARNING if action is Action.PEER_LOST else Level.INFO
+                commands.append(Log(level, f"failover: {decision.reason}"))
+                continue
+            if decision.role_change is not None:
+                old, new = decision.role_change
+                commands.append(Alert(self.name, old.name.lower(), new.name.lower(), decision.reason))
+            if action is Action.TAKE_OVER:
+                commands += self._take_over(now, wall)
+            elif action is Action.RESIGN:
+                stopping = decision.role_change is not None and decision.role_change[1] is Role.STOPPED
+                commands += self._flush_live(wall)
+                for _ in range(RESIGN_COPIES):
+                    commands += self._send(Kind.RESIGN, Resign(self.machine.term, stopping).pack(), wall)
+                commands += self._give_up()
+            elif action is Action.GIVE_UP:
+                commands += self._give_up()
+            elif action is Action.ANNOUNCE:
+                commands.append(Log(Level.WARNING, f"failover: {decision.reason}; announcing our addresses again"))
+                commands.append(self._announce())
+            elif action is Action.REQUEST_SYNC:
+                self.receiver.reset()
+                commands += self._request_sync(now, wall, force=True)
+        return commands
+
+    def _take_over(self, now: float, wall: float) -> list[Command]:
+        self.last_takeover = Takeover(self._last_active_heartbeat, now, self.machine.term)
+        # 1. State: the replica is the interposer's table; from now on its idle timers run.
+        self.replica.hold_expiry(now)
+        self._holding = True
+        self._next_flush = now + SYNC_FLUSH
+        commands: list[Command] = [HoldNewSyns(True), ArmFirstForward(),
+                                   # 2. rules, 3. addresses, 4. announcements.
+                                   InstallRules(), ClaimAddresses(), self._announce()]
+        if self.options.garp_repeat > 0:
+            self._second_burst_at = now + self.options.garp_repeat
+        return commands + self._heartbeat(wall)
+
+    def _give_up(self) -> list[Command]:
+        self._second_burst_at = None
+        self._holding = False
+        return [ReleaseAddresses(), HoldNewSyns(False), RemoveRules(), DrainQueue(),
+                Log(Level.WARNING, f"failover: {self.name} gave up the addresses and stopped forwarding")]
+
+    def _announce(self) -> Announce:
+        self.announcements += 1
+        return Announce()
+
+    # -- datagrams -------------------------------------------------------------------------------------
+    def _flush_live(self, wall: float) -> list[Command]:
+        commands: list[Command] = []
+        for payload in self.sender.live_batches():
+            commands += self._send(Kind.STATE_SYNC, payload, wall)
+        return commands
+
+    def _snapshot_chunk(self, wall: float) -> list[Command]:
+        commands: list[Command] = []
+        for payload in self.sender.snapshot_batches(SNAPSHOT_CHUNK, self.replica.is_open):
+            commands += self._send(Kind.STATE_SYNC, payload, wall)
+        return commands
+
+    def _request_sync(self, now: float, wall: float, force: bool = False) -> list[Command]:
+        # At most one request per dead window unless forced: each request restarts the active's
+        # snapshot, and under loss a stream of requests would keep it from ever finishing.
+        if not force and self._last_sync_request is not None \
+                and now - self._last_sync_request < self.options.settings.dead_seconds:
+            return []
+        self._last_sync_request = now
+        return self._send(Kind.SYNC_REQUEST, b"", wall)
+
+    def _heartbeat(self, wall: float) -> list[Command]:
+        machine = self.machine
+        batch = self.sender.batch if machine.role is Role.ACTIVE else (self.receiver.applied or 0)
+        beat = DistHeartbeat(int(machine.role), self.options.settings.priority, machine.term,
+                             self.options.address.packed, machine.caught_up, self.options.settings.preempt, batch,
+                             len(self.replica))
+        return self._send(Kind.DIST_HEARTBEAT, beat.pack(), wall)
+
+    def _send(self, kind: Kind, payload: bytes, wall: float) -> list[Command]:
+        datagram = seal(self.keys, kind, self.name, self.sequence.next(wall), wall, payload)
+        self.sent[kind] += 1
+        if kind in _BROADCAST_KINDS:
+            return [Send(datagram, self.options.destination)]
+        return [Send(datagram, destination) for destination in self._peer_destinations]
+
+    def _update_caught_up(self) -> None:
+        self.machine.set_caught_up(self.role is Role.BACKUP and self.receiver.caught_up(self.active_batch))
+
+    # -- observers -------------------------------------------------------------------------------------
+    def lag(self) -> int | None:
+        return self.receiver.lag(self.active_batch) if self.role is not Role.ACTIVE else 0
+
+    def stats(self) -> FailoverStats:
+        machine = self.machine
+        peers = tuple(PeerStats(p.name, p.role, p.alive, p.counter, p.term, p.priority) for p in machine.peers.values())
+        return FailoverStats(machine.role, machine.term, machine.caught_up, peers, self.lag(), self.active_connections,
+                             self.receiver.gaps, self.receiver.records_applied, self.sender.records_sent,
+                             self.sender.snapshots, self.receiver.rejected_records, self.announcements,
+                             dict(self.sent), {r: self.rejected[r] for r in Reject}, dict(machine.transitions),
+                             dataclasses.replace(self.last_takeover) if self.last_takeover else None)

@@ -1,0 +1,7 @@
+"""Code every program shares: datagram formats, the state-machine helper, sans-io event and command
+types, TOML reading helpers.
+
+This package imports nothing else of the project, so the distributor daemon, the failover code
+(``backup``) and the node agent (``node``) can all import it without a cycle.  See
+docs/architecture.md for the layers: pure cores, adapters, programs.
+"""

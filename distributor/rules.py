@@ -1,0 +1,185 @@
+"""The data path's iptables rules: rendered (pure) and installed (adapter).
+
+Contract
+--------
+:func:`render_rules` returns the rule lines of every chain a queue number owns
+(``DIST<q>-*``), for a :class:`~distributor.reroute.Mode`.  :class:`Rules`
+installs them, replacing whatever a previous run of the same queue number
+left behind, in one ``iptables-restore --noflush`` transaction, and removes the
+chains and the jumps to them, also in one transaction.  Nothing else in the
+tables is touched.
+
+Rewrite mode (why these hooks, kernel behaviour): the destination is rewritten
+in raw PREROUTING, before the routing decision, so the packet is routed to the
+backend; the source is rewritten in mangle POSTROUTING, after routing, because
+a packet whose source is a local address (the VIP) arriving before routing is a
+martian and dropped.  Both directions are marked ``CT --notrack``: conntrack
+would otherwise track the pre-rewrite tuple and mismatch the reply.  No
+``--queue-bypass``: while the daemon is down but its rules are in place,
+packets for the VIP are dropped and clients retransmit, rather than reaching
+the gateway's own stack and being reset.
+
+Kernel-assisted mode: see :func:`_render_kernel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from typing import Iterable
+
+from .reroute import END_MARK, MARK_MASK, Mode, ServiceSpec, backend_marks
+
+__all__ = ["Rules", "RulesError", "render_rules", "chain_names"]
+
+log = logging.getLogger("distributor.rules")
+
+
+class RulesError(RuntimeError):
+    pass
+
+
+def chain_names(queue: int) -> tuple[str, str]:
+    return f"DIST{queue}-IN", f"DIST{queue}-OUT"
+
+
+# Where each mode's chains hang: (table, built-in chain, our chain suffix).
+_MODE_HOOKS = {
+    Mode.REWRITE: (("raw", "PREROUTING", "IN"), ("mangle", "POSTROUTING", "OUT"), ("raw", "OUTPUT", "LOCAL")),
+    Mode.KERNEL: (("mangle", "PREROUTING", "IN"), ("nat", "PREROUTING", "NAT"), ("raw", "OUTPUT", "LOCAL")),
+}
+_TABLES = ("raw", "mangle", "nat")
+_BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
+
+
+def _render_local(queue: int, services: tuple[ServiceSpec, ...]) -> list[str]:
+    # Packets the distributor sends itself from a VIP (RSTs, reset probes) stay out of conntrack,
+    # so a client's answer to them is not taken for a reply of a tracked connection.
+    return [f"-A DIST{queue}-LOCAL -s {service.vip}/32 -p tcp -m tcp --sport {service.port} -j CT --notrack"
+            for service in services]
+
+
+def render_rules(queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.REWRITE) -> dict[tuple[str, str], list[str]]:
+    """The rule lines of every owned chain, keyed by (table, chain) (pure, for tests and install)."""
+    services = tuple(services)
+    if mode is Mode.KERNEL:
+        return _render_kernel(queue, services)
+    chain_in, chain_out = chain_names(queue)
+    raw: list[str] = []
+    mangle: list[str] = []
+    for service in services:
+        match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
+        raw.append(f"-A {chain_in} {match_vip} -j CT --notrack")
+        raw.append(f"-A {chain_in} {match_vip} -j NFQUEUE --queue-num {queue}")
+        for backend in service.backends:
+            match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
+            raw.append(f"-A {chain_in} {match_backend} -j CT --notrack")
+            mangle.append(f"-A {chain_out} {match_backend} -j NFQUEUE --queue-num {queue}")
+    return {("raw", chain_in): raw, ("mangle", chain_out): mangle, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+
+
+def _render_kernel(queue: int, services: tuple[ServiceSpec, ...]) -> dict[tuple[str, str], list[str]]:
+    # Kernel-assisted mode: user space sees a connection's first packet (conntrack NEW: a SYN, or the
+    # first segment after a takeover) and its first FIN or RST; conntrack NAT does everything else.
+    # Every forwarded packet walks DIST<q>-IN, so the common one (established, no FIN/RST) leaves
+    # after two rules: each xt match costs, through nft's compat layer.
+    chain_in, chain_new, chain_nat = f"DIST{queue}-IN", f"DIST{queue}-NEW", f"DIST{queue}-NAT"
+    to_queue = f"-j NFQUEUE --queue-num {queue}"
+    end = f"{END_MARK:#x}/{END_MARK:#x}"
+    mangle_in = [
+        f"-A {chain_in} -m conntrack --ctstate NEW,INVALID -j {chain_new}",
+        f"-A {chain_in} -p tcp -m tcp --tcp-flags FIN,RST NONE -j RETURN",
+        f"-A {chain_in} -m connmark --mark {end} -j RETURN",
+        # A connection's first FIN or RST comes back from user space with NF_REPEAT and END_MARK
+        # set: remember it in the connmark, so the connection's later FINs stay in the kernel.
+        f"-A {chain_in} -m mark --mark {end} -j CONNMARK --save-mark --nfmask {END_MARK:#x} --ctmask {END_MARK:#x}",
+        f"-A {chain_in} -m mark --mark {end} -j RETURN",
+    ]
+    mangle_new: list[str] = []
+    nat: list[str] = []
+    marks = backend_marks(services)
+    for service in services:
+        match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
+        mangle_new.append(f"-A {chain_new} {match_vip} -m conntrack --ctstate NEW {to_queue}")
+        mangle_in.append(f"-A {chain_in} {match_vip} {to_queue}")  # its first FIN or RST
+        for index, backend in enumerate(service.backends):
+            match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
+            # A node's segment that conntrack cannot tie to a NATed connection (after a takeover,
+            # before the client's next segment) would reach the client with the node's address.
+            mangle_new.append(f"-A {chain_new} {match_backend} -j DROP")
+            mangle_in.append(f"-A {chain_in} {match_backend} {to_queue}")
+            mark = marks[(service.name, index)]
+            nat.append(f"-A {chain_nat} {match_vip} -m mark --mark {mark:#x}/{MARK_MASK:#x} "
+                       f"-j DNAT --to-destination {backend.address}:{backend.port}")
+    return {("mangle", chain_new): mangle_new, ("mangle", chain_in): mangle_in, ("nat", chain_nat): nat,
+            ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+
+
+class Rules:
+    """The iptables chains of one queue number (``DIST<q>-*``), installed and removed in single transactions."""
+
+    def __init__(self, queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.REWRITE, *,
+                 netns_exec: tuple[str, ...] = ()):
+        self.queue = queue
+        self.mode = mode
+        self.services = tuple(services)
+        self._prefix = netns_exec
+        self._ours = f"DIST{queue}-"
+
+    def install(self, known_absent: bool = False) -> None:
+        """Install the rules in one transaction, replacing any this queue number left (skip the look with ``known_absent``)."""
+        lines = render_rules(self.queue, self.services, self.mode)
+        existing = {table: ([], []) for table in _TABLES} if known_absent else self._existing()
+        script: list[str] = []
+        for table in _TABLES:
+            wanted = [chain for (t, chain) in lines if t == table]
+            jumps, present = existing[table]
+            hooks = [(hook, f"{self._ours}{suffix}") for t, hook, suffix in _MODE_HOOKS[self.mode] if t == table]
+            if not wanted and not jumps and not present:
+                continue
+            body = [f":{chain} - [0:0]" for chain in wanted]  # declaring an existing chain flushes it
+            body += [f"-D {jump}" for jump in jumps]
+            stale = [chain for chain in present if chain not in wanted]
+            body += [f"-F {chain}" for chain in stale] + [f"-X {chain}" for chain in stale]
+            for chain in wanted:
+                body += lines[(table, chain)]
+            body += [f"-I {hook} 1 -j {chain}" for hook, chain in hooks]
+            script += [f"*{table}", *body, "COMMIT"]
+        self._restore(script)
+        log.info("installed %d %s-mode rules for queue %d", sum(map(len, lines.values())), self.mode.value, self.queue)
+
+    def remove(self) -> bool:
+        """Remove every ``DIST<q>-*`` chain and every jump to one; returns False when there was nothing to remove."""
+        script: list[str] = []
+        for table, (jumps, present) in self._existing().items():
+            if jumps or present:
+                script += [f"*{table}", *[f"-D {jump}" for jump in jumps], *[f"-F {chain}" for chain in present],
+                           *[f"-X {chain}" for chain in present], "COMMIT"]
+        if not script:
+            return False
+        self._restore(script)
+        log.info("removed the chains of queue %d", self.queue)
+        return True
+
+    def _existing(self) -> dict[str, tuple[list[str], list[str]]]:
+        """Per table: the jumps from built-in chains to ours (as rule specs) and our chains."""
+        found = {}
+        for table in _TABLES:
+            out = self._run(["iptables-save", "-t", table]).stdout.splitlines()
+            jumps = [line[3:] for line in out
+                     if line.startswith("-A ") and line.split()[1] in _BUILTIN and f" -j {self._ours}" in line]
+            present = [line[1:].split()[0] for line in out if line.startswith(f":{self._ours}")]
+            found[table] = (jumps, present)
+        return found
+
+    def _restore(self, script: list[str]) -> None:
+        self._run(["iptables-restore", "--noflush"], "\n".join(script) + "\n")
+
+    def _run(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        try:
+            result = subprocess.run([*self._prefix, *argv], input=stdin, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise RulesError(f"{argv[0]} is not installed (Debian package: iptables)") from None
+        if result.returncode != 0:
+            raise RulesError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
