@@ -48,10 +48,13 @@ import ipaddress
 from typing import Iterable, Mapping
 
 from common.sansio import Alert, Command, CommandDone, Level, Log, Send, StopRequested, Tick, WakeUpAt
-from common.wire import DistHeartbeat, Keys, Kind, Reject, Resign, SequenceCounter, SyncBatch, Verifier, seal
+from common.wire import (DistHeartbeat, Keys, Kind, Reject, Resign, SequenceCounter, SyncBatch, SyncRequest, Verifier,
+                         seal)
 
 from .roles import Action, Decision, FailoverSettings, PeerBeat, Role, RoleMachine
-from .sync import Replica, SyncReceiver, SyncSender
+from .sync import MAX_PENDING, Replica, SyncReceiver, SyncSender
+
+MAX_PENDING_TEXT = f"{MAX_PENDING:,}"
 
 __all__ = ["FailoverOptions", "FailoverCore", "PeerDatagram", "PacketsHandled", "FirstForward", "InstallRules",
            "RemoveRules", "ClaimAddresses", "ReleaseAddresses", "Announce", "HoldNewSyns", "ReleaseNewSyns",
@@ -60,6 +63,8 @@ __all__ = ["FailoverOptions", "FailoverCore", "PeerDatagram", "PacketsHandled", 
 SYNC_FLUSH = 0.01  # seconds between sends of ended connections and snapshot chunks while active
 SNAPSHOT_CHUNK = 16  # snapshot datagrams per flush (about 1,500 connections)
 RESIGN_COPIES = 3  # a lost resign would cost the backup a dead window
+NACK_RETRY_TICKS = 2  # a missing batch is asked for again after this many ticks without it
+NACK_LIMIT = 8  # after this many requests for one batch, a snapshot is asked for instead
 
 # Heartbeats and resigns are broadcast on the cluster LAN (every distributor hears them); the
 # state-sync stream and snapshot requests go unicast to the configured peers: broadcast, every
@@ -108,7 +113,13 @@ class RemoveRules(Command):
 
 @dataclasses.dataclass(frozen=True)
 class ClaimAddresses(Command):
-    """Add the floating addresses (VIPs, internal gateway) to their interfaces."""
+    """Add (or renew) the floating addresses (VIPs, internal gateway) on their interfaces.
+
+    ``lifetime`` seconds (valid and preferred lifetime), renewed while active, so that a daemon that
+    dies without giving them up loses them by itself: a dead man's switch.  None: permanent.
+    """
+
+    lifetime: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +165,18 @@ class FailoverOptions:
     port: int
     freshness: float = 5.0
     garp_repeat: float = 5.0  # seconds to the second burst of gratuitous ARP; 0: none
+    garp_refresh: float = 10.0  # while active, announce again every so many seconds; 0: never
+    address_lifetime: float = 2.0  # seconds a claimed address lives unless renewed; 0: permanent
+
+    def __post_init__(self) -> None:
+        if self.address_lifetime and self.address_lifetime < 1:
+            raise ValueError(f"failover.address_lifetime = {self.address_lifetime!r} must be 0 (permanent) or "
+                             ">= 1 second (the kernel counts address lifetimes in whole seconds)")
+
+    @property
+    def renew_every(self) -> float | None:
+        """Renewals come eight times per lifetime: a loop stalled for 7/8 of it keeps the addresses."""
+        return self.address_lifetime / 8 if self.address_lifetime else None
 
 
 @dataclasses.dataclass
@@ -186,11 +209,14 @@ class FailoverStats:
     lag_batches: int | None
     active_connections: int
     gaps: int
+    retransmit_requests: int
+    retransmitted: int
     records_applied: int
     records_sent: int
     snapshots_sent: int
     rejected_records: int
     announcements: int
+    heartbeat_gap_max: float
     sent: dict[Kind, int]
     rejected: dict[Reject, int]
     transitions: dict[tuple[Role, Role], int]
@@ -223,15 +249,25 @@ class FailoverCore:
         self._second_burst_at: float | None = None
         self._holding = False
         self._last_sync_request: float | None = None
+        self._nacked: dict[int, tuple[float, int]] = {}  # missing batch -> (last asked, times asked)
+        self._active_batch_before = 0  # the active's advertised batch one heartbeat ago
+        self._refresh_at: float | None = None
+        self._renew_at: float | None = None
+        self.retransmit_requests = 0
+        self.heartbeat_gap_max = 0.0  # seconds: the longest wait between two heartbeats of the active, as a backup
 
     @property
     def role(self) -> Role:
         return self.machine.role
 
     # -- life cycle --------------------------------------------------------------------------------
-    def start(self, now: float) -> list[Command]:
-        """Whatever a crashed run left behind goes first: we own nothing until the role machine says so."""
+    def start(self, now: float, wall: float) -> list[Command]:
+        """Whatever a crashed run left behind goes first: we own nothing until the role machine says so.
+
+        Datagrams sealed before ``wall`` are refused from now on: this core's replay marks start empty.
+        """
         self._next_tick = now + self.options.settings.interval
+        self.verifier.not_before = wall
         settings = self.options.settings
         peers = ", ".join(f"{peer} {address}" for peer, address in self.options.peers.items())
         return [ReleaseAddresses(), RemoveRules(),
@@ -243,6 +279,8 @@ class FailoverCore:
 
     def handle(self, event) -> list[Command]:
         if isinstance(event, Tick):
+            if self._next_tick is None:
+                return self.start(event.now, event.wall)
             return self._tick(event.now, event.wall)
         if isinstance(event, PeerDatagram):
             return self._datagram(event)
@@ -258,10 +296,11 @@ class FailoverCore:
 
     @property
     def next_wakeup(self) -> float | None:
-        candidates = [t for t in (self._next_tick, self._second_burst_at) if t is not None]
-        if self.role is Role.ACTIVE and self._next_flush is not None:
-            candidates.append(self._next_flush)
-        return min(candidates) if candidates else None
+        candidates = [self._next_tick, self._second_burst_at]
+        if self.role is Role.ACTIVE:
+            candidates += [self._next_flush, self._refresh_at, self._renew_at]
+        found = [t for t in candidates if t is not None]
+        return min(found) if found else None
 
     # -- table changes (the distributor core feeds the interposer's effects) --------------------------
     def record_opened(self, key: bytes, backend_index: int) -> None:
@@ -274,8 +313,8 @@ class FailoverCore:
 
     # -- events ------------------------------------------------------------------------------------------
     def _tick(self, now: float, wall: float) -> list[Command]:
-        if self._next_tick is None:
-            return self.start(now)
+        if self.role is Role.STOPPED:
+            return []  # a stopped distributor is silent: no heartbeat, no timer
         commands: list[Command] = []
         active = self.role is Role.ACTIVE
         if active and self._next_flush is not None and now >= self._next_flush:
@@ -288,15 +327,18 @@ class FailoverCore:
                 self.replica.hold_expiry(now)
             commands += self._decide(self.machine.tick(now), now, wall)
             commands += self._heartbeat(wall)
-            if (self.role is Role.BACKUP and self.machine.following is not None and not self.receiver.snapshot_complete
-                    and not self.receiver.in_snapshot):
-                # The request or the whole snapshot was lost (the first batch of a stream is never a
-                # gap): ask again, at most once per dead window, until a snapshot completes.
-                commands += self._request_sync(now, wall)
-        if self._second_burst_at is not None and now >= self._second_burst_at:
-            self._second_burst_at = None
-            if self.role is Role.ACTIVE:
+            if self.role is Role.BACKUP and self.machine.following is not None:
+                commands += self._repair(now, wall)
+        if self.role is Role.ACTIVE:
+            if self._second_burst_at is not None and now >= self._second_burst_at:
+                self._second_burst_at = None
                 commands.append(self._announce())
+            if self._refresh_at is not None and now >= self._refresh_at:
+                self._refresh_at = now + self.options.garp_refresh
+                commands.append(self._announce())
+            if self._renew_at is not None and now >= self._renew_at:
+                self._renew_at = now + self.options.renew_every
+                commands.append(ClaimAddresses(self.options.address_lifetime))
         wake = self.next_wakeup
         if wake is not None:
             commands.append(WakeUpAt(wake))
@@ -329,10 +371,12 @@ class FailoverCore:
             if self.role is Role.ACTIVE:
                 return []  # a stale stream from a former active
             commands: list[Command] = []
-            if self.receiver.receive(batch, event.now):
-                commands.append(Log(Level.WARNING, f"failover: gap in the sync stream before batch {batch.batch}; "
-                                                   "asking for a snapshot"))
+            if not self.receiver.receive(batch, event.now):
+                commands.append(Log(Level.WARNING, f"failover: {MAX_PENDING_TEXT} batches wait behind a gap in the "
+                                                   "sync stream; asking for a snapshot"))
                 commands += self._request_sync(event.now, event.wall)
+            elif self.receiver.waiting:
+                commands += self._ask_again(self.receiver.missing(), event.now, event.wall)
             self._update_caught_up()
             return commands
         if kind is Kind.RESIGN:
@@ -345,13 +389,29 @@ class FailoverCore:
             return commands + self._decide(self.machine.resign(message.sender, resign.term, resign.stopping),
                                            event.now, event.wall)
         if kind is Kind.SYNC_REQUEST and self.role is Role.ACTIVE:
-            self.sender.start_snapshot(self.replica.open_connections())
-            return [Log(Level.INFO, f"failover: {message.sender} asked for a snapshot of {len(self.replica)} "
-                                    "connection(s)")]
+            request = SyncRequest.unpack(message.payload)
+            if request is None:
+                self.rejected[Reject.BAD_PAYLOAD] += 1
+                return []
+            if not request.ranges:
+                self.sender.request_snapshot()
+                return [Log(Level.INFO, f"failover: {message.sender} asked for a snapshot of {len(self.replica)} "
+                                        "connection(s)")]
+            payloads, too_old = self.sender.resend(request.ranges)
+            destination = (str(self.options.peers[message.sender]), self.options.port)
+            commands = [Send(self._seal(Kind.STATE_SYNC, payload, event.wall), destination) for payload in payloads]
+            if too_old:
+                self.sender.request_snapshot()
+                commands.append(Log(Level.WARNING, f"failover: {message.sender} asked for batches older than the "
+                                                   "kept history; streaming a snapshot"))
+            return commands
         return []
 
     def _peer_heartbeat(self, sender: str, role: Role, beat: DistHeartbeat, now: float, wall: float) -> list[Command]:
         if role is Role.ACTIVE:
+            if self._last_active_heartbeat is not None and self.role is Role.BACKUP:
+                # The worst silence of the active seen so far: what the dead window must stay above.
+                self.heartbeat_gap_max = max(self.heartbeat_gap_max, now - self._last_active_heartbeat)
             self._last_active_heartbeat = now
             self.active_batch = beat.sync_batch
             self.active_connections = beat.connections
@@ -389,7 +449,8 @@ class FailoverCore:
         if event.error is not None:
             return [Log(Level.ERROR, f"failover: {type(command).__name__} failed: {event.error}")]
         takeover = self.last_takeover
-        if isinstance(command, ClaimAddresses) and takeover is not None and takeover.claimed is None:
+        if isinstance(command, ClaimAddresses) and takeover is not None and takeover.claimed is None \
+                and self.role is Role.ACTIVE:
             takeover.claimed = event.now
             return [Log(Level.WARNING, f"failover: {self.name} took over (term {takeover.term}) with "
                                        f"{len(self.replica)} replicated connection(s); addresses claimed "
@@ -404,6 +465,10 @@ class FailoverCore:
             if action in (Action.PEER_LATE, Action.PEER_LOST, Action.PEER_BACK):
                 level = Level.WARNING if action is Action.PEER_LOST else Level.INFO
                 commands.append(Log(level, f"failover: {decision.reason}"))
+                if action is Action.PEER_BACK and self.role is Role.ACTIVE:
+                    # A partition healed: whichever of us stays active, clients may hold the other's
+                    # MAC; the one that stays must announce even if it never sees the other active.
+                    commands.append(self._announce())
                 continue
             if decision.role_change is not None:
                 old, new = decision.role_change
@@ -432,15 +497,20 @@ class FailoverCore:
         self.replica.hold_expiry(now)
         self._holding = True
         self._next_flush = now + SYNC_FLUSH
+        lifetime = self.options.address_lifetime or None
         commands: list[Command] = [HoldNewSyns(True), ArmFirstForward(),
                                    # 2. rules, 3. addresses, 4. announcements.
-                                   InstallRules(), ClaimAddresses(), self._announce()]
+                                   InstallRules(), ClaimAddresses(lifetime), self._announce()]
         if self.options.garp_repeat > 0:
             self._second_burst_at = now + self.options.garp_repeat
+        self._refresh_at = now + self.options.garp_refresh if self.options.garp_refresh > 0 else None
+        self._renew_at = now + self.options.renew_every if lifetime else None
         return commands + self._heartbeat(wall)
 
     def _give_up(self) -> list[Command]:
         self._second_burst_at = None
+        self._refresh_at = None
+        self._renew_at = None
         self._holding = False
         return [ReleaseAddresses(), HoldNewSyns(False), RemoveRules(), DrainQueue(),
                 Log(Level.WARNING, f"failover: {self.name} gave up the addresses and stopped forwarding")]
@@ -458,9 +528,50 @@ class FailoverCore:
 
     def _snapshot_chunk(self, wall: float) -> list[Command]:
         commands: list[Command] = []
-        for payload in self.sender.snapshot_batches(SNAPSHOT_CHUNK, self.replica.is_open):
+        for payload in self.sender.snapshot_batches(SNAPSHOT_CHUNK, self.replica.open_connections,
+                                                    self.replica.open_backend):
             commands += self._send(Kind.STATE_SYNC, payload, wall)
         return commands
+
+    def _repair(self, now: float, wall: float) -> list[Command]:
+        """A standby's tick: ask again for what the stream is missing, or for a snapshot when none completed."""
+        receiver = self.receiver
+        if not receiver.snapshot_complete and not receiver.in_snapshot:
+            # The request or the whole snapshot was lost (the first batch of a stream is never a
+            # gap): ask again, at most once per dead window, until a snapshot completes.
+            return self._request_sync(now, wall)
+        # Batches lost at the tail show no gap until the next one: the active's heartbeat says how far it
+        # is.  The one-heartbeat-old figure is used, so a batch still in flight is not asked for.
+        up_to, self._active_batch_before = self._active_batch_before, self.active_batch
+        return self._ask_again(receiver.missing(up_to), now, wall)
+
+    def _ask_again(self, ranges: list[tuple[int, int]], now: float, wall: float) -> list[Command]:
+        """A SyncRequest for the missing batches not asked for in the last few ticks."""
+        applied = self.receiver.applied or 0
+        self._nacked = {n: v for n, v in self._nacked.items() if n > applied}
+        retry = NACK_RETRY_TICKS * self.options.settings.interval
+        wanted: list[int] = []
+        for first, last in ranges:
+            for number in range(first, last + 1):
+                asked_at, times = self._nacked.get(number, (None, 0))
+                if asked_at is not None and now - asked_at < retry:
+                    continue
+                if times >= NACK_LIMIT:
+                    return self._request_sync(now, wall)  # it does not come: start over from a snapshot
+                self._nacked[number] = (now, times + 1)
+                wanted.append(number)
+                if len(wanted) >= 256:
+                    break
+        if not wanted:
+            return []
+        self.retransmit_requests += 1
+        merged: list[tuple[int, int]] = []
+        for number in wanted:
+            if merged and merged[-1][1] + 1 == number:
+                merged[-1] = (merged[-1][0], number)
+            else:
+                merged.append((number, number))
+        return self._send(Kind.SYNC_REQUEST, SyncRequest(tuple(merged[:SyncRequest.MAX_RANGES])).pack(), wall)
 
     def _request_sync(self, now: float, wall: float, force: bool = False) -> list[Command]:
         # At most one request per dead window unless forced: each request restarts the active's
@@ -469,7 +580,8 @@ class FailoverCore:
                 and now - self._last_sync_request < self.options.settings.dead_seconds:
             return []
         self._last_sync_request = now
-        return self._send(Kind.SYNC_REQUEST, b"", wall)
+        self._nacked.clear()
+        return self._send(Kind.SYNC_REQUEST, SyncRequest().pack(), wall)
 
     def _heartbeat(self, wall: float) -> list[Command]:
         machine = self.machine
@@ -479,9 +591,12 @@ class FailoverCore:
                              len(self.replica))
         return self._send(Kind.DIST_HEARTBEAT, beat.pack(), wall)
 
-    def _send(self, kind: Kind, payload: bytes, wall: float) -> list[Command]:
-        datagram = seal(self.keys, kind, self.name, self.sequence.next(wall), wall, payload)
+    def _seal(self, kind: Kind, payload: bytes, wall: float) -> bytes:
         self.sent[kind] += 1
+        return seal(self.keys, kind, self.name, self.sequence.next(wall), wall, payload)
+
+    def _send(self, kind: Kind, payload: bytes, wall: float) -> list[Command]:
+        datagram = self._seal(kind, payload, wall)
         if kind in _BROADCAST_KINDS:
             return [Send(datagram, self.options.destination)]
         return [Send(datagram, destination) for destination in self._peer_destinations]
@@ -497,7 +612,9 @@ class FailoverCore:
         machine = self.machine
         peers = tuple(PeerStats(p.name, p.role, p.alive, p.counter, p.term, p.priority) for p in machine.peers.values())
         return FailoverStats(machine.role, machine.term, machine.caught_up, peers, self.lag(), self.active_connections,
-                             self.receiver.gaps, self.receiver.records_applied, self.sender.records_sent,
+                             self.receiver.gaps, self.retransmit_requests, self.sender.retransmitted,
+                             self.receiver.records_applied, self.sender.records_sent,
                              self.sender.snapshots, self.receiver.rejected_records, self.announcements,
+                             self.heartbeat_gap_max,
                              dict(self.sent), {r: self.rejected[r] for r in Reject}, dict(machine.transitions),
                              dataclasses.replace(self.last_takeover) if self.last_takeover else None)

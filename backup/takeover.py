@@ -5,7 +5,10 @@ up, gratuitous ARP frames crafted with scapy, one AF_PACKET socket opened
 per interface and kept), so a takeover costs only netlink calls and socket
 sends.  Netlink goes through pyroute2's asyncio API, on the daemon's own
 loop.  :meth:`claim` and :meth:`release` are idempotent (an address already
-present, or already gone, is not an error).  :meth:`announce` sends
+present, or already gone, is not an error); with a lifetime, an address
+vanishes by itself unless it is claimed again in time (the failover core
+renews it while active), so a daemon killed without a chance to release its
+addresses loses them within that lifetime.  :meth:`announce` sends
 ``garp_count`` gratuitous ARP requests per address on its interface; the
 caller schedules the second burst.  Gratuitous ARP *requests* are used, as
 keepalived does: Linux updates an existing neighbour entry from one even
@@ -17,6 +20,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket
 from dataclasses import dataclass
 
@@ -65,14 +69,19 @@ class AddressOwner:
             self.close()
             raise
 
-    async def claim(self) -> None:
+    async def claim(self, lifetime: float | None = None) -> None:
+        """Add the addresses, or renew them: with ``lifetime`` they vanish by themselves unless claimed again."""
         for floating in self.addresses:
+            options = {}
+            if lifetime:
+                seconds = max(1, math.ceil(lifetime))
+                options = {"valid_lft": seconds, "preferred_lft": seconds}
             try:
-                await self._ipr.addr("add", index=self._index[floating.interface], address=str(floating.address.ip),
-                                     prefixlen=floating.address.network.prefixlen)
+                # "replace" adds a missing address and updates a present one's lifetimes in place.
+                await self._ipr.addr("replace", index=self._index[floating.interface], address=str(floating.address.ip),
+                                     prefixlen=floating.address.network.prefixlen, **options)
             except NetlinkError as exc:
-                if exc.code != errno.EEXIST:
-                    raise OSError(f"cannot add {floating.address} to {floating.interface}: {exc}") from None
+                raise OSError(f"cannot add {floating.address} to {floating.interface}: {exc}") from None
 
     async def release(self) -> None:
         for floating in self.addresses:

@@ -55,6 +55,7 @@ __all__ = [
     "DistHeartbeat",
     "SyncBatch",
     "SyncRecord",
+    "SyncRequest",
     "Resign",
     "HEADER_SIZE",
     "MAC_SIZE",
@@ -89,6 +90,7 @@ class Reject(enum.Enum):
     WRONG_ADDRESS = "wrong_address"
     UNKNOWN_KEY = "unknown_key"
     STALE = "stale"
+    BEFORE_START = "before_start"
     REPLAY = "replay"
     BAD_MAC = "bad_mac"
     BAD_PAYLOAD = "bad_payload"
@@ -163,10 +165,13 @@ def seal(keys: Keys, kind: Kind, sender: str, sequence: int, timestamp: float, p
 class Verifier:
     """Checks datagrams of some kinds from known senders; keeps each sender's replay mark."""
 
-    def __init__(self, keys: Keys, senders: Mapping[str, str | None], kinds: set[Kind], window: float = 5.0):
-        """``senders`` maps an id to the source address it must come from (None: any address)."""
+    def __init__(self, keys: Keys, senders: Mapping[str, str | None], kinds: set[Kind], window: float = 5.0,
+                 not_before: float = 0.0):
+        """``senders`` maps an id to the source address it must come from (None: any address);
+        datagrams sealed before ``not_before`` (wall clock) are refused."""
         if window <= 0:
             raise ValueError(f"freshness window {window!r} must be > 0 seconds")
+        self.not_before = not_before
         self.keys = keys
         self.senders = {_sender_field(name): (name, address) for name, address in senders.items()}
         self.kinds = frozenset(kinds)
@@ -196,6 +201,8 @@ class Verifier:
             return None, Reject.UNKNOWN_KEY
         if not abs(now - timestamp) <= self.window:  # also rejects NaN
             return None, Reject.STALE
+        if timestamp < self.not_before:
+            return None, Reject.BEFORE_START
         if sequence <= self.last_sequence.get(sender, -1):
             return None, Reject.REPLAY
         body = data[: HEADER_SIZE + length]
@@ -312,6 +319,37 @@ class SyncBatch:
                 return None
             records.append(SyncRecord(op, key, backend))
         return cls(batch, flags, records)
+
+
+@dataclass(frozen=True)
+class SyncRequest:
+    """A standby asks for batches again (``ranges`` of batch numbers, inclusive), or for a snapshot (no range)."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    _COUNT = struct.Struct("!H")
+    _RANGE = struct.Struct("!QQ")
+    MAX_RANGES = 64
+
+    def pack(self) -> bytes:
+        if len(self.ranges) > self.MAX_RANGES:
+            raise ValueError(f"{len(self.ranges)} ranges exceed {self.MAX_RANGES} per request")
+        return self._COUNT.pack(len(self.ranges)) + b"".join(self._RANGE.pack(a, b) for a, b in self.ranges) \
+            if self.ranges else b""
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "SyncRequest | None":
+        if not payload:
+            return cls(())
+        if len(payload) < cls._COUNT.size:
+            return None
+        (count,) = cls._COUNT.unpack_from(payload)
+        if count > cls.MAX_RANGES or len(payload) != cls._COUNT.size + count * cls._RANGE.size:
+            return None
+        ranges = tuple(cls._RANGE.unpack_from(payload, cls._COUNT.size + i * cls._RANGE.size) for i in range(count))
+        if any(first > last for first, last in ranges):
+            return None
+        return cls(ranges)
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ __all__ = ["ConfigError", "Config", "load", "parse"]
 class HealthConfig:
     settings: HealthSettings
     listen: tuple[str, int]
+    interface: str  # receive heartbeats only on this interface; "auto": the cluster side; "": any
     keys_file: str
     freshness: float
     on_dead: OnDead
@@ -46,6 +47,7 @@ class FailoverConfig:
     settings: FailoverSettings
     address: ipaddress.IPv4Address
     listen: tuple[str, int]
+    interface: str  # receive peer datagrams only on this interface; "auto": the one holding `address`; "": any
     destination: tuple[str, int]  # heartbeats and resigns: the cluster LAN's broadcast address
     keys_file: str
     freshness: float
@@ -53,10 +55,12 @@ class FailoverConfig:
     addresses: tuple[FloatingAddress, ...]
     garp_count: int
     garp_repeat: float
+    garp_refresh: float
+    address_lifetime: float
 
     def options(self, name: str) -> FailoverOptions:
         return FailoverOptions(name, self.address, self.settings, self.destination, dict(self.peers), self.listen[1],
-                               self.freshness, self.garp_repeat)
+                               self.freshness, self.garp_repeat, self.garp_refresh, self.address_lifetime)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Config:
     nodes: dict[str, ipaddress.IPv4Address]
     metrics_listen: tuple[str, int] | None
     log_level: str
+    guard: bool = True  # refuse the outside the control ports and the cluster's own addresses
     health: HealthConfig | None = None
     alert_log: str | None = None
     smtp: SmtpSettings | None = None
@@ -98,6 +103,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     queue = dist.integer("queue", 0, 0, 65535)
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
+    guard = dist.boolean("guard", True)
     dist.done()
 
     table = top.table("table")
@@ -134,6 +140,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         nodes=nodes,
         metrics_listen=metrics_listen,
         log_level=log_level,
+        guard=guard,
         health=health,
         alert_log=alert_log,
         smtp=smtp,
@@ -164,6 +171,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         raise ConfigError(str(exc)) from None
     address = table.ipv4("address")
     listen = _listen(table, "listen", "0.0.0.0:8406")
+    interface = _interface(table)
     destination = _listen(table, "destination")
     if destination is None:
         raise ConfigError("failover.destination: required, e.g. \"198.51.100.255:8406\" (the cluster LAN's broadcast address)")
@@ -197,6 +205,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         settings=settings,
         address=address,
         listen=listen or ("0.0.0.0", 8406),
+        interface=interface,
         destination=destination,
         keys_file=keys_file,
         freshness=table.number("freshness", 5.0, 0),
@@ -204,9 +213,27 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         addresses=tuple(addresses),
         garp_count=table.integer("garp_count", 3, 1, 100),
         garp_repeat=table.number("garp_repeat", 5.0, 0, inclusive=True),
+        garp_refresh=table.number("garp_refresh", 10.0, 0, inclusive=True),
+        address_lifetime=_lifetime(table),
     )
     table.done()
     return config
+
+
+def _interface(table: TableReader) -> str:
+    value = table.get("interface", "auto")
+    if not isinstance(value, str) or len(value) > 15 or "/" in value or " " in value:
+        raise ConfigError(f"{table.key('interface')}: {show(value)} is not valid; expected \"auto\" (the cluster-side "
+                          "interface), an interface name such as \"int0\", or \"\" (any interface)")
+    return value
+
+
+def _lifetime(table: TableReader) -> float:
+    value = table.number("address_lifetime", 2.0, 0, inclusive=True)
+    if 0 < value < 1:
+        raise ConfigError(f"failover.address_lifetime: {value!r} is not valid; expected 0 (permanent addresses) or "
+                          ">= 1 second (the kernel counts address lifetimes in whole seconds)")
+    return value
 
 
 def _health(top: TableReader) -> HealthConfig | None:
@@ -223,18 +250,23 @@ def _health(top: TableReader) -> HealthConfig | None:
             dead=health.integer("dead", defaults.dead, 1, 100_000),
             rise=health.integer("rise", defaults.rise, 1, 1000),
             slow_start=health.number("slow_start", defaults.slow_start, 0, inclusive=True),
+            max_interval=health.number("max_interval", defaults.max_interval, 0, inclusive=True),
+            flap_half_life=health.number("flap_half_life", defaults.flap_half_life, 0),
+            flap_suppress=health.number("flap_suppress", defaults.flap_suppress, 0, inclusive=True),
+            flap_reuse=health.number("flap_reuse", defaults.flap_reuse, 0),
         )
     except ValueError as exc:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(str(exc)) from None
     listen = _listen(health, "listen", "0.0.0.0:8405")
+    interface = _interface(health)
     keys_file = health.string("keys_file")
     freshness = health.number("freshness", 5.0, 0)
     on_dead = OnDead(health.string("on_dead", OnDead.KEEP.value, tuple(o.value for o in OnDead)))
     health.done()
     assert listen is not None
-    return HealthConfig(settings, listen, keys_file, freshness, on_dead)
+    return HealthConfig(settings, listen, interface, keys_file, freshness, on_dead)
 
 
 def _alerts(top: TableReader) -> tuple[str | None, SmtpSettings | None]:

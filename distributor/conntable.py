@@ -28,8 +28,15 @@ Contract
   proportional to the number of connections, whatever the churn.
 * The table holds at most ``capacity`` connections.  When it is full, a new
   connection evicts the oldest entry that is already finished (RST or both
-  FINs); when there is none, :meth:`ConnectionTable.open` returns ``None`` and
-  the caller refuses the connection.  The table never grows past capacity.
+  FINs), else the oldest half-open one (SYN seen, never acknowledged by its
+  client: under a spoofed SYN flood these fill the table, and a legitimate
+  handshake completes in a round trip, long before it becomes the oldest);
+  evicted half-open entries are listed in :attr:`ConnectionTable.evicted_open`
+  for the caller to release.  Only when every entry is established does
+  :meth:`ConnectionTable.open` return ``None`` and the caller refuses the
+  connection.  The table never grows past capacity.
+* A half-open entry's idle timer runs from its client's last packet only: the
+  node's SYN-ACK retransmissions to a spoofed client do not keep it alive.
 * The table takes ``now`` from the caller and does no I/O.
 """
 
@@ -167,6 +174,11 @@ class ConnectionTable:
         self._machine = TransitionTable("connection", MOVES)
         self.transitions: collections.Counter[tuple[TcpState, TcpState]] = self._machine.counts
         self.evicted = 0
+        self.evicted_half_open = 0
+        self.evicted_open: list[Connection] = []  # half-open entries evicted by open(); the caller drains it
+        # Off when the caller cannot see handshakes complete (kernel mode queues a connection's first
+        # packet only, so every entry looks half-open to the table).
+        self.evict_half_open = True
         self.expired = 0
         # Open connections count as active at least until this time: a backup's
         # replica sees no packets, so its idle timers start at the takeover.
@@ -210,8 +222,9 @@ class ConnectionTable:
 
     def advance(self, conn: Connection, flags: int, from_client: bool, now: float) -> bool:
         """Account one packet of ``conn``; returns True when the connection just stopped being open."""
-        conn.last_seen = now
         state = conn.state
+        if from_client or state is not TcpState.SYN_SEEN:
+            conn.last_seen = now
         if state is TcpState.CLOSED:
             return False  # reset: stragglers (a late FIN, a retransmission) change nothing
         if flags & RST:
@@ -294,12 +307,19 @@ class ConnectionTable:
             queue.extend(live)
 
     def _evict_finished(self) -> bool:
-        for state in FINISHED_STATES:
+        for state in (*FINISHED_STATES, TcpState.SYN_SEEN) if self.evict_half_open else FINISHED_STATES:
             queue = self._queues[state]
             while queue:
                 conn = queue.popleft()
                 if conn.state is state:
                     self._move(conn, ConnEvent.REMOVE, conn.last_seen)
                     self.evicted += 1
+                    if state is TcpState.SYN_SEEN:
+                        self.evicted_half_open += 1
+                        self.evicted_open.append(conn)
                     return True
         return False
+
+    def half_open(self) -> int:
+        """Entries in SYN_SEEN: handshakes not (yet) acknowledged by their client."""
+        return self._live[TcpState.SYN_SEEN]

@@ -14,7 +14,7 @@ import socket
 
 from pyroute2 import AsyncNFCTSocket
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+from pyroute2.netlink.nfnetlink.nfctsocket import IPS_SEEN_REPLY, NFCTAttrTuple
 
 __all__ = ["Conntrack"]
 
@@ -85,6 +85,27 @@ class Conntrack:
                 alive.extend(keys[i:])
                 break
         return tuple(alive), tuple(gone)
+
+    async def forget_handshakes(self, nodes) -> int:
+        """ForgetHandshakes: delete the unreplied connections whose reply would come from one of ``nodes``."""
+        await self._connect()
+        wanted = {(address, port) for address, port in nodes}
+        forgotten = 0
+        # The kernel filters by status (unreplied only, Linux >= 5.15): the dump stays small.
+        result = await self._socket.dump(status=0, status_mask=IPS_SEEN_REPLY)
+        entries = [entry async for entry in result] if hasattr(result, "__aiter__") else list(result)
+        for entry in entries:
+            reply = NFCTAttrTuple.from_netlink(socket.AF_INET, entry.get_attr("CTA_TUPLE_REPLY"))
+            if reply.proto != socket.IPPROTO_TCP or (reply.saddr, reply.sport) not in wanted:
+                continue
+            original = NFCTAttrTuple.from_netlink(socket.AF_INET, entry.get_attr("CTA_TUPLE_ORIG"))
+            try:
+                await self._socket.entry("del", tuple_orig=original)
+                forgotten += 1
+            except NetlinkError as exc:
+                if exc.code != 2:  # ENOENT: it ended meanwhile
+                    raise
+        return forgotten
 
     async def forget_all(self, keys, probes, send) -> None:
         """ForgetInConntrack: delete each connection, then ``send`` its probe."""

@@ -38,7 +38,8 @@ from common.wire import Keys
 from .conntable import ConnectionTable, Timeouts
 from .heartbeat import HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, SetNodeEligible, \
     SetNodeRamp
-from .reroute import ConnectionEnded, ConnectionOpened, Interposer, InterposerStats, Mode, Reason, ServiceSpec
+from .reroute import (ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode, Reason,
+                      ServiceSpec)
 
 __all__ = ["HealthOptions", "DistributorCore", "DistributorStats", "ConntrackAnswered", "SetConntrackLiberal",
            "HOUSEKEEPING"]
@@ -101,18 +102,18 @@ class DistributorCore:
         self._reported = list(self.interposer.counts)
 
     # -- life cycle ------------------------------------------------------------------------------------
-    def start(self, now: float) -> list[Command]:
+    def start(self, now: float, wall: float) -> list[Command]:
         self._next_housekeeping = now + HOUSEKEEPING
         commands: list[Command] = []
         if self.mode is Mode.KERNEL:
             commands.append(SetConntrackLiberal())
         if self.health is not None:
-            commands += self.health.start(now)
+            commands += self.health.start(now, wall)
         else:
             commands.append(Log(Level.WARNING, "health checking is off (no [health] section): every node is always "
                                                "a candidate"))
         if self.failover is not None:
-            commands += self.failover.start(now)
+            commands += self.failover.start(now, wall)
         else:
             commands.append(InstallRules())  # serving alone: the addresses are the host's own
         return self._finish(commands)
@@ -169,6 +170,9 @@ class DistributorCore:
                     failover.record_ended(item.conn.key)
             elif isinstance(item, SetNodeEligible):
                 interposer.set_node_available(item.node, item.eligible)
+                if not item.eligible and self.mode is Mode.KERNEL:
+                    # Handshakes in flight to it would follow conntrack to it at the client's next SYN.
+                    out.append(ForgetHandshakes(tuple(interposer.endpoints_of(item.node))))
             elif isinstance(item, SetNodeRamp):
                 interposer.set_node_ramp(item.node, item.factor)
             elif isinstance(item, ResetNode):

@@ -39,8 +39,9 @@ from .core import ConntrackAnswered, DistributorCore, SetConntrackLiberal
 from .datapath import PacketQueue, QueueError, RawSender
 from .heartbeat import NodeDatagram
 from .metrics import start_metrics_server
-from .reroute import ConfirmWithConntrack, ForgetInConntrack, Mode, SendPacket
-from .rules import Rules, RulesError
+from .reroute import ConfirmWithConntrack, ForgetHandshakes, ForgetInConntrack, Mode, SendPacket
+from .netif import interface_of, interface_towards
+from .rules import Guard, GuardSpec, Rules, RulesError
 from .runtime import Runtime
 from .udp import DatagramEndpoint, open_endpoint
 
@@ -80,12 +81,65 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(describe(config))
         return 0
+    missing = missing_capabilities()
+    if missing:
+        log.error("the distributor needs %s (NFQUEUE, iptables and addresses need CAP_NET_ADMIN; raw sockets and "
+                  "gratuitous ARP need CAP_NET_RAW): run it as root, or under systemd with "
+                  "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW", " and ".join(missing))
+        return 1
     try:
         asyncio.run(serve(config, keys, failover_keys))
     except (RulesError, QueueError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
+
+
+_CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
+
+
+def missing_capabilities(status: str | None = None) -> list[str]:
+    """The capabilities the daemon needs and does not have (from /proc/self/status's CapEff)."""
+    if status is None:
+        try:
+            with open("/proc/self/status") as f:
+                status = f.read()
+        except OSError:
+            return []  # cannot tell: let the first privileged call say what it says
+    for line in status.splitlines():
+        if line.startswith("CapEff:"):
+            effective = int(line.split()[1], 16)
+            return [name for name, bit in _CAPABILITIES.items() if not effective >> bit & 1]
+    return []
+
+
+def cluster_interface(config: Config, configured: str) -> str | None:
+    """The interface control datagrams are received on: the configured one, or the cluster side.
+
+    Blocking netlink (pyroute2's synchronous API): call it in a worker thread from the loop.
+    """
+    if configured != "auto":
+        return configured or None
+    if config.failover is not None:
+        found = interface_of(str(config.failover.address))
+        if found is None:
+            raise OSError(f"failover.address {config.failover.address} is on no interface of this host; set "
+                          "failover.address to this distributor's cluster-LAN address, or failover.interface")
+        return found
+    return interface_towards(str(next(iter(config.nodes.values()))))
+
+
+def guard_spec(config: Config) -> GuardSpec:
+    nodes = [str(address) for address in config.nodes.values()]
+    peers = [str(address) for address in config.failover.peers.values()] if config.failover else []
+    own = [str(config.failover.address)] if config.failover else []
+    ports = []
+    if config.health is not None:
+        ports.append(config.health.listen[1])
+    if config.failover is not None:
+        ports.append(config.failover.listen[1])
+    return GuardSpec(tuple(dict.fromkeys(nodes + peers + own)), tuple(dict.fromkeys(nodes + peers + own)),
+                     tuple(dict.fromkeys(ports)))
 
 
 def describe(config: Config) -> str:
@@ -130,6 +184,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     alerts = Alerts(config.name, config.alert_log, config.smtp)
     raw = RawSender()
     rules = Rules(config.queue, config.services, config.mode)
+    guard = Guard(config.queue, guard_spec(config)) if config.guard else None
     conntrack = Conntrack() if config.mode is Mode.KERNEL else None
     queue = PacketQueue(config.queue, core.interposer.decide, runtime.feed, config.mode, config.queue_length, clock,
                         wall_clock)
@@ -150,15 +205,22 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         assert conntrack is not None
         await conntrack.forget_all(command.keys, command.probes, raw.send)
 
+    async def forget_handshakes(command: ForgetHandshakes) -> None:
+        assert conntrack is not None
+        forgotten = await conntrack.forget_handshakes(command.nodes)
+        if forgotten:
+            log.info("forgot %d handshake(s) in flight to %s in conntrack: their next SYN is placed afresh", forgotten,
+                     ", ".join(f"{a}:{p}" for a, p in command.nodes))
+
     async def install_rules(_command: InstallRules) -> None:
         await asyncio.to_thread(rules.install, True)
 
     async def remove_rules(_command: RemoveRules) -> None:
         await asyncio.to_thread(rules.remove)
 
-    async def claim(_command: ClaimAddresses) -> None:
+    async def claim(command: ClaimAddresses) -> None:
         assert owner is not None
-        await owner.claim()
+        await owner.claim(command.lifetime)
 
     async def release(_command: ReleaseAddresses) -> None:
         assert owner is not None
@@ -181,6 +243,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         ReleaseAddresses: release,
         ConfirmWithConntrack: confirm,
         ForgetInConntrack: forget,
+        ForgetHandshakes: forget_handshakes,
     })
 
     stop = asyncio.Event()
@@ -189,25 +252,31 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     metrics_runner = None
     try:
         alerts.start()
+        if guard is not None:
+            await asyncio.to_thread(guard.install)
         if owner is not None:
             await owner.prepare()
+        # The core starts before any socket can feed it: what a crashed run left goes first.
+        runtime.execute(core.start(clock(), wall_clock()))
+        await runtime.settle()
         if config.health is not None and keys is not None:
             host, port = config.health.listen
+            device = await asyncio.to_thread(cluster_interface, config, config.health.interface)
             endpoints.append(await open_endpoint(
                 lambda data, addr: runtime.feed(NodeDatagram(data, addr[0], clock(), wall_clock())),
-                host, port, "node heartbeats"))
-            log.info("listening for node heartbeats on udp %s:%d", host, port)
+                host, port, "node heartbeats", device=device))
+            log.info("listening for node heartbeats on udp %s:%d%s", host, port, f" on {device}" if device else "")
         if config.failover is not None:
             host, port = config.failover.listen
+            device = await asyncio.to_thread(cluster_interface, config, config.failover.interface)
             peers = await open_endpoint(
                 lambda data, addr: runtime.feed(PeerDatagram(data, addr[0], clock(), wall_clock())),
-                host, port, "distributor datagrams", broadcast=True)
+                host, port, "distributor datagrams", broadcast=True, device=device)
             endpoints.append(peers)
-        runtime.execute(core.start(clock()))
-        await runtime.settle()
         loop.add_reader(queue.fileno(), queue.drain)
         if config.metrics_listen:
-            metrics_runner = await start_metrics_server(core, queue, alerts, runtime, *config.metrics_listen)
+            metrics_runner = await start_metrics_server(core, queue, alerts, runtime, [rules, guard],
+                                                        *config.metrics_listen)
         log.info("distributor %s ready: %d service(s) on queue %d: %s", config.name, len(config.services),
                  config.queue, ", ".join(f"{s.vip}:{s.port}" for s in config.services))
         _notify_systemd("READY=1")
@@ -226,6 +295,11 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             conntrack.close()
         for endpoint in endpoints:
             endpoint.close()
+        if guard is not None:
+            try:
+                guard.remove()
+            except RulesError as exc:
+                log.error("cannot remove the guard chain: %s", exc)
         if owner is not None:
             owner.close()
         await alerts.stop()

@@ -27,6 +27,18 @@ from ``MIN_RAMP`` to 1 (:meth:`~HealthBoard.ramp`) so a node that returns with n
 not flooded by least-outstanding.  Nodes start UP with a zero counter: a node that never
 heartbeats is excluded after the warning window, and a healthy cluster serves from the first second.
 
+A heartbeat says when the next one is due (``interval_ms``: the agent slows its probes down when
+its web server answers slowly).  A node is not late before that interval has passed, plus one tick,
+up to ``max_interval``: the thresholds of a node that announced a longer interval stretch, so an
+agent that is merely slow is not taken for a dead one, and is still cut off in bounded time.
+
+Flapping is damped as BGP damps routes (RFC 2439): every death adds one to a node's penalty, which
+halves every ``flap_half_life`` seconds.  At ``flap_suppress`` the node is held out of service
+whatever its state (unless no other node could serve: damping never empties the cluster), one alert
+says so, and its further changes are logged but not alerted, until the penalty has decayed below
+``flap_reuse`` and it is healthy: one more alert.  Short silences (WARNING and back) are not
+counted: they cost a node its new connections for a moment already, and load alone causes them.
+
 Ticks never catch up: a :class:`Tick` that arrives late (the event loop stalled) advances the
 counters once, and the next tick is due one tick later.
 """
@@ -36,6 +48,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import math
 from typing import Iterable, Mapping
 
 from common.machine import TransitionTable
@@ -106,6 +119,10 @@ class HealthSettings:
     dead: int = 8  # counter above this: declared dead
     rise: int = 3  # consecutive heartbeats before a dead node is a candidate again
     slow_start: float = 10.0  # seconds to ramp a returning node to its full share; 0 disables
+    max_interval: float = 2.0  # an announced heartbeat interval is honoured up to this many seconds
+    flap_half_life: float = 30.0  # seconds for a node's flap penalty to halve
+    flap_suppress: float = 3.0  # penalty at which a flapping node is held out of service; 0 disables damping
+    flap_reuse: float = 1.0  # penalty below which a held-out node that is healthy comes back
 
     def __post_init__(self) -> None:
         if not self.tick > 0:
@@ -116,6 +133,18 @@ class HealthSettings:
             raise ValueError(f"health.rise = {self.rise!r} must be >= 1")
         if self.slow_start < 0:
             raise ValueError(f"health.slow_start = {self.slow_start!r} must be >= 0 seconds")
+        if self.max_interval < 0:
+            raise ValueError(f"health.max_interval = {self.max_interval!r} must be >= 0 seconds")
+        if self.flap_suppress and not 0 < self.flap_reuse < self.flap_suppress:
+            raise ValueError(f"health.flap_reuse = {self.flap_reuse!r} must be > 0 and below health.flap_suppress = "
+                             f"{self.flap_suppress!r}")
+        if not self.flap_half_life > 0:
+            raise ValueError(f"health.flap_half_life = {self.flap_half_life!r} must be > 0 seconds")
+
+    def allowance(self, announced: float) -> tuple[int, int]:
+        """(warning, dead) thresholds in ticks for a node whose last heartbeat announced ``announced`` seconds."""
+        stretch = max(0, math.ceil(min(announced, self.max_interval) / self.tick) - self.warning)
+        return self.warning + stretch, self.dead + stretch
 
     @property
     def warning_seconds(self) -> float:
@@ -137,9 +166,10 @@ class Transition:
 
 
 class _Node:
-    __slots__ = ("name", "state", "counter", "rises", "slow_start_since", "heartbeats", "report", "last_heartbeat")
+    __slots__ = ("name", "state", "counter", "rises", "slow_start_since", "heartbeats", "report", "last_heartbeat",
+                 "penalty", "penalty_at", "damped", "warning", "dead")
 
-    def __init__(self, name: str):
+    def __init__(self, name: str, warning: int, dead: int):
         self.name = name
         self.state = NodeState.UP
         self.counter = 0
@@ -148,12 +178,17 @@ class _Node:
         self.heartbeats = 0
         self.report: NodeHeartbeat | None = None
         self.last_heartbeat: float | None = None
+        self.penalty = 0.0  # flap penalty at penalty_at
+        self.penalty_at = 0.0
+        self.damped = False  # held out of service for flapping
+        self.warning = warning  # this node's thresholds, stretched by its announced interval
+        self.dead = dead
 
 
 class HealthBoard:
     def __init__(self, settings: HealthSettings, nodes: Iterable[str]):
         self.settings = settings
-        self._nodes = {name: _Node(name) for name in nodes}
+        self._nodes = {name: _Node(name, settings.warning, settings.dead) for name in nodes}
         self._machine = TransitionTable("node", node_moves(settings.slow_start > 0))
         self.transitions: collections.Counter[tuple[NodeState, NodeState]] = self._machine.counts
         self.transitions_by_node: collections.Counter[str] = collections.Counter()
@@ -182,7 +217,15 @@ class HealthBoard:
         return self._nodes[node].last_heartbeat
 
     def eligible(self, node: str) -> bool:
-        return self._nodes[node].state in ELIGIBLE
+        entry = self._nodes[node]
+        return entry.state in ELIGIBLE and not entry.damped
+
+    def damped(self, node: str) -> bool:
+        return self._nodes[node].damped
+
+    def penalty(self, node: str, now: float) -> float:
+        entry = self._nodes[node]
+        return entry.penalty * 0.5 ** ((now - entry.penalty_at) / self.settings.flap_half_life)
 
     def ramp(self, node: str, now: float) -> float:
         entry = self._nodes[node]
@@ -197,6 +240,7 @@ class HealthBoard:
         entry.heartbeats += 1
         entry.report = report
         entry.last_heartbeat = now
+        entry.warning, entry.dead = self.settings.allowance(report.interval_ms / 1000 if report is not None else 0.0)
         state = entry.state
         if state is NodeState.WARNING:
             event = NodeEvent.RESUMED_RAMPING if entry.slow_start_since is not None else NodeEvent.RESUMED
@@ -214,16 +258,26 @@ class HealthBoard:
         for entry in self._nodes.values():
             entry.counter += 1
             state = entry.state
-            if state in (NodeState.UP, NodeState.SLOW_START) and entry.counter > settings.warning:
+            if state in (NodeState.UP, NodeState.SLOW_START) and entry.counter > entry.warning:
                 changes += self._fire(entry, NodeEvent.LATE, now, f"no heartbeat for {entry.counter} ticks")
-            elif state is NodeState.WARNING and entry.counter > settings.dead:
+            elif state is NodeState.WARNING and entry.counter > entry.dead:
                 changes += self._fire(entry, NodeEvent.SILENT, now, f"no heartbeat for {entry.counter} ticks")
-            elif state is NodeState.RISING and entry.counter > settings.warning:
+            elif state is NodeState.RISING and entry.counter > entry.warning:
                 changes += self._fire(entry, NodeEvent.LATE, now, f"heartbeats stopped after {entry.rises} of {settings.rise}")
             elif (state is NodeState.SLOW_START and entry.slow_start_since is not None
                   and now - entry.slow_start_since >= settings.slow_start):
                 changes += self._fire(entry, NodeEvent.RAMPED, now, "slow start finished")
         return changes
+
+    def undamp(self, now: float) -> list[str]:
+        """Nodes whose flap penalty decayed below the reuse level while healthy: back in service."""
+        settings = self.settings
+        back = []
+        for entry in self._nodes.values():
+            if entry.damped and entry.state in ELIGIBLE and self.penalty(entry.name, now) < settings.flap_reuse:
+                entry.damped = False
+                back.append(entry.name)
+        return back
 
     def _fire(self, entry: _Node, event: NodeEvent, now: float, reason: str) -> list[Transition]:
         old = entry.state
@@ -231,6 +285,13 @@ class HealthBoard:
         if not changed:
             return []
         entry.state = new
+        if new is NodeState.DEAD and self.settings.flap_suppress:
+            entry.penalty = self.penalty(entry.name, now) + 1.0
+            entry.penalty_at = now
+            others_serve = any(other.state in ELIGIBLE and not other.damped
+                               for other in self._nodes.values() if other is not entry)
+            if entry.penalty >= self.settings.flap_suppress and not entry.damped and others_serve:
+                entry.damped = True
         if new is NodeState.SLOW_START and old is not NodeState.WARNING:
             entry.slow_start_since = now  # a risen node starts its ramp; a resumed one continues it
         elif new in (NodeState.UP, NodeState.DEAD):
@@ -277,6 +338,7 @@ class ResetNode(Command):
 class NodeHealthStats:
     node: str
     state: NodeState
+    held_out: bool  # held out of service for flapping
     counter: int
     heartbeats: int
     transitions: int
@@ -306,9 +368,12 @@ class NodeHealth:
         self.reset_connections = 0
         self._next_tick: float | None = None
         self._last_reject_log: float | None = None
+        self._held_out: set[str] = set()  # nodes whose hold-out for flapping has been alerted
 
-    def start(self, now: float) -> list[Command]:
+    def start(self, now: float, wall: float) -> list[Command]:
+        """Ticks from now on; heartbeats sealed before ``wall`` are refused (the replay marks start empty)."""
         self._next_tick = now + self.settings.tick
+        self.verifier.not_before = wall
         return [WakeUpAt(self._next_tick)]
 
     @property
@@ -318,6 +383,8 @@ class NodeHealth:
     def handle(self, event: Tick | NodeDatagram) -> list[Command]:
         if isinstance(event, NodeDatagram):
             return self._datagram(event)
+        if self._next_tick is None:
+            return self.start(event.now, event.wall)
         return self._tick(event.now)
 
     def count_reset(self, connections: int) -> None:
@@ -326,13 +393,12 @@ class NodeHealth:
 
     # -- events ----------------------------------------------------------------------------------
     def _tick(self, now: float) -> list[Command]:
-        if self._next_tick is None:
-            return self.start(now)
+        assert self._next_tick is not None
         if now < self._next_tick:
             return [WakeUpAt(self._next_tick)]
         # No catch-up: one late tick counts once (a stalled loop is not the nodes' silence).
         self._next_tick = max(self._next_tick + self.settings.tick, now)
-        commands = self._apply(self.board.tick(now))
+        commands = self._apply(self.board.tick(now)) + self._undamp(now)
         for node in self.board.nodes:
             if self.board.state(node) is NodeState.SLOW_START:
                 commands.append(SetNodeRamp(node, self.board.ramp(node, now)))
@@ -365,7 +431,26 @@ class NodeHealth:
                 commands.append(SetNodeRamp(change.node, 1.0))
             if change.new is NodeState.DEAD and self.on_dead is OnDead.RESET:
                 commands.append(ResetNode(change.node))
-            commands.append(Alert(change.node, change.old.value, change.new.value, change.reason))
+            if change.node in self._held_out:
+                # Held out for flapping: its changes are logged, not alerted one by one.
+                commands.append(Log(Level.INFO, f"{change.node}: {change.old.value} -> {change.new.value} "
+                                                f"({change.reason}; held out for flapping)"))
+            elif self.board.damped(change.node):
+                self._held_out.add(change.node)
+                commands.append(Alert(change.node, change.old.value, "flapping",
+                                      f"{change.reason}; {self.board.penalty(change.node, change.at):.1f} recent "
+                                      "falls: held out of service until it is stable"))
+            else:
+                commands.append(Alert(change.node, change.old.value, change.new.value, change.reason))
+        return commands
+
+    def _undamp(self, now: float) -> list[Command]:
+        commands: list[Command] = []
+        for node in self.board.undamp(now):
+            self._held_out.discard(node)
+            state = self.board.state(node)
+            commands.append(SetNodeEligible(node, self.board.eligible(node)))
+            commands.append(Alert(node, "flapping", state.value, "stable again: back in service"))
         return commands
 
     # -- observers ---------------------------------------------------------------------------------
@@ -374,7 +459,8 @@ class NodeHealth:
         nodes = []
         for node in board.nodes:
             last = board.last_heartbeat(node)
-            nodes.append(NodeHealthStats(node, board.state(node), board.counter(node), board.heartbeats(node),
+            nodes.append(NodeHealthStats(node, board.state(node), board.damped(node), board.counter(node),
+                                         board.heartbeats(node),
                                          board.transitions_by_node[node], None if last is None else max(0.0, now - last),
                                          board.report(node)))
         return HealthStats(tuple(nodes), dict(board.transitions), {r: self.rejected[r] for r in Reject},

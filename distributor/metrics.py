@@ -8,6 +8,7 @@ alerts, the runtime) and turns them into metric families.  :func:`start_metrics_
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -23,6 +24,7 @@ from common.wire import Reject
 
 from .heartbeat import HealthStats, NodeState
 from .reroute import Reason
+from .rules import GUARD_TAG, UNKNOWN_REPLY_TAG
 
 if TYPE_CHECKING:
     from .alerts import Alerts
@@ -54,8 +56,11 @@ def read_queue_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[
 
 class DistributorCollector:
     def __init__(self, core: "DistributorCore", queue: "PacketQueue | None" = None, alerts: "Alerts | None" = None,
-                 runtime: "Runtime | None" = None, clock: Callable[[], float] = time.monotonic, queue_number: int = 0):
+                 runtime: "Runtime | None" = None, chains: "list | None" = None,
+                 clock: Callable[[], float] = time.monotonic, queue_number: int = 0):
         self.core = core
+        self.chains = [c for c in (chains or []) if c is not None]
+        self.kernel_counts: dict[str, int] = {}  # refreshed off the loop before each scrape (refresh_kernel_counts)
         self.queue = queue
         self.alerts = alerts
         self.runtime = runtime
@@ -68,16 +73,28 @@ class DistributorCollector:
         packets = CounterMetricFamily(
             "distributor_packets", "Queued packets by the reason for their verdict", labels=["reason", "verdict"]
         )
+        kernel_counts = self.kernel_counts
         for reason in Reason:
             verdict = "accept" if reason.verdict else "drop"
-            packets.add_metric([reason.name.lower(), verdict], interposer.packets[reason])
+            # Kernel mode drops unknown node replies in the kernel; its rule's counter is added here.
+            extra = kernel_counts.get(UNKNOWN_REPLY_TAG, 0) if reason is Reason.UNKNOWN_REPLY else 0
+            packets.add_metric([reason.name.lower(), verdict], interposer.packets[reason] + extra)
         yield packets
+        refused = CounterMetricFamily("distributor_guard_dropped", "Packets from outside the cluster refused by the "
+                                      "guard: control ports, the cluster's own addresses", labels=["what"])
+        for what in ("control_port", "cluster_address"):
+            refused.add_metric([what], kernel_counts.get(f"{GUARD_TAG}:{what}", 0))
+        yield refused
         yield GaugeMetricFamily("distributor_connections", "Connections in the table", value=interposer.connections)
         yield GaugeMetricFamily("distributor_connections_capacity", "Connection table capacity", value=interposer.capacity)
         yield CounterMetricFamily("distributor_connections_expired", "Connections removed after idling past their timeout",
                                   value=interposer.expired)
         yield CounterMetricFamily("distributor_connections_evicted", "Finished connections evicted early to make room",
                                   value=interposer.evicted)
+        if self.runtime is not None:
+            yield GaugeMetricFamily("distributor_timer_lateness_max_seconds",
+                                    "Longest delay between a deadline of the core and its tick (the event loop's worst "
+                                    "stall)", value=self.runtime.late_ticks_max)
         if self.queue is not None:
             yield CounterMetricFamily("distributor_handler_errors", "Packets dropped because handling them raised",
                                       value=self.queue.errors)
@@ -117,6 +134,20 @@ class DistributorCollector:
             yield CounterMetricFamily("distributor_nfqueue_dropped",
                                       "Packets the kernel dropped: queue full or socket buffer full",
                                       value=queue_stats["queue_dropped"] + queue_stats["user_dropped"])
+
+    def refresh_kernel_counts(self) -> None:
+        """Read the rules' counters (iptables-save, a subprocess: run it in a worker thread, never on the loop)."""
+        self.kernel_counts = self._kernel_counters()
+
+    def _kernel_counters(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for chains in self.chains:
+            try:
+                for tag, value in chains.counters().items():
+                    counts[tag] = counts.get(tag, 0) + value
+            except Exception as exc:  # iptables unavailable for a moment: the scrape still answers
+                log.debug("cannot read rule counters: %s", exc)
+        return counts
 
     def _health(self, health: HealthStats) -> Iterator:
         state = GaugeMetricFamily("distributor_node_state", "1 for the node's current health state", labels=["node", "state"])
@@ -177,6 +208,9 @@ class DistributorCollector:
                                   value=failover.rejected_records)
         yield CounterMetricFamily("distributor_failover_announcements", "Bursts of gratuitous ARP sent",
                                   value=failover.announcements)
+        yield GaugeMetricFamily("distributor_failover_heartbeat_gap_max_seconds",
+                                "Longest wait between two heartbeats of the active seen by this backup",
+                                value=failover.heartbeat_gap_max)
         sent = CounterMetricFamily("distributor_failover_datagrams_sent", "Datagrams sent to the peers", labels=["kind"])
         for kind, value in failover.sent.items():
             sent.add_metric([kind.name.lower()], value)
@@ -204,11 +238,14 @@ def render(collector: DistributorCollector) -> bytes:
 
 
 async def start_metrics_server(core: "DistributorCore", queue: "PacketQueue | None", alerts: "Alerts | None",
-                               runtime: "Runtime | None", host: str, port: int) -> web.AppRunner:
+                               runtime: "Runtime | None", chains: list, host: str, port: int) -> web.AppRunner:
     registry = CollectorRegistry()
-    registry.register(DistributorCollector(core, queue, alerts, runtime))
+    collector = DistributorCollector(core, queue, alerts, runtime, chains)
+    registry.register(collector)
 
     async def metrics(_request: web.Request) -> web.Response:
+        await asyncio.to_thread(collector.refresh_kernel_counts)
+        # The snapshot itself is read on the loop: the core is only ever touched from there.
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()

@@ -39,7 +39,13 @@ Deliberate drops (TCP retransmits, so a drop costs a delay, never data):
   again (after a takeover, replication may still be filling the table);
 * a backend's reply to a connection the table does not know: passing it
   would leak the backend's address to the client;
-* a new connection when no backend is eligible, or when the table is full.
+* a new connection when no backend is eligible, or when the table is full;
+* a client packet to a VIP whose TTL would expire here: forwarding it after the
+  rewrite would make the kernel answer "time exceeded" quoting the node's
+  address (a traceroute towards the VIP reveals nothing of the cluster);
+* rewrite mode: a segment of a connection that idled out of the table: the
+  client gets an RST at once (rather than retransmitting into nothing), and
+  the node too, so neither end waits for its own timeout.
 
 Only IHL = 5 headers are rewritten, so a connection's 4-tuple is always
 ``packet[12:24]`` (source, destination, source port, destination port).
@@ -47,6 +53,7 @@ Only IHL = 5 headers are rewritten, so a connection's 4-tuple is always
 
 from __future__ import annotations
 
+import collections
 import enum
 import ipaddress
 from dataclasses import dataclass
@@ -67,6 +74,7 @@ __all__ = [
     "ConnectionEnded",
     "SendPacket",
     "ForgetInConntrack",
+    "ForgetHandshakes",
     "ConfirmWithConntrack",
     "InterposerStats",
     "BackendStats",
@@ -108,6 +116,8 @@ class Reason(enum.IntEnum):
     TABLE_FULL = 14  # new connection refused: the table is at capacity
     RESET_CONNECTION = 15  # segment of a connection the distributor reset (its node died)
     CONNECTION_END = 16  # kernel mode: the first FIN or RST of a connection, seen and passed
+    TTL_EXPIRED = 17  # a client packet to a VIP with TTL <= 1: forwarded, the kernel's "time exceeded" would quote a node
+    EXPIRED_FLOW = 18  # rewrite mode: a segment of a connection that idled out; both ends get an RST
 
     @property
     def verdict(self) -> int:
@@ -133,6 +143,8 @@ _ACCEPTED = frozenset({Reason.NEW_CONNECTION, Reason.TO_BACKEND, Reason.TO_CLIEN
 
 _TO_BACKEND = Reason.TO_BACKEND
 _TO_CLIENT = Reason.TO_CLIENT
+
+EXPIRED_MEMORY = 600.0  # seconds a connection that idled out is remembered, to reset its late segments
 
 # Kernel mode: the verdict's mark selects a backend's DNAT rule (low 16 bits)
 # or, with END_MARK, tells the rules to stop queueing the connection's FINs.
@@ -253,6 +265,18 @@ class ForgetInConntrack(Command):
 
 
 @dataclass(frozen=True)
+class ForgetHandshakes(Command):
+    """Kernel mode: delete from conntrack the connections to these nodes (address, port) still in their handshake.
+
+    A client whose SYN went to a node that then failed retransmits it on the same 4-tuple; conntrack
+    would send the retransmission after the first, to the dead node.  Without the entry the
+    retransmission is a new connection again: it is queued, and placed on a live node.
+    """
+
+    nodes: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
 class ConfirmWithConntrack(Command):
     """Kernel mode: ask conntrack whether it still tracks these idle-looking connections."""
 
@@ -306,6 +330,7 @@ class Interposer:
         self.table = table
         self.mode = mode
         self._kernel = mode is Mode.KERNEL
+        table.evict_half_open = not self._kernel  # kernel mode never sees a handshake complete
         marks = backend_marks(services)
         self.services = [Service(spec, marks[(spec.name, 0)]) for spec in services]
         self._by_vip: dict[bytes, Service] = {}
@@ -316,6 +341,9 @@ class Interposer:
                 self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
         self.counts = [0] * len(Reason)
         self._lookup = table.get
+        # Rewrite mode: connections that idled out, key -> (node address, node port, forget at).
+        self._expired: collections.OrderedDict[bytes, tuple[bytes, bytes, float]] = collections.OrderedDict()
+        self._expired_limit = max(1024, table.capacity // 4)
 
     # -- the per-packet path -------------------------------------------------
     def decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
@@ -329,7 +357,7 @@ class Interposer:
         length = len(packet)
         if (length >= 40 and packet[0] == 0x45 and packet[9] == _IPPROTO_TCP and not (packet[6] & 0x3F or packet[7])
                 and (packet[2] << 8 | packet[3]) == length and 80 <= packet[32] and (packet[32] >> 4) * 4 + 20 <= length
-                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK and not self._kernel):
+                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK and packet[8] > 1 and not self._kernel):
             key = packet[12:24]
             conn = self._lookup(key)
             if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us:
@@ -379,6 +407,8 @@ class Interposer:
             return invalid, None, None
         flags = packet[33]
         key = packet[12:24]
+        if packet[8] <= 1 and packet[16:20] + packet[22:24] in self._by_vip:
+            return Reason.TTL_EXPIRED, None, None
         conn = self.table.get(key)
         ended: ConnectionEnded | None = None
         if self._kernel and flags & (FIN | RST):
@@ -418,6 +448,11 @@ class Interposer:
                 return Reason.UNKNOWN_REPLY, None, before
             return Reason.NOT_SERVICE, None, before
         if flags & (SYN | ACK) != SYN:
+            expired = self._expired.get(key)
+            if expired is not None and flags & ACK and not flags & RST:
+                node, node_port, _ = expired
+                return Reason.EXPIRED_FLOW, None, (SendPacket(_reset_for_packet(packet)),
+                                                   SendPacket(_reset_to_node(packet, node, node_port)))
             return Reason.UNKNOWN_FLOW, None, before
         index = service.balancer.acquire()
         if index is None:
@@ -439,7 +474,10 @@ class Interposer:
             if conn is None:
                 service.balancer.release(index)
                 return Reason.TABLE_FULL, None, None
-            opened = (ConnectionOpened(conn),)
+            if self.table.evicted_open:
+                opened = (*self._released_evictions(), ConnectionOpened(conn))
+            else:
+                opened = (ConnectionOpened(conn),)
         out = backend.mark if self._kernel else _to_backend(packet, backend)
         return Reason.NEW_CONNECTION, out, opened
 
@@ -451,7 +489,14 @@ class Interposer:
             ended = self._drop_entry(stale)
             if ended is not None:
                 effects.append(ended)
-        return self.table.open(key, reply_key, service, backend, now)
+        conn = self.table.open(key, reply_key, service, backend, now)
+        effects += self._released_evictions()
+        return conn
+
+    def _released_evictions(self) -> list:
+        """Half-open entries the table evicted to make room: released, and reported ended."""
+        evicted, self.table.evicted_open = self.table.evicted_open, []
+        return [self._ended(conn) for conn in evicted]
 
     def _drop_entry(self, conn: Connection) -> "ConnectionEnded | None":
         """Remove an entry at once; the ConnectionEnded effect when it was still open."""
@@ -470,10 +515,25 @@ class Interposer:
         command; :meth:`confirmed` takes the answer.
         """
         suspects: list[Connection] | None = [] if self._kernel else None
-        effects: list = [self._ended(conn) for conn in self.table.expire(now, budget, suspects)]
+        effects: list = []
+        for conn in self.table.expire(now, budget, suspects):
+            effects.append(self._ended(conn))
+            if not self._kernel and conn.client_ack:  # it was past its handshake
+                self._remember_expired(conn, now)
         if suspects:
             effects.append(ConfirmWithConntrack(tuple(conn.key for conn in suspects)))
+        expired = self._expired
+        while expired and next(iter(expired.values()))[2] <= now:
+            expired.popitem(last=False)
         return effects
+
+    def _remember_expired(self, conn: Connection, now: float) -> None:
+        # Rewrite mode: a segment of this connection arriving later gets RSTs instead of silence.
+        expired = self._expired
+        expired[conn.key] = (conn.backend.addr_bytes, conn.backend.port_bytes, now + EXPIRED_MEMORY)
+        expired.move_to_end(conn.key)
+        if len(expired) > self._expired_limit:
+            expired.popitem(last=False)
 
     def confirmed(self, alive: Iterable[bytes], gone: Iterable[bytes], now: float) -> list:
         """Kernel mode: conntrack's answer to ConfirmWithConntrack; the ended connections' effects."""
@@ -492,6 +552,11 @@ class Interposer:
                     service.balancer.set_available(backend.index, available)
                     found += 1
         return found
+
+    def endpoints_of(self, name: str) -> list[tuple[str, int]]:
+        """(address, port) of the node in every service that has it."""
+        return [(str(backend.address), backend.port) for service in self.services for backend in service.backends
+                if backend.name == name]
 
     def set_node_ramp(self, name: str, factor: float) -> None:
         """Scale a node's share of new connections (slow start) in every service that has it."""
@@ -566,6 +631,11 @@ class Interposer:
     def is_open(self, key: bytes) -> bool:
         conn = self.table.get(key)
         return conn is not None and conn.key == key and conn.is_open
+
+    def open_backend(self, key: bytes) -> int | None:
+        """The backend index of the open connection with this client -> VIP key, or None."""
+        conn = self.table.get(key)
+        return conn.backend.index if conn is not None and conn.key == key and conn.is_open else None
 
     def __len__(self) -> int:
         return len(self.table)
@@ -669,6 +739,22 @@ def _reset_for(packet: bytes, backend: Backend) -> bytes:
     seq = int.from_bytes(packet[28:32], "big")
     return checksum.tcp_segment(backend.vip_bytes, packet[12:16], int.from_bytes(backend.vport_bytes, "big"),
                                 int.from_bytes(packet[20:22], "big"), seq, 0, RST)
+
+
+def _reset_for_packet(packet: bytes) -> bytes:
+    """An RST answering this client segment, from the VIP:port it was sent to (RFC 793: seq = its ACK)."""
+    return checksum.tcp_segment(packet[16:20], packet[12:16], int.from_bytes(packet[22:24], "big"),
+                                int.from_bytes(packet[20:22], "big"), int.from_bytes(packet[28:32], "big"), 0, RST)
+
+
+def _reset_to_node(packet: bytes, node: bytes, node_port: bytes) -> bytes:
+    """An RST to the node for the client segment it would have received: seq = the segment's own seq.
+
+    A sequence number equal to the node's RCV.NXT is accepted at once (RFC 5961 section 3.2); one
+    merely inside the window draws a challenge ACK, which this side leaves unanswered.
+    """
+    return checksum.tcp_segment(packet[12:16], node, int.from_bytes(packet[20:22], "big"),
+                                int.from_bytes(node_port, "big"), int.from_bytes(packet[24:28], "big"), 0, RST)
 
 
 def probe_for(conn: Connection) -> bytes:

@@ -26,13 +26,18 @@ from __future__ import annotations
 
 import logging
 import subprocess
+from dataclasses import dataclass
 from typing import Iterable
 
 from .reroute import END_MARK, MARK_MASK, Mode, ServiceSpec, backend_marks
 
-__all__ = ["Rules", "RulesError", "render_rules", "chain_names"]
+__all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_guard", "chain_names", "UNKNOWN_REPLY_TAG"]
 
 log = logging.getLogger("distributor.rules")
+
+# Rules whose drops are counted by the kernel carry a --comment tag; Chains.counters() reads them back.
+GUARD_TAG = "dist-guard"
+UNKNOWN_REPLY_TAG = "dist:unknown_reply"  # kernel mode: a node's segment conntrack cannot tie to a NATed connection
 
 
 class RulesError(RuntimeError):
@@ -106,7 +111,7 @@ def _render_kernel(queue: int, services: tuple[ServiceSpec, ...]) -> dict[tuple[
             match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
             # A node's segment that conntrack cannot tie to a NATed connection (after a takeover,
             # before the client's next segment) would reach the client with the node's address.
-            mangle_new.append(f"-A {chain_new} {match_backend} -j DROP")
+            mangle_new.append(f'-A {chain_new} {match_backend} -m comment --comment "{UNKNOWN_REPLY_TAG}" -j DROP')
             mangle_in.append(f"-A {chain_in} {match_backend} {to_queue}")
             mark = marks[(service.name, index)]
             nat.append(f"-A {chain_nat} {match_vip} -m mark --mark {mark:#x}/{MARK_MASK:#x} "
@@ -115,26 +120,55 @@ def _render_kernel(queue: int, services: tuple[ServiceSpec, ...]) -> dict[tuple[
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
 
 
-class Rules:
-    """The iptables chains of one queue number (``DIST<q>-*``), installed and removed in single transactions."""
+@dataclass(frozen=True)
+class GuardSpec:
+    """Who may reach what through this gateway (pure data; see :func:`render_guard`)."""
 
-    def __init__(self, queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.REWRITE, *,
-                 netns_exec: tuple[str, ...] = ()):
-        self.queue = queue
-        self.mode = mode
-        self.services = tuple(services)
+    allowed_sources: tuple[str, ...]  # the cluster's own hosts: nodes, peers, this distributor
+    protected: tuple[str, ...]  # addresses the outside must never reach through us: nodes, peers
+    control_ports: tuple[int, ...]  # UDP: node heartbeats, distributor datagrams
+
+
+
+
+def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]]:
+    """The guard chain, ``DGRD<q>-IN`` in raw PREROUTING: before routing, before any rewrite.
+
+    Anything but the cluster's own hosts is refused the control ports, and the nodes and peers
+    themselves: a client that routes the cluster LAN through the gateway reaches nothing but the
+    services, which it reaches at the VIP (whose packets never match: they are addressed to the VIP
+    here, and rewritten or NATed only later).  Each refusal is counted by the rule's counter
+    (:func:`read_counters`, by the ``--comment``).
+    """
+    chain = f"DGRD{queue}-IN"
+    lines = [f"-A {chain} -s {source}/32 -j RETURN" for source in spec.allowed_sources]
+    for port in spec.control_ports:
+        lines.append(f'-A {chain} -p udp -m udp --dport {port} -m comment --comment "{GUARD_TAG}:control_port" -j DROP')
+    for address in spec.protected:
+        lines.append(f'-A {chain} -d {address}/32 -m comment --comment "{GUARD_TAG}:cluster_address" -j DROP')
+    return {("raw", chain): lines}
+
+
+class _Chains:
+    """Chains with a name prefix, installed and removed in single iptables-restore transactions."""
+
+    def __init__(self, prefix: str, hooks: tuple[tuple[str, str, str], ...], *, netns_exec: tuple[str, ...] = ()):
+        self._ours = prefix
+        self._hooks = hooks
         self._prefix = netns_exec
-        self._ours = f"DIST{queue}-"
+
+    def _lines(self) -> dict[tuple[str, str], list[str]]:
+        raise NotImplementedError
 
     def install(self, known_absent: bool = False) -> None:
-        """Install the rules in one transaction, replacing any this queue number left (skip the look with ``known_absent``)."""
-        lines = render_rules(self.queue, self.services, self.mode)
+        """Install the chains in one transaction, replacing any left over (skip the look with ``known_absent``)."""
+        lines = self._lines()
         existing = {table: ([], []) for table in _TABLES} if known_absent else self._existing()
         script: list[str] = []
         for table in _TABLES:
             wanted = [chain for (t, chain) in lines if t == table]
             jumps, present = existing[table]
-            hooks = [(hook, f"{self._ours}{suffix}") for t, hook, suffix in _MODE_HOOKS[self.mode] if t == table]
+            hooks = [(hook, f"{self._ours}{suffix}") for t, hook, suffix in self._hooks if t == table]
             if not wanted and not jumps and not present:
                 continue
             body = [f":{chain} - [0:0]" for chain in wanted]  # declaring an existing chain flushes it
@@ -146,10 +180,10 @@ class Rules:
             body += [f"-I {hook} 1 -j {chain}" for hook, chain in hooks]
             script += [f"*{table}", *body, "COMMIT"]
         self._restore(script)
-        log.info("installed %d %s-mode rules for queue %d", sum(map(len, lines.values())), self.mode.value, self.queue)
+        log.info("installed %d rules in the %s* chains", sum(map(len, lines.values())), self._ours)
 
     def remove(self) -> bool:
-        """Remove every ``DIST<q>-*`` chain and every jump to one; returns False when there was nothing to remove."""
+        """Remove every chain of our prefix and every jump to one; returns False when there was nothing to remove."""
         script: list[str] = []
         for table, (jumps, present) in self._existing().items():
             if jumps or present:
@@ -158,8 +192,21 @@ class Rules:
         if not script:
             return False
         self._restore(script)
-        log.info("removed the chains of queue %d", self.queue)
+        log.info("removed the %s* chains", self._ours)
         return True
+
+    def counters(self) -> dict[str, int]:
+        """Packets matched per ``--comment`` tag of our rules (the guard's refusals, counted by the kernel)."""
+        found: dict[str, int] = {}
+        for table in _TABLES:
+            out = self._run(["iptables-save", "-c", "-t", table]).stdout.splitlines()
+            for line in out:
+                if f" {self._ours}" not in line or "--comment" not in line:
+                    continue
+                packets = int(line[1:line.index(":")]) if line.startswith("[") else 0
+                tag = line.split("--comment ", 1)[1].split()[0].strip('"')
+                found[tag] = found.get(tag, 0) + packets
+        return found
 
     def _existing(self) -> dict[str, tuple[list[str], list[str]]]:
         """Per table: the jumps from built-in chains to ours (as rule specs) and our chains."""
@@ -183,3 +230,30 @@ class Rules:
         if result.returncode != 0:
             raise RulesError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
+
+
+class Rules(_Chains):
+    """The data path's chains of one queue number (``DIST<q>-*``), for a mode."""
+
+    def __init__(self, queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.REWRITE, *,
+                 netns_exec: tuple[str, ...] = ()):
+        super().__init__(f"DIST{queue}-", _MODE_HOOKS[mode], netns_exec=netns_exec)
+        self.queue = queue
+        self.mode = mode
+        self.services = tuple(services)
+
+    def _lines(self) -> dict[tuple[str, str], list[str]]:
+        return render_rules(self.queue, self.services, self.mode)
+
+
+class Guard(_Chains):
+    """The guard chain (``DGRD<q>-*``): present whatever the role, from start to stop (see :func:`render_guard`)."""
+
+    def __init__(self, queue: int, spec: GuardSpec, *, netns_exec: tuple[str, ...] = ()):
+        super().__init__(f"DGRD{queue}-", (("raw", "PREROUTING", "IN"),), netns_exec=netns_exec)
+        self.queue = queue
+        self.spec = spec
+
+    def _lines(self) -> dict[tuple[str, str], list[str]]:
+        return render_guard(self.queue, self.spec)
+

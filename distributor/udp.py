@@ -1,7 +1,8 @@
 """The daemon's UDP endpoints (node heartbeats, distributor datagrams): one way to open them (adapter).
 
 Contract: :func:`open_endpoint` binds ``host:port`` on the running loop and calls
-``on_datagram(data, (address, port))`` for every datagram received; the returned
+``on_datagram(data, (address, port))`` for every datagram received, optionally only from one
+interface (SO_BINDTODEVICE: the cluster side, so the outside cannot reach it); the returned
 :class:`DatagramEndpoint` sends (``send``) and closes.  SO_REUSEADDR lets a restarted daemon
 bind at once; SO_BROADCAST is set when asked.  A bind failure raises ``OSError`` naming what the
 socket is for and the address.  A send that fails (a link is down) is counted and logged at most
@@ -59,16 +60,20 @@ class DatagramEndpoint(asyncio.DatagramProtocol):
 
 
 async def open_endpoint(on_datagram: OnDatagram, host: str, port: int, purpose: str,
-                        broadcast: bool = False) -> DatagramEndpoint:
+                        broadcast: bool = False, device: str | None = None) -> DatagramEndpoint:
+    """``device``: receive only what arrives on that interface (SO_BINDTODEVICE): the cluster side."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if broadcast:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
     try:
+        if device:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, device.encode() + b"\0")
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen for {purpose} on udp {host}:{port}: {exc.strerror}") from None
+        where = f" on {device}" if device else ""
+        raise OSError(f"cannot listen for {purpose} on udp {host}:{port}{where}: {exc.strerror}") from None
     endpoint = DatagramEndpoint(on_datagram, purpose)
     transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(lambda: endpoint, sock=sock)
     endpoint.transport = transport

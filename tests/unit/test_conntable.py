@@ -100,17 +100,30 @@ def test_configurable_timeouts_and_bad_values():
         ConnectionTable(0)
 
 
-def test_full_table_refuses_then_evicts_only_finished_connections():
-    table = ConnectionTable(2)
-    a = open_conn(table, 1)
-    b = open_conn(table, 2)
-    assert open_conn(table, 3) is None
-    assert len(table) == 2
+def test_a_full_table_evicts_finished_then_the_oldest_half_open_and_refuses_only_when_all_are_established():
+    table = ConnectionTable(3)
+    a, b, c = open_conn(table, 1), open_conn(table, 2), open_conn(table, 3)
+    for conn in (a, b, c):
+        table.advance(conn, ACK, True, 0.5)  # all established
+    assert open_conn(table, 4) is None and len(table) == 3
     table.advance(a, RST, True, 1.0)
-    c = open_conn(table, 3)
-    assert c is not None and table.evicted == 1
+    d = open_conn(table, 4)  # the finished one makes room
+    assert d is not None and table.evicted == 1 and table.evicted_open == []
     assert table.get(key(1)) is None and table.get(key(2)) is b
-    assert len(table) == 2
+    table.advance(b, RST, True, 1.0)
+    e = open_conn(table, 5)  # b (finished) goes first, before the half-open d
+    assert e is not None and table.get(key(4)) is d
+    f = open_conn(table, 6)  # now only half-open ones can go: the oldest, d
+    assert f is not None and table.evicted_half_open == 1 and table.evicted_open == [d]
+    assert table.get(key(4)) is None and table.half_open() == 2
+
+
+def test_a_half_open_entry_is_not_kept_alive_by_the_nodes_syn_ack_retransmissions():
+    table = ConnectionTable(10, Timeouts(syn=2))
+    conn = open_conn(table, 1)
+    for t in (0.5, 1.0, 1.5, 1.9):
+        table.advance(conn, SYN | ACK, False, t)  # the node retransmits its SYN-ACK to a spoofed client
+    assert table.expire(2.1) == [conn] and len(table) == 0
 
 
 def test_duplicate_keys_are_refused():

@@ -27,23 +27,23 @@ def tick(play, n):
 
 def test_serving_alone_installs_the_rules_at_start_and_kernel_mode_first_loosens_conntrack():
     core, play = make()
-    assert [type(c) for c in core.start(0.0) if not isinstance(c, WakeUpAt)][-1] is InstallRules
+    assert [type(c) for c in core.start(0.0, WALL) if not isinstance(c, WakeUpAt)][-1] is InstallRules
     core, play = make(Mode.KERNEL)
-    started = [c for c in core.start(0.0) if type(c).__name__ != "Log"]
+    started = [c for c in core.start(0.0, WALL) if type(c).__name__ != "Log"]
     assert started[0] == SetConntrackLiberal() and InstallRules() in started
     assert isinstance(started[-1], WakeUpAt)  # exactly one timer, last
 
 
 def test_every_answer_ends_with_exactly_one_wakeup():
     core, play = make()
-    core.start(0.0)
+    core.start(0.0, WALL)
     tick(play, 1)
     assert [type(c) for c in play.last].count(WakeUpAt) == 1 and isinstance(play.last[-1], WakeUpAt)
 
 
 def test_a_node_in_warning_gets_no_new_connection_and_the_alert_goes_out():
     core, play = make()
-    core.start(0.0)
+    core.start(0.0, WALL)
     nodes = Nodes()
     for n in range(1, 5):
         play(nodes.beat("web2", n * 0.25 - 0.01))
@@ -56,7 +56,7 @@ def test_a_node_in_warning_gets_no_new_connection_and_the_alert_goes_out():
 
 def dead_node_with_connections(mode):
     core, play = make(mode, on_dead=OnDead.RESET)
-    core.start(0.0)
+    core.start(0.0, WALL)
     nodes = Nodes()
     ip = core.interposer
     for port in (40000, 40001):  # round-robin: web1, web2
@@ -86,7 +86,7 @@ def test_kernel_mode_forgets_a_dead_nodes_connections_in_conntrack_and_probes_th
 def test_kernel_mode_expiry_asks_conntrack_and_ends_only_what_conntrack_forgot():
     core = DistributorCore("dist1", Mode.KERNEL, [service_spec()], 100)
     play = Playbook(core)
-    core.start(0.0)
+    core.start(0.0, WALL)
     ip = core.interposer
     for port in (40000, 40001):
         ip.decide(tcp(CLIENT, VIP, port, 80, "S"), 0.0)
@@ -102,7 +102,7 @@ def test_kernel_mode_expiry_asks_conntrack_and_ends_only_what_conntrack_forgot()
 
 def test_packets_handled_without_failover_change_nothing_and_stop_removes_the_rules_then_drains():
     core, play = make()
-    core.start(0.0)
+    core.start(0.0, WALL)
     reason, _, effects = core.interposer.decide(tcp(CLIENT, VIP, 40000, 80, "S"), 0.1)
     assert reason is Reason.NEW_CONNECTION
     play(PacketsHandled(0.1, WALL + 0.1, effects)).expect_nothing()
@@ -115,12 +115,27 @@ def test_drops_are_reported_once_per_housekeeping_round_by_kind():
 
     core = DistributorCore("dist1", Mode.REWRITE, [service_spec()], 1)
     play = Playbook(core, keep=(Log,))
-    core.start(0.0)
+    core.start(0.0, WALL)
     ip = core.interposer
     assert ip.decide(tcp(CLIENT, VIP, 40000, 80, "S"), 0.1)[0] is Reason.NEW_CONNECTION
+    ip.decide(tcp(CLIENT, VIP, 40000, 80, "A"), 0.1)  # established: it cannot be evicted
     assert ip.decide(tcp(CLIENT, VIP, 40001, 80, "S"), 0.1)[0] is Reason.TABLE_FULL
     assert ip.decide(tcp(CLIENT, VIP, 40002, 80, "PA", b"x"), 0.1)[0] is Reason.UNKNOWN_FLOW
     play(Tick(1.0, WALL + 1.0)).expect(
         Log(Level.WARNING, "refused 1 new connection(s): connection table full (capacity 1)"),
         Log(Level.INFO, "dropped packets: unknown_flow=1"))
     play(Tick(2.0, WALL + 2.0)).expect_nothing()
+
+
+def test_kernel_mode_forgets_the_handshakes_in_flight_to_a_node_the_moment_it_is_excluded():
+    from distributor.reroute import ForgetHandshakes
+
+    for mode in (Mode.KERNEL, Mode.REWRITE):
+        core, play = make(mode)
+        core.start(0.0, WALL)
+        nodes = Nodes()
+        for n in range(1, 5):
+            play(nodes.beat("web2", n * 0.25 - 0.01))
+            tick(play, n)
+        forgets = play.of(ForgetHandshakes)
+        assert forgets == ([ForgetHandshakes((("198.51.100.11", 80),))] if mode is Mode.KERNEL else [])

@@ -51,14 +51,14 @@ class Lan:
         self.cut = False  # a partition: nothing crosses
         self.drop = lambda sender, command: False
         for name, core in self.cores.items():
-            self._run(name, core.start(self.now))
+            self._run(name, core.start(self.now, WALL + self.now))
 
     def restart(self, name: str, preempt: bool = False) -> None:
         """The daemon crashed and starts again: a new core with an empty table and no replay marks."""
         self.replicas[name] = Interposer([service_spec(Policy.LEAST_OUTSTANDING)], ConnectionTable(10_000))
         priority = 200 if name == "dist1" else 100
         self.cores[name] = FailoverCore(options(name, priority, preempt), KEYS, self.replicas[name])
-        self._run(name, self.cores[name].start(self.now))
+        self._run(name, self.cores[name].start(self.now, WALL + self.now))
 
     def step(self, count: int = 1) -> None:
         for _ in range(count):
@@ -102,7 +102,7 @@ class Lan:
         self.feed(name, PacketsHandled(self.now, WALL + self.now, tuple(effects)))
 
 
-TAKEOVER = (Alert, HoldNewSyns(True), ArmFirstForward(), InstallRules(), ClaimAddresses(), Announce())
+TAKEOVER = (Alert, HoldNewSyns(True), ArmFirstForward(), InstallRules(), ClaimAddresses(2.0), Announce())
 GIVE_UP = (ReleaseAddresses(), HoldNewSyns(False), RemoveRules(), DrainQueue())
 
 
@@ -290,3 +290,57 @@ def lan_mode():
     from distributor.reroute import Mode
 
     return Mode.REWRITE
+
+
+def test_with_30_percent_loss_on_the_sync_stream_the_backup_catches_up_and_holds_every_connection():
+    rng = random.Random(7)
+    lan = Lan()
+    lan.drop = lambda sender, command: kind_of(command) in (Kind.STATE_SYNC, Kind.SYNC_REQUEST) and rng.random() < 0.3
+    lan.step(20)
+    for round_ in range(30):  # connections keep opening while datagrams are lost
+        lan.open_connections(20, start_port=40000 + 20 * round_)
+        lan.step(2)
+    lan.step(40)
+    backup = lan.cores["dist2"]
+    assert backup.machine.caught_up
+    assert set(lan.replicas["dist2"].open_connections()) == set(lan.replicas["dist1"].open_connections())
+    assert len(lan.replicas["dist2"]) == 600
+    stats = backup.stats()
+    assert stats.retransmit_requests > 0 and lan.cores["dist1"].stats().retransmitted > 0
+    lan.frozen.add("dist1")
+    lan.step(10)
+    assert lan.roles()[1] is Role.ACTIVE and len(lan.replicas["dist2"]) == 600
+
+
+def test_a_restarted_distributor_refuses_datagrams_sealed_before_it_started():
+    lan = Lan()
+    lan.step(20)
+    recorded = [c for c in lan.log["dist1"][-40:] if isinstance(c, Send) and kind_of(c) is Kind.DIST_HEARTBEAT]
+    lan.frozen.add("dist1")  # the active dies; its recorded heartbeats are replayed to a freshly started backup
+    lan.now += 0.5  # the backup's daemon restarts meanwhile
+    lan.restart("dist2")
+    for heartbeat in recorded:
+        assert lan.feed("dist2", PeerDatagram(heartbeat.data, ADDRESSES["dist1"], lan.now, WALL + lan.now)) == []
+    from common.wire import Reject
+
+    assert lan.cores["dist2"].stats().rejected[Reject.BEFORE_START] == len(recorded)
+    lan.step(8)
+    assert lan.roles()[1] is Role.ACTIVE  # one dead window after its start, as if nothing was replayed
+
+
+def test_an_active_renews_its_addresses_and_repeats_its_announcement_and_stops_both_when_it_gives_up():
+    lan = Lan()
+    lan.step(20)
+    mark = len(lan.log["dist1"])
+    lan.step(int(10.0 / INTERVAL) + 1)  # 10 s: the refresh interval
+    renewals = lan.since("dist1", mark, (ClaimAddresses,))
+    assert all(c == ClaimAddresses(2.0) for c in renewals) and 35 <= len(renewals) <= 45  # every 0.25 s
+    assert lan.since("dist1", mark, (Announce,)) == [Announce(), Announce()]  # the second burst, the first refresh
+    lan.cut = True
+    lan.step(10)
+    lan.cut = False
+    lan.step(2)  # dist2 had taken over with a higher term: dist1 gives up
+    assert lan.roles() == (Role.BACKUP, Role.ACTIVE)
+    mark = len(lan.log["dist1"])
+    lan.step(int(10.0 / INTERVAL) + 1)
+    assert not lan.since("dist1", mark, (ClaimAddresses, Announce))

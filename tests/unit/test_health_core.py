@@ -34,7 +34,7 @@ class Nodes:
 
 def core(on_dead=OnDead.KEEP, health=SETTINGS) -> tuple[Playbook, NodeHealth, Nodes]:
     health_core = NodeHealth(health, NODES, KEYS, on_dead=on_dead)
-    health_core.start(0.0)
+    health_core.start(0.0, WALL)
     return Playbook(health_core), health_core, Nodes()
 
 
@@ -167,3 +167,64 @@ def test_any_bytes_are_handled_without_raising(data, source):
     commands = health_core.handle(NodeDatagram(data, source, 1.0, WALL + 1.0))
     assert all(not isinstance(c, (SetNodeEligible, Alert)) for c in commands)
     assert sum(health_core.stats(1.0).rejected.values()) == 1
+
+
+def test_a_node_that_announced_a_longer_interval_is_not_late_before_it_plus_a_tick_and_the_stretch_is_bounded():
+    play, health, nodes = core()
+    slow = NodeHeartbeat(0.5, 0.1, 150.0, 1500).pack()  # a slow probe: the agent says its next one is in 1.5 s
+    play(nodes.beat("web2", 0.1, payload=slow))
+    for n in range(1, 7):  # 1.5 s
+        run_ticks(play, nodes, n, n)
+        assert not play.of(Alert)
+    run_ticks(play, nodes, 7, 7)
+    play.expect(SetNodeEligible("web2", False), Alert("web2", "up", "warning", "no heartbeat for 7 ticks"))
+    huge = NodeHeartbeat(0.5, 0.1, 150.0, 60_000).pack()  # "next one in a minute": honoured up to max_interval
+    play(nodes.beat("web2", 1.8, payload=huge))
+    warning, dead = SETTINGS.allowance(60.0)
+    assert (warning, dead) == (8, 13)  # 2 s at most, then the usual dead window on top
+    run_ticks(play, nodes, 8, 8 + warning)
+    assert health.board.state("web2") is NodeState.WARNING
+
+
+def test_a_flapping_node_is_held_out_with_one_alert_and_comes_back_with_one_once_stable():
+    play, health, nodes = core()
+    alerts = []
+    now = 0
+    for cycle in range(5):  # web2 stalls for 2.5 s (dead each time), then rises with 3 heartbeats
+        for n in range(now + 1, now + 11):
+            play(nodes.beat("web1", n * 0.25 - 0.01))
+            play(tick(n))
+            alerts += play.of(Alert)
+        for n in range(now + 11, now + 15):
+            play(nodes.beat("web1", n * 0.25 - 0.01))
+            play(nodes.beat("web2", n * 0.25 - 0.01))
+            play(tick(n))
+            alerts += play.of(Alert)
+        now += 14
+    web2 = [a for a in alerts if a.subject == "web2"]
+    assert sum(a.new == "flapping" for a in web2) == 1 and len(web2) <= 8  # not 20
+    assert [a for a in alerts if a.subject == "web1"] == []  # short silences alone are not flapping
+    assert health.board.damped("web2") and not health.board.eligible("web2")
+    back = []
+    for n in range(now + 1, now + 600):  # now it stays stable: the penalty decays (half-life 30 s)
+        play(nodes.beat("web2", n * 0.25 - 0.01))
+        play(nodes.beat("web1", n * 0.25 - 0.01))
+        play(tick(n))
+        back += [a for a in play.of(Alert) if a.subject == "web2"]
+        if back:
+            break
+    assert back == [Alert("web2", "flapping", health.board.state("web2").value, "stable again: back in service")]
+    assert SetNodeEligible("web2", True) in play.last and health.board.eligible("web2")
+
+
+def test_damping_never_holds_out_the_last_node_that_could_serve():
+    play, health, nodes = core()
+    for cycle in range(5):  # both nodes die and rise together: holding either out would leave only the other
+        base = cycle * 14
+        for n in range(base + 1, base + 11):
+            play(tick(n))
+        for n in range(base + 11, base + 15):
+            play(nodes.beat("web1", n * 0.25 - 0.01))
+            play(nodes.beat("web2", n * 0.25 - 0.01))
+            play(tick(n))
+    assert not (health.board.damped("web1") and health.board.damped("web2"))

@@ -25,7 +25,7 @@ CORE = {
 ADAPTERS = {
     "common.keyfile",
     "distributor.datapath", "distributor.rules", "distributor.conntrack", "distributor.udp", "distributor.alerts",
-    "distributor.metrics", "distributor.runtime",
+    "distributor.metrics", "distributor.runtime", "distributor.netif",
     "backup.takeover",
 }
 PROGRAMS = {"distributor.config", "distributor.daemon", "node.agent"}

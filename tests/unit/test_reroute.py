@@ -195,6 +195,8 @@ def test_full_table_refuses_new_connections_but_serves_existing_ones():
     ip = make(capacity=2)
     handshake(ip, 40000, "web1")
     handshake(ip, 40001, "web2")
+    for port in (40000, 40001):
+        ip.handle(tcp(CLIENT, VIP, port, 80, "A"), 0.05)  # established: not evictable
     assert ip.handle(tcp(CLIENT, VIP, 40002, 80, "S"), 0.1) == (DROP, None)
     assert ip.count(Reason.TABLE_FULL) == 1
     assert [ip.services[0].balancer.outstanding(i) for i in range(2)] == [1, 1]
@@ -205,6 +207,26 @@ def test_full_table_refuses_new_connections_but_serves_existing_ones():
     verdict, _ = ip.handle(tcp(CLIENT, VIP, 40002, 80, "S"), 0.4)
     assert verdict == ACCEPT
     assert len(ip.table) == 2
+
+
+def test_a_syn_flood_cannot_lock_clients_out_the_oldest_half_open_entry_makes_room():
+    ip = make(capacity=100)
+    spoofed = [tcp(f"203.0.113.{100 + i % 100}", VIP, 1024 + i, 80, "S") for i in range(1000)]
+    legit = 0
+    for i, syn in enumerate(spoofed):
+        assert ip.decide(syn, i * 0.001)[0] is Reason.NEW_CONNECTION
+        if i % 50 == 49:  # a real client now and then: its handshake completes
+            port = 50000 + i
+            reason, _, _ = ip.decide(tcp(CLIENT, VIP, port, 80, "S"), i * 0.001)
+            assert reason is Reason.NEW_CONNECTION
+            ip.decide(tcp(CLIENT, VIP, port, 80, "A"), i * 0.001)
+            legit += 1
+    assert ip.count(Reason.TABLE_FULL) == 0 and len(ip.table) == 100
+    assert ip.table.evicted_half_open == 1000 + legit - 100
+    established = [c for c in ip.table if c.state is TcpState.ESTABLISHED]
+    assert len(established) == legit  # every real client kept its connection
+    balancer = ip.services[0].balancer
+    assert balancer.outstanding(0) + balancer.outstanding(1) == 100  # evictions were released
 
 
 def test_no_eligible_backend_refuses_the_syn():
@@ -308,3 +330,38 @@ def test_syn_on_the_4_tuple_of_a_connection_to_an_excluded_node_is_balanced_agai
     assert out == tcp(CLIENT, WEB["web2"], 40000, 80, "S", seq=999)
     assert [ip.services[0].balancer.outstanding(i) for i in range(2)] == [0, 1]
     assert len(ip.table) == 1
+
+
+def test_a_ttl_1_packet_to_the_vip_is_dropped_never_forwarded_to_draw_a_time_exceeded_quoting_a_node():
+    ip = make()
+    assert ip.decide(tcp(CLIENT, VIP, 40000, 80, "S", ip={"ttl": 1}), 0.0)[:2] == (Reason.TTL_EXPIRED, None)
+    assert len(ip.table) == 0
+    handshake(ip, 40001, "web1")
+    ip.handle(tcp(CLIENT, VIP, 40001, 80, "A"), 0.1)  # established: the inline path checks the TTL too
+    assert ip.decide(tcp(CLIENT, VIP, 40001, 80, "PA", b"x", ip={"ttl": 1}), 0.2)[:2] == (Reason.TTL_EXPIRED, None)
+    assert ip.decide(tcp(CLIENT, VIP, 40001, 80, "PA", b"x", ip={"ttl": 2}), 0.2)[0] is Reason.TO_BACKEND
+    assert ip.decide(tcp(CLIENT, "203.0.113.99", 40002, 80, "S", ip={"ttl": 1}), 0.3)[0] is Reason.NOT_SERVICE
+
+
+def test_rewrite_mode_resets_both_ends_of_a_connection_that_idled_out_instead_of_dropping_its_segments():
+    from scapy.layers.inet import IP, TCP
+
+    ip = make()
+    handshake(ip, 40000, "web1")
+    ip.handle(tcp(CLIENT, VIP, 40000, 80, "A", seq=5, ack=9000), 0.1)
+    (ended,) = ip.expire(0.1 + 901)
+    assert isinstance(ended, ConnectionEnded)
+    reason, out, extra = ip.decide(tcp(CLIENT, VIP, 40000, 80, "PA", b"GET /", seq=77, ack=9100), 1000.0)
+    assert (reason, out) == (Reason.EXPIRED_FLOW, None)
+    to_client, to_node = (IP(e.packet) for e in extra)
+    assert (to_client.src, to_client.dst, to_client[TCP].sport, to_client[TCP].dport) == (VIP, CLIENT, 80, 40000)
+    assert to_client[TCP].flags == "R" and to_client[TCP].seq == 9100
+    assert (to_node.src, to_node.dst, to_node[TCP].sport, to_node[TCP].dport) == (CLIENT, WEB["web1"], 40000, 80)
+    assert to_node[TCP].flags == "R" and to_node[TCP].seq == 77
+    assert all(checksums_valid(e.packet) for e in extra)
+    # A connection never seen is still dropped silently (after a takeover its entry may be on its way).
+    assert ip.decide(tcp(CLIENT, VIP, 40001, 80, "PA", b"x"), 1000.0)[:3] == (Reason.UNKNOWN_FLOW, None, None)
+    # A half-open one that expired is not remembered: there is nothing to reset.
+    ip.decide(tcp(CLIENT, VIP, 40002, 80, "S"), 1000.0)
+    ip.expire(1100.0)
+    assert ip.decide(tcp(CLIENT, VIP, 40002, 80, "A"), 1101.0)[0] is Reason.UNKNOWN_FLOW

@@ -35,11 +35,15 @@ def pair(policy=Policy.LEAST_OUTSTANDING):
 
 
 def deliver(payloads, receiver, now=0.0, drop=()):
-    gaps = False
+    """Deliver the payloads (but those at the indices in ``drop``); the ranges the receiver then misses."""
     for i, payload in enumerate(payloads):
         if i not in drop:
-            gaps |= receiver.receive(SyncBatch.unpack(payload), now)
-    return gaps
+            assert receiver.receive(SyncBatch.unpack(payload), now)
+    return receiver.missing()
+
+
+def snapshot(active, sender, limit):
+    return sender.snapshot_batches(limit, active.interposer.open_connections, active.interposer.open_backend)
 
 
 def open_conn(ip, port, now=0.0):
@@ -57,7 +61,7 @@ def test_live_batches_replicate_opens_and_ends_and_the_replica_forwards_to_the_s
         open_conn(active, port)
     for port in range(40000, 40100):
         active.handle(tcp(CLIENT, VIP, port, 80, "R"), 1.0)
-    assert deliver(sender.live_batches(), receiver) is False
+    assert deliver(sender.live_batches(), receiver) == []
     assert table_view(replica) == table_view(active) and len(table_view(active)) == 200
     outstanding = [replica.services[0].balancer.outstanding(i) for i in range(2)]
     assert outstanding == [active.services[0].balancer.outstanding(i) for i in range(2)]
@@ -76,17 +80,58 @@ def test_live_batches_replicate_opens_and_ends_and_the_replica_forwards_to_the_s
     assert replica.handle(tcp(CLIENT, VIP, 45000, 80, "PA", b"x"), 2.0) == (DROP, None)
 
 
-def test_a_lost_batch_is_a_gap_and_a_snapshot_repairs_the_replica_while_changes_continue():
+def test_a_lost_batch_is_asked_for_again_and_the_ones_after_it_wait_in_order():
+    active, replica, sender, receiver = pair()
+    for port in range(40000, 40000 + 5 * SyncBatch.MAX_RECORDS):
+        open_conn(active, port)
+    payloads = sender.live_batches()
+    assert len(payloads) == 5
+    assert deliver(payloads, receiver, drop={1, 2}) == [(2, 3)]  # 3 wait behind the gap, in order
+    assert receiver.gaps == 1 and receiver.waiting == 2 and receiver.applied == 1
+    assert len(table_view(replica)) == SyncBatch.MAX_RECORDS
+    again, too_old = sender.resend([(2, 3)])
+    assert not too_old and deliver(again, receiver) == []
+    assert receiver.applied == 5 and table_view(replica) == table_view(active)
+
+
+def test_batches_older_than_the_history_cost_a_snapshot_which_skips_the_gap(monkeypatch):
+    from backup import sync
+
+    monkeypatch.setattr(sync, "HISTORY", 64)
+    active, replica, sender, receiver = pair()
+    open_conn(active, 40000)
+    deliver(sender.live_batches(), receiver)
+    lost = []
+    for port in range(40001, 40001 + sync.HISTORY + 10):  # one batch each; all of them lost
+        open_conn(active, port)
+        lost += sender.live_batches()
+    assert receiver.missing(up_to=sender.batch) == [(2, sender.batch)]
+    _, too_old = sender.resend(receiver.missing(up_to=sender.batch))
+    assert too_old
+    sender.request_snapshot()
+    for payload in snapshot(active, sender, 10_000):
+        receiver.receive(SyncBatch.unpack(payload), 1.0)
+    assert receiver.snapshot_complete and receiver.missing() == []
+    assert table_view(replica) == table_view(active) and receiver.caught_up(sender.batch)
+
+
+def test_a_snapshot_while_the_table_keeps_changing_converges_also_with_lost_datagrams_resent():
     active, replica, sender, receiver = pair()
     for port in range(40000, 40500):
         open_conn(active, port)
-    assert deliver(sender.live_batches(), receiver, drop={2}) is True
-    assert receiver.gaps == 1 and not receiver.caught_up(sender.batch)
-    sender.start_snapshot(active.interposer.open_connections())
+    deliver(sender.live_batches(), receiver)
+    sender.request_snapshot()
     rng = random.Random(1)
     port = 41000
+    sent = 0
     while sender.snapshot_running:
-        deliver(sender.snapshot_batches(2, active.interposer.is_open), receiver)
+        live = sender.live_batches()  # changes first, then a chunk: the daemon's order
+        chunk = snapshot(active, sender, 2)
+        batch = live + chunk
+        sent += len(batch)
+        missing = deliver(batch, receiver, drop={i for i in range(len(batch)) if rng.random() < 0.3})
+        if missing:  # the core asks for what it misses; here the answer arrives whole
+            deliver(sender.resend(missing)[0], receiver)
         for _ in range(30):  # the table keeps changing during the snapshot
             if rng.random() < 0.6:
                 open_conn(active, port)
@@ -94,15 +139,32 @@ def test_a_lost_batch_is_a_gap_and_a_snapshot_repairs_the_replica_while_changes_
             else:
                 victim = rng.choice(list(table_view(active)))
                 active.handle(tcp(CLIENT, VIP, int.from_bytes(victim[8:10], "big"), 80, "R"), 1.0)
-        deliver(sender.live_batches(), receiver)
-    assert receiver.caught_up(sender.batch)
+    deliver(sender.live_batches(), receiver)
+    missing = receiver.missing(up_to=sender.batch)
+    if missing:
+        deliver(sender.resend(missing)[0], receiver)
+    assert sent > 5 and receiver.caught_up(sender.batch)
+    assert table_view(replica) == table_view(active)
+
+
+def test_a_connection_reopened_on_another_node_during_a_snapshot_is_not_sent_with_its_old_node():
+    active, replica, sender, receiver = pair(Policy.ROUND_ROBIN)
+    for port in range(40000, 40000 + SyncBatch.MAX_RECORDS + 2):
+        open_conn(active, port)
+    deliver(sender.live_batches(), receiver)
+    sender.request_snapshot()
+    deliver(snapshot(active, sender, 1), receiver)  # the first chunk; the rest is still to come
+    last = 40000 + SyncBatch.MAX_RECORDS + 1
+    active.handle(tcp(CLIENT, VIP, last, 80, "R"), 1.0)  # ends, and the port is reused at once
+    open_conn(active, last, 1.0)
+    deliver(sender.live_batches() + snapshot(active, sender, 10), receiver)
     assert table_view(replica) == table_view(active)
 
 
 def test_empty_table_snapshot_completes_and_duplicates_are_ignored():
     active, replica, sender, receiver = pair()
-    sender.start_snapshot([])
-    payloads = sender.snapshot_batches(10, active.interposer.is_open)
+    sender.request_snapshot()
+    payloads = snapshot(active, sender, 10)
     assert len(payloads) == 1
     deliver(payloads + payloads, receiver)
     assert receiver.caught_up(sender.batch) and receiver.gaps == 0
