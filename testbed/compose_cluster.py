@@ -71,6 +71,10 @@ DEFAULT_PROJECT = "distributor-testbed"
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,19}$|^distributor-testbed$")
 
 
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class ComposeError(TestbedError):
     """A compose step failed; the message says which command and what it printed."""
 
@@ -92,7 +96,7 @@ def wheels_key(pyproject: bytes, python: tuple[int, ...], machine: str) -> str:
     return digest.hexdigest()[:16]
 
 
-def build_wheels(log=print) -> Path:
+def build_wheels(log=_say) -> Path:
     """Fill .compose/wheels/{deps,project}; returns the wheels directory."""
     if sys.version_info[:2] != IMAGE_PYTHON:
         raise ComposeError(f"the wheels are built by this Python, {sys.version_info[0]}.{sys.version_info[1]}, "
@@ -169,7 +173,7 @@ def apt_mirror(sources: list[Path] | None = None) -> str:
     return "http://deb.debian.org/debian"
 
 
-def ensure_base_image(env: dict[str, str], log=print) -> str:
+def ensure_base_image(env: dict[str, str], log=_say) -> str:
     """The local base image, made with debootstrap when it is missing; returns its name."""
     name = base_image_name()
     if _run(["podman", "image", "exists", name], env=env, check=False).returncode == 0:
@@ -281,7 +285,7 @@ class ComposeCluster:
         return _run([self.engine, *args], env=self.env, check=check, timeout=timeout, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------
-    def build(self, log=print) -> None:
+    def build(self, log=_say) -> None:
         """The wheels, then the image (podman: offline, from the local base)."""
         build_wheels(log)
         previous = self.cli("image", "inspect", "-f", "{{.Id}}", IMAGE, check=False).stdout.strip()
