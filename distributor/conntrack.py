@@ -35,6 +35,14 @@ class Conntrack:
         # up (nf_conntrack_tcp_loose), but without window history it would mark some
         # segments INVALID, and INVALID segments are not NATed.
         try:
+            # A container's /proc/sys is read-only; its engine sets this one at creation
+            # (docker-compose.yml, `sysctls`), so a value already in place needs no write.
+            with open(cls.LIBERAL) as f:
+                if f.read().strip() == "1":
+                    return
+        except OSError:
+            pass
+        try:
             with open(cls.LIBERAL, "w") as f:
                 f.write("1\n")
         except OSError as exc:

@@ -1,26 +1,142 @@
-"""Entrypoint of the docker compose testbed: one container plays one topology host.
+"""Entrypoint of the compose testbed: one container plays one topology host.
 
-Contract: ``python -m testbed.container HOST`` prepares the container the way
-the namespace runner prepares a namespace (floating addresses on the primary,
-the default route of web nodes, configs and web content from the same
-renderers) and then runs the host's services.  The number of web nodes comes
-from ``TESTBED_NODES`` (default 3).  It runs only inside a container with
+Contract
+--------
+``python -m testbed.container HOST`` prepares the container the way the
+namespace runner prepares a namespace (floating addresses on the primary, the
+default route of web nodes, configs and web content from the same renderers)
+and then runs the host's services in the foreground:
+
+* the heartbeat key comes from the ``keys`` volume (docker-compose.yml); the
+  first container to start makes it (a fresh secret, created with ``link(2)``
+  so that two containers starting together agree on one);
+* distributors use ``DISTRIBUTOR_MODE`` (``rewrite`` or ``kernel``) and serve
+  their metrics on their cluster-LAN address (``testbed.compose.LAN_PORTS``);
+* before it starts, a host waits (at most ``TESTBED_START_WAIT`` seconds,
+  default 60) for the hosts it depends on to be healthy, the same order the
+  compose file's ``depends_on`` gives, for engines that ignore its conditions;
+* the client idles until it is stopped (SIGTERM ends it at once).
+
+``python -m testbed.container --health HOST`` is the compose healthcheck:
+exit 0 when the host is healthy (a web node answers ``/health``, a
+distributor holds a settled role, the client reaches the VIP), 1 otherwise,
+with the reason on stdout.  The number of web nodes comes from
+``TESTBED_NODES`` (default 3).  It runs only inside a container with
 NET_ADMIN; the namespace runner does not use it.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
+import secrets
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+from .compose import KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, start_order
 from .runner import Options, render_agent_config, render_distributor_config, write_web_files
-from .topology import build
+from .topology import Host, Topology, build
 
 STATE = Path("/run/testbed")
-DEMO_KEY = "64656d6f206b6579206f66207468652064697374726962757465722074657374"  # only for the compose demo
+MODES = ("rewrite", "kernel")
+SETTLED_ROLES = ("active", "backup")
+_ROLE_SAMPLE = re.compile(r'^distributor_failover_role\{role="(\w+)"\} 1(?:\.0)?$', re.M)
+_METRICS_LISTEN = re.compile(r'^(\[metrics\]\nlisten = )"127\.0\.0\.1:(\d+)"$', re.M)
+
+
+def log(message: str) -> None:
+    print(f"testbed.container: {message}", file=sys.stderr, flush=True)
+
+
+def role_from_metrics(text: str) -> str | None:
+    """The failover role a distributor's /metrics reports (None when it reports none)."""
+    match = _ROLE_SAMPLE.search(text)
+    return match.group(1) if match else None
+
+
+def mode_from_environment(environ: dict[str, str]) -> str:
+    mode = environ.get(MODE_VARIABLE, "rewrite") or "rewrite"
+    if mode not in MODES:
+        raise SystemExit(f"testbed.container: {MODE_VARIABLE}={mode!r} is not valid; expected one of {', '.join(MODES)}")
+    return mode
+
+
+def distributor_config(topology: Topology, host: Host, mode: str, keys: Path, directory: Path) -> str:
+    """The runner's distributor config, with metrics on the cluster-LAN address instead of loopback."""
+    text = render_distributor_config(topology, Options(nodes=len(topology.web_nodes), mode=mode), host, keys, directory)
+    lan = f'"{host.address_on("int")}:{LAN_PORTS["metrics"]}"'
+    text, replaced = _METRICS_LISTEN.subn(lambda m: m.group(1) + lan, text)
+    if replaced != 1:
+        raise RuntimeError("testbed.container: the runner's distributor config has no `[metrics] listen = \"127.0.0.1:PORT\"` to move")
+    return text
+
+
+def ensure_key(directory: Path, host: str) -> Path:
+    """The run's key file on the shared volume, made here if no container made it yet."""
+    keys = directory / "keys"
+    if not keys.exists():
+        candidate = directory / f".keys.{host}.{secrets.token_hex(4)}"
+        candidate.write_text(f"# heartbeat keys of this compose run, made by {host}\n1 {secrets.token_hex(32)}\n")
+        candidate.chmod(0o600)
+        try:
+            os.link(candidate, keys)  # fails if another container linked its own first: then that one is the key
+            log(f"made this run's heartbeat key in {keys}")
+        except FileExistsError:
+            pass
+        finally:
+            candidate.unlink()
+    return keys
+
+
+def _get(address: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def health(topology: Topology, host: Host) -> tuple[bool, str]:
+    """Is ``host`` healthy? (ok, reason).  Probes its cluster-LAN address (the VIP for the client),
+    so any host on that network can ask, the host itself included."""
+    try:
+        if host.role == "web":
+            status, _ = _get(str(host.address_on("int")), topology.vip_port, "/health")
+            return status == 200, f"/health answered {status}"
+        if host.role == "distributor":
+            status, body = _get(str(host.address_on("int")), LAN_PORTS["metrics"], "/metrics")
+            role = role_from_metrics(body.decode(errors="replace")) if status == 200 else None
+            return role in SETTLED_ROLES, f"role {role}" if role else f"/metrics answered {status}, no role"
+        status, _ = _get(str(topology.vip), topology.vip_port, "/health")
+        return status == 200, f"the VIP answered {status}"
+    except OSError as exc:
+        return False, f"{type(exc).__name__}: {exc}"
+
+
+def wait_for_dependencies(topology: Topology, host: Host, timeout: float) -> None:
+    """Wait for the hosts ``host`` depends on, probing them over the network, at most ``timeout`` s."""
+    waiting = start_order(topology)[host.name]
+    if not waiting:
+        return
+    log(f"{host.name} waits for {', '.join(waiting)} to be healthy (at most {timeout:.0f} s)")
+    deadline = time.monotonic() + timeout
+    reasons: dict[str, str] = {}
+    while waiting and time.monotonic() < deadline:
+        for name in list(waiting):
+            ok, reasons[name] = health(topology, topology.host(name))
+            if ok:
+                waiting.remove(name)
+        if waiting:
+            time.sleep(0.2)
+    if waiting:
+        log(f"starting anyway: {', '.join(f'{n} ({reasons.get(n)})' for n in waiting)} not healthy after {timeout:.0f} s")
 
 
 def _interface_with(address: str) -> str:
@@ -32,29 +148,46 @@ def _interface_with(address: str) -> str:
     raise SystemExit(f"testbed.container: no interface holds {address}; is this container on the compose networks?")
 
 
+def _idle() -> None:
+    # PID 1 ignores signals it has no handler for: without one, `stop` waits its whole grace period.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    while True:
+        signal.pause()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = argv if argv is not None else sys.argv[1:]
+    checking = args[:1] == ["--health"]
+    if checking:
+        args = args[1:]
     if len(args) != 1:
-        print("usage: python -m testbed.container HOST", file=sys.stderr)
+        print("usage: python -m testbed.container [--health] HOST", file=sys.stderr)
         return 2
     topology = build(int(os.environ.get("TESTBED_NODES", "3")))
     host = topology.host(args[0])
+    if checking:
+        ok, reason = health(topology, host)
+        print(f"{host.name}: {'healthy' if ok else 'not healthy'}: {reason}")
+        return 0 if ok else 1
+
+    mode = mode_from_environment(dict(os.environ))
     directory = STATE / host.name
     directory.mkdir(parents=True, exist_ok=True)
     if host.default_gateway is not None:
         subprocess.run(["ip", "route", "replace", "default", "via", str(host.default_gateway)], check=True)
     if host.role == "distributor":
-        # Compose names interfaces in attachment order; the config names them as the runner does.
+        # Engines name interfaces in attachment order; the config names them as the runner does.
         for link in host.links:
             current = _interface_with(str(link.address.ip))
             if current != link.ifname:
                 subprocess.run(["ip", "link", "set", current, "down"], check=True)
                 subprocess.run(["ip", "link", "set", current, "name", link.ifname], check=True)
                 subprocess.run(["ip", "link", "set", link.ifname, "up"], check=True)
-    keys = STATE / "keys"
-    # Compose cannot generate a per-run secret; it passes one in TESTBED_KEY (see docker-compose.yml).
-    keys.write_text(f"1 {os.environ.get('TESTBED_KEY', DEMO_KEY)}\n")
-    keys.chmod(0o600)
+    if host.role == "client":
+        _idle()
+    keys = ensure_key(Path(KEYS_MOUNT), host.name)
+    wait_for_dependencies(topology, host, float(os.environ.get("TESTBED_START_WAIT", "60")))
     if "agent" in host.services:
         (directory / "agent.toml").write_text(render_agent_config(topology, host, keys))
         subprocess.Popen([sys.executable, "-m", "node.agent", "--config", str(directory / "agent.toml")])
@@ -63,10 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         os.execvp("nginx", ["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory), "-e", "/dev/stderr"])
     if "distributor" in host.services:
         config = directory / "distributor.toml"
-        config.write_text(render_distributor_config(topology, Options(nodes=len(topology.web_nodes)), host, keys, directory))
+        config.write_text(distributor_config(topology, host, mode, keys, directory))
         os.execvp(sys.executable, [sys.executable, "-m", "distributor.daemon", "--config", str(config)])
-    os.execvp("sleep", ["sleep", "infinity"])
-    return 0
+    raise SystemExit(f"testbed.container: {host.name} has no service to run: {host.services}")
 
 
 if __name__ == "__main__":
