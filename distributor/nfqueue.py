@@ -308,7 +308,8 @@ class NfQueue:
     full (or the socket's buffer full), False drops them.  ``copy_range`` is
     how many bytes of each packet are copied (:data:`COPY_WHOLE`, or e.g. 128
     for headers only).  ``gso`` asks for whole GSO packets.  ``batch`` bounds
-    one :meth:`read`; the receive buffer is sized for ``batch`` whole copies.
+    one :meth:`read`, and so does ``buffer_bytes``, the buffer a read packs
+    its packets into (default: ``batch`` whole copies, at most 4 MiB).
     ``rcvbuf`` / ``sndbuf`` are forced (``SO_RCVBUFFORCE``, needs
     CAP_NET_ADMIN); by default the receive buffer holds ``max_len`` typical
     packets, so a full queue is reported by the queue, not by ``ENOBUFS``.
@@ -319,7 +320,8 @@ class NfQueue:
 
     def __init__(self, queue: int, *, fail_open: bool, gso: bool = False, copy_range: int = COPY_WHOLE,
                  max_len: int = 1024, batch: int = 64, rcvbuf: int | None = None, sndbuf: int | None = None,
-                 max_send: int = 256 * 1024, extra_flags: int = 0, sock: socket.socket | None = None):
+                 max_send: int = 256 * 1024, buffer_bytes: int | None = None, extra_flags: int = 0,
+                 sock: socket.socket | None = None):
         if not 0 <= queue <= 0xFFFF:
             raise ValueError(f"queue number {queue!r}: expected 0..65535")
         if not 1 <= copy_range <= COPY_WHOLE:
@@ -374,7 +376,10 @@ class NfQueue:
             self._sock.close()
             raise
 
-        self._arena = bytearray(max(batch * self._max_message, 2 * self._max_message))
+        # One read packs packets back to back; room for a whole copy is kept free before each receive.
+        if buffer_bytes is None:
+            buffer_bytes = min(batch * self._max_message, 4 * 1024 * 1024)
+        self._arena = bytearray(max(buffer_bytes, 2 * self._max_message))
         self._view = memoryview(self._arena)
         self._pool = [Packet() for _ in range(batch)]
         self._recv_into = self._sock.recv_into
@@ -506,7 +511,7 @@ class NfQueue:
         offset = self._out_len
         # nlmsg_len counts the payload attribute's padding, as libmnl writes it.
         _VERDICT_HEAD.pack_into(out, offset, total, MSG_VERDICT, NLM_F_REQUEST, 0, 0,
-                                socket.AF_UNSPEC, 0, self._res_id, 12, NFQA_VERDICT_HDR)
+                                0, 0, self._res_id, 12, NFQA_VERDICT_HDR)  # AF_UNSPEC, version 0
         _VERDICT_BODY.pack_into(out, offset + 24, verdict, packet_id)
         offset += _VERDICT_SIZE
         if mark is not None:

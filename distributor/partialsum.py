@@ -28,9 +28,15 @@ partial.  Then:
   ``tcp4_gso_segment`` recomputes every segment's checksum from the
   (rewritten) addresses: the partial field's value does not matter, but the
   partial rule keeps it right anyway;
-* any other packet (not GSO; or GSO and delivered locally) is taken as it
-  stands: its checksum must be complete.  :func:`complete` turns a correct
-  partial field into the complete checksum (one pass over the segment).
+* any other packet is taken as it stands, so its checksum must be complete:
+  a packet that is not GSO, and a GSO packet whose checksum the kernel
+  verifies before it is segmented -- delivered to a local socket, or tracked
+  by conntrack after the queue (``nf_conntrack_checksum=1``, the default,
+  verifies TCP checksums in PREROUTING and marks a bad one INVALID, so NAT
+  skips it).  Rewrite mode keeps its flows out of conntrack (``CT
+  --notrack``) and forwards them, so only its non-GSO packets need it.
+  :func:`complete` turns a correct partial field into the complete checksum
+  (one pass over the segment).
 
 :func:`rewrite_address` does all of this for one address of a TCP/IPv4
 packet given the packet's skb info flags; :func:`needs_completion` states the
@@ -139,25 +145,27 @@ def complete(buf, l4_offset: int, l4_length: int, check_offset: int = _TCP_CHECK
     return value
 
 
-def needs_completion(skb_info: int) -> bool:
-    """Whether a rewritten packet's partial L4 checksum must be completed before it goes back to the kernel.
+def needs_completion(skb_info: int, verified_later: bool = False) -> bool:
+    """Whether a mangled packet's partial L4 checksum must be completed before it goes back to the kernel.
 
-    The kernel forgets CHECKSUM_PARTIAL on a mangled packet; only a GSO packet has
-    its checksums recomputed (when segmented on the way out).  A GSO packet that
-    is delivered locally instead (it was queued on INPUT) must be completed too:
-    pass ``local=True`` to :func:`rewrite_address` for those.
+    The kernel forgets CHECKSUM_PARTIAL on a mangled packet; only a GSO packet
+    that is segmented on its way out has its checksum recomputed.
+    ``verified_later``: the kernel checks this packet's checksum before any
+    segmentation (local delivery, or conntrack tracks the flow after the queue).
     """
-    return skb_info & (SKB_CSUMNOTREADY | SKB_GSO) == SKB_CSUMNOTREADY
+    if not skb_info & SKB_CSUMNOTREADY:
+        return False
+    return verified_later or not skb_info & SKB_GSO
 
 
-def rewrite_address(packet, which: int, new: bytes, skb_info: int, *, local: bool = False) -> None:
+def rewrite_address(packet, which: int, new: bytes, skb_info: int, *, verified_later: bool = False) -> None:
     """Rewrite the source (:data:`SOURCE`) or destination (:data:`DESTINATION`) of a TCP/IPv4 ``packet`` in place.
 
     ``packet`` is a writable buffer holding the whole packet (IPv4 header first).
     The IPv4 header checksum is patched fully; the TCP checksum by the partial
     rule when ``skb_info`` has CSUMNOTREADY, by RFC 1624 otherwise; a partial
     checksum is then completed when the kernel would not recompute it
-    (:func:`needs_completion`; ``local``: the packet is delivered to this host).
+    (:func:`needs_completion`, which says what ``verified_later`` means).
     """
     if which not in (SOURCE, DESTINATION):
         raise ValueError(f"which={which!r}: expected SOURCE ({SOURCE}) or DESTINATION ({DESTINATION})")
@@ -174,7 +182,7 @@ def rewrite_address(packet, which: int, new: bytes, skb_info: int, *, local: boo
     check = ihl + _TCP_CHECKSUM
     if skb_info & SKB_CSUMNOTREADY:
         patch_partial(packet, check, delta)
-        if local or not skb_info & SKB_GSO:
+        if verified_later or not skb_info & SKB_GSO:
             complete(packet, ihl, total_length - ihl)
     else:
         patch_full(packet, check, delta)

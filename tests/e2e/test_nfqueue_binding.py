@@ -332,7 +332,7 @@ def test_rewrite_both_addresses_with_gso_and_partial_checksums(pair):
         data = packet.payload
         if packet.hook == NF_INET_PRE_ROUTING:
             # Delivered to b itself: even a GSO packet must leave with a complete checksum.
-            partialsum.rewrite_address(data, partialsum.DESTINATION, own, packet.skb_info, local=True)
+            partialsum.rewrite_address(data, partialsum.DESTINATION, own, packet.skb_info, verified_later=True)
         else:
             partialsum.rewrite_address(data, partialsum.SOURCE, vip, packet.skb_info)
         kind = f"hook{packet.hook}:{'gso' if packet.gso else 'seg'}:{'partial' if packet.csum_not_ready else 'full'}"

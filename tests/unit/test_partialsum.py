@@ -127,9 +127,9 @@ def test_rewrite_of_a_partial_gso_packet_keeps_a_pseudo_header_field_and_a_valid
     assert bytes(packet[20:36]) == bytes(as_partial(tcp("198.51.100.11", "203.0.113.10", 80, 40000, "A"))[20:36])
 
 
-def test_a_gso_packet_delivered_locally_is_completed_too():
+def test_a_gso_packet_the_kernel_verifies_before_segmenting_is_completed_too():
     packet = as_partial(tcp("198.51.100.11", "203.0.113.10", 80, 40000, "A", payload=bytes(9000)))
-    partialsum.rewrite_address(packet, DESTINATION, bytes([203, 0, 113, 2]), CSUMNOTREADY | GSO, local=True)
+    partialsum.rewrite_address(packet, DESTINATION, bytes([203, 0, 113, 2]), CSUMNOTREADY | GSO, verified_later=True)
     assert checksums_valid(bytes(packet))
 
 
@@ -149,7 +149,9 @@ def test_ports_are_not_in_the_pseudo_header_so_a_port_rewrite_leaves_a_partial_f
 def test_the_rules_for_completion():
     assert partialsum.needs_completion(CSUMNOTREADY)
     assert not partialsum.needs_completion(CSUMNOTREADY | GSO)
+    assert partialsum.needs_completion(CSUMNOTREADY | GSO, verified_later=True)  # local delivery, conntrack
     assert not partialsum.needs_completion(0)
+    assert not partialsum.needs_completion(GSO, verified_later=True)  # GRO'd, CHECKSUM_UNNECESSARY: complete already
     assert not partialsum.needs_completion(4)  # CSUM_NOTVERIFIED: the field is a complete checksum
 
 
