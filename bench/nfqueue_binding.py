@@ -17,7 +17,10 @@ each (32 connections), 64 KiB (32) and 1 MiB (16) keep-alive responses.
                           CHECKSUM_PARTIAL on a mangled packet, and conntrack then verifies it);
 * ``own rewrite``      -- no DNAT: the consumer rewrites client -> VIP to client -> node (node chosen by
                           the client port) and node -> client to VIP -> client, F_GSO on, checksums by
-                          distributor.partialsum: what rewrite mode could reach with this binding.
+                          distributor.partialsum: what rewrite mode could reach with this binding;
+* ``own rewrite+nft``  -- the same for client -> VIP only; node -> client is rewritten in the kernel by an
+                          nft payload statement (``ip saddr set``), which updates a partial checksum by the
+                          pseudo-header rule and leaves the packet CHECKSUM_PARTIAL (a kernel return path).
 
     python -m bench.nfqueue_binding [--rounds 3] [--duration 4] [--variants a,b,...]   (root)
 
@@ -30,6 +33,7 @@ import argparse
 import json
 import os
 import select
+import signal
 import socket
 import statistics
 import subprocess
@@ -43,7 +47,8 @@ NODES = ("198.51.100.11", "198.51.100.12", "198.51.100.13")
 _VIP_MATCH = f"-d {VIP}/32 -p tcp -m tcp --dport 80"
 _TO_QUEUE = f"-j NFQUEUE --queue-num {QUEUE}"
 
-VARIANTS = ["dnat", "nfq accept", "nfq copy", "own accept", "own copy no-gso", "own copy", "own rewrite"]
+VARIANTS = ["dnat", "nfq accept", "nfq copy", "own accept", "own copy no-gso", "own copy", "own rewrite",
+            "own rewrite+nft"]
 LOADS = {  # name: (path, connections, Connection: close)
     "1k keep-alive": ("/1k.bin", 32, False),
     "1k new conn": ("/1k.bin", 32, True),
@@ -115,15 +120,28 @@ def consume(variant: str, batch: int) -> None:
                 patch_full(data, ihl + 16, delta)
             accept(packet, data)
 
-    handle = {"own accept": plain, "own copy": copy, "own copy no-gso": copy, "own rewrite": rewrite}[variant]
+    handle = {"own accept": plain, "own copy": copy, "own copy no-gso": copy, "own rewrite": rewrite,
+              "own rewrite+nft": rewrite}[variant]
     poll = select.poll()
     poll.register(queue.fileno(), select.POLLIN)
+    class Stop(Exception):
+        pass
+
+    def stop(*_) -> None:
+        raise Stop  # poll() is retried after a handler that returns (PEP 475)
+
+    signal.signal(signal.SIGTERM, stop)
     print("ready", flush=True)
-    while True:
-        poll.poll()
-        while packets := queue.read():
-            handle(packets)
-        queue.flush()
+    try:
+        while True:
+            poll.poll()
+            while packets := queue.read():
+                handle(packets)
+            queue.flush()
+    except Stop:
+        pass
+    print(json.dumps(queue.stats()), flush=True)
+    queue.close()
 
 
 # -- the driver (root, outside the testbed) ----------------------------------------------------------------------
@@ -131,15 +149,29 @@ def _rules(variant: str) -> list[tuple[str, list[str]]]:
     """(table, rules of a BENCH-Q chain hooked first into the table's chain) for a variant."""
     if variant in ("dnat",):
         return []
-    if variant == "own rewrite":
+    if variant.startswith("own rewrite"):
         raw = [f"{_VIP_MATCH} -j CT --notrack", f"{_VIP_MATCH} {_TO_QUEUE}"]
         raw += [f"-s {n}/32 -p tcp -m tcp --sport 80 -j CT --notrack" for n in NODES]
+        if variant == "own rewrite+nft":
+            return [("raw PREROUTING", raw)]
         post = [f"-s {n}/32 -p tcp -m tcp --sport 80 {_TO_QUEUE}" for n in NODES]
         return [("raw PREROUTING", raw), ("mangle POSTROUTING", post)]
     return [("raw PREROUTING", [f"{_VIP_MATCH} {_TO_QUEUE}", f"-s 198.51.100.0/24 -p tcp -m tcp --sport 80 {_TO_QUEUE}"])]
 
 
+# The kernel return path of "own rewrite+nft": at mangle priority in POSTROUTING, after routing.
+NFT_RETURN = f"""table ip qbench_return {{
+  chain postrouting {{
+    type filter hook postrouting priority -150; policy accept;
+    ip saddr {{ {", ".join(NODES)} }} tcp sport 80 ip saddr set {VIP}
+  }}
+}}
+"""
+
+
 def _install(bed, variant: str) -> None:
+    if variant == "own rewrite+nft":
+        bed.run("dist1", ["nft", "-f", "-"], input=NFT_RETURN)
     for index, (where, rules) in enumerate(_rules(variant)):
         table, chain = where.split()
         script = [f"*{table}", f":BENCH-Q{index} - [0:0]", f"-I {chain} 1 -j BENCH-Q{index}",
@@ -148,6 +180,8 @@ def _install(bed, variant: str) -> None:
 
 
 def _uninstall(bed, variant: str) -> None:
+    if variant == "own rewrite+nft":
+        bed.run("dist1", ["nft", "delete", "table", "ip", "qbench_return"], check=False)
     for index, (where, _) in enumerate(_rules(variant)):
         table, chain = where.split()
         bed.run("dist1", ["iptables-restore", "--noflush"], check=False,
@@ -177,7 +211,7 @@ def _cpu_seconds(pid: int) -> float:
 def measure(bench, bed, variant: str, duration: float, batch: int) -> dict[str, dict]:
     from testbed import wrk
 
-    if variant == "own rewrite":
+    if variant.startswith("own rewrite"):
         bench._addresses("add", vip=True)  # the VIP (ARP) and the nodes' gateway, no DNAT
     else:
         bench.enter("dnat")
@@ -215,8 +249,13 @@ def measure(bench, bed, variant: str, duration: float, batch: int) -> dict[str, 
         _uninstall(bed, variant)
         if consumer is not None:
             consumer.terminate()
-            consumer.wait(timeout=10)
-        if variant == "own rewrite":
+            out, _ = consumer.communicate(timeout=10)
+            if out and variant.startswith("own"):
+                stats = json.loads(out.strip().splitlines()[-1])
+                print(f"    {variant} consumer: {stats['received']:,} packets in {stats['sends']:,} verdict sends "
+                      f"({stats['received'] / max(stats['sends'], 1):.1f} per sendmsg), {stats['batched']:,} by "
+                      f"VERDICT_BATCH, enobufs {stats['enobufs']}, send errors {stats['send_errors']}", flush=True)
+        if variant.startswith("own rewrite"):
             bench._addresses("del", vip=True)
         else:
             bench.leave("dnat")

@@ -466,7 +466,12 @@ class NfQueue:
                 try:
                     parse_packet(view[offset:offset + size], packet)
                 except ValueError:
+                    # Every packet must get a verdict, or the kernel holds it until unbind:
+                    # drop it if its id can still be read (NFQA_PACKET_HDR comes first).
                     self.malformed += 1
+                    packet_id = _salvage_id(view, offset, size)
+                    if packet_id is not None:
+                        self.verdict(packet_id, DROP)
                     continue
                 undecided.add(packet.id)
                 count += 1
@@ -674,6 +679,17 @@ class NfQueue:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _salvage_id(view: memoryview, offset: int, size: int) -> int | None:
+    """The packet id of a packet message that did not parse, when its first attribute is the packet header."""
+    start = offset + _NLMSGHDR.size + _NFGENMSG.size
+    if size < start - offset + 4 + _PACKET_HDR.size:
+        return None
+    length, kind = _NLA.unpack_from(view, start)
+    if kind & NLA_TYPE_MASK != NFQA_PACKET_HDR or length < 4 + _PACKET_HDR.size:
+        return None
+    return _PACKET_HDR.unpack_from(view, start + 4)[0]
 
 
 def iter_messages(data: bytes):
