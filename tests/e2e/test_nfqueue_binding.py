@@ -298,6 +298,21 @@ def test_gso_packets_arrive_whole_only_with_f_gso(pair, gso):
         assert longest <= 1500 and gso_flagged == 0, (longest, gso_flagged)
 
 
+def test_a_headers_only_copy_is_truncated_and_passes_whole_when_accepted_unchanged(pair):
+    pair.rules("*filter\n-A INPUT -p tcp --dport 5009 -j NFQUEUE --queue-num 0\nCOMMIT\n")
+    truncated = []
+
+    def headers_only(queue, packet) -> None:
+        assert len(packet.payload) <= 128
+        truncated.append(packet.truncated and packet.length > 128)
+        queue.accept(packet, mark=1)  # a mark, never the short payload: the kernel would trim the packet to it
+
+    data = os.urandom(500_000)
+    with Consumer(pair.queue(gso=True, copy_range=128), headers_only) as consumer:
+        assert upload(pair, 5009, data) == data
+    assert any(truncated) and not consumer.errors
+
+
 def test_copying_a_partial_packet_back_unchanged_breaks_its_checksum(pair):
     """The kernel fact partialsum rests on: a mangled verdict makes the packet CHECKSUM_NONE."""
     pair.rules("*filter\n-A INPUT -p tcp --dport 5008 -j NFQUEUE --queue-num 0\nCOMMIT\n")
