@@ -449,3 +449,14 @@ def test_settle_and_close_decide_what_is_left():
 def test_fileno_is_the_sockets():
     queue, _ = bound()
     assert queue.fileno() == 99
+
+
+def test_handing_back_a_truncated_copy_is_refused_because_the_kernel_would_trim_the_packet():
+    queue, kernel = bound(copy_range=40)
+    kernel.incoming.append(packet_message(1, IP_PACKET[:40], cap_len=1500))
+    [packet] = queue.read()
+    with pytest.raises(ValueError, match="40-byte payload for packet 1 of 1500 bytes would trim it"):
+        queue.accept(packet, packet.payload)
+    queue.accept(packet, mark=3)  # a mark alone is fine
+    queue.flush()
+    assert verdicts_of(parse_sent(kernel.sent[0])[0]) == (ACCEPT, 1)
