@@ -20,7 +20,10 @@ each (32 connections), 64 KiB (32) and 1 MiB (16) keep-alive responses.
                           distributor.partialsum: what rewrite mode could reach with this binding;
 * ``own rewrite+nft``  -- the same for client -> VIP only; node -> client is rewritten in the kernel by an
                           nft payload statement (``ip saddr set``), which updates a partial checksum by the
-                          pseudo-header rule and leaves the packet CHECKSUM_PARTIAL (a kernel return path).
+                          pseudo-header rule and leaves the packet CHECKSUM_PARTIAL (a kernel return path);
+* ``own rewrite+nft+observe`` -- the same, and user space still sees every node -> client packet: a second
+                          queue copies its first 128 bytes and accepts it without a payload (so it stays
+                          CHECKSUM_PARTIAL and GSO) before the nft statement rewrites its source.
 
     python -m bench.nfqueue_binding [--rounds 3] [--duration 4] [--variants a,b,...]   (root)
 
@@ -42,13 +45,14 @@ import time
 from pathlib import Path
 
 QUEUE = 7
+OBSERVE_QUEUE = 8  # "own rewrite+nft+observe": headers of node -> client packets
 VIP = "203.0.113.1"
 NODES = ("198.51.100.11", "198.51.100.12", "198.51.100.13")
 _VIP_MATCH = f"-d {VIP}/32 -p tcp -m tcp --dport 80"
 _TO_QUEUE = f"-j NFQUEUE --queue-num {QUEUE}"
 
 VARIANTS = ["dnat", "nfq accept", "nfq copy", "own accept", "own copy no-gso", "own copy", "own rewrite",
-            "own rewrite+nft"]
+            "own rewrite+nft", "own rewrite+nft+observe"]
 EXTRA_VARIANTS = ["own accept no-gso"]  # measured on request only (--variants)
 LOADS = {  # name: (path, connections, Connection: close)
     "1k keep-alive": ("/1k.bin", 32, False),
@@ -122,9 +126,23 @@ def consume(variant: str, batch: int) -> None:
             accept(packet, data)
 
     handle = {"own accept": plain, "own accept no-gso": plain, "own copy": copy, "own copy no-gso": copy, "own rewrite": rewrite,
-              "own rewrite+nft": rewrite}[variant]
+              "own rewrite+nft": rewrite, "own rewrite+nft+observe": rewrite}[variant]
     poll = select.poll()
     poll.register(queue.fileno(), select.POLLIN)
+    queues = {queue.fileno(): (queue, handle)}
+    if variant == "own rewrite+nft+observe":
+        observer = NfQueue(OBSERVE_QUEUE, fail_open=False, gso=True, copy_range=128, max_len=4096, batch=batch)
+        seen = [0]
+
+        def observe(packets) -> None:
+            for packet in packets:  # what the daemon's table would read: the 4-tuple and the flags
+                data = packet.payload
+                ihl = (data[0] & 15) * 4
+                seen[0] += data[ihl + 13] & 0x07  # FIN/SYN/RST
+                observer.accept(packet)
+
+        poll.register(observer.fileno(), select.POLLIN)
+        queues[observer.fileno()] = (observer, observe)
     class Stop(Exception):
         pass
 
@@ -135,14 +153,20 @@ def consume(variant: str, batch: int) -> None:
     print("ready", flush=True)
     try:
         while True:
-            poll.poll()
-            while packets := queue.read():
-                handle(packets)
-            queue.flush()
+            for fd, _ in poll.poll():
+                ready, handle_batch = queues[fd]
+                while packets := ready.read():
+                    handle_batch(packets)
+                ready.flush()
     except Stop:
         pass
-    print(json.dumps(queue.stats()), flush=True)
-    queue.close()
+    totals: dict[str, int] = {}
+    for ready, _ in queues.values():
+        for key, value in ready.stats().items():
+            totals[key] = totals.get(key, 0) + value
+    print(json.dumps(totals), flush=True)
+    for ready, _ in queues.values():
+        ready.close()
 
 
 # -- the driver (root, outside the testbed) ----------------------------------------------------------------------
@@ -155,15 +179,19 @@ def _rules(variant: str) -> list[tuple[str, list[str]]]:
         raw += [f"-s {n}/32 -p tcp -m tcp --sport 80 -j CT --notrack" for n in NODES]
         if variant == "own rewrite+nft":
             return [("raw PREROUTING", raw)]
+        if variant == "own rewrite+nft+observe":
+            observe = [f"-s {n}/32 -p tcp -m tcp --sport 80 -j NFQUEUE --queue-num {OBSERVE_QUEUE}" for n in NODES]
+            return [("raw PREROUTING", raw), ("mangle POSTROUTING", observe)]
         post = [f"-s {n}/32 -p tcp -m tcp --sport 80 {_TO_QUEUE}" for n in NODES]
         return [("raw PREROUTING", raw), ("mangle POSTROUTING", post)]
     return [("raw PREROUTING", [f"{_VIP_MATCH} {_TO_QUEUE}", f"-s 198.51.100.0/24 -p tcp -m tcp --sport 80 {_TO_QUEUE}"])]
 
 
-# The kernel return path of "own rewrite+nft": at mangle priority in POSTROUTING, after routing.
+# The kernel return path of "own rewrite+nft*": in POSTROUTING, after routing, and after the mangle
+# table (priority -150), where "+observe" queues the headers.
 NFT_RETURN = f"""table ip qbench_return {{
   chain postrouting {{
-    type filter hook postrouting priority -150; policy accept;
+    type filter hook postrouting priority -140; policy accept;
     ip saddr {{ {", ".join(NODES)} }} tcp sport 80 ip saddr set {VIP}
   }}
 }}
@@ -171,7 +199,7 @@ NFT_RETURN = f"""table ip qbench_return {{
 
 
 def _install(bed, variant: str) -> None:
-    if variant == "own rewrite+nft":
+    if variant.startswith("own rewrite+nft"):
         bed.run("dist1", ["nft", "-f", "-"], input=NFT_RETURN)
     for index, (where, rules) in enumerate(_rules(variant)):
         table, chain = where.split()
@@ -181,7 +209,7 @@ def _install(bed, variant: str) -> None:
 
 
 def _uninstall(bed, variant: str) -> None:
-    if variant == "own rewrite+nft":
+    if variant.startswith("own rewrite+nft"):
         bed.run("dist1", ["nft", "delete", "table", "ip", "qbench_return"], check=False)
     for index, (where, _) in enumerate(_rules(variant)):
         table, chain = where.split()
