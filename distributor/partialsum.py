@@ -33,7 +33,7 @@ partial.  Then:
   verifies before it is segmented -- delivered to a local socket, or tracked
   by conntrack after the queue (``nf_conntrack_checksum=1``, the default,
   verifies TCP checksums in PREROUTING and marks a bad one INVALID, so NAT
-  skips it).  Rewrite mode keeps its flows out of conntrack (``CT
+  skips it: measured, see docs/performance.md).  Rewrite mode keeps its flows out of conntrack (``CT
   --notrack``) and forwards them, so only its non-GSO packets need it.
   :func:`complete` turns a correct partial field into the complete checksum
   (one pass over the segment).
