@@ -19,13 +19,13 @@ PACKAGES = ("common", "distributor", "backup", "node")
 CORE = {
     "common.machine", "common.sansio", "common.wire", "common.tomlconfig",
     "distributor.checksum", "distributor.balancer", "distributor.conntable", "distributor.reroute",
-    "distributor.heartbeat", "distributor.core",
+    "distributor.heartbeat", "distributor.core", "distributor.partialsum",
     "backup.roles", "backup.sync", "backup.failover",
 }
 ADAPTERS = {
     "common.keyfile",
     "distributor.datapath", "distributor.rules", "distributor.conntrack", "distributor.udp", "distributor.alerts",
-    "distributor.metrics", "distributor.runtime", "distributor.netif",
+    "distributor.metrics", "distributor.runtime", "distributor.netif", "distributor.nfqueue",
     "backup.takeover",
 }
 PROGRAMS = {"distributor.config", "distributor.daemon", "node.agent"}
