@@ -117,7 +117,9 @@ class Balancer:
         return self._keys[index][0] == _AVAILABLE
 
     # -- decisions ---------------------------------------------------------
-    def acquire(self) -> int | None:
+    def acquire(self, key: bytes | None = None) -> int | None:
+        # ``key`` (the flow's 12-byte key) is ignored here; it lets the caller
+        # treat this and distributor.maglev.MaglevBalancer alike.
         best = self._tree[1]
         if best == _NO_LEAF or self._keys[best][0] != _AVAILABLE:
             return None

@@ -19,7 +19,7 @@ PACKAGES = ("common", "distributor", "backup", "node")
 CORE = {
     "common.machine", "common.sansio", "common.wire", "common.tomlconfig",
     "distributor.checksum", "distributor.balancer", "distributor.conntable", "distributor.reroute",
-    "distributor.heartbeat", "distributor.core", "distributor.partialsum",
+    "distributor.heartbeat", "distributor.core", "distributor.partialsum", "distributor.maglev",
     "backup.roles", "backup.sync", "backup.failover",
 }
 ADAPTERS = {
