@@ -76,6 +76,7 @@ class Config:
     metrics_listen: tuple[str, int] | None
     log_level: str
     guard: bool = True  # refuse the outside the control ports and the cluster's own addresses
+    realtime_priority: int = 10  # SCHED_FIFO priority of the daemon's loop; 0: the normal policy
     health: HealthConfig | None = None
     alert_log: str | None = None
     smtp: SmtpSettings | None = None
@@ -104,6 +105,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
     guard = dist.boolean("guard", True)
+    realtime_priority = dist.integer("realtime_priority", 10, 0, 99)
     dist.done()
 
     table = top.table("table")
@@ -141,6 +143,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         metrics_listen=metrics_listen,
         log_level=log_level,
         guard=guard,
+        realtime_priority=realtime_priority,
         health=health,
         alert_log=alert_log,
         smtp=smtp,

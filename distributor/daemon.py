@@ -28,6 +28,7 @@ from backup.failover import (Announce, ArmFirstForward, ClaimAddresses, DrainQue
                              PeerDatagram, ReleaseAddresses, ReleaseNewSyns, RemoveRules)
 from backup.takeover import AddressOwner
 from common.keyfile import load_keys
+from common.realtime import set_realtime
 from common.sansio import Alert, Log, Send, StopRequested
 from common.wire import Keys, KeysError
 
@@ -87,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
                   "gratuitous ARP need CAP_NET_RAW): run it as root, or under systemd with "
                   "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW", " and ".join(missing))
         return 1
+    problem = set_realtime(config.realtime_priority)
+    if problem:
+        log.warning("%s; timers may wait behind load (set distributor.realtime_priority = 0 to silence this)", problem)
+    elif config.realtime_priority:
+        log.info("running at SCHED_FIFO priority %d", config.realtime_priority)
     try:
         asyncio.run(serve(config, keys, failover_keys))
     except (RulesError, QueueError, OSError) as exc:

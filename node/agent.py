@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.keyfile import load_keys
+from common.realtime import set_realtime
 from common.tomlconfig import ConfigError, TableReader, loads, parse_endpoint
 from common.wire import Keys, KeysError, Kind, NodeHeartbeat, SequenceCounter, seal
 
@@ -56,6 +57,7 @@ class AgentConfig:
     keys_file: str
     key_id: int | None
     log_level: str
+    realtime_priority: int = 5  # SCHED_FIFO priority (0: normal), so heartbeats do not wait behind load
 
 
 # -- pure decisions ----------------------------------------------------------
@@ -124,6 +126,7 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         max_load=agent.number("max_load", 2.0 * (os.cpu_count() or 1), 0),
         max_cpu=agent.number("max_cpu", 0.98, 0),
         log_level=agent.string("log_level", "info", ("debug", "info", "warning", "error")),
+        realtime_priority=agent.integer("realtime_priority", 5, 0, 99),
     )
     if not isinstance(config["expect"], str):
         raise ConfigError(f"agent.expect: {config['expect']!r} is not valid; expected a string the probe body contains")
@@ -231,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print(f"config OK: node {config.node_id}, probe {config.probe_url}, heartbeats to {config.destination[0]}:{config.destination[1]}")
         return 0
+    problem = set_realtime(config.realtime_priority)
+    if problem:
+        log.warning("%s; heartbeats may wait behind load (set agent.realtime_priority = 0 to silence this)", problem)
     asyncio.run(run(config, keys))
     return 0
 

@@ -23,7 +23,7 @@ CORE = {
     "backup.roles", "backup.sync", "backup.failover",
 }
 ADAPTERS = {
-    "common.keyfile",
+    "common.keyfile", "common.realtime",
     "distributor.datapath", "distributor.rules", "distributor.conntrack", "distributor.udp", "distributor.alerts",
     "distributor.metrics", "distributor.runtime", "distributor.netif", "distributor.nfqueue",
     "backup.takeover",
