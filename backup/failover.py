@@ -48,8 +48,8 @@ import ipaddress
 from typing import Iterable, Mapping
 
 from common.sansio import Alert, Command, CommandDone, Level, Log, Send, StopRequested, Tick, WakeUpAt
-from common.wire import (DistHeartbeat, Keys, Kind, Reject, Resign, SequenceCounter, SyncBatch, SyncRequest, Verifier,
-                         seal)
+from common.wire import (AdminChunk, DistHeartbeat, Keys, Kind, Reject, Resign, SequenceCounter, SyncBatch, SyncRequest,
+                         Verifier, seal)
 
 from .roles import Action, Decision, FailoverSettings, PeerBeat, Role, RoleMachine
 from .sync import MAX_PENDING, Replica, SyncReceiver, SyncSender
@@ -58,7 +58,7 @@ MAX_PENDING_TEXT = f"{MAX_PENDING:,}"
 
 __all__ = ["FailoverOptions", "FailoverCore", "PeerDatagram", "PacketsHandled", "FirstForward", "InstallRules",
            "RemoveRules", "ClaimAddresses", "ReleaseAddresses", "Announce", "HoldNewSyns", "ReleaseNewSyns",
-           "ArmFirstForward", "DrainQueue", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH"]
+           "ArmFirstForward", "DrainQueue", "AdminStateReceived", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH"]
 
 SYNC_FLUSH = 0.01  # seconds between sends of ended connections and snapshot chunks while active
 SNAPSHOT_CHUNK = 16  # snapshot datagrams per flush (about 1,500 connections)
@@ -70,7 +70,8 @@ NACK_LIMIT = 8  # after this many requests for one batch, a snapshot is asked fo
 # state-sync stream and snapshot requests go unicast to the configured peers: broadcast, every
 # batch would be flooded to every node of the LAN, in the sender's context, on the data path.
 _BROADCAST_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.RESIGN})
-_PEER_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.STATE_SYNC, Kind.RESIGN, Kind.SYNC_REQUEST})
+_PEER_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.STATE_SYNC, Kind.RESIGN, Kind.SYNC_REQUEST, Kind.ADMIN_STATE})
+ADMIN_REFRESH = 1.0  # while active, the runtime state goes out again this often (a lost piece costs a second)
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -103,7 +104,12 @@ class FirstForward:
 # -- commands -----------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class InstallRules(Command):
-    """Install the data path's rules (one transaction, replacing any left over)."""
+    """Install the data path's rules for ``layout`` (one transaction, replacing any left over).
+
+    The failover core issues it without a layout; the distributor core fills in its current one.
+    """
+
+    layout: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +153,14 @@ class ReleaseNewSyns(Command):
 @dataclasses.dataclass(frozen=True)
 class ArmFirstForward(Command):
     """Report the next forwarded packet's time as a FirstForward event (the takeover timeline)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdminStateReceived(Command):
+    """A standby assembled the active's runtime state (JSON): the distributor core adopts it."""
+
+    version: int
+    text: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -254,6 +268,10 @@ class FailoverCore:
         self._refresh_at: float | None = None
         self._renew_at: float | None = None
         self.retransmit_requests = 0
+        self._admin_chunks: list[AdminChunk] = []  # the runtime state this distributor publishes while active
+        self._admin_refresh_at: float | None = None
+        self._admin_pieces: dict[tuple[str, int], dict[int, AdminChunk]] = {}  # (sender, version) -> pieces
+        self._admin_adopted: tuple[str, int] | None = None
         self.heartbeat_gap_max = 0.0  # seconds: the longest wait between two heartbeats of the active, as a backup
 
     @property
@@ -298,9 +316,40 @@ class FailoverCore:
     def next_wakeup(self) -> float | None:
         candidates = [self._next_tick, self._second_burst_at]
         if self.role is Role.ACTIVE:
-            candidates += [self._next_flush, self._refresh_at, self._renew_at]
+            candidates += [self._next_flush, self._refresh_at, self._renew_at, self._admin_refresh_at]
         found = [t for t in candidates if t is not None]
         return min(found) if found else None
+
+    # -- the runtime state (the distributor core publishes; standbys adopt the active's) ---------------
+    def publish_admin(self, version: int, text: str, wall: float) -> list[Command]:
+        """This distributor's runtime state changed: while active, it goes to the standbys now and every second."""
+        self._admin_chunks = AdminChunk.split(version, text)
+        if self.role is not Role.ACTIVE:
+            return []
+        return self._send_admin(wall)
+
+    def _send_admin(self, wall: float) -> list[Command]:
+        commands: list[Command] = []
+        for chunk in self._admin_chunks:
+            commands += self._send(Kind.ADMIN_STATE, chunk.pack(), wall)
+        return commands
+
+    def _admin_received(self, sender: str, chunk: AdminChunk) -> list[Command]:
+        if self.role is Role.ACTIVE or self.machine.following is None or self.machine.following[0] != sender:
+            return []  # only the followed active's state is adopted
+        if self._admin_adopted == (sender, chunk.version):
+            return []
+        pieces = self._admin_pieces.setdefault((sender, chunk.version), {})
+        pieces[chunk.index] = chunk
+        if len(pieces) < chunk.count:
+            return []
+        text = AdminChunk.join(list(pieces.values()))
+        self._admin_pieces = {}
+        if text is None:
+            self.rejected[Reject.BAD_PAYLOAD] += 1
+            return []
+        self._admin_adopted = (sender, chunk.version)
+        return [AdminStateReceived(chunk.version, text)]
 
     # -- table changes (the distributor core feeds the interposer's effects) --------------------------
     def record_opened(self, key: bytes, backend_index: int) -> None:
@@ -339,6 +388,9 @@ class FailoverCore:
             if self._renew_at is not None and now >= self._renew_at:
                 self._renew_at = now + self.options.renew_every
                 commands.append(ClaimAddresses(self.options.address_lifetime))
+            if self._admin_refresh_at is not None and now >= self._admin_refresh_at:
+                self._admin_refresh_at = now + ADMIN_REFRESH
+                commands += self._send_admin(wall)
         wake = self.next_wakeup
         if wake is not None:
             commands.append(WakeUpAt(wake))
@@ -388,6 +440,12 @@ class FailoverCore:
                                            f"{', stopping' if resign.stopping else ''})")]
             return commands + self._decide(self.machine.resign(message.sender, resign.term, resign.stopping),
                                            event.now, event.wall)
+        if kind is Kind.ADMIN_STATE:
+            chunk = AdminChunk.unpack(message.payload)
+            if chunk is None:
+                self.rejected[Reject.BAD_PAYLOAD] += 1
+                return []
+            return self._admin_received(message.sender, chunk)
         if kind is Kind.SYNC_REQUEST and self.role is Role.ACTIVE:
             request = SyncRequest.unpack(message.payload)
             if request is None:
@@ -472,7 +530,9 @@ class FailoverCore:
                 continue
             if decision.role_change is not None:
                 old, new = decision.role_change
-                commands.append(Alert(self.name, old.name.lower(), new.name.lower(), decision.reason))
+                # Taking over or giving up is what an operator must hear of; starting as a backup is not.
+                level = Level.INFO if new is Role.BACKUP and old is Role.STARTING else Level.WARNING
+                commands.append(Alert(self.name, old.name.lower(), new.name.lower(), decision.reason, level))
             if action is Action.TAKE_OVER:
                 commands += self._take_over(now, wall)
             elif action is Action.RESIGN:
@@ -505,12 +565,15 @@ class FailoverCore:
             self._second_burst_at = now + self.options.garp_repeat
         self._refresh_at = now + self.options.garp_refresh if self.options.garp_refresh > 0 else None
         self._renew_at = now + self.options.renew_every if lifetime else None
+        self._admin_refresh_at = now + ADMIN_REFRESH
         return commands + self._heartbeat(wall)
 
     def _give_up(self) -> list[Command]:
         self._second_burst_at = None
         self._refresh_at = None
         self._renew_at = None
+        self._admin_refresh_at = None
+        self._admin_adopted = None
         self._holding = False
         return [ReleaseAddresses(), HoldNewSyns(False), RemoveRules(), DrainQueue(),
                 Log(Level.WARNING, f"failover: {self.name} gave up the addresses and stopped forwarding")]

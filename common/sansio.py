@@ -13,7 +13,7 @@ checked for freshness, ``wall`` (seconds since the epoch): the core never reads 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 __all__ = ["Level", "Tick", "StopRequested", "CommandDone", "Command", "Send", "Log", "Alert", "WakeUpAt",
            "earliest"]
@@ -77,12 +77,20 @@ class Log(Command):
 
 @dataclass(frozen=True)
 class Alert(Command):
-    """A state change an operator is told about (log, alert file, mail): ``subject`` went ``old`` -> ``new``."""
+    """A state change an operator is told about (log, alert file, mail): ``subject`` went ``old`` -> ``new``.
+
+    ``level`` is the core's judgement of it: a node failing is a WARNING, a node coming back is not.
+    """
 
     subject: str
     old: str
     new: str
     reason: str
+    level: "Level" = field(default=None, compare=False)  # type: ignore[assignment]  # None: WARNING
+
+    def __post_init__(self) -> None:
+        if self.level is None:
+            object.__setattr__(self, "level", Level.WARNING)
 
 
 @dataclass(frozen=True)

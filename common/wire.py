@@ -38,6 +38,7 @@ import enum
 import hashlib
 import hmac
 import struct
+import zlib
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -56,6 +57,7 @@ __all__ = [
     "SyncBatch",
     "SyncRecord",
     "SyncRequest",
+    "AdminChunk",
     "Resign",
     "HEADER_SIZE",
     "MAC_SIZE",
@@ -78,6 +80,7 @@ class Kind(enum.IntEnum):
     STATE_SYNC = 3
     RESIGN = 4
     SYNC_REQUEST = 5
+    ADMIN_STATE = 6  # the active's runtime state (admin states, nodes added/removed, weights, policies)
 
 
 class Reject(enum.Enum):
@@ -177,6 +180,13 @@ class Verifier:
         self.kinds = frozenset(kinds)
         self.window = window
         self.last_sequence: dict[str, int] = {}
+
+    def add_sender(self, name: str, address: str | None) -> None:
+        self.senders[_sender_field(name)] = (name, address)
+
+    def remove_sender(self, name: str) -> None:
+        self.senders.pop(_sender_field(name), None)
+        self.last_sequence.pop(name, None)
 
     def verify(self, data: bytes, source: str | None, now: float) -> tuple[Message | None, Reject | None]:
         if len(data) < HEADER_SIZE + MAC_SIZE:
@@ -350,6 +360,45 @@ class SyncRequest:
         if any(first > last for first, last in ranges):
             return None
         return cls(ranges)
+
+
+@dataclass(frozen=True)
+class AdminChunk:
+    """One piece of a runtime state (zlib-compressed JSON) of ``version``: piece ``index`` of ``count``."""
+
+    version: int
+    index: int
+    count: int
+    data: bytes
+
+    _HEAD = struct.Struct("!QHH")
+    SIZE = MAX_PAYLOAD - _HEAD.size
+
+    def pack(self) -> bytes:
+        return self._HEAD.pack(self.version, self.index, self.count) + self.data
+
+    @classmethod
+    def unpack(cls, payload: bytes) -> "AdminChunk | None":
+        if len(payload) < cls._HEAD.size:
+            return None
+        version, index, count = cls._HEAD.unpack_from(payload)
+        if not 0 <= index < count:
+            return None
+        return cls(version, index, count, bytes(payload[cls._HEAD.size:]))
+
+    @classmethod
+    def split(cls, version: int, text: str) -> list["AdminChunk"]:
+        blob = zlib.compress(text.encode(), 6)
+        pieces = [blob[i:i + cls.SIZE] for i in range(0, len(blob), cls.SIZE)] or [b""]
+        return [cls(version, i, len(pieces), piece) for i, piece in enumerate(pieces)]
+
+    @staticmethod
+    def join(chunks: "list[AdminChunk]") -> str | None:
+        """The text, or None when the pieces do not decompress (a corrupt or mixed set)."""
+        try:
+            return zlib.decompress(b"".join(c.data for c in sorted(chunks, key=lambda c: c.index))).decode()
+        except (zlib.error, UnicodeDecodeError):
+            return None
 
 
 @dataclass(frozen=True)

@@ -84,9 +84,10 @@ class Alerts:
             pass
         self._task = None
 
-    def notify(self, subject: str, old: str, new: str, reason: str) -> None:
+    def notify(self, subject: str, old: str, new: str, reason: str, level: int = logging.WARNING) -> None:
+        """One state change; ``level`` (as the core judged it) sets the log line's priority."""
         alert = Alert(time.time(), self.distributor, subject, old, new, reason)
-        log.warning("%s", alert.line())
+        log.log(level, "%s", alert.line())
         if self.log_file is not None:
             record = {"time": alert.at, "distributor": alert.distributor, "node": subject, "from": old, "to": new,
                       "reason": reason}

@@ -16,6 +16,9 @@ A :class:`Balancer` chooses one of ``n`` backends (identified by their index
 * :meth:`Balancer.set_weight` changes a weight at run time; weight 0 quiesces.
 * :meth:`Balancer.set_ramp` scales a backend's effective weight by a factor in
   (0, 1] during slow start.
+* :meth:`Balancer.add` appends a backend at run time (indexes never change);
+  :meth:`Balancer.set_policy` changes the policy, keeping every count;
+  :meth:`Balancer.peek` says which backend the next :meth:`acquire` would pick.
 
 Policies: round-robin and weighted round-robin (both stride scheduling, so
 the interleaving is smooth rather than bursty and a slow-start ramp applies), least-outstanding and weighted
@@ -85,6 +88,9 @@ class Balancer:
         self._pass = [0] * self._count
         self._picks = 0
         self.acquired = [0] * self._count  # connections ever given to each backend
+        self._build()
+
+    def _build(self) -> None:
         size = 1
         while size < self._count:
             size <<= 1
@@ -95,6 +101,37 @@ class Balancer:
             self._tree[size + i] = i
         for pos in range(size - 1, 0, -1):
             self._tree[pos] = self._winner(self._tree[2 * pos], self._tree[2 * pos + 1])
+
+    def add(self, weight: int) -> int:
+        """A new backend, available, with no connection; returns its index (the next one)."""
+        index = self._count
+        _check_weight(index, weight)
+        self._count += 1
+        self._weights.append(weight)
+        self._ramp.append(1.0)
+        self._available.append(True)
+        self._outstanding.append(0)
+        self._last_pick.append(0)
+        # It starts level with the others: stride scheduling must not owe it every pick it missed.
+        self._pass.append(min((self._pass[i] for i in range(index) if self.eligible(i)), default=0))
+        self.acquired.append(0)
+        self._build()
+        return index
+
+    def set_policy(self, policy: Policy) -> None:
+        """Change the policy at run time; open-connection counts and weights stay."""
+        if policy is self.policy:
+            return
+        self.policy = policy
+        self._pass = [0] * self._count
+        self._build()
+
+    def peek(self) -> int | None:
+        """The backend the next acquire() would pick, without picking it (None: no candidate)."""
+        best = self._tree[1]
+        if best == _NO_LEAF or self._keys[best][0] != _AVAILABLE:
+            return None
+        return best
 
     # -- queries -----------------------------------------------------------
     def __len__(self) -> int:

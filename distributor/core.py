@@ -28,18 +28,21 @@ The packet path does not go through :meth:`handle`: the data-path adapter calls
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Iterable, Mapping
 
-from backup.failover import DrainQueue, FailoverCore, FailoverOptions, FailoverStats, FirstForward, InstallRules, \
-    PacketsHandled, PeerDatagram, RemoveRules
-from common.sansio import Command, CommandDone, Level, Log, StopRequested, Tick, WakeUpAt
+from backup.failover import AdminStateReceived, DrainQueue, FailoverCore, FailoverOptions, FailoverStats, FirstForward, \
+    InstallRules, PacketsHandled, PeerDatagram, RemoveRules
+from common.sansio import Alert, Command, CommandDone, Level, Log, StopRequested, Tick, WakeUpAt
 from common.wire import Keys
 
+from .admin import AdminOp, AdminReply, AdminRequest, AdminState, LayoutView, RuntimeState, SaveState, validate
+from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
 from .heartbeat import HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, SetNodeEligible, \
     SetNodeRamp
-from .reroute import (ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode, Reason,
-                      ServiceSpec)
+from .reroute import (BackendSpec, ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode,
+                      Reason, ServiceSpec)
 
 __all__ = ["HealthOptions", "DistributorCore", "DistributorStats", "ConntrackAnswered", "SetConntrackLiberal",
            "HOUSEKEEPING"]
@@ -74,20 +77,39 @@ class SetConntrackLiberal(Command):
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeAdminStats:
+    node: str
+    address: str
+    admin: AdminState
+    serving: bool  # may take new connections: healthy and ready (and in a service)
+    open_connections: int
+    drain_started: float | None  # monotonic
+    drained_at: float | None  # monotonic: when its last connection ended
+
+
+@dataclasses.dataclass(frozen=True)
 class DistributorStats:
     name: str
     interposer: InterposerStats
     health: HealthStats | None
     failover: FailoverStats | None
+    nodes: tuple[NodeAdminStats, ...] = ()
+    state_version: int = 0
+
+
+def event_now(event) -> float:
+    return getattr(event, "now", getattr(event, "at", 0.0))
 
 
 class DistributorCore:
     def __init__(self, name: str, mode: Mode, services: Iterable[ServiceSpec], capacity: int,
                  timeouts: Timeouts | None = None, health: HealthOptions | None = None, health_keys: Keys | None = None,
-                 failover: FailoverOptions | None = None, failover_keys: Keys | None = None):
+                 failover: FailoverOptions | None = None, failover_keys: Keys | None = None,
+                 saved_state: RuntimeState | None = None):
         self.name = name
         self.mode = mode
-        self.interposer = Interposer(tuple(services), ConnectionTable(capacity, timeouts), mode)
+        self.base_services = tuple(services)  # the configuration; runtime changes are a difference to it
+        self.interposer = Interposer(self.base_services, ConnectionTable(capacity, timeouts), mode)
         self.health: NodeHealth | None = None
         if health is not None:
             if health_keys is None:
@@ -100,10 +122,19 @@ class DistributorCore:
             self.failover = FailoverCore(failover, failover_keys, self.interposer)
         self._next_housekeeping: float | None = None
         self._reported = list(self.interposer.counts)
+        self.base_nodes: dict[str, str] = {b.name: str(b.address) for svc in self.base_services for b in svc.backends}
+        self.runtime = RuntimeState()
+        self._healthy: dict[str, bool] = {}  # the health core's gate per node (True until it says otherwise)
+        self._drains: dict[str, tuple[float, float | None]] = {}  # node -> (started, drained at)
+        self._rules_installed = False
+        if saved_state is not None:
+            self._adopt(saved_state, 0.0)
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, now: float, wall: float) -> list[Command]:
         self._next_housekeeping = now + HOUSEKEEPING
+        for node in list(self._drains):
+            self._drains[node] = (now, None)  # a drain kept in the state file goes on from now
         commands: list[Command] = []
         if self.mode is Mode.KERNEL:
             commands.append(SetConntrackLiberal())
@@ -113,35 +144,37 @@ class DistributorCore:
             commands.append(Log(Level.WARNING, "health checking is off (no [health] section): every node is always "
                                                "a candidate"))
         if self.failover is not None:
-            commands += self.failover.start(now, wall)
+            commands += self._route(self.failover.start(now, wall), now)
         else:
-            commands.append(InstallRules())  # serving alone: the addresses are the host's own
+            commands.append(InstallRules(self.interposer.rule_layout()))  # serving alone: the addresses are the host's
         return self._finish(commands)
 
     def handle(self, event) -> list[Command]:
         if isinstance(event, PacketsHandled):
             commands = self._route(event.effects)
             if self.failover is not None:
-                commands += self.failover.handle(event)
+                commands += self._route(self.failover.handle(event))
             return self._finish(commands)
         if isinstance(event, Tick):
             commands = self._housekeeping(event.now) if self._due(event.now) else []
             if self.health is not None:
                 commands += self._route(self.health.handle(event), event.now)
             if self.failover is not None:
-                commands += self.failover.handle(event)
+                commands += self._route(self.failover.handle(event), event.now)
             return self._finish(commands)
         if isinstance(event, NodeDatagram):
             commands = self._route(self.health.handle(event), event.now) if self.health is not None else []
             return self._finish(commands)
+        if isinstance(event, AdminRequest):
+            return self._finish(self._admin(event))
         if isinstance(event, ConntrackAnswered):
             return self._finish(self._route(self.interposer.confirmed(event.alive, event.gone, event.now)))
         if isinstance(event, StopRequested):
-            commands = self.failover.handle(event) if self.failover is not None else []
+            commands = self._route(self.failover.handle(event), event.now) if self.failover is not None else []
             # Whatever the role was, the rules go, and what was queued before they went gets its verdict.
             return commands + [RemoveRules(), DrainQueue()]
         if isinstance(event, (PeerDatagram, CommandDone, FirstForward)):
-            commands = self.failover.handle(event) if self.failover is not None else []
+            commands = self._route(self.failover.handle(event), event_now(event)) if self.failover is not None else []
             return self._finish(commands)
         raise TypeError(f"the distributor core takes no {type(event).__name__} event")
 
@@ -169,10 +202,8 @@ class DistributorCore:
                 if failover is not None:
                     failover.record_ended(item.conn.key)
             elif isinstance(item, SetNodeEligible):
-                interposer.set_node_available(item.node, item.eligible)
-                if not item.eligible and self.mode is Mode.KERNEL:
-                    # Handshakes in flight to it would follow conntrack to it at the client's next SYN.
-                    out.append(ForgetHandshakes(tuple(interposer.endpoints_of(item.node))))
+                self._healthy[item.node] = item.eligible
+                out += self._gate(item.node)
             elif isinstance(item, SetNodeRamp):
                 interposer.set_node_ramp(item.node, item.factor)
             elif isinstance(item, ResetNode):
@@ -182,6 +213,20 @@ class DistributorCore:
                     self.health.count_reset(ended)
                 out.append(Log(Level.WARNING, f"node {item.node} is dead: reset {ended} open connection(s)"))
                 out += self._route(effects, now)
+            elif isinstance(item, InstallRules):
+                self._rules_installed = True
+                out.append(InstallRules(interposer.rule_layout()))  # the live layout, nodes added at run time too
+            elif isinstance(item, RemoveRules):
+                self._rules_installed = False
+                out.append(item)
+            elif isinstance(item, AdminStateReceived):
+                try:
+                    state = RuntimeState.from_json(item.text)
+                except ValueError as exc:
+                    out.append(Log(Level.ERROR, f"the active's runtime state is unreadable: {exc}"))
+                    continue
+                out += self._adopt(state, now)
+                out.append(SaveState(self.runtime.to_json()))
             elif isinstance(item, WakeUpAt):
                 continue  # one WakeUpAt for the whole core, added by _finish
             else:
@@ -202,7 +247,7 @@ class DistributorCore:
     def _housekeeping(self, now: float) -> list[Command]:
         self._next_housekeeping = max((self._next_housekeeping or now) + HOUSEKEEPING, now)
         commands = self._route(self.interposer.expire(now), now)
-        return commands + self._drop_report()
+        return commands + self._check_drains(now) + self._drop_report()
 
     def _drop_report(self) -> list[Command]:
         """At most one log line per kind and housekeeping tick about packets dropped since the last one."""
@@ -221,8 +266,242 @@ class DistributorCore:
             commands.append(Log(Level.INFO, f"dropped packets: {other}"))
         return commands
 
+    # -- runtime administration ---------------------------------------------------------------------------
+    def _serving(self, node: str) -> bool:
+        return (self._healthy.get(node, True) and self.runtime.admin_state(node) is AdminState.READY
+                and node in self.nodes())
+
+    def _gate(self, node: str) -> list[Command]:
+        """Apply a node's gate (healthy and ready) to every service that has it."""
+        serving = self._serving(node)
+        self.interposer.set_node_available(node, serving)
+        if not serving and self.mode is Mode.KERNEL:
+            # Handshakes in flight to it would follow conntrack to it at the client's next SYN.
+            endpoints = tuple(self.interposer.endpoints_of(node))
+            if endpoints:
+                return [ForgetHandshakes(endpoints)]
+        return []
+
+    def nodes(self) -> dict[str, str]:
+        """Every node now: the configured ones, less those removed, plus those added (name -> address)."""
+        nodes = {n: a for n, a in self.base_nodes.items() if n not in self.runtime.removed}
+        nodes.update({n: added.address for n, added in self.runtime.added.items()})
+        return nodes
+
+    def layout_view(self) -> LayoutView:
+        services = {s.name: {b.name for b in s.backends if not b.removed} for s in self.interposer.services}
+        endpoints = {(str(b.address), b.port): s.name for s in self.interposer.services for b in s.backends
+                     if not b.removed}
+        return LayoutView(self.nodes(), services, {p.value for p in Policy}, endpoints)
+
+    def _admin(self, request: AdminRequest) -> list[Command]:
+        args = dict(request.args)
+        if request.op is AdminOp.SET_WEIGHT and args.get("service") is None and isinstance(args.get("node"), str):
+            args["services"] = [s.name for s in self.interposer.services
+                                if (b := s.find(args["node"])) is not None and not b.removed]
+        elif request.op is AdminOp.SET_WEIGHT:
+            args["services"] = [args.get("service")]
+        request = dataclasses.replace(request, args=args)
+        problem = validate(request, self.layout_view())
+        if problem is not None:
+            status, message = problem
+            return [AdminReply(request.request_id, status, {"error": message}),
+                    Log(Level.WARNING, f"refused {request.op.value} by {request.who}: {message}")]
+        before = {node: self.runtime.admin_state(node) for node in self.nodes()}
+        self.runtime.apply(request)
+        commands = self._apply_runtime(request.now, before)
+        description = ", ".join(f"{k}={v}" for k, v in sorted(request.args.items()))
+        commands.append(Log(Level.INFO, f"{request.op.value} ({description}) by {request.who}; runtime state "
+                                        f"version {self.runtime.version}"))
+        text = self.runtime.to_json()
+        commands.append(SaveState(text))
+        if self.failover is not None:
+            commands += self.failover.publish_admin(self.runtime.version, text, request.wall)
+        body = {"ok": True, "version": self.runtime.version}
+        node = request.args.get("node")
+        if isinstance(node, str):
+            body["node"] = self.node_view(node, request.now)
+        return [AdminReply(request.request_id, 200, body), *commands]
+
+    def _adopt(self, state: RuntimeState, now: float) -> list[Command]:
+        """Take a whole runtime state (the state file at start; the active's on a standby)."""
+        before = {node: self.runtime.admin_state(node) for node in self.nodes()}
+        self.runtime = state
+        return self._apply_runtime(now, before)
+
+    def _apply_runtime(self, now: float, before: dict[str, AdminState]) -> list[Command]:
+        """Make the interposer and the health core match the configuration plus the runtime state."""
+        interposer = self.interposer
+        commands: list[Command] = []
+        wanted: dict[str, dict[str, tuple[str, int, int]]] = {}  # service -> node -> (address, port, weight)
+        for spec in self.base_services:
+            wanted[spec.name] = {b.name: (str(b.address), b.port, b.weight) for b in spec.backends
+                                 if b.name not in self.runtime.removed}
+        for node, added in self.runtime.added.items():
+            for service, (port, weight) in added.services.items():
+                if service in wanted:
+                    wanted[service][node] = (added.address, port, weight)
+        layout_changed = False
+        for service in interposer.services:
+            targets = wanted.get(service.name, {})
+            for backend in list(service.backends):
+                if backend.name not in targets and not backend.removed:
+                    interposer.remove_backend(service.name, backend.name)
+                    layout_changed = True
+            for node, (address, port, weight) in targets.items():
+                weight = self.runtime.weights.get(node, {}).get(service.name, weight)
+                current = service.find(node)
+                if current is None or current.removed:
+                    try:
+                        interposer.add_backend(service.name, BackendSpec(node, ipaddress.IPv4Address(address), port,
+                                                                         weight))
+                    except ValueError as exc:
+                        commands.append(Log(Level.ERROR, f"cannot put {node} in {service.name}: {exc}"))
+                        continue
+                    layout_changed = True
+                elif service.balancer.weight(current.index) != weight:
+                    service.balancer.set_weight(current.index, weight)
+            policy = Policy.parse(self.runtime.policies.get(service.name, self._base_policy(service.name)))
+            service.balancer.set_policy(policy)
+        nodes = self.nodes()
+        if self.health is not None:
+            for node, address in nodes.items():
+                if node not in self.health.board:
+                    commands += self._route(self.health.add_node(node, address), now)
+            for node in list(self.health.board.nodes):
+                if node not in nodes:
+                    self.health.remove_node(node)
+                    self._healthy.pop(node, None)
+        for node in nodes:
+            commands += self._gate(node)
+            old, new = before.get(node, AdminState.READY), self.runtime.admin_state(node)
+            if old is not new:
+                commands.append(Alert(node, old.value, new.value, "set by an operator", Level.INFO))
+                if new is AdminState.DRAIN:
+                    self._drains[node] = (now, None)
+                else:
+                    self._drains.pop(node, None)
+                if new is AdminState.MAINT:
+                    effects = interposer.reset_node(node, now)
+                    ended = sum(isinstance(e, ConnectionEnded) for e in effects)
+                    commands.append(Log(Level.WARNING, f"{node} is in maintenance: reset {ended} open connection(s)"))
+                    commands += self._route(effects, now)
+        commands += self._check_drains(now)
+        if layout_changed and self._rules_installed:
+            commands.append(InstallRules(interposer.rule_layout()))
+        return commands
+
+    def _base_policy(self, service: str) -> str:
+        for spec in self.base_services:
+            if spec.name == service:
+                return spec.policy.value
+        return Policy.ROUND_ROBIN.value
+
+    def _open_on(self, node: str) -> int:
+        return sum(s.balancer.outstanding(b.index) for s in self.interposer.services for b in s.backends
+                   if b.name == node)
+
+    def _check_drains(self, now: float) -> list[Command]:
+        commands: list[Command] = []
+        for node, (started, drained) in list(self._drains.items()):
+            if drained is None and self._open_on(node) == 0:
+                self._drains[node] = (started, now)
+                commands.append(Alert(node, "drain", "drained", f"its last connection ended {now - started:.1f} s "
+                                                                 "after the drain began", Level.INFO))
+        return commands
+
+    def node_view(self, node: str, now: float) -> dict:
+        """One node as the control API shows it (a JSON-able dict)."""
+        health = self.health.board if self.health is not None else None
+        admin = self.runtime.admin_state(node)
+        state = admin.value if admin is not AdminState.READY else (
+            ("flapping" if health.damped(node) else health.state(node).value) if health is not None and node in health
+            else "up")
+        services = []
+        for service in self.interposer.services:
+            backend = service.find(node)
+            if backend is None or backend.removed:
+                continue
+            balancer = service.balancer
+            services.append({"service": service.name, "port": backend.port, "weight": balancer.weight(backend.index),
+                             "effective_weight": round(balancer.weight(backend.index) * balancer.ramp(backend.index), 3)
+                             if balancer.eligible(backend.index) else 0,
+                             "connections": balancer.outstanding(backend.index),
+                             "connections_total": balancer.acquired[backend.index]})
+        started, drained = self._drains.get(node, (None, None))
+        view = {"name": node, "address": self.nodes().get(node), "state": state, "admin": admin.value,
+                "serving": self._serving(node), "connections": self._open_on(node), "services": services,
+                "weight": services[0]["weight"] if services else 0,
+                "drain": None if started is None else {"started_ago": round(now - started, 3),
+                                                       "drained": drained is not None,
+                                                       "drained_after": None if drained is None
+                                                       else round(drained - started, 3)}}
+        if health is not None and node in health:
+            view["heartbeat_counter"] = health.counter(node)
+            last = health.last_heartbeat(node)
+            view["seconds_since_heartbeat"] = None if last is None else round(now - last, 3)
+        return view
+
+    def explain(self, client: str, port: int, service_name: str | None = None) -> dict:
+        """Which node a new connection from ``client:port`` would reach, and why (for the control API)."""
+        services = [s for s in self.interposer.services if service_name in (None, s.name)]
+        if not services:
+            raise KeyError(f"no service {service_name!r}")
+        answers = []
+        client_bytes = ipaddress.IPv4Address(client).packed
+        for service in services:
+            balancer = service.balancer
+            excluded = []
+            candidates = []
+            for backend in service.backends:
+                if backend.removed:
+                    continue
+                reason = self._exclusion(service, backend)
+                (excluded.append({"node": backend.name, "reason": reason}) if reason else candidates.append(backend.name))
+            pick = balancer.peek()
+            key = client_bytes + service.vip_bytes + port.to_bytes(2, "big") + service.port_bytes
+            conn = self.interposer.table.get(key)
+            existing = None
+            if conn is not None and conn.key == key:
+                existing = {"node": conn.backend.name, "state": conn.state.name.lower(), "open": conn.is_open}
+            answers.append({"service": service.name, "vip": f"{service.vip}:{service.port}",
+                            "policy": balancer.policy.value, "candidates": candidates, "excluded": excluded,
+                            "next": service.backends[pick].name if pick is not None else None,
+                            "why": self._why(balancer, service, pick), "existing": existing})
+        return {"client": f"{client}:{port}", "services": answers}
+
+    def _exclusion(self, service, backend) -> str | None:
+        node = backend.name
+        admin = self.runtime.admin_state(node)
+        if admin is not AdminState.READY:
+            return f"admin state {admin.value}"
+        if self.health is not None and node in self.health.board:
+            board = self.health.board
+            if board.damped(node):
+                return "held out for flapping"
+            if not board.eligible(node):
+                return f"health {board.state(node).value} (heartbeat counter {board.counter(node)})"
+        if service.balancer.weight(backend.index) == 0:
+            return "weight 0"
+        return None
+
+    @staticmethod
+    def _why(balancer, service, pick) -> str:
+        if pick is None:
+            return "no node may take a new connection"
+        policy = balancer.policy
+        name = service.backends[pick].name
+        if policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
+            return f"{name} has the fewest open connections for its weight ({balancer.outstanding(pick)} open)"
+        return f"{name} is next in the {policy.value} order"
+
     # -- observers -----------------------------------------------------------------------------------------
     def stats(self, now: float) -> DistributorStats:
+        nodes = tuple(NodeAdminStats(node, address, self.runtime.admin_state(node), self._serving(node),
+                                     self._open_on(node), self._drains.get(node, (None, None))[0],
+                                     self._drains.get(node, (None, None))[1])
+                      for node, address in self.nodes().items())
         return DistributorStats(self.name, self.interposer.stats(),
                                 self.health.stats(now) if self.health is not None else None,
-                                self.failover.stats() if self.failover is not None else None)
+                                self.failover.stats() if self.failover is not None else None,
+                                nodes, self.runtime.version)

@@ -189,7 +189,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     runtime.attach(loop)
     alerts = Alerts(config.name, config.alert_log, config.smtp)
     raw = RawSender()
-    rules = Rules(config.queue, config.services, config.mode)
+    rules = Rules(config.queue, config.mode)
     guard = Guard(config.queue, guard_spec(config)) if config.guard else None
     conntrack = Conntrack() if config.mode is Mode.KERNEL else None
     queue = PacketQueue(config.queue, core.interposer.decide, runtime.feed, config.mode, config.queue_length, clock,
@@ -218,8 +218,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             log.info("forgot %d handshake(s) in flight to %s in conntrack: their next SYN is placed afresh", forgotten,
                      ", ".join(f"{a}:{p}" for a, p in command.nodes))
 
-    async def install_rules(_command: InstallRules) -> None:
-        await asyncio.to_thread(rules.install, True)
+    async def install_rules(command: InstallRules) -> None:
+        await asyncio.to_thread(rules.install_layout, command.layout)
 
     async def remove_rules(_command: RemoveRules) -> None:
         await asyncio.to_thread(rules.remove)
@@ -236,7 +236,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         Send: send,
         SendPacket: lambda c: raw.send(c.packet),
         Log: lambda c: log.log(int(c.level), "%s", c.message),
-        Alert: lambda c: alerts.notify(c.subject, c.old, c.new, c.reason),
+        Alert: lambda c: alerts.notify(c.subject, c.old, c.new, c.reason, int(c.level)),
         HoldNewSyns: lambda c: queue.hold(c.hold),
         ReleaseNewSyns: lambda c: queue.release_held(),
         ArmFirstForward: lambda c: queue.arm_first_forward(),

@@ -196,6 +196,14 @@ class HealthBoard:
     def __contains__(self, node: str) -> bool:
         return node in self._nodes
 
+    def add(self, node: str) -> None:
+        """A node added at run time: UP with a zero counter, like a configured one at start."""
+        if node not in self._nodes:
+            self._nodes[node] = _Node(node, self.settings.warning, self.settings.dead)
+
+    def remove(self, node: str) -> None:
+        self._nodes.pop(node, None)
+
     @property
     def nodes(self) -> list[str]:
         return list(self._nodes)
@@ -387,6 +395,17 @@ class NodeHealth:
             return self.start(event.now, event.wall)
         return self._tick(event.now)
 
+    def add_node(self, node: str, address: str) -> list[Command]:
+        """Watch a node added at run time (its heartbeats must come from ``address``)."""
+        self.board.add(node)
+        self.verifier.add_sender(node, address)
+        return [SetNodeEligible(node, self.board.eligible(node))]
+
+    def remove_node(self, node: str) -> None:
+        self.board.remove(node)
+        self.verifier.remove_sender(node)
+        self._held_out.discard(node)
+
     def count_reset(self, connections: int) -> None:
         """The core reports how many connections a ResetNode command ended."""
         self.reset_connections += connections
@@ -441,7 +460,9 @@ class NodeHealth:
                                       f"{change.reason}; {self.board.penalty(change.node, change.at):.1f} recent "
                                       "falls: held out of service until it is stable"))
             else:
-                commands.append(Alert(change.node, change.old.value, change.new.value, change.reason))
+                # Falling is a WARNING; coming back (rising, ramping, up again) is news, not a warning.
+                level = Level.WARNING if change.new in (NodeState.WARNING, NodeState.DEAD) else Level.INFO
+                commands.append(Alert(change.node, change.old.value, change.new.value, change.reason, level))
         return commands
 
     def _undamp(self, now: float) -> list[Command]:
@@ -450,7 +471,7 @@ class NodeHealth:
             self._held_out.discard(node)
             state = self.board.state(node)
             commands.append(SetNodeEligible(node, self.board.eligible(node)))
-            commands.append(Alert(node, "flapping", state.value, "stable again: back in service"))
+            commands.append(Alert(node, "flapping", state.value, "stable again: back in service", Level.INFO))
         return commands
 
     # -- observers ---------------------------------------------------------------------------------

@@ -78,6 +78,8 @@ __all__ = [
     "ConfirmWithConntrack",
     "InterposerStats",
     "BackendStats",
+    "RuleService",
+    "RuleBackend",
     "BackendSpec",
     "ServiceSpec",
     "Backend",
@@ -184,6 +186,7 @@ class Backend:
         "vip_bytes",
         "vport_bytes",
         "mark",
+        "removed",
         "to_backend_ip_delta",
         "to_backend_tcp_delta",
         "to_client_ip_delta",
@@ -193,6 +196,7 @@ class Backend:
     def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes, mark: int = 0):
         self.index = index
         self.mark = mark
+        self.removed = False  # taken out of its service at run time: drains, takes no new connection
         self.name = spec.name
         self.address = spec.address
         self.port = spec.port
@@ -217,14 +221,24 @@ class Backend:
 class Service:
     __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends")
 
-    def __init__(self, spec: ServiceSpec, first_mark: int = MARK_BASE):
+    def __init__(self, spec: ServiceSpec, marks: Sequence[int]):
         self.name = spec.name
         self.vip = spec.vip
         self.port = spec.port
         self.vip_bytes = spec.vip.packed
         self.port_bytes = spec.port.to_bytes(2, "big")
-        self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes, first_mark + i) for i, b in enumerate(spec.backends)]
+        self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes, marks[i]) for i, b in enumerate(spec.backends)]
         self.balancer = Balancer(spec.policy, [b.weight for b in spec.backends])
+
+    @property
+    def policy(self) -> Policy:
+        return self.balancer.policy
+
+    def find(self, node: str) -> "Backend | None":
+        for backend in self.backends:
+            if backend.name == node:
+                return backend
+        return None
 
     def __repr__(self) -> str:
         return f"Service({self.name}, {self.vip}:{self.port})"
@@ -309,7 +323,7 @@ class InterposerStats:
 
 
 def backend_marks(services: Sequence[ServiceSpec]) -> dict[tuple[str, int], int]:
-    """The kernel-mode mark of every (service name, backend index); the rules use the same."""
+    """The kernel-mode marks of the configured backends, (service name, backend index) -> mark, in order."""
     marks = {}
     next_mark = MARK_BASE
     for spec in services:
@@ -319,6 +333,31 @@ def backend_marks(services: Sequence[ServiceSpec]) -> dict[tuple[str, int], int]
     if next_mark - 1 > MARK_MASK:
         raise ValueError(f"{next_mark - MARK_BASE} backends exceed the {MARK_MASK - MARK_BASE + 1} kernel-mode marks")
     return marks
+
+
+@dataclass(frozen=True)
+class RuleBackend:
+    address: str
+    port: int
+    mark: int
+
+
+@dataclass(frozen=True)
+class RuleService:
+    """What the data path's rules need of a service: its VIP and every backend, removed ones too."""
+
+    name: str
+    vip: str
+    port: int
+    backends: tuple[RuleBackend, ...]
+
+
+def rule_layout_of(services: Sequence[ServiceSpec]) -> tuple[RuleService, ...]:
+    """The layout of configured services, marks in order (what a fresh Interposer's rule_layout() gives)."""
+    marks = backend_marks(services)
+    return tuple(RuleService(s.name, str(s.vip), s.port,
+                             tuple(RuleBackend(str(b.address), b.port, marks[(s.name, i)]) for i, b in enumerate(s.backends)))
+                 for s in services)
 
 
 class Interposer:
@@ -332,7 +371,8 @@ class Interposer:
         self._kernel = mode is Mode.KERNEL
         table.evict_half_open = not self._kernel  # kernel mode never sees a handshake complete
         marks = backend_marks(services)
-        self.services = [Service(spec, marks[(spec.name, 0)]) for spec in services]
+        self.services = [Service(spec, [marks[(spec.name, i)] for i in range(len(spec.backends))]) for spec in services]
+        self._next_mark = max(marks.values(), default=MARK_BASE - 1) + 1
         self._by_vip: dict[bytes, Service] = {}
         self._backend_sources: set[bytes] = set()
         for service in self.services:
@@ -549,9 +589,57 @@ class Interposer:
         for service in self.services:
             for backend in service.backends:
                 if backend.name == name:
-                    service.balancer.set_available(backend.index, available)
+                    service.balancer.set_available(backend.index, available and not backend.removed)
                     found += 1
         return found
+
+    # -- the layout at run time (nodes added, removed, weights and policies changed) -------------------
+    def service(self, name: str) -> Service | None:
+        for service in self.services:
+            if service.name == name:
+                return service
+        return None
+
+    def add_backend(self, service_name: str, spec: BackendSpec) -> Backend:
+        """Put a node in a service; a node removed earlier at the same address and port comes back in place."""
+        service = self.service(service_name)
+        if service is None:
+            raise KeyError(f"no service {service_name!r}")
+        existing = service.find(spec.name)
+        if existing is not None:
+            if (existing.address, existing.port) != (spec.address, spec.port):
+                raise ValueError(f"{spec.name} is in {service_name} already at {existing.address}:{existing.port}")
+            existing.removed = False
+            service.balancer.set_weight(existing.index, spec.weight)
+            return existing
+        taken = {b.addr_bytes + b.port_bytes: s.name for s in self.services for b in s.backends if not b.removed}
+        owner = taken.get(spec.address.packed + spec.port.to_bytes(2, "big"))
+        if owner is not None:
+            raise ValueError(f"{spec.address}:{spec.port} already serves {owner}; replies would be ambiguous")
+        if self._next_mark > MARK_MASK:
+            raise ValueError(f"no kernel-mode mark left for another backend (at most {MARK_MASK - MARK_BASE + 1})")
+        index = service.balancer.add(spec.weight)
+        backend = Backend(index, spec, service.vip_bytes, service.port_bytes, self._next_mark)
+        self._next_mark += 1
+        service.backends.append(backend)
+        self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
+        return backend
+
+    def remove_backend(self, service_name: str, node: str) -> Backend:
+        """Take a node out of a service: no new connection; its open ones finish where they are."""
+        service = self.service(service_name)
+        backend = service.find(node) if service is not None else None
+        if backend is None or backend.removed:
+            raise KeyError(f"{node} is not in service {service_name!r}")
+        backend.removed = True
+        service.balancer.set_available(backend.index, False)
+        return backend
+
+    def rule_layout(self) -> tuple[RuleService, ...]:
+        """The services as the rules install them (removed backends stay until restart: they may still drain)."""
+        return tuple(RuleService(s.name, str(s.vip), s.port,
+                                 tuple(RuleBackend(str(b.address), b.port, b.mark) for b in s.backends))
+                     for s in self.services)
 
     def endpoints_of(self, name: str) -> list[tuple[str, int]]:
         """(address, port) of the node in every service that has it."""

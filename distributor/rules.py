@@ -29,7 +29,7 @@ import subprocess
 from dataclasses import dataclass
 from typing import Iterable
 
-from .reroute import END_MARK, MARK_MASK, Mode, ServiceSpec, backend_marks
+from .reroute import END_MARK, MARK_MASK, Mode, RuleService
 
 __all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_guard", "chain_names", "UNKNOWN_REPLY_TAG"]
 
@@ -57,15 +57,19 @@ _TABLES = ("raw", "mangle", "nat")
 _BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 
-def _render_local(queue: int, services: tuple[ServiceSpec, ...]) -> list[str]:
+def _render_local(queue: int, services: tuple[RuleService, ...]) -> list[str]:
     # Packets the distributor sends itself from a VIP (RSTs, reset probes) stay out of conntrack,
     # so a client's answer to them is not taken for a reply of a tracked connection.
     return [f"-A DIST{queue}-LOCAL -s {service.vip}/32 -p tcp -m tcp --sport {service.port} -j CT --notrack"
             for service in services]
 
 
-def render_rules(queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.REWRITE) -> dict[tuple[str, str], list[str]]:
-    """The rule lines of every owned chain, keyed by (table, chain) (pure, for tests and install)."""
+def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.REWRITE) -> dict[tuple[str, str], list[str]]:
+    """The rule lines of every owned chain, keyed by (table, chain) (pure, for tests and install).
+
+    ``services`` is the interposer's live layout (:meth:`~distributor.reroute.Interposer.rule_layout`):
+    nodes added at run time are in it, with their kernel-mode marks.
+    """
     services = tuple(services)
     if mode is Mode.KERNEL:
         return _render_kernel(queue, services)
@@ -83,7 +87,7 @@ def render_rules(queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
 
 
-def _render_kernel(queue: int, services: tuple[ServiceSpec, ...]) -> dict[tuple[str, str], list[str]]:
+def _render_kernel(queue: int, services: tuple[RuleService, ...]) -> dict[tuple[str, str], list[str]]:
     # Kernel-assisted mode: user space sees a connection's first packet (conntrack NEW: a SYN, or the
     # first segment after a takeover) and its first FIN or RST; conntrack NAT does everything else.
     # Every forwarded packet walks DIST<q>-IN, so the common one (established, no FIN/RST) leaves
@@ -102,19 +106,17 @@ def _render_kernel(queue: int, services: tuple[ServiceSpec, ...]) -> dict[tuple[
     ]
     mangle_new: list[str] = []
     nat: list[str] = []
-    marks = backend_marks(services)
     for service in services:
         match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
         mangle_new.append(f"-A {chain_new} {match_vip} -m conntrack --ctstate NEW {to_queue}")
         mangle_in.append(f"-A {chain_in} {match_vip} {to_queue}")  # its first FIN or RST
-        for index, backend in enumerate(service.backends):
+        for backend in service.backends:
             match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
             # A node's segment that conntrack cannot tie to a NATed connection (after a takeover,
             # before the client's next segment) would reach the client with the node's address.
             mangle_new.append(f'-A {chain_new} {match_backend} -m comment --comment "{UNKNOWN_REPLY_TAG}" -j DROP')
             mangle_in.append(f"-A {chain_in} {match_backend} {to_queue}")
-            mark = marks[(service.name, index)]
-            nat.append(f"-A {chain_nat} {match_vip} -m mark --mark {mark:#x}/{MARK_MASK:#x} "
+            nat.append(f"-A {chain_nat} {match_vip} -m mark --mark {backend.mark:#x}/{MARK_MASK:#x} "
                        f"-j DNAT --to-destination {backend.address}:{backend.port}")
     return {("mangle", chain_new): mangle_new, ("mangle", chain_in): mangle_in, ("nat", chain_nat): nat,
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
@@ -233,17 +235,29 @@ class _Chains:
 
 
 class Rules(_Chains):
-    """The data path's chains of one queue number (``DIST<q>-*``), for a mode."""
+    """The data path's chains of one queue number (``DIST<q>-*``), for a mode and a layout."""
 
-    def __init__(self, queue: int, services: Iterable[ServiceSpec], mode: Mode = Mode.REWRITE, *,
-                 netns_exec: tuple[str, ...] = ()):
+    def __init__(self, queue: int, mode: Mode = Mode.REWRITE, *, netns_exec: tuple[str, ...] = ()):
         super().__init__(f"DIST{queue}-", _MODE_HOOKS[mode], netns_exec=netns_exec)
         self.queue = queue
         self.mode = mode
-        self.services = tuple(services)
+        self.layout: tuple[RuleService, ...] = ()
+        self.known_absent = False  # True once remove() ran: no chain of ours is left
+
+    def install_layout(self, layout: Iterable[RuleService]) -> None:
+        """Install (or replace) the rules for a layout.  When this adapter removed them itself last, it
+        skips reading the tables first (a takeover is that much faster)."""
+        self.layout = tuple(layout)
+        self.install(known_absent=self.known_absent)
+        self.known_absent = False
+
+    def remove(self) -> bool:
+        removed = super().remove()
+        self.known_absent = True
+        return removed
 
     def _lines(self) -> dict[tuple[str, str], list[str]]:
-        return render_rules(self.queue, self.services, self.mode)
+        return render_rules(self.queue, self.layout, self.mode)
 
 
 class Guard(_Chains):

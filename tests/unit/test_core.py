@@ -30,7 +30,7 @@ def test_serving_alone_installs_the_rules_at_start_and_kernel_mode_first_loosens
     assert [type(c) for c in core.start(0.0, WALL) if not isinstance(c, WakeUpAt)][-1] is InstallRules
     core, play = make(Mode.KERNEL)
     started = [c for c in core.start(0.0, WALL) if type(c).__name__ != "Log"]
-    assert started[0] == SetConntrackLiberal() and InstallRules() in started
+    assert started[0] == SetConntrackLiberal() and InstallRules(core.interposer.rule_layout()) in started
     assert isinstance(started[-1], WakeUpAt)  # exactly one timer, last
 
 

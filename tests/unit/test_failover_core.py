@@ -344,3 +344,28 @@ def test_an_active_renews_its_addresses_and_repeats_its_announcement_and_stops_b
     mark = len(lan.log["dist1"])
     lan.step(int(10.0 / INTERVAL) + 1)
     assert not lan.since("dist1", mark, (ClaimAddresses, Announce))
+
+
+def test_the_active_replicates_its_runtime_state_and_repeats_it_a_lost_piece_costs_one_second():
+    from backup.failover import AdminStateReceived
+
+    lan = Lan()
+    lan.step(20)
+    text = '{"admin": {"web2": "drain"}, "version": 3}' + " " * 3000  # more than one datagram
+    lost = {"n": 0}
+
+    def lose_first(sender, command):
+        if sender == "dist1" and kind_of(command) is Kind.ADMIN_STATE and lost["n"] == 0:
+            lost["n"] += 1
+            return True
+        return False
+
+    lan.drop = lose_first
+    mark = len(lan.log["dist2"])
+    lan._run("dist1", lan.cores["dist1"].publish_admin(3, text, WALL + lan.now))
+    assert not lan.since("dist2", mark, (AdminStateReceived,))  # a piece was lost
+    lan.step(int(1.0 / INTERVAL) + 1)
+    (received,) = lan.since("dist2", mark, (AdminStateReceived,))
+    assert received == AdminStateReceived(3, text)
+    lan.step(int(1.0 / INTERVAL) + 1)
+    assert len(lan.since("dist2", mark, (AdminStateReceived,))) == 1  # the same version is adopted once

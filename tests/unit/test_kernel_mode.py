@@ -4,7 +4,7 @@ import pytest
 
 from distributor.rules import render_rules
 from distributor.conntable import ConnectionTable
-from distributor.reroute import END_MARK, MARK_BASE, Interposer, Mode, Reason
+from distributor.reroute import END_MARK, MARK_BASE, Interposer, Mode, Reason, rule_layout_of
 from tests.packets import CLIENT, VIP, WEB, tcp
 from tests.unit.test_reroute import service_spec
 
@@ -65,7 +65,7 @@ def test_malformed_and_foreign_packets(packet, reason):
 
 def test_kernel_rules_queue_only_new_connections_and_first_ends_and_dnat_by_mark():
     specs = [service_spec()]
-    rules = render_rules(0, specs, Mode.KERNEL)
+    rules = render_rules(0, rule_layout_of(specs), Mode.KERNEL)
     chain_in = rules[("mangle", "DIST0-IN")]
     # Exactly these chains: in particular none hooked into FORWARD, which every packet would walk.
     assert set(rules) == {("mangle", "DIST0-NEW"), ("mangle", "DIST0-IN"), ("nat", "DIST0-NAT"), ("raw", "DIST0-LOCAL")}

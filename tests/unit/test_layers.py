@@ -19,7 +19,7 @@ PACKAGES = ("common", "distributor", "backup", "node")
 CORE = {
     "common.machine", "common.sansio", "common.wire", "common.tomlconfig",
     "distributor.checksum", "distributor.balancer", "distributor.conntable", "distributor.reroute",
-    "distributor.heartbeat", "distributor.core", "distributor.partialsum", "distributor.maglev",
+    "distributor.heartbeat", "distributor.core", "distributor.partialsum", "distributor.maglev", "distributor.admin",
     "backup.roles", "backup.sync", "backup.failover",
 }
 ADAPTERS = {
@@ -34,7 +34,8 @@ PACKAGE_INITS = {f"{p}" for p in PACKAGES}
 # The standard library a pure core may use: computation only.  No clock (time), no I/O (socket,
 # asyncio, select, subprocess, os, threading, logging's handlers), no third-party I/O package.
 CORE_STDLIB = {"__future__", "abc", "array", "bisect", "collections", "dataclasses", "enum", "functools", "hashlib",
-               "heapq", "hmac", "ipaddress", "itertools", "math", "struct", "sys", "tomllib", "typing"}
+               "heapq", "hmac", "ipaddress", "itertools", "json", "math", "struct", "sys", "tomllib", "typing",
+               "zlib"}
 # Which project packages each package may import (the programs of `distributor` sit on top of all).
 PACKAGE_DEPENDS = {"common": set(), "backup": {"common"}, "node": {"common"}, "distributor": {"common", "backup"}}
 

@@ -1,0 +1,445 @@
+"""The control API and the web console, served by the daemon (adapter, aiohttp).
+
+Contract
+--------
+:class:`ControlApi` serves JSON under ``/api/v1`` on a management address (never a VIP), and the
+console at ``/``.  Every request is authenticated: a bearer token (``Authorization: Bearer T``) or
+the console's session cookie, made by a one-time login link.  Tokens have one of two roles:
+``viewer`` reads, ``admin`` also changes.  A missing or unknown token is 401, a viewer's change
+403; neither changes anything.
+
+Reads come from the core's snapshots (``core.stats``, ``core.node_view``, ``core.explain``);
+changes are :class:`~distributor.admin.AdminRequest` events fed to the core through the runtime,
+whose :class:`~distributor.admin.AdminReply` answers the HTTP request.  The API decides nothing
+about nodes or roles: the core validates, applies, logs who made the change, saves and replicates
+it.
+
+Endpoints (GET unless said)::
+
+    /health                                   200 while the daemon runs (no token needed)
+    /api/v1/status                            the distributor, its mode, role, runtime state version
+    /api/v1/nodes                             every node: state, counter, weight, connections, new/s
+    /api/v1/nodes/{node}                      one node; POST .../drain, .../maint, .../ready,
+                                              PUT .../weight {"weight": W[, "service": S]},
+                                              DELETE removes it
+    POST /api/v1/nodes                        add {"name", "address", "services": {S: {"port", "weight"}}}
+    /api/v1/services                          services, policies, their nodes; PUT .../{s}/policy {"policy"}
+    /api/v1/explain?client=A[:P][&service=S]  where a new connection from A:P would go, and why
+    /api/v1/connections?node=N&limit=L        table entries
+    /api/v1/failover                          role, term, peers, replication lag, last takeover
+    /api/v1/events?since=ID                   recent events; /api/v1/events/stream: server-sent events
+    POST /api/v1/login-links                  (admin) a one-time console login link
+    /, /login?once=CODE                       the console; the link sets its session cookie
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hmac
+import ipaddress
+import itertools
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from aiohttp import web
+
+from .admin import AdminOp, AdminReply, AdminRequest
+
+__all__ = ["ApiToken", "ControlApi", "EventLog", "parse_token_file"]
+
+log = logging.getLogger("distributor.api")
+
+CONSOLE = Path(__file__).with_name("console.html")
+SESSION_COOKIE = "distributor_session"
+LINK_LIFETIME = 300.0  # seconds a one-time login link stays valid
+SESSION_LIFETIME = 12 * 3600.0
+REPLY_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class ApiToken:
+    name: str  # who: every change is logged with it
+    role: str  # "viewer" or "admin"
+    token: str
+
+
+def parse_token_file(text: str, source: str) -> list[ApiToken]:
+    """``ROLE NAME TOKEN`` per line (``#`` comments); raises ValueError naming the line."""
+    tokens = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        if len(parts) != 3 or parts[0] not in ("viewer", "admin") or len(parts[2]) < 16:
+            raise ValueError(f"{source}:{number}: expected 'viewer|admin NAME TOKEN' with a token of 16 or more "
+                             f"characters, got {line[:40]!r}")
+        tokens.append(ApiToken(parts[1], parts[0], parts[2]))
+    return tokens
+
+
+class EventLog:
+    """Recent events (alerts, warnings, changes) with ids, for /api/v1/events and the console's stream."""
+
+    def __init__(self, size: int = 500):
+        self._events: collections.deque[dict] = collections.deque(maxlen=size)
+        self._ids = itertools.count(1)
+        self._listeners: set[asyncio.Queue] = set()
+
+    def add(self, kind: str, **fields: Any) -> None:
+        event = {"id": next(self._ids), "time": time.time(), "kind": kind, **fields}
+        self._events.append(event)
+        for queue in list(self._listeners):
+            if queue.qsize() < 1000:
+                queue.put_nowait(event)
+
+    def since(self, last: int) -> list[dict]:
+        return [e for e in self._events if e["id"] > last]
+
+    def subscribe(self) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self._listeners.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue) -> None:
+        self._listeners.discard(queue)
+
+
+class ControlApi:
+    def __init__(self, core, feed: Callable[[object], None], tokens: list[ApiToken], events: EventLog,
+                 clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
+                 role: Callable[[], str] = lambda: "alone", mode: str = "", name: str = ""):
+        self.core = core
+        self.feed = feed
+        self.events = events
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.role = role
+        self.mode = mode
+        self.name = name
+        self._tokens = {t.token: t for t in tokens}
+        self._links: dict[str, tuple[ApiToken, float]] = {}
+        self._sessions: dict[str, tuple[ApiToken, float]] = {}
+        self._pending: dict[int, asyncio.Future] = {}
+        self._ids = itertools.count(1)
+        self._rates: dict[str, tuple[float, int, float]] = {}  # node -> (time, connections total, rate)
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+
+    # -- the core's answers ------------------------------------------------------------------------------
+    def reply(self, command: AdminReply) -> None:
+        """The executor of AdminReply: hand the answer to the request waiting for it."""
+        future = self._pending.pop(command.request_id, None)
+        if future is not None and not future.done():
+            future.set_result(command)
+
+    # -- serving ----------------------------------------------------------------------------------------
+    async def start(self, host: str, port: int) -> None:
+        app = web.Application(middlewares=[self._errors])
+        r = app.router
+        r.add_get("/health", self.health)
+        r.add_get("/", self.console)
+        r.add_get("/login", self.login)
+        r.add_get("/api/v1/status", self.status)
+        r.add_get("/api/v1/nodes", self.nodes)
+        r.add_post("/api/v1/nodes", self.add_node)
+        r.add_get("/api/v1/nodes/{node}", self.node)
+        r.add_delete("/api/v1/nodes/{node}", self.remove_node)
+        r.add_post("/api/v1/nodes/{node}/drain", self.drain)
+        r.add_post("/api/v1/nodes/{node}/maint", self.maint)
+        r.add_post("/api/v1/nodes/{node}/ready", self.ready)
+        r.add_put("/api/v1/nodes/{node}/weight", self.weight)
+        r.add_get("/api/v1/services", self.services)
+        r.add_put("/api/v1/services/{service}/policy", self.policy)
+        r.add_get("/api/v1/explain", self.explain)
+        r.add_get("/api/v1/connections", self.connections)
+        r.add_get("/api/v1/failover", self.failover)
+        r.add_get("/api/v1/events", self.event_list)
+        r.add_get("/api/v1/events/stream", self.event_stream)
+        r.add_post("/api/v1/login-links", self.login_link)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        shown = f"[{host}]" if ":" in host else host
+        self.base_url = f"http://{shown}:{port}"
+        log.info("control API and console on %s/", self.base_url)
+
+    async def stop(self) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.cancel()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler):
+        try:
+            return await handler(request)
+        except web.HTTPException:
+            raise
+        except (KeyError, ValueError) as exc:
+            return _json({"error": str(exc.args[0]) if exc.args else str(exc)}, 404 if isinstance(exc, KeyError) else 400)
+
+    # -- who is asking ------------------------------------------------------------------------------------
+    def _who(self, request: web.Request) -> ApiToken:
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Bearer "):
+            token = self._match(header[7:].strip())
+            if token is not None:
+                return token
+        session = request.cookies.get(SESSION_COOKIE)
+        if session:
+            found = self._sessions.get(session)
+            if found is not None and found[1] > self.clock():
+                return found[0]
+        raise web.HTTPUnauthorized(text=json.dumps({"error": "a valid bearer token is needed (Authorization: Bearer "
+                                                             "TOKEN), or a console session"}),
+                                   content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
+
+    def _match(self, presented: str) -> ApiToken | None:
+        for token, identity in self._tokens.items():
+            if hmac.compare_digest(token.encode(), presented.encode()):
+                return identity
+        return None
+
+    def _admin(self, request: web.Request) -> ApiToken:
+        who = self._who(request)
+        if who.role != "admin":
+            raise web.HTTPForbidden(text=json.dumps({"error": f"{who.name} has the viewer role; changes need an "
+                                                              "admin token"}), content_type="application/json")
+        if request.cookies.get(SESSION_COOKIE) and not request.headers.get("Authorization") \
+                and request.headers.get("X-Requested-With") != "distributor-console":
+            # A cookie alone must not be enough for a change: another site's form could send it.
+            raise web.HTTPForbidden(text=json.dumps({"error": "console changes need the console's header"}),
+                                    content_type="application/json")
+        return who
+
+    # -- reads ----------------------------------------------------------------------------------------------
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok", "role": self.role()})
+
+    async def status(self, request: web.Request) -> web.Response:
+        self._who(request)
+        stats = self.core.stats(self.clock())
+        return _json({"name": self.name, "mode": self.mode, "role": self.role(), "state_version": stats.state_version,
+                      "connections": stats.interposer.connections, "capacity": stats.interposer.capacity})
+
+    def _node_views(self) -> list[dict]:
+        now = self.clock()
+        views = []
+        for node in self.core.nodes():
+            view = self.core.node_view(node, now)
+            view["new_per_second"] = self._rate(node, sum(s["connections_total"] for s in view["services"]), now)
+            views.append(view)
+        return views
+
+    def _rate(self, node: str, total: int, now: float) -> float:
+        last = self._rates.get(node)
+        if last is None:
+            self._rates[node] = (now, total, 0.0)
+            return 0.0
+        at, before, rate = last
+        if now - at >= 1.0:
+            rate = (total - before) / (now - at)
+            self._rates[node] = (now, total, rate)
+        return round(rate, 1)
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        self._who(request)
+        return _json(self._node_views())
+
+    async def node(self, request: web.Request) -> web.Response:
+        self._who(request)
+        name = request.match_info["node"]
+        if name not in self.core.nodes():
+            raise KeyError(f"no node {name!r}")
+        return _json(self.core.node_view(name, self.clock()))
+
+    async def services(self, request: web.Request) -> web.Response:
+        self._who(request)
+        out = []
+        for service in self.core.interposer.services:
+            out.append({"name": service.name, "vip": str(service.vip), "port": service.port,
+                        "policy": service.policy.value,
+                        "nodes": [b.name for b in service.backends if not b.removed]})
+        return _json(out)
+
+    async def explain(self, request: web.Request) -> web.Response:
+        self._who(request)
+        client = request.query.get("client", "")
+        port = request.query.get("port")
+        if client.count(":") == 1:
+            client, port = client.split(":")
+        try:
+            ipaddress.IPv4Address(client)
+            number = int(port) if port is not None else 40000
+            if not 1 <= number <= 65535:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"client {request.query.get('client')!r}: expected an IPv4 address, optionally with "
+                             ":PORT (1-65535)") from None
+        return _json(self.core.explain(client, number, request.query.get("service")))
+
+    async def connections(self, request: web.Request) -> web.Response:
+        self._who(request)
+        node = request.query.get("node")
+        limit = min(int(request.query.get("limit", "100")), 10_000)
+        now = self.clock()
+        rows = []
+        for conn in self.core.interposer.table:
+            if node is not None and conn.backend.name != node:
+                continue
+            key = conn.key
+            rows.append({"client": f"{ipaddress.IPv4Address(key[0:4])}:{int.from_bytes(key[8:10], 'big')}",
+                         "vip": f"{ipaddress.IPv4Address(key[4:8])}:{int.from_bytes(key[10:12], 'big')}",
+                         "service": conn.service.name, "node": conn.backend.name, "state": conn.state.name.lower(),
+                         "idle": round(now - conn.last_seen, 3)})
+            if len(rows) >= limit:
+                break
+        return _json(rows)
+
+    async def failover(self, request: web.Request) -> web.Response:
+        self._who(request)
+        stats = self.core.stats(self.clock()).failover
+        if stats is None:
+            return _json({"role": "alone", "peers": []})
+        takeover = stats.last_takeover
+        phases = None
+        if takeover is not None:
+            base = takeover.last_heartbeat if takeover.last_heartbeat is not None else takeover.started
+            phases = {"term": takeover.term, "decided": round(takeover.started - base, 4),
+                      "claimed": None if takeover.claimed is None else round(takeover.claimed - base, 4),
+                      "first_forward": None if takeover.first_forward is None else round(takeover.first_forward - base, 4)}
+        return _json({"role": stats.role.name.lower(), "term": stats.term, "caught_up": stats.caught_up,
+                      "replication_lag_batches": stats.lag_batches,
+                      "peers": [{"name": p.name, "role": p.role.name.lower(), "alive": p.alive, "term": p.term,
+                                 "priority": p.priority} for p in stats.peers],
+                      "last_takeover": phases})
+
+    async def event_list(self, request: web.Request) -> web.Response:
+        self._who(request)
+        return _json(self.events.since(int(request.query.get("since", "0"))))
+
+    async def event_stream(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: every event as it happens, and the nodes once a second."""
+        self._who(request)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        queue = self.events.subscribe()
+        try:
+            await response.write(_sse("nodes", self._node_views()))
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), 1.0)
+                    await response.write(_sse("event", event))
+                except asyncio.TimeoutError:
+                    await response.write(_sse("nodes", {"nodes": self._node_views(), "role": self.role()}))
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.events.unsubscribe(queue)
+        return response
+
+    # -- changes ----------------------------------------------------------------------------------------------
+    async def _change(self, request: web.Request, op: AdminOp, args: dict) -> web.Response:
+        who = self._admin(request)
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        now = self.clock()
+        self.feed(AdminRequest(request_id, op, args, who.name, now, self.wall_clock()))
+        try:
+            reply: AdminReply = await asyncio.wait_for(future, REPLY_TIMEOUT)
+        except asyncio.TimeoutError:
+            self._pending.pop(request_id, None)
+            return _json({"error": "the core did not answer in time"}, 504)
+        if reply.status == 200:
+            self.events.add("change", who=who.name, op=op.value, args=args)
+        return _json(dict(reply.body), reply.status)
+
+    async def _body(self, request: web.Request) -> dict:
+        if not request.can_read_body:
+            return {}
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ValueError("the body must be a JSON object")
+        return body
+
+    async def add_node(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return await self._change(request, AdminOp.ADD_NODE, {"node": body.get("name"), "address": body.get("address"),
+                                                              "services": body.get("services")})
+
+    async def remove_node(self, request: web.Request) -> web.Response:
+        return await self._change(request, AdminOp.REMOVE_NODE, {"node": request.match_info["node"]})
+
+    async def drain(self, request: web.Request) -> web.Response:
+        return await self._change(request, AdminOp.DRAIN, {"node": request.match_info["node"]})
+
+    async def maint(self, request: web.Request) -> web.Response:
+        return await self._change(request, AdminOp.MAINT, {"node": request.match_info["node"]})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        return await self._change(request, AdminOp.READY, {"node": request.match_info["node"]})
+
+    async def weight(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        args = {"node": request.match_info["node"], "weight": body.get("weight")}
+        if body.get("service") is not None:
+            args["service"] = body["service"]
+        return await self._change(request, AdminOp.SET_WEIGHT, args)
+
+    async def policy(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        return await self._change(request, AdminOp.SET_POLICY, {"service": request.match_info["service"],
+                                                                "policy": body.get("policy")})
+
+    # -- the console ------------------------------------------------------------------------------------------
+    async def login_link(self, request: web.Request) -> web.Response:
+        who = self._admin(request)
+        role = (await self._body(request)).get("role", who.role)
+        if role not in ("viewer", "admin"):
+            raise ValueError(f"role {role!r} is not valid; expected viewer or admin")
+        code = secrets.token_urlsafe(24)
+        self._links[code] = (ApiToken(who.name, role, ""), self.clock() + LINK_LIFETIME)
+        log.info("one-time console link for %s (%s), valid %.0f s", who.name, role, LINK_LIFETIME)
+        return _json({"url": f"{self.base_url}/login?once={code}", "expires_in": LINK_LIFETIME})
+
+    async def login(self, request: web.Request) -> web.Response:
+        code = request.query.get("once", "")
+        found = self._links.pop(code, None)  # one use only
+        if found is None or found[1] < self.clock():
+            return web.Response(status=401, text="this login link is unknown, used or expired; ask for a new one "
+                                                 "(distributorctl console-url)\n")
+        session = secrets.token_urlsafe(32)
+        self._sessions[session] = (found[0], self.clock() + SESSION_LIFETIME)
+        response = web.HTTPFound("/")
+        response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", max_age=int(SESSION_LIFETIME))
+        return response
+
+    async def console(self, request: web.Request) -> web.Response:
+        try:
+            who = self._who(request)
+        except web.HTTPUnauthorized:
+            return web.Response(status=401, text="sign in with a one-time link (distributorctl console-url)\n")
+        page = CONSOLE.read_text().replace("{{ROLE}}", who.role).replace("{{USER}}", who.name)
+        return web.Response(text=page, content_type="text/html")
+
+
+def _json(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=json.dumps(body), status=status, content_type="application/json")
+
+
+def _sse(name: str, data: Any) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
