@@ -17,6 +17,9 @@ Contract
 * Files are streamed from disk 1 MiB at a time (read in a worker thread);
   ``X-Admin-Body-SHA256`` is the file's digest, which the node verifies before
   the file becomes visible.  Nothing is held in memory beyond one chunk.
+* :func:`run_on_nodes` sends one task request (one id) to a set of nodes and,
+  if asked, waits for every result; resending it later to a node that was
+  away is safe (the node runs an id once).
 * :func:`sync_node` / :func:`sync_nodes` are anti-entropy: read the node's
   manifest, :func:`distributor.content.plan`, send the operations in order,
   commit, and read the manifest again to report whether the node now matches.
@@ -53,6 +56,7 @@ __all__ = [
     "apply_plan",
     "sync_node",
     "sync_nodes",
+    "run_on_nodes",
     "new_request_id",
 ]
 
@@ -176,7 +180,7 @@ class AdminClient:
         return data
 
     async def delete(self, path: str, version: int, area: str = "content") -> dict:
-        _, data = await self.request("POST", f"/v1/{area}/delete", _json({"path": path, "version": version}))
+        _, data = await self.request("DELETE", f"/v1/{area}?" + _query({"path": path, "version": version}))
         return data
 
     async def commit(self, version: int, area: str = "content") -> dict:
@@ -285,3 +289,23 @@ async def sync_nodes(clients: Mapping[str, AdminClient], desired: DesiredContent
     """:func:`sync_node` on every node at once."""
     results = await asyncio.gather(*(sync_node(c, desired, blobs, area) for c in clients.values()))
     return {r.node: r for r in results}
+
+
+async def run_on_nodes(clients: Mapping[str, AdminClient], request_id: str, name: str, priority: str | None = None,
+                       args: Mapping[str, Any] | None = None, wait: float | None = None) -> dict[str, dict | AdminError]:
+    """One task request on every node of ``clients``: {node: its record (finished, if ``wait`` seconds were
+    given and sufficed) or the error}.  A TimeoutError while waiting leaves the last record."""
+    async def one(client: AdminClient) -> dict | AdminError:
+        try:
+            record = await client.run_task(request_id, name, priority, args)
+            if wait is not None:
+                try:
+                    record = await client.wait_task(request_id, wait)
+                except TimeoutError:
+                    record = await client.task(request_id)
+            return record
+        except AdminError as exc:
+            return exc
+
+    results = await asyncio.gather(*(one(c) for c in clients.values()))
+    return dict(zip(clients, results))

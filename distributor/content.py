@@ -64,6 +64,7 @@ __all__ = [
     "matches",
     "NodeContentStatus",
     "content_status",
+    "differing_nodes",
 ]
 
 TEMP_PREFIX = ".admin-tmp-"

@@ -18,6 +18,9 @@ and heartbeats, less often, so it gets less new work before it is cut off.
 
 The decisions (:func:`next_interval`, :func:`assess`, :class:`CpuSampler`) are
 pure; the probe, the clock, ``/proc`` and the socket are adapters around them.
+
+With a ``[broker]`` section the same process also runs the administration
+endpoint (:mod:`node.broker`, docs/administration.md) beside the heartbeat loop.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ Endpoints (JSON; every request and every answer signed, :mod:`distributor.admina
 
     GET  /v1/content/manifest                     -> {"area", "version", "paths": {path: {version, size, sha256}}}
     PUT  /v1/content?path=P&version=V&size=N      body: the file, streamed; X-Admin-Body-SHA256 is its digest
-    POST /v1/content/delete   {"path", "version"}
+    DELETE /v1/content?path=P&version=V
     POST /v1/content/commit   {"version"}           the node's content version becomes V
     (the same four under /v1/bundles: signed task bundles, stored in the bundle directory)
     POST /v1/tasks            {"id", "name", "priority"?, "args"?, "not_after"?}  -> 202 new, 200 seen before
@@ -252,6 +252,7 @@ class Broker:
         except FileNotFoundError:
             marks = {}
         self.verifier = RequestVerifier(keys, config.senders, config.freshness, marks)
+        self._marks_lock = asyncio.Lock()
         self.stores = {
             "content": ContentStore("content", config.document_root, config.state_dir / "content-manifest.json",
                                     check_path, config.max_file_size, config.min_free),
@@ -278,7 +279,7 @@ class Broker:
         for area in self.stores:
             app.router.add_get(f"/v1/{area}/manifest", self._manifest)
             app.router.add_put(f"/v1/{area}", self._put)
-            app.router.add_post(f"/v1/{area}/delete", self._delete)
+            app.router.add_delete(f"/v1/{area}", self._delete)
             app.router.add_post(f"/v1/{area}/commit", self._commit)
         app.router.add_post("/v1/tasks", self._run_task)
         app.router.add_get("/v1/tasks", self._list_tasks)
@@ -329,8 +330,9 @@ class Broker:
             self._count_refusal(request, refusal, "authentication failed")
             return web.json_response({"error": refusal, "detail": "authentication failed"}, status=401)
         request[AUTH] = auth
-        await asyncio.get_running_loop().run_in_executor(
-            None, atomic_write, self.marks_file, json.dumps(self.verifier.marks()).encode())
+        async with self._marks_lock:  # one writer at a time, each writing the latest marks
+            await asyncio.get_running_loop().run_in_executor(
+                None, atomic_write, self.marks_file, json.dumps(self.verifier.marks()).encode())
         try:
             return await handler(request)
         except (Refused, StoreRefused, TaskRefused, PathRefused) as exc:
@@ -417,13 +419,13 @@ class Broker:
 
     async def _delete(self, request):
         area, store = self._area(request)
-        data = await self._json(request)
-        version = data.get("version")
-        existed = await asyncio.get_running_loop().run_in_executor(None, store.delete, data.get("path"), version)
+        path = request.query.get("path")
+        version = _int_param(request.query.get("version"), "version")
+        existed = await asyncio.get_running_loop().run_in_executor(None, store.delete, path, version)
         self.changes[f"{area}_delete"] += 1
-        log.info("%s delete %r version %s (%s) for %s", area, data.get("path"), version,
+        log.info("%s delete %r version %d (%s) for %s", area, path, version,
                  "removed" if existed else "was not there", self._who(request))
-        return self._reply(request, 200, {"path": data.get("path"), "version": version, "removed": existed})
+        return self._reply(request, 200, {"path": path, "version": version, "removed": existed})
 
     async def _commit(self, request):
         area, store = self._area(request)

@@ -347,3 +347,18 @@ state_dir = "/var/lib/distributor-agent"
     assert broker.listen == ("198.51.100.11", 8407) and broker.keys_file is None
     assert broker.bundle_dir == Path("/var/lib/distributor-agent/bundles") and not broker.bundles_enabled
     assert broker.allow == ("reload-nginx", "rotate-logs", "disk-usage", "scan-access-log") and broker.user == "nobody"
+
+
+def test_one_request_runs_on_several_nodes_and_errors_are_per_node(tmp_path):
+    from distributor.adminclient import run_on_nodes
+
+    async def scenario(broker, client):
+        dead = AdminClient("web9", ("127.0.0.1", 1), KEYS, "dist1")
+        try:
+            return await run_on_nodes({"web1": client, "web9": dead}, "multi-1", "disk-usage", "high", wait=20)
+        finally:
+            await dead.close()
+
+    results = run(tmp_path, scenario)
+    assert results["web1"]["state"] == "done"
+    assert type(results["web9"]).__name__ == "AdminUnreachable"
