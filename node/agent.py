@@ -236,7 +236,11 @@ async def start_broker(config: AgentConfig, heartbeat_keys: Keys):
 
     keys = heartbeat_keys if config.broker.keys_file is None else load_keys(config.broker.keys_file, config.broker.key_id)
     broker = Broker(config.broker, config.node_id, keys, config.max_load, config.max_cpu)
-    await broker.start()
+    try:
+        await broker.start()
+    except OSError as exc:  # e.g. the address is not this node's: the config is wrong, say so and stop
+        log.error("%s", exc)
+        raise SystemExit(1) from None
     return broker
 
 

@@ -256,8 +256,9 @@ class Broker:
         self.stores = {
             "content": ContentStore("content", config.document_root, config.state_dir / "content-manifest.json",
                                     check_path, config.max_file_size, config.min_free),
+            # Bundles are read by the agent (root) only; the task user gets its copy unpacked per run.
             "bundles": ContentStore("bundles", config.bundle_dir / "signed", config.state_dir / "bundles-manifest.json",
-                                    check_bundle_name, MAX_BUNDLE_BYTES, config.min_free),
+                                    check_bundle_name, MAX_BUNDLE_BYTES, config.min_free, file_mode=0o600),
         }
         gate = Gate(max_load, max_cpu, config.idle_load, config.idle_cpu, config.idle_for, config.max_running)
         settings = TaskSettings(
@@ -302,7 +303,11 @@ class Broker:
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = self.config.listen
-        await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        try:
+            await web.TCPSite(self._runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            raise OSError(exc.errno, f"broker: cannot listen on {host}:{port} ([broker] listen): {exc.strerror}") from None
         self.port = self._runner.addresses[0][1]  # the bound port (the config may say 0: any)
         log.info("broker %s listening on %s:%d for %s (document root %s, content version %d)", self.node_id, host,
                  self.port, ", ".join(self.config.senders), self.config.document_root, self.stores["content"].version)

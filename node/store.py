@@ -103,6 +103,7 @@ class ContentStore:
         self.version = 0
         self.paths: dict[str, _Held] = {}
         self._lock = threading.Lock()
+        self._save_lock = threading.Lock()
         self._uploading: set[str] = set()
         self.root.mkdir(parents=True, exist_ok=True)
         self._load()
@@ -123,10 +124,12 @@ class ContentStore:
                               for p, h in sorted(self.paths.items())}}
 
     def _save(self) -> None:
-        data = self.manifest()
-        del data["area"]
-        self.manifest_file.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(self.manifest_file, json.dumps(data, separators=(",", ":")).encode())
+        # The snapshot is taken under the save lock, so of two threads saving, the later rename is the newer state.
+        with self._save_lock:
+            data = self.manifest()
+            del data["area"]
+            self.manifest_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.manifest_file, json.dumps(data, separators=(",", ":")).encode())
 
     def remove_leftovers(self) -> int:
         """Delete temporary files a crash left in the root (never following links); returns how many."""
@@ -159,8 +162,11 @@ class ContentStore:
                 except FileNotFoundError:
                     if not create:
                         raise StoreRefused("not_found", f"{self.area} path {path!r}: directory {component!r} does not exist") from None
-                    os.mkdir(component, 0o755, dir_fd=fd)
-                    os.fsync(fd)  # the new directory entry is durable before anything goes in it
+                    try:
+                        os.mkdir(component, 0o755, dir_fd=fd)
+                        os.fsync(fd)  # the new directory entry is durable before anything goes in it
+                    except FileExistsError:  # another upload made it meanwhile
+                        pass
                     child = os.open(component, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
                     if exc.errno in (errno.ENOTDIR, errno.ELOOP):

@@ -221,9 +221,9 @@ class TaskService:
         await self._save()
 
     async def _save(self) -> None:
-        records = [r.to_dict() for r in self.scheduler.records.values()]
-        data = json.dumps({"records": records, "forgotten": sorted(self.scheduler.forgotten)}).encode()
-        async with self._save_lock:
+        async with self._save_lock:  # the snapshot is taken inside: the last write is the newest state
+            records = [r.to_dict() for r in self.scheduler.records.values()]
+            data = json.dumps({"records": records, "forgotten": sorted(self.scheduler.forgotten)}).encode()
             await asyncio.get_running_loop().run_in_executor(None, atomic_write, self.state_file, data)
 
     # -- requests ----------------------------------------------------------------
