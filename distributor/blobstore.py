@@ -7,6 +7,11 @@ Contract
   and returns ``(sha256, size)``.  Storing by digest means a node that was
   away during a change later receives exactly the bytes of that change, even
   if the operator's source file changed since, and identical files are kept once.
+* :meth:`BlobStore.ingest_tree` ingests every regular file under a directory
+  (a tree push) and returns ``(managed path, sha256, size)`` per file, the
+  paths checked by :func:`distributor.content.check_path`; symlinks are not
+  followed (refused, with the path named), so a tree cannot pull in files
+  from elsewhere.
 * :meth:`BlobStore.path` is where a blob's bytes are (KeyError when absent);
   :meth:`BlobStore.remove_unused` deletes the blobs no desired path refers to.
 * Blocking file I/O: call it from a worker thread in an event loop.
@@ -21,6 +26,7 @@ from pathlib import Path
 from typing import Iterable
 
 from .adminauth import is_sha256_hex
+from .content import check_path
 
 __all__ = ["BlobStore", "CHUNK"]
 
@@ -59,6 +65,24 @@ class BlobStore:
         finally:
             temp.unlink(missing_ok=True)
         return sha256, size
+
+    def ingest_tree(self, directory: str | Path, prefix: str = "") -> list[tuple[str, str, int]]:
+        """Every regular file under ``directory``, sorted by path: (``prefix`` + relative path, sha256, size)."""
+        base = Path(directory)
+        found = []
+        for folder, dirs, files in os.walk(base, followlinks=False):
+            for name in sorted(dirs + files):
+                full = Path(folder) / name
+                if full.is_symlink():
+                    raise ValueError(f"{full} is a symlink; a pushed tree holds regular files and directories only")
+            for name in files:
+                full = Path(folder) / name
+                if not full.is_file():
+                    continue
+                path = check_path(prefix + full.relative_to(base).as_posix())
+                sha256, size = self.ingest(full)
+                found.append((path, sha256, size))
+        return sorted(found)
 
     def remove_unused(self, keep: Iterable[str]) -> int:
         wanted = set(keep)
