@@ -30,8 +30,12 @@ Contract
   asked (sender and source address); every change is logged the same way.
   Authenticated refusals (bad path, stale version, bad digest, unknown task, ...)
   are answered signed, with ``{"error": REASON, "detail": ...}``.
-* File work runs in worker threads (``run_in_executor``): the event loop that
-  also sends the heartbeats never waits for a disk.  Uploads stream in
+* File work runs in the broker's own worker threads: the event loop that
+  also sends the heartbeats never waits for a disk.  Those threads run at a
+  lower CPU priority (``io_nice``, default 10; on Linux the nice value is a
+  per-thread attribute, setpriority(2)), so hashing a large upload yields the
+  CPU to nginx and to the agent's own loop.  ``/v1/stats`` reports the event
+  loop's lag (how late a 100 ms timer fires) so a stall would show.  Uploads stream in
   chunks of at most 1 MiB; aiohttp's request buffer pauses the socket when
   the node is behind, so memory stays bounded whatever the file's size.
 """
@@ -39,6 +43,7 @@ Contract
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import ipaddress
 import json
@@ -46,6 +51,7 @@ import logging
 import os
 import pwd
 import re
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -115,6 +121,7 @@ class BrokerConfig:
     rotate_keep: int
     keep_results: int
     sample_interval: float
+    io_nice: int = 10
     trusted_keys: tuple[bytes, ...] = field(default=())
     bundles_enabled: bool = True
 
@@ -173,6 +180,7 @@ def parse_broker_config(broker: TableReader, cpus: int | None = None) -> BrokerC
         bundle_dir=Path(broker.string("bundle_dir", str(state_dir / "bundles"))),
         max_file_size=broker.integer("max_file_size", 1 << 30, 0, 1 << 50),
         min_free=broker.integer("min_free", 64 << 20, 0, 1 << 50),
+        io_nice=broker.integer("io_nice", 10, 0, 19),
     )
     tasks = broker.table("tasks")
     allow = _strings(tasks, "allow", list(BUILTIN_TASKS))
@@ -225,6 +233,37 @@ def parse_broker_config(broker: TableReader, cpus: int | None = None) -> BrokerC
     return BrokerConfig(trusted_keys=tuple(trusted), bundles_enabled=enabled and bool(trusted), **values)
 
 
+def _lower_priority(nice: int) -> None:
+    """Thread initializer: this worker thread only runs at ``nice`` (Linux: nice is per thread)."""
+    if nice:
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError as exc:
+            log.warning("cannot lower the priority of a file worker thread: %s", exc)
+
+
+class LoopLag:
+    """How late the event loop runs a periodic timer: its worst lag and how often it passed two bounds."""
+
+    def __init__(self, period: float = 0.1):
+        self.period = period
+        self.max_ms = 0.0
+        self.over_50ms = 0
+        self.over_200ms = 0
+
+    async def watch(self) -> None:
+        while True:
+            due = time.monotonic() + self.period
+            await asyncio.sleep(self.period)
+            lag_ms = max(0.0, time.monotonic() - due) * 1000
+            self.max_ms = max(self.max_ms, lag_ms)
+            self.over_50ms += lag_ms > 50
+            self.over_200ms += lag_ms > 200
+
+    def stats(self) -> dict[str, float]:
+        return {"max_ms": round(self.max_ms, 1), "over_50ms": self.over_50ms, "over_200ms": self.over_200ms}
+
+
 class Refused(Exception):
     def __init__(self, reason: str, message: str):
         super().__init__(message)
@@ -273,6 +312,9 @@ class Broker:
                                  config.bundle_dir / "run", config.keep_results)
         self._runner = None
         self.port: int | None = None
+        self._io = concurrent.futures.ThreadPoolExecutor(4, "broker-io", _lower_priority, (config.io_nice,))
+        self.loop_lag = LoopLag()
+        self._lag_task: asyncio.Task | None = None
 
     # -- lifecycle -------------------------------------------------------------------
     def app(self):
@@ -300,6 +342,7 @@ class Broker:
             if problem:
                 log.warning("%s", problem)
         await self.tasks.start()
+        self._lag_task = asyncio.ensure_future(self.loop_lag.watch())
         self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
         await self._runner.setup()
         host, port = self.config.listen
@@ -314,8 +357,11 @@ class Broker:
 
     async def stop(self) -> None:
         await self.tasks.stop()
+        if self._lag_task is not None:
+            self._lag_task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
+        self._io.shutdown(wait=True)
 
     # -- authentication ----------------------------------------------------------------
     def _who(self, request) -> str:
@@ -406,15 +452,15 @@ class Broker:
             raise Refused("bad_size", f"Content-Length {request.content_length} is not the declared size {size}")
         digest = request[AUTH].body_sha256
         loop = asyncio.get_running_loop()
-        upload = await loop.run_in_executor(None, store.begin_put, path, version, size, digest)
+        upload = await loop.run_in_executor(self._io, store.begin_put, path, version, size, digest)
         started = time.monotonic()
         try:
             async for chunk in request.content.iter_chunked(CHUNK):
-                await loop.run_in_executor(None, upload.write, chunk)
+                await loop.run_in_executor(self._io, upload.write, chunk)
             validate = self._validate_bundle if area == "bundles" else None
-            await loop.run_in_executor(None, upload.finish, validate)
+            await loop.run_in_executor(self._io, upload.finish, validate)
         except BaseException:
-            await loop.run_in_executor(None, upload.abort)
+            await loop.run_in_executor(self._io, upload.abort)
             raise
         elapsed = time.monotonic() - started
         self.changes[f"{area}_put"] += 1
@@ -426,7 +472,7 @@ class Broker:
         area, store = self._area(request)
         path = request.query.get("path")
         version = _int_param(request.query.get("version"), "version")
-        existed = await asyncio.get_running_loop().run_in_executor(None, store.delete, path, version)
+        existed = await asyncio.get_running_loop().run_in_executor(self._io, store.delete, path, version)
         self.changes[f"{area}_delete"] += 1
         log.info("%s delete %r version %d (%s) for %s", area, path, version,
                  "removed" if existed else "was not there", self._who(request))
@@ -436,7 +482,7 @@ class Broker:
         area, store = self._area(request)
         data = await self._json(request)
         before = store.version
-        await asyncio.get_running_loop().run_in_executor(None, store.commit, data.get("version"))
+        await asyncio.get_running_loop().run_in_executor(self._io, store.commit, data.get("version"))
         if store.version != before:
             self.changes[f"{area}_commit"] += 1
             log.info("%s version %d -> %d for %s", area, before, store.version, self._who(request))
@@ -480,4 +526,5 @@ class Broker:
             "content_version": self.stores["content"].version,
             "bundles_version": self.stores["bundles"].version,
             "tasks": self.tasks.stats(),
+            "loop_lag": self.loop_lag.stats(),
         })

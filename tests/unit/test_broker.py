@@ -362,3 +362,14 @@ def test_one_request_runs_on_several_nodes_and_errors_are_per_node(tmp_path):
     results = run(tmp_path, scenario)
     assert results["web1"]["state"] == "done"
     assert type(results["web9"]).__name__ == "AdminUnreachable"
+
+
+def test_the_stats_report_the_event_loops_lag(tmp_path):
+    async def scenario(broker, client):
+        await asyncio.sleep(0.25)
+        time.sleep(0.3)  # block the loop on purpose: the watcher must see it
+        await asyncio.sleep(0.15)
+        return (await client.stats())["loop_lag"]
+
+    lag = run(tmp_path, scenario)
+    assert lag["over_200ms"] >= 1 and lag["max_ms"] >= 200
