@@ -36,7 +36,7 @@ Contract
   per-thread attribute, setpriority(2)), so hashing a large upload yields the
   CPU to nginx and to the agent's own loop.  ``/v1/stats`` reports the event
   loop's lag (how late a 100 ms timer fires) so a stall would show.  Uploads stream in
-  chunks of at most 1 MiB; aiohttp's request buffer pauses the socket when
+  chunks of at most 64 KiB; aiohttp's request buffer pauses the socket when
   the node is behind, so memory stays bounded whatever the file's size.
 """
 
@@ -76,7 +76,9 @@ log = logging.getLogger("node-agent.broker")
 
 DEFAULT_PORT = 8407
 BUILTIN_TASKS = ("reload-nginx", "rotate-logs", "disk-usage", "scan-access-log")
-CHUNK = 1 << 20
+# Upload chunk handed to a worker thread. Measured on loopback (3 x 100 MiB, 4 interleaved rounds, medians):
+# 64 KiB 1.35 s and +1.5 MiB peak RSS; 256 KiB 2.06 s, +2.8 MiB; 1 MiB 2.52 s, +7.7 MiB.
+CHUNK = 64 << 10
 MAX_JSON_BODY = 64 << 10
 # Where the middleware leaves who signed the request (aiohttp >= 3.11 wants a typed key).
 AUTH = web.RequestKey("auth", Authenticated) if hasattr(web, "RequestKey") else "auth"
