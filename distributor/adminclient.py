@@ -11,6 +11,8 @@ Contract
   expected node, fresh, bound to this request, MAC, body digest) before it is
   parsed; one that fails raises :class:`AdminUnverified`, so a spoofed node
   cannot report content it does not have.
+* Every change sent and every refusal or failed verification is logged
+  (logger ``distributor.admin``) with the node and the sender.
 * A node's refusal raises :class:`AdminRefused` with its reason label
   (``signed`` False for the broker's unsigned 401 to a request that failed
   authentication).  Network errors raise :class:`AdminUnreachable`.
@@ -31,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -59,6 +62,8 @@ __all__ = [
     "run_on_nodes",
     "new_request_id",
 ]
+
+log = logging.getLogger("distributor.admin")
 
 CHUNK = 1 << 20
 FINISHED_STATES = {"done", "failed", "timed_out", "expired", "interrupted"}
@@ -157,12 +162,19 @@ class AdminClient:
         if problem is not None:
             if status == 401 and problem == Refusal.MISSING_HEADER:
                 reason, detail = _error_of(payload)
+                log.warning("%s refused %s %s from %s: %s (unsigned 401)", self.node, method, raw_path[:120],
+                            self.sender, reason)
                 raise AdminRefused(self.node, status, reason, detail, signed=False)
+            log.error("answer from %s to %s %s failed verification: %s (HTTP %d): not trusted", self.node, method,
+                      raw_path[:120], problem, status)
             raise AdminUnverified(self.node, problem, status)
         result = json.loads(payload) if payload else None
         if status >= 300:
             reason, detail = _error_of(payload)
+            log.warning("%s refused %s %s from %s: %s: %s", self.node, method, raw_path[:120], self.sender, reason, detail)
             raise AdminRefused(self.node, status, reason, detail, signed=True)
+        if method != "GET":
+            log.info("%s: %s %s by %s -> %d", self.node, method, raw_path[:120], self.sender, status)
         return status, result
 
     # -- content ----------------------------------------------------------------------------
