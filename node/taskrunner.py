@@ -85,7 +85,9 @@ class ProcessOutcome:
 
 
 def _limits(memory: int, cpu_seconds: int, file_size: int, files: int) -> Callable[[], None]:
-    def apply() -> None:  # runs in the child between fork and exec (after setuid: lowering is allowed)
+    # Runs in the child between fork and exec, after setuid (lowering limits is always allowed). The agent
+    # has threads, so this does nothing but setrlimit(2) calls: no imports, no locks, no logging.
+    def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_seconds, cpu_seconds))
         resource.setrlimit(resource.RLIMIT_FSIZE, (file_size, file_size))
@@ -140,7 +142,9 @@ async def run_limited(argv: list[str], env: dict[str, str], cwd: str, time_limit
         _kill_group(process.pid)
         await process.wait()
         raise
-    _kill_group(process.pid)  # whatever it left running in its group
+    # Whatever it left running in its group. The group id cannot be reused while a member lives; once none
+    # does, this is a no-op (unless the pid space wrapped around in between).
+    _kill_group(process.pid)
     try:
         output, dropped = await asyncio.wait_for(reader, 2.0)
     except asyncio.TimeoutError:  # a descendant that left the group still holds the pipe
@@ -151,7 +155,10 @@ async def run_limited(argv: list[str], env: dict[str, str], cwd: str, time_limit
     if state is None:
         state = State.DONE if status == 0 else State.FAILED
         if status is not None and status < 0:
-            error = f"killed by signal {signal.Signals(-status).name}"
+            try:
+                error = f"killed by signal {signal.Signals(-status).name}"
+            except ValueError:
+                error = f"killed by signal {-status}"
     return ProcessOutcome(state, status, output.decode("utf-8", "replace"), dropped, error)
 
 
