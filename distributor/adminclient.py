@@ -4,10 +4,10 @@ Contract
 --------
 * :class:`AdminClient` talks to one node's broker (``node/broker.py``; the
   protocol is in docs/administration.md).  Every request is signed
-  (:func:`distributor.adminauth.sign_request`) with a sequence from the
+  (:func:`common.adminauth.sign_request`) with a sequence from the
   client's :class:`~common.wire.SequenceCounter` (share one per
   distributor process: the node keeps one replay window per sender).  Every
-  answer is verified (:func:`distributor.adminauth.verify_response`: the
+  answer is verified (:func:`common.adminauth.verify_response`: the
   expected node, fresh, bound to this request, MAC, body digest) before it is
   parsed; one that fails raises :class:`AdminUnverified`, so a spoofed node
   cannot report content it does not have.
@@ -44,10 +44,11 @@ from urllib.parse import quote
 import aiohttp
 import yarl
 
-from .adminauth import EMPTY_SHA256, Refusal, sign_request, verify_response
+from common.adminauth import EMPTY_SHA256, Refusal, sign_request, verify_response
+from common.wire import Keys, SequenceCounter
+
 from .blobstore import BlobStore
 from .content import Delete, DesiredContent, NodeReport, Plan, Transfer, matches, plan
-from common.wire import Keys, SequenceCounter
 
 __all__ = [
     "AdminError",

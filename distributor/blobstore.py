@@ -9,7 +9,7 @@ Contract
   if the operator's source file changed since, and identical files are kept once.
 * :meth:`BlobStore.ingest_tree` ingests every regular file under a directory
   (a tree push) and returns ``(managed path, sha256, size)`` per file, the
-  paths checked by :func:`distributor.content.check_path`; symlinks are not
+  paths checked by :func:`common.paths.check_path`; symlinks are not
   followed (refused, with the path named), so a tree cannot pull in files
   from elsewhere.
 * :meth:`BlobStore.path` is where a blob's bytes are (KeyError when absent);
@@ -25,8 +25,8 @@ import secrets
 from pathlib import Path
 from typing import Iterable
 
-from .adminauth import is_sha256_hex
-from .content import check_path
+from common.adminauth import is_sha256_hex
+from common.paths import check_path
 
 __all__ = ["BlobStore", "CHUNK"]
 

@@ -1,4 +1,4 @@
-"""``distributor-sign``: make operator keys and sign task bundles (see :mod:`distributor.bundle`).
+"""``distributor-sign``: make operator keys and sign task bundles (see :mod:`common.bundle`).
 
 Subcommands::
 
@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import bundle as bundles
+from common import bundle as bundles
 
 __all__ = ["add_commands", "main", "load_trusted"]
 

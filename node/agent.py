@@ -235,7 +235,7 @@ async def start_broker(config: AgentConfig, heartbeat_keys: Keys):
     from .broker import Broker
 
     keys = heartbeat_keys if config.broker.keys_file is None else load_keys(config.broker.keys_file, config.broker.key_id)
-    broker = Broker(config.broker, config.node_id, keys, config.max_load, config.max_cpu)
+    broker = Broker(config.broker, config.node_id, keys, config.max_load, config.max_cpu, CpuSampler())
     try:
         await broker.start()
     except OSError as exc:  # e.g. the address is not this node's: the config is wrong, say so and stop

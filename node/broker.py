@@ -4,7 +4,7 @@ It runs inside the node agent's process (``[broker]`` in its config; see
 docs/administration.md for the whole protocol) and lets the distributor
 manage the node's content and run tasks on it.
 
-Endpoints (JSON; every request and every answer signed, :mod:`distributor.adminauth`)::
+Endpoints (JSON; every request and every answer signed, :mod:`common.adminauth`)::
 
     GET  /v1/content/manifest                     -> {"area", "version", "paths": {path: {version, size, sha256}}}
     PUT  /v1/content?path=P&version=V&size=N      body: the file, streamed; X-Admin-Body-SHA256 is its digest
@@ -21,7 +21,7 @@ Contract
 * It listens on the configured cluster-LAN address only; a wildcard address
   (``0.0.0.0``, ``::``) is a config error.
 * Authentication happens before any handler runs: cheap checks, then the MAC
-  (:class:`~distributor.adminauth.RequestVerifier`).  A request that fails gets
+  (:class:`~common.adminauth.RequestVerifier`).  A request that fails gets
   401 with the reason, unsigned (signing answers to forgeries would hand out
   MACs), and changes nothing.  The replay marks are saved to the state
   directory before the request is acted on, so a restarted agent refuses
@@ -60,14 +60,14 @@ from typing import Any
 
 from aiohttp import web
 
-from distributor.adminauth import Authenticated, RequestVerifier, sign_response
-from distributor.bundle import MAX_BUNDLE_BYTES, BundleRefused, open_bundle, parse_public_key
-from distributor.content import PathRefused, check_bundle_name, check_path
+from common.adminauth import Authenticated, RequestVerifier, sign_response
+from common.bundle import MAX_BUNDLE_BYTES, BundleRefused, open_bundle, parse_public_key
+from common.paths import PathRefused, check_bundle_name, check_path
 from common.tomlconfig import ConfigError, TableReader
 from common.wire import Keys, SequenceCounter
 
 from .store import ContentStore, StoreRefused, Upload, atomic_write
-from .taskrunner import TaskRefused, TaskService, TaskSettings
+from .taskrunner import CpuMeasure, TaskRefused, TaskService, TaskSettings
 from .tasks import Gate, Priority
 
 __all__ = ["BrokerConfig", "parse_broker_config", "Broker", "DEFAULT_PORT", "BUILTIN_TASKS"]
@@ -279,7 +279,10 @@ def _int_param(value: str | None, name: str) -> int:
 
 
 class Broker:
-    def __init__(self, config: BrokerConfig, node_id: str, keys: Keys, max_load: float, max_cpu: float):
+    def __init__(self, config: BrokerConfig, node_id: str, keys: Keys, max_load: float, max_cpu: float,
+                 cpu: CpuMeasure):
+        """``max_load``/``max_cpu`` are the heartbeat's thresholds; ``cpu`` measures the CPU busy fraction
+        (the agent passes its own ``CpuSampler``) for the tasks' priority gate."""
         self.config = config
         self.node_id = node_id
         self.keys = keys
@@ -311,7 +314,7 @@ class Broker:
             bundles_enabled=config.bundles_enabled, trusted_keys=config.trusted_keys,
             sample_interval=config.sample_interval)
         self.tasks = TaskService(settings, gate, config.state_dir, config.bundle_dir / "signed",
-                                 config.bundle_dir / "run", config.keep_results)
+                                 config.bundle_dir / "run", cpu, config.keep_results)
         self._runner = None
         self.port: int | None = None
         self._io = concurrent.futures.ThreadPoolExecutor(4, "broker-io", _lower_priority, (config.io_nice,))

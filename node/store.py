@@ -9,7 +9,7 @@ Contract
   atomically (temporary file, fsync, rename, fsync of the directory) after
   every change, so it survives a restart or a crash.
 * Confinement: a path is first checked lexically
-  (:func:`distributor.content.check_path`: ``..``, absolute, NUL, ...), then
+  (:func:`common.paths.check_path`: ``..``, absolute, NUL, ...), then
   walked one component at a time from a descriptor of the root with
   ``O_NOFOLLOW`` (``openat(2)``), and every operation is done relative to the
   parent directory's descriptor.  No symlink is ever followed, so nothing
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from distributor.content import TEMP_PREFIX, PathRefused, check_path
+from common.paths import TEMP_PREFIX, PathRefused, check_path
 
 __all__ = ["StoreRefused", "ContentStore", "Upload", "atomic_write"]
 

@@ -3,9 +3,10 @@
 Contract
 --------
 * :class:`TaskService` wraps the pure :class:`node.tasks.Scheduler`: it
-  samples the agent's load measurement (``os.getloadavg()`` and
-  :class:`node.agent.CpuSampler` over ``/proc/stat``, the same measure the
-  heartbeat decision uses) every ``sample_interval`` seconds, asks the
+  samples the agent's load measurement (``os.getloadavg()`` and the CPU
+  sampler it is given over ``/proc/stat``: the agent passes a
+  ``node.agent.CpuSampler``, the same measure the heartbeat decision uses;
+  an adapter never imports the program) every ``sample_interval`` seconds, asks the
   scheduler what is due, starts it, and persists every record change to
   ``tasks.json`` in the state directory (atomically), so a request id is never
   run twice, across restarts too.
@@ -44,9 +45,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
-from distributor.bundle import Bundle, BundleRefused, open_bundle
+from common.bundle import Bundle, BundleRefused, open_bundle
 
 from .store import atomic_write
 from .tasks import Gate, LoadSample, Priority, Scheduler, State, TaskRecord
@@ -58,6 +59,12 @@ log = logging.getLogger("node-agent.tasks")
 _PRIORITY_RANK = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2}
 BUILTIN_PRIORITY = {"reload-nginx": Priority.HIGH, "rotate-logs": Priority.LOW, "disk-usage": Priority.NORMAL,
                     "scan-access-log": Priority.LOW}
+
+
+class CpuMeasure(Protocol):
+    """The CPU busy fraction since the previous call, from the text of ``/proc/stat`` (``node.agent.CpuSampler``)."""
+
+    def sample(self, proc_stat: str) -> float: ...
 
 
 class TaskRefused(Exception):
@@ -178,8 +185,9 @@ class TaskSettings:
 
 class TaskService:
     def __init__(self, settings: TaskSettings, gate: Gate, state_dir: Path, bundle_root: Path, run_root: Path,
-                 keep_results: int = 1000, clock=time.monotonic, wall=time.time):
+                 cpu: CpuMeasure, keep_results: int = 1000, clock=time.monotonic, wall=time.time):
         self.settings = settings
+        self.cpu = cpu
         self.scheduler = Scheduler(gate, keep_results)
         self.state_file = Path(state_dir) / "tasks.json"
         self.bundle_root = Path(bundle_root)
@@ -202,10 +210,8 @@ class TaskService:
                         record.id, record.name)
 
     async def start(self) -> None:
-        from .agent import CpuSampler  # the heartbeat's own measure
-
-        cpu = CpuSampler()
-        cpu.sample(Path("/proc/stat").read_text())
+        cpu = self.cpu
+        cpu.sample(Path("/proc/stat").read_text())  # the first sample sets the baseline
         await self._save()
 
         async def sample_loop() -> None:

@@ -208,7 +208,7 @@ class Testbed:
         return self.state_dir / "operator.key"
 
     def _write_operator_key(self) -> str:
-        from distributor import bundle
+        from common import bundle
 
         key = bundle.generate_private_key()
         self.operator_key_file.write_bytes(bundle.private_key_pem(key))

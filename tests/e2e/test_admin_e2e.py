@@ -18,10 +18,10 @@ import uuid
 import aiohttp
 import pytest
 
-from distributor.adminauth import sign_request
 from distributor.adminclient import AdminClient, AdminRefused, AdminUnreachable, sync_node, sync_nodes
 from distributor.blobstore import BlobStore
 from distributor.content import DesiredContent
+from common.adminauth import sign_request
 from common.keyfile import load_keys
 from common.wire import Keys, SequenceCounter
 from testbed import http, netns, wrk
@@ -274,7 +274,7 @@ def test_a_low_task_waits_while_the_node_is_loaded_and_runs_when_idle_a_high_one
 
 
 def test_a_signed_bundle_is_distributed_like_content_and_runs_as_nobody(bed, tmp_path):
-    from distributor import bundle as bundles
+    from common import bundle as bundles
 
     key = bundles.load_private_key(bed.operator_key_file.read_bytes())
     data = bundles.make_bundle(key, "whoami", 1, "high", 10, 64, "run.sh", {"run.sh": b"#!/bin/sh\nid -un\npwd\n"})

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from distributor.adminauth import (EMPTY_SHA256, H_BODY, H_KEY, H_MAC, H_REPLY_TO, H_SENDER, H_SEQUENCE, H_TIME,
-                                   REPLAY_WINDOW, Refusal, RequestVerifier, ReplayWindow, sign_request, sign_response,
-                                   verify_response)
+from common.adminauth import (EMPTY_SHA256, H_BODY, H_KEY, H_MAC, H_REPLY_TO, H_SENDER, H_SEQUENCE, H_TIME,
+                              REPLAY_WINDOW, Refusal, RequestVerifier, ReplayWindow, sign_request, sign_response,
+                              verify_response)
 from common.wire import Keys
 
 KEYS = Keys({1: b"k" * 32, 2: b"second key, rotated in"})

@@ -5,7 +5,7 @@ import hashlib
 import pytest
 
 from distributor.blobstore import BlobStore
-from distributor.content import PathRefused
+from common.paths import PathRefused
 
 
 def test_ingest_stores_by_digest_once(tmp_path):

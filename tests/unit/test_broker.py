@@ -15,13 +15,14 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from distributor import bundle as bundles
-from distributor.adminauth import sign_request
+from common import bundle as bundles
+from common.adminauth import sign_request
+from common.tomlconfig import ConfigError, TableReader
+from common.wire import Keys
 from distributor.adminclient import AdminClient, AdminRefused, AdminUnverified, sync_node
 from distributor.blobstore import BlobStore
-from common.tomlconfig import ConfigError, TableReader
 from distributor.content import DesiredContent
-from common.wire import Keys
+from node.agent import CpuSampler
 from node.broker import Broker, parse_broker_config
 
 KEYS = Keys({1: b"cluster admin key, 32 bytes long"})
@@ -51,7 +52,8 @@ trusted_keys = ["{bundles.public_key_text(OPERATOR)}"]
 def run(tmp_path, scenario, bundle_dir=None, **tasks):
     """Start a broker for web1, run ``scenario(broker, client)``, stop everything."""
     async def main():
-        broker = Broker(broker_config(tmp_path, bundle_dir, **tasks), "web1", KEYS, max_load=1000.0, max_cpu=1.0)
+        broker = Broker(broker_config(tmp_path, bundle_dir, **tasks), "web1", KEYS, max_load=1000.0, max_cpu=1.0,
+                        cpu=CpuSampler())
         await broker.start()
         try:
             async with AdminClient("web1", ("127.0.0.1", broker.port), KEYS, "dist1") as client:
@@ -178,7 +180,7 @@ def test_a_replay_mark_survives_a_restart(tmp_path):
         return broker.verifier.marks()["dist1"]
 
     mark = run(tmp_path, first)
-    restarted = Broker(broker_config(tmp_path), "web1", KEYS, 1000.0, 1.0)
+    restarted = Broker(broker_config(tmp_path), "web1", KEYS, 1000.0, 1.0, CpuSampler())
     assert restarted.verifier.replay["dist1"].floor == mark
 
 

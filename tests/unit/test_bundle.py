@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from distributor import bundle as bundles
+from common import bundle as bundles
 from distributor.signtool import main as sign_main
 
 KEY = bundles.generate_private_key()

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from distributor.content import TEMP_PREFIX
+from common.paths import TEMP_PREFIX
 from node.store import ContentStore, StoreRefused
 
 DATA = b"new content\n" * 1000

@@ -2,6 +2,8 @@
 
 The heartbeats' key scheme (:class:`common.wire.Keys`: ``KEY_ID HEX_SECRET``
 lines, rotation by key id) carried in HTTP headers instead of a datagram.
+Both ends use it: the node's broker verifies requests and signs its answers,
+the distributor's admin client signs requests and verifies the answers.
 
 Headers (every request and every response)::
 
@@ -50,7 +52,7 @@ import hmac
 from dataclasses import dataclass
 from typing import Mapping
 
-from common.wire import Keys
+from .wire import Keys
 
 __all__ = [
     "EMPTY_SHA256",

@@ -26,11 +26,15 @@ Contract
   signature, then the manifest's fields and the files' digests.  Refusals
   raise :class:`BundleRefused` with a reason label (``bad_bundle``,
   ``untrusted_key``, ``bad_signature``).
-* Names: the bundle's name follows :func:`distributor.content.check_bundle_name`;
+* Names: the bundle's name follows :func:`common.paths.check_bundle_name`;
   file names are flat (``[A-Za-z0-9][A-Za-z0-9._-]*``, no directories), so
   unpacking cannot write outside the bundle's own directory.
 * Keys: a private key is a PKCS#8 PEM file (mode 0600); a public key is the
   text ``ed25519:<base64 of 32 bytes>`` (what nodes list as trusted).
+* No file I/O and no clock (``signed_at`` is passed in), but an adapter in the
+  layers: it binds OpenSSL through ``cryptography``, and a new key is drawn
+  from the kernel's random source, so not every answer follows from the inputs.
+  Shared by the node (:func:`open_bundle`) and ``distributor-sign``.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
-from .content import PathRefused, check_bundle_name
+from .paths import PathRefused, check_bundle_name
 
 __all__ = [
     "FORMAT",
