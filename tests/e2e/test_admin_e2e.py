@@ -29,6 +29,7 @@ from testbed.runner import BROKER_PORT, wait_until
 
 NODES = ("web1", "web2", "web3")
 SEQUENCE = SequenceCounter()  # one per distributor process, as in the daemon
+RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)  # sched_getscheduler(2) reports it with the policy
 
 
 @pytest.fixture(scope="module")
@@ -275,13 +276,16 @@ def test_a_low_task_waits_while_the_node_is_loaded_and_runs_when_idle_a_high_one
 
 def test_a_signed_bundle_is_distributed_like_content_and_runs_as_nobody(bed, tmp_path):
     from common import bundle as bundles
+    from common.paths import check_bundle_name
 
     key = bundles.load_private_key(bed.operator_key_file.read_bytes())
-    data = bundles.make_bundle(key, "whoami", 1, "high", 10, 64, "run.sh", {"run.sh": b"#!/bin/sh\nid -un\npwd\n"})
+    # Field 41 of /proc/PID/stat is the scheduling policy (proc(5)); `cut` runs at its shell's policy.
+    script = b"#!/bin/sh\nid -un\npwd\ncut -d' ' -f41 /proc/self/stat\n"
+    data = bundles.make_bundle(key, "whoami", 1, "high", 10, 64, "run.sh", {"run.sh": script})
     source = tmp_path / "whoami.bundle"
     source.write_bytes(data)
     bundle_blobs = BlobStore(tmp_path / "bundle-blobs")
-    wanted = DesiredContent(check=bundles.check_bundle_name)
+    wanted = DesiredContent(check=check_bundle_name)
     wanted.put("whoami", *reversed(bundle_blobs.ingest(source)))
 
     async def distribute_and_run(clients):
@@ -292,11 +296,17 @@ def test_a_signed_bundle_is_distributed_like_content_and_runs_as_nobody(bed, tmp
 
     synced, runs = in_dist1(bed, distribute_and_run)
     assert all(r.matches for r in synced.values()), synced
+    policies = {}
     for node, record in runs.items():
         assert record["state"] == "done", record
-        user, cwd = record["output"].split()
+        user, cwd, policy = record["output"].split()
         assert user == "nobody" and cwd == str(bed.host_dir(node) / "bundles" / "run" / "whoami" / "work")
+        # The agent runs at SCHED_FIFO (agent.realtime_priority); its tasks must not: SCHED_RESET_ON_FORK.
+        agent_policy = os.sched_getscheduler(bed.service_pid(node, "agent")) & ~RESET_ON_FORK
+        assert policy == str(os.SCHED_OTHER), (node, record["output"], f"agent policy {agent_policy}")
+        policies[node] = agent_policy
         assert not (bed.host_dir(node) / "www" / "whoami").exists()
+    print(f"\nagent scheduling policy (0 other, 1 fifo): {policies}; every bundle ran at policy 0")
 
 
 def test_a_100_mib_push_keeps_the_agent_under_64_mib_and_its_loop_running(bed, blobs, desired, tmp_path):
