@@ -18,6 +18,9 @@ and heartbeats, less often, so it gets less new work before it is cut off.
 
 The decisions (:func:`next_interval`, :func:`assess`, :class:`CpuSampler`) are
 pure; the probe, the clock, ``/proc`` and the socket are adapters around them.
+
+With a ``[broker]`` section the same process also runs the administration
+endpoint (:mod:`node.broker`, docs/administration.md) beside the heartbeat loop.
 """
 
 from __future__ import annotations
@@ -32,11 +35,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.keyfile import load_keys
 from common.realtime import set_realtime
 from common.tomlconfig import ConfigError, TableReader, loads, parse_endpoint
 from common.wire import Keys, KeysError, Kind, NodeHeartbeat, SequenceCounter, seal
+
+if TYPE_CHECKING:
+    from .broker import BrokerConfig
 
 log = logging.getLogger("node-agent")
 
@@ -58,6 +65,7 @@ class AgentConfig:
     key_id: int | None
     log_level: str
     realtime_priority: int = 5  # SCHED_FIFO priority (0: normal), so heartbeats do not wait behind load
+    broker: "BrokerConfig | None" = None  # [broker]: the administration endpoint (node/broker.py)
 
 
 # -- pure decisions ----------------------------------------------------------
@@ -144,8 +152,13 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         raise ConfigError(f"heartbeat.key_id: {key_id!r} is not valid; expected an integer key id of the keys file")
     keys_file = beat.string("keys_file")
     beat.done()
+    broker = None
+    if top.has("broker"):
+        from .broker import parse_broker_config
+
+        broker = parse_broker_config(top.table("broker"))
     top.done()
-    return AgentConfig(destination=destination, keys_file=keys_file, key_id=key_id, **config)
+    return AgentConfig(destination=destination, keys_file=keys_file, key_id=key_id, broker=broker, **config)
 
 
 # -- adapters -------------------------------------------------------------------
@@ -178,6 +191,7 @@ async def run(config: AgentConfig, keys: Keys) -> None:
     last: Assessment | None = None
     sent = 0
     log.info("node agent %s: probing %s, heartbeats to %s:%d", config.node_id, config.probe_url, *config.destination)
+    broker = await start_broker(config, keys)
     # A new connection per probe: a web server that stopped must fail the next probe.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         while not stop.is_set():
@@ -209,7 +223,25 @@ async def run(config: AgentConfig, keys: Keys) -> None:
             except asyncio.TimeoutError:
                 pass
     sock.close()
+    if broker is not None:
+        await broker.stop()
     log.info("node agent %s stopping after %d heartbeats", config.node_id, sent)
+
+
+async def start_broker(config: AgentConfig, heartbeat_keys: Keys):
+    """The administration endpoint in this process, when [broker] is configured (see node/broker.py)."""
+    if config.broker is None:
+        return None
+    from .broker import Broker
+
+    keys = heartbeat_keys if config.broker.keys_file is None else load_keys(config.broker.keys_file, config.broker.key_id)
+    broker = Broker(config.broker, config.node_id, keys, config.max_load, config.max_cpu, CpuSampler())
+    try:
+        await broker.start()
+    except OSError as exc:  # e.g. the address is not this node's: the config is wrong, say so and stop
+        log.error("%s", exc)
+        raise SystemExit(1) from None
+    return broker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = parse_config(Path(args.config).read_text(), args.config)
         keys = load_keys(config.keys_file, config.key_id)
+        if config.broker is not None and config.broker.keys_file is not None:
+            load_keys(config.broker.keys_file, config.broker.key_id)
     except OSError as exc:
         print(f"node-agent: cannot read config file {args.config!r}: {exc.strerror}", file=sys.stderr)
         return 2

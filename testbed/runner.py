@@ -44,6 +44,7 @@ DEFAULT_PROJECT = "cluster"
 METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host
 HEARTBEAT_PORT = 8405
 FAILOVER_PORT = 8406
+BROKER_PORT = 8407  # the node agents' administration endpoint (node/broker.py)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _HOST_RE = re.compile(r"^(client|dist\d+|web\d+|sw)$")
 
@@ -64,6 +65,7 @@ class Options:
     mode: str = "rewrite"  # the distributors' data path: "rewrite" or "kernel"
     established_timeout: float = 900.0  # the distributors' idle timeout of an established connection
     smtp: str | None = None  # "ADDRESS:PORT" of a mail server for alerts, or None
+    access_log: bool = False  # nginx writes <host dir>/access.log (scan-access-log reads it)
 
 
 def check_project(name: str) -> str:
@@ -200,18 +202,33 @@ class Testbed:
     def keys_file(self) -> Path:
         return self.state_dir / "keys"
 
+    @property
+    def operator_key_file(self) -> Path:
+        """The run's operator Ed25519 key (signs task bundles; every agent trusts its public half)."""
+        return self.state_dir / "operator.key"
+
+    def _write_operator_key(self) -> str:
+        from common import bundle
+
+        key = bundle.generate_private_key()
+        self.operator_key_file.write_bytes(bundle.private_key_pem(key))
+        self.operator_key_file.chmod(0o600)
+        return bundle.public_key_text(key)
+
     def _write_files(self) -> None:
         self.state_dir.chmod(0o755)
         self.keys_file.write_text(f"# heartbeat keys of testbed run {self.project}\n1 {secrets.token_hex(32)}\n")
         self.keys_file.chmod(0o600)
+        operator_public = self._write_operator_key()
         for host in self.topology.hosts:
             directory = self.host_dir(host.name)
             directory.mkdir(parents=True, exist_ok=True)
             directory.chmod(0o755)
             if "nginx" in host.services:
-                write_web_files(self.topology, host, directory)
+                write_web_files(self.topology, host, directory, access_log=self.options.access_log)
             if "agent" in host.services:
-                (directory / "agent.toml").write_text(render_agent_config(self.topology, host, self.keys_file))
+                (directory / "agent.toml").write_text(
+                    render_agent_config(self.topology, host, self.keys_file, directory, operator_public))
             if "distributor" in host.services:
                 (directory / "distributor.toml").write_text(self.distributor_config(host))
 
@@ -239,7 +256,8 @@ class Testbed:
     def set_web_delay(self, host: str, seconds: float) -> None:
         """Make a web node answer /health after ``seconds`` (0: at once); nginx reloads its config."""
         spec = self.topology.host(host)
-        write_web_files(self.topology, spec, self.host_dir(host), health_delay=seconds, content_too=False)
+        write_web_files(self.topology, spec, self.host_dir(host), health_delay=seconds, content_too=False,
+                        access_log=self.options.access_log)
         pid = self.service_pid(host, "nginx")
         if pid is None:
             raise TestbedError(f"nginx is not running on {host}")
@@ -457,7 +475,7 @@ class Testbed:
 
 
 def write_web_files(topology: Topology, host: Host, directory: Path, health_delay: float = 0.0,
-                    content_too: bool = True) -> None:
+                    content_too: bool = True, access_log: bool = False) -> None:
     """The web node's document root (the known files of testbed.content) and its nginx.conf."""
     root = directory / "www"
     if content_too:
@@ -474,14 +492,23 @@ def write_web_files(topology: Topology, host: Host, directory: Path, health_dela
     health = f"location = /health {{ echo_sleep {health_delay:g}; echo ok; }}" if health_delay > 0 else ""
     (directory / "nginx.conf").write_text(
         NGINX_CONF.format(dir=directory, root=root, address=host.address_on("int"), port=topology.vip_port,
-                          node=host.name, health=health)
+                          node=host.name, health=health,
+                          access_log=f"{directory}/access.log combined" if access_log else "off")
     )
 
 
-def render_agent_config(topology: Topology, host: Host, keys_file: Path) -> str:
+def render_agent_config(topology: Topology, host: Host, keys_file: Path, directory: Path | None = None,
+                        operator_public: str | None = None) -> str:
+    """The agent's config; with ``directory`` also its [broker] (content in <directory>/www, state beside it)."""
     network = topology.bridges["int"]
-    return AGENT_CONF.format(node=host.name, address=host.address_on("int"), port=topology.vip_port,
+    text = AGENT_CONF.format(node=host.name, address=host.address_on("int"), port=topology.vip_port,
                              broadcast=network.broadcast_address, heartbeat_port=HEARTBEAT_PORT, keys=keys_file)
+    if directory is None:
+        return text
+    senders = ", ".join(f'{d.name} = "{d.address_on("int")}"' for d in topology.by_role("distributor"))
+    trusted = f'"{operator_public}"' if operator_public else ""
+    return text + BROKER_CONF.format(address=host.address_on("int"), port=BROKER_PORT, senders=senders, dir=directory,
+                                     trusted=trusted)
 
 
 def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path) -> str:
@@ -567,7 +594,7 @@ pid {dir}/nginx.pid;
 error_log {dir}/nginx-error.log warn;
 events {{ worker_connections 8192; }}
 http {{
-    access_log off;
+    access_log {access_log};
     sendfile on;
     tcp_nopush on;
     keepalive_requests 1000000;
@@ -654,4 +681,26 @@ max_cpu = 1.0
 [heartbeat]
 destination = "{broadcast}:{heartbeat_port}"
 keys_file = "{keys}"
+"""
+
+BROKER_CONF = """\
+
+[broker]
+listen = "{address}:{port}"
+senders = {{ {senders} }}
+document_root = "{dir}/www"
+state_dir = "{dir}/broker"
+bundle_dir = "{dir}/bundles"
+
+[broker.tasks]
+nginx_pid_file = "{dir}/nginx.pid"
+access_log = "{dir}/access.log"
+# The load measure is machine-wide here (namespaces share one kernel, other runs share the CPUs):
+# "idle" ignores the load average and allows the CPU noise of neighbours; a busy loop on every CPU is "loaded".
+idle_cpu = 0.85
+idle_load = 1000.0
+idle_for = 1.0
+
+[broker.bundles]
+trusted_keys = [{trusted}]
 """
