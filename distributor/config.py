@@ -19,6 +19,7 @@ from backup.takeover import FloatingAddress
 from common.tomlconfig import ConfigError, TableReader, loads, show
 
 from .alerts import SmtpSettings
+from .api import ApiToken, parse_token_file
 from .balancer import MAX_WEIGHT, Policy
 from .conntable import Timeouts
 from .core import HealthOptions
@@ -64,6 +65,28 @@ class FailoverConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class ApiConfig:
+    listen: tuple[str, int] | None  # None: "auto" (the cluster-LAN address, or loopback), resolved at start
+    port: int
+    tokens: tuple[ApiToken, ...]  # inline ones; tokens_file is read by the program at start
+    tokens_file: str | None
+
+    def all_tokens(self) -> list[ApiToken]:
+        """The inline tokens and those of tokens_file (read now); raises ConfigError naming the file."""
+        tokens = list(self.tokens)
+        if self.tokens_file:
+            try:
+                tokens += parse_token_file(Path(self.tokens_file).read_text(), self.tokens_file)
+            except OSError as exc:
+                raise ConfigError(f"api.tokens_file: cannot read {self.tokens_file!r}: {exc.strerror}") from None
+            except ValueError as exc:
+                raise ConfigError(f"api.tokens_file: {exc}") from None
+        if not tokens:
+            raise ConfigError("api: no token; add api.tokens or api.tokens_file (every request needs one)")
+        return tokens
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     name: str
     mode: Mode
@@ -81,6 +104,8 @@ class Config:
     alert_log: str | None = None
     smtp: SmtpSettings | None = None
     failover: FailoverConfig | None = None
+    api: ApiConfig | None = None
+    state_file: str | None = "/var/lib/distributor/state.json"  # runtime changes kept across restarts; None: off
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -106,6 +131,10 @@ def parse(text: str, source: str = "<config>") -> Config:
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
     guard = dist.boolean("guard", True)
     realtime_priority = dist.integer("realtime_priority", 10, 0, 99)
+    state_file = dist.get("state_file", "/var/lib/distributor/state.json")
+    if not isinstance(state_file, str):
+        raise ConfigError(f"distributor.state_file: {show(state_file)} is not valid; expected a file path, or \"\" "
+                          "to keep runtime changes in memory only")
     dist.done()
 
     table = top.table("table")
@@ -130,6 +159,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     health = _health(top)
     alert_log, smtp = _alerts(top)
     failover = _failover(top, name, health)
+    api = _api(top, services)
     top.done()
     return Config(
         name=name,
@@ -144,6 +174,8 @@ def parse(text: str, source: str = "<config>") -> Config:
         log_level=log_level,
         guard=guard,
         realtime_priority=realtime_priority,
+        api=api,
+        state_file=state_file or None,
         health=health,
         alert_log=alert_log,
         smtp=smtp,
@@ -221,6 +253,39 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
     )
     table.done()
     return config
+
+
+def _api(top: TableReader, services: tuple[ServiceSpec, ...]) -> ApiConfig | None:
+    if not top.has("api"):
+        return None
+    table = top.table("api")
+    listen_text = table.get("listen", "auto")
+    listen = None if listen_text == "auto" else table.endpoint("listen")
+    port = listen[1] if listen else table.integer("port", 8410, 1, 65535)
+    if listen is not None:
+        for service in services:
+            if listen[0] == str(service.vip):
+                raise ConfigError(f"api.listen: {listen_text!r} is a service's VIP; the control API belongs on the "
+                                  "management side (the cluster-LAN address, or loopback)")
+    tokens: list[ApiToken] = []
+    raw = table.get("tokens", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"api.tokens: {show(raw)} is not valid; expected [{{ name = \"ops\", role = \"admin\", "
+                          "token = \"...\" }, ...]")
+    for i, item in enumerate(raw):
+        entry = TableReader(item, f"api.tokens[{i}]")
+        token = entry.string("token")
+        if len(token) < 16:
+            raise ConfigError(f"api.tokens[{i}].token: too short ({len(token)} characters); use 16 or more")
+        tokens.append(ApiToken(entry.string("name"), entry.string("role", "viewer", ("viewer", "admin")), token))
+        entry.done()
+    tokens_file = table.get("tokens_file", "")
+    if not isinstance(tokens_file, str):
+        raise ConfigError(f"api.tokens_file: {show(tokens_file)} is not valid; expected a file path")
+    if not tokens and not tokens_file:
+        raise ConfigError("api: no token; add api.tokens or api.tokens_file (every request needs one)")
+    table.done()
+    return ApiConfig(listen, port, tuple(tokens), tokens_file or None)
 
 
 def _interface(table: TableReader) -> str:

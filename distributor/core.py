@@ -72,6 +72,19 @@ class ConntrackAnswered:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reconfigure:
+    """The configuration was read again (SIGHUP): its services and nodes, and the health settings.
+
+    What only a restart can change (the mode, the queue, failover) the program refuses before it
+    gets here.  Health state and open connections stay; runtime changes apply on top again.
+    """
+
+    services: tuple[ServiceSpec, ...]
+    health: HealthSettings | None
+    now: float
+
+
+@dataclasses.dataclass(frozen=True)
 class SetConntrackLiberal(Command):
     """Kernel mode: let conntrack pick up connections mid-stream without window history (after a takeover)."""
 
@@ -167,6 +180,8 @@ class DistributorCore:
             return self._finish(commands)
         if isinstance(event, AdminRequest):
             return self._finish(self._admin(event))
+        if isinstance(event, Reconfigure):
+            return self._finish(self._reconfigure(event))
         if isinstance(event, ConntrackAnswered):
             return self._finish(self._route(self.interposer.confirmed(event.alive, event.gone, event.now)))
         if isinstance(event, StopRequested):
@@ -322,6 +337,29 @@ class DistributorCore:
         if isinstance(node, str):
             body["node"] = self.node_view(node, request.now)
         return [AdminReply(request.request_id, 200, body), *commands]
+
+    def _reconfigure(self, event: Reconfigure) -> list[Command]:
+        before = {node: self.runtime.admin_state(node) for node in self.nodes()}
+        known = {s.name for s in self.interposer.services}
+        new = [s.name for s in event.services if s.name not in known]
+        if new:
+            return [Log(Level.ERROR, f"reload: new services ({', '.join(new)}) need a restart; keeping the running "
+                                     "configuration")]
+        self.base_services = event.services
+        self.base_nodes = {b.name: str(b.address) for svc in self.base_services for b in svc.backends}
+        for spec in event.services:  # a port change moves the node: out at the old port, in at the new one
+            service = self.interposer.service(spec.name)
+            for wanted in spec.backends:
+                current = service.find(wanted.name)
+                if current is not None and not current.removed and (current.address, current.port) != (wanted.address,
+                                                                                                      wanted.port):
+                    self.interposer.remove_backend(spec.name, wanted.name)
+        if event.health is not None and self.health is not None:
+            self.health.reconfigure(event.health)
+        commands = self._apply_runtime(event.now, before)
+        return commands + [Log(Level.INFO, f"reloaded: {sum(len(s.backends) for s in event.services)} backend(s) in "
+                                           f"{len(event.services)} service(s); runtime state version "
+                                           f"{self.runtime.version} applied on top")]
 
     def _adopt(self, state: RuntimeState, now: float) -> list[Command]:
         """Take a whole runtime state (the state file at start; the active's on a standby)."""

@@ -23,20 +23,24 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 from backup.failover import (Announce, ArmFirstForward, ClaimAddresses, DrainQueue, HoldNewSyns, InstallRules,
                              PeerDatagram, ReleaseAddresses, ReleaseNewSyns, RemoveRules)
 from backup.takeover import AddressOwner
 from common.keyfile import load_keys
 from common.realtime import set_realtime
-from common.sansio import Alert, Log, Send, StopRequested
+from common.systemd import JournalFormatter, notify, under_journal, watchdog_interval
+from common.sansio import Alert, Level, Log, Send, StopRequested
 from common.wire import Keys, KeysError
 
 from . import __version__
+from .admin import AdminReply, RuntimeState, SaveState
 from .alerts import Alerts
+from .api import ControlApi, EventLog
 from .config import Config, ConfigError, load
 from .conntrack import Conntrack
-from .core import ConntrackAnswered, DistributorCore, SetConntrackLiberal
+from .core import ConntrackAnswered, DistributorCore, Reconfigure, SetConntrackLiberal
 from .datapath import PacketQueue, QueueError, RawSender
 from .heartbeat import NodeDatagram
 from .metrics import start_metrics_server
@@ -69,19 +73,20 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load(args.config)
-        keys = load_keys(config.health.keys_file) if config.health else None
-        failover_keys = load_keys(config.failover.keys_file) if config.failover else None
+    except ConfigError as exc:
+        print(f"distributor: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(describe(config))
+        for problem in files_missing(config):
+            print(f"  warning: {problem} (the daemon needs it to start)")
+        return 0
+    try:
+        keys, failover_keys, tokens = load_secrets(config)
     except (ConfigError, KeysError) as exc:
         print(f"distributor: config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=(args.log_level or config.log_level).upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.check:
-        print(describe(config))
-        return 0
+    setup_logging(args.log_level or config.log_level)
     missing = missing_capabilities()
     if missing:
         log.error("the distributor needs %s (NFQUEUE, iptables and addresses need CAP_NET_ADMIN; raw sockets and "
@@ -94,11 +99,36 @@ def main(argv: list[str] | None = None) -> int:
     elif config.realtime_priority:
         log.info("running at SCHED_FIFO priority %d", config.realtime_priority)
     try:
-        asyncio.run(serve(config, keys, failover_keys))
+        asyncio.run(serve(config, keys, failover_keys, tokens, args.config))
     except (RulesError, QueueError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
+
+
+def setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    # Under systemd, each line carries its syslog priority for journald (and journald adds the time).
+    handler.setFormatter(JournalFormatter() if under_journal()
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
+def load_secrets(config: Config) -> tuple[Keys | None, Keys | None, list]:
+    keys = load_keys(config.health.keys_file) if config.health else None
+    failover_keys = load_keys(config.failover.keys_file) if config.failover else None
+    tokens = config.api.all_tokens() if config.api else []
+    return keys, failover_keys, tokens
+
+
+def files_missing(config: Config) -> list[str]:
+    """What --check reports without failing: files the config names that this host does not have (yet)."""
+    problems = []
+    try:
+        load_secrets(config)
+    except (ConfigError, KeysError) as exc:
+        problems.append(str(exc))
+    return problems
 
 
 _CAPABILITIES = {"CAP_NET_ADMIN": 12, "CAP_NET_RAW": 13}
@@ -133,6 +163,13 @@ def cluster_interface(config: Config, configured: str) -> str | None:
                           "failover.address to this distributor's cluster-LAN address, or failover.interface")
         return found
     return interface_towards(str(next(iter(config.nodes.values()))))
+
+
+def api_address(config: Config) -> str:
+    """The API's "auto" address: this distributor's cluster-LAN address when it has one on this host, else loopback."""
+    if config.failover is not None and interface_of(str(config.failover.address)) is not None:
+        return str(config.failover.address)
+    return "127.0.0.1"
 
 
 def guard_spec(config: Config) -> GuardSpec:
@@ -171,20 +208,70 @@ def describe(config: Config) -> str:
     return "\n".join(lines)
 
 
-def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None) -> DistributorCore:
+def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None,
+               saved: RuntimeState | None = None) -> DistributorCore:
     return DistributorCore(
         config.name, config.mode, config.services, config.capacity, config.timeouts,
         health=config.health.options(config.nodes) if config.health is not None and keys is not None else None,
         health_keys=keys,
         failover=config.failover.options(config.name) if config.failover is not None and failover_keys else None,
         failover_keys=failover_keys,
+        saved_state=saved,
     )
 
 
-async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | None = None) -> None:
+def read_state(path: str | None) -> RuntimeState | None:
+    """The state file a previous run left; an unreadable one is kept aside (``.bad``) and ignored."""
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot read the state file %s (%s): starting from the configuration alone", path, exc.strerror)
+        return None
+    try:
+        state = RuntimeState.from_json(text)
+    except ValueError as exc:
+        aside = f"{path}.bad"
+        os.replace(path, aside)
+        log.error("the state file %s is unreadable (%s): kept as %s; starting from the configuration alone",
+                  path, exc, aside)
+        return None
+    log.info("runtime state version %d restored from %s", state.version, path)
+    return state
+
+
+def write_state(path: str, text: str) -> None:
+    """Atomically: a crash leaves the old file or the new one, never half of one."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{target.name}.tmp")
+    with open(temporary, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, target)
+
+
+def reload_refusal(running: Config, new: Config) -> str | None:
+    """Why a reloaded config cannot be applied without a restart, or None."""
+    for field in ("mode", "queue", "name"):
+        if getattr(running, field) != getattr(new, field):
+            return f"distributor.{field} changed ({getattr(running, field)!r} -> {getattr(new, field)!r})"
+    if (running.failover is None) != (new.failover is None) or (running.health is None) != (new.health is None):
+        return "a [health] or [failover] section was added or removed"
+    if running.failover is not None and running.failover != new.failover:
+        return "the [failover] section changed"
+    return None
+
+
+async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | None = None, tokens: list | None = None,
+                config_path: str | None = None) -> None:
     loop = asyncio.get_running_loop()
     clock, wall_clock = time.monotonic, time.time
-    core = build_core(config, keys, failover_keys)
+    core = build_core(config, keys, failover_keys, read_state(config.state_file))
     runtime = Runtime(core, {}, clock, wall_clock)
     runtime.attach(loop)
     alerts = Alerts(config.name, config.alert_log, config.smtp)
@@ -197,6 +284,31 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     owner = AddressOwner(list(config.failover.addresses), config.failover.garp_count) if config.failover else None
     endpoints: list[DatagramEndpoint] = []
     peers: DatagramEndpoint | None = None
+    events = EventLog()
+
+    def role() -> str:
+        return core.failover.role.name.lower() if core.failover is not None else "alone"
+
+    api = ControlApi(core, runtime.feed, tokens or [], events, clock, wall_clock, role, config.mode.value,
+                     config.name) if config.api is not None else None
+
+    def alert(command: Alert) -> None:
+        alerts.notify(command.subject, command.old, command.new, command.reason, int(command.level))
+        events.add("alert", subject=command.subject, old=command.old, new=command.new, reason=command.reason,
+                   level=command.level.name.lower())
+
+    def log_line(command: Log) -> None:
+        log.log(int(command.level), "%s", command.message)
+        if command.level >= Level.WARNING:
+            events.add("log", level=command.level.name.lower(), message=command.message)
+
+    async def save_state(command: SaveState) -> None:
+        if config.state_file:
+            try:
+                await asyncio.to_thread(write_state, config.state_file, command.text)
+            except OSError as exc:
+                log.error("cannot write the state file %s: %s; runtime changes are not kept across a restart",
+                          config.state_file, exc)
 
     def send(command: Send) -> None:
         assert peers is not None, "only the failover core sends datagrams"
@@ -235,8 +347,10 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     runtime.register({
         Send: send,
         SendPacket: lambda c: raw.send(c.packet),
-        Log: lambda c: log.log(int(c.level), "%s", c.message),
-        Alert: lambda c: alerts.notify(c.subject, c.old, c.new, c.reason, int(c.level)),
+        Log: log_line,
+        Alert: alert,
+        AdminReply: lambda c: api.reply(c) if api is not None else None,
+        SaveState: save_state,
         HoldNewSyns: lambda c: queue.hold(c.hold),
         ReleaseNewSyns: lambda c: queue.release_held(),
         ArmFirstForward: lambda c: queue.arm_first_forward(),
@@ -255,6 +369,36 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    reloading: list[asyncio.Task] = []
+
+    async def reload() -> None:
+        nonlocal config
+        notify("RELOADING=1")
+        try:
+            new = await asyncio.to_thread(load, config_path)
+            refusal = reload_refusal(config, new)
+            if refusal is not None:
+                raise ConfigError(f"{refusal}: that needs a restart")
+            runtime.feed(Reconfigure(new.services, new.health.settings if new.health else None, clock()))
+            config = new
+            log.info("configuration %s reloaded", config_path)
+        except (ConfigError, OSError) as exc:
+            log.error("reload refused, the running configuration stays: %s", exc)
+            events.add("log", level="error", message=f"reload refused: {exc}")
+        finally:
+            notify("READY=1")
+
+    if config_path:
+        loop.add_signal_handler(signal.SIGHUP, lambda: reloading.append(loop.create_task(reload())))
+    watchdog = watchdog_interval()
+
+    async def feed_watchdog() -> None:
+        # The event loop itself sends these: a loop that is stuck stops them, and systemd restarts it.
+        while True:
+            notify("WATCHDOG=1")
+            await asyncio.sleep(watchdog)
+
+    tasks: list[asyncio.Task] = []
     metrics_runner = None
     try:
         alerts.start()
@@ -283,13 +427,22 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         if config.metrics_listen:
             metrics_runner = await start_metrics_server(core, queue, alerts, runtime, [rules, guard],
                                                         *config.metrics_listen)
+        if api is not None:
+            host, port = config.api.listen or (await asyncio.to_thread(api_address, config), config.api.port)
+            await api.start(host, port)
+        if watchdog:
+            tasks.append(loop.create_task(feed_watchdog(), name="watchdog"))
         log.info("distributor %s ready: %d service(s) on queue %d: %s", config.name, len(config.services),
                  config.queue, ", ".join(f"{s.vip}:{s.port}" for s in config.services))
-        _notify_systemd("READY=1")
+        notify("READY=1")
         await stop.wait()
         log.info("stopping on signal")
-        _notify_systemd("STOPPING=1")
+        notify("STOPPING=1")
     finally:
+        for task in tasks + reloading:
+            task.cancel()
+        if api is not None:
+            await api.stop()
         runtime.feed(StopRequested(clock(), wall_clock()))
         await runtime.settle()
         runtime.close()
@@ -311,19 +464,6 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         await alerts.stop()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
-
-
-def _notify_systemd(state: str) -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
-    if not address:
-        return
-    if address.startswith("@"):
-        address = "\0" + address[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
-            sock.sendto(state.encode(), address)
-    except OSError as exc:
-        log.warning("cannot notify systemd at %s: %s", address, exc)
 
 
 if __name__ == "__main__":

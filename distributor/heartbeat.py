@@ -395,6 +395,11 @@ class NodeHealth:
             return self.start(event.now, event.wall)
         return self._tick(event.now)
 
+    def reconfigure(self, settings: HealthSettings) -> None:
+        """New thresholds (a reload): counters and states stay; each node's allowance follows at its next heartbeat."""
+        self.settings = settings
+        self.board.settings = settings
+
     def add_node(self, node: str, address: str) -> list[Command]:
         """Watch a node added at run time (its heartbeats must come from ``address``)."""
         self.board.add(node)

@@ -235,10 +235,14 @@ class Service:
         return self.balancer.policy
 
     def find(self, node: str) -> "Backend | None":
+        """The node's backend in this service: the one in service, else the last one removed."""
+        found = None
         for backend in self.backends:
             if backend.name == node:
-                return backend
-        return None
+                if not backend.removed:
+                    return backend
+                found = backend
+        return found
 
     def __repr__(self) -> str:
         return f"Service({self.name}, {self.vip}:{self.port})"
@@ -606,12 +610,17 @@ class Interposer:
         if service is None:
             raise KeyError(f"no service {service_name!r}")
         existing = service.find(spec.name)
-        if existing is not None:
+        if existing is not None and not existing.removed:
             if (existing.address, existing.port) != (spec.address, spec.port):
                 raise ValueError(f"{spec.name} is in {service_name} already at {existing.address}:{existing.port}")
-            existing.removed = False
             service.balancer.set_weight(existing.index, spec.weight)
             return existing
+        for old in service.backends:  # back at the address and port it had: the same backend again
+            if old.removed and old.name == spec.name and (old.address, old.port) == (spec.address, spec.port):
+                old.removed = False
+                service.balancer.set_weight(old.index, spec.weight)
+                service.balancer.set_available(old.index, True)
+                return old
         taken = {b.addr_bytes + b.port_bytes: s.name for s in self.services for b in s.backends if not b.removed}
         owner = taken.get(spec.address.packed + spec.port.to_bytes(2, "big"))
         if owner is not None:

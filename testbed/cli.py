@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("start", "bring a host's links up and start its services"),
     ):
         verbs.add_parser(verb, help=text).add_argument("host")
+    ctl = verbs.add_parser("ctl", help="distributorctl against the active distributor with this run's admin token: "
+                                       "ctl [--host DIST] [--viewer] ARGS... (e.g. ctl nodes --json, ctl console-url)")
+    ctl.add_argument("--host", help="a distributor other than the active one")
+    ctl.add_argument("--viewer", action="store_true", help="use the run's viewer token instead of the admin one")
+    ctl.add_argument("args", nargs=argparse.REMAINDER, help="distributorctl's arguments")
     logs = verbs.add_parser("logs", help="print the logs of a host's services")
     logs.add_argument("host")
     logs.add_argument("-n", "--lines", type=int, default=0, help="only the last N lines of each log")
@@ -102,6 +107,19 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise TestbedError("exec needs a command: cluster-testbed exec HOST -- CMD...")
         argv = bed.exec_argv(args.host, command)
         os.execvp(argv[0], argv)
+    if args.verb == "ctl":
+        ctl_args = args.args[1:] if args.args[:1] == ["--"] else args.args
+        if not ctl_args:
+            raise TestbedError("ctl needs distributorctl's arguments, e.g. cluster-testbed ctl nodes")
+        # distributorctl's own --json goes after its command; accept it before too.
+        if ctl_args[0] == "--json":
+            ctl_args = ctl_args[1:] + ["--json"]
+        if "--json" in ctl_args[1:]:
+            ctl_args = ["--json"] + [a for a in ctl_args if a != "--json"]
+        result = bed.ctl(ctl_args, host=args.host, role="viewer" if args.viewer else "admin")
+        sys.stdout.write(result.stdout)
+        sys.stderr.write(result.stderr)
+        return result.returncode
     if args.verb in ("kill", "stop", "start"):
         getattr(bed, args.verb)(args.host)
         print(f"{args.project}: {args.verb} {args.host}: done")

@@ -44,6 +44,7 @@ DEFAULT_PROJECT = "cluster"
 METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host
 HEARTBEAT_PORT = 8405
 FAILOVER_PORT = 8406
+API_PORT = 8410  # the control API and console, on each distributor's cluster-LAN address
 BROKER_PORT = 8407  # the node agents' administration endpoint (node/broker.py)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
 _HOST_RE = re.compile(r"^(client|dist\d+|web\d+|sw)$")
@@ -219,6 +220,10 @@ class Testbed:
         self.state_dir.chmod(0o755)
         self.keys_file.write_text(f"# heartbeat keys of testbed run {self.project}\n1 {secrets.token_hex(32)}\n")
         self.keys_file.chmod(0o600)
+        self.api_tokens_file.write_text(f"# control-API tokens of testbed run {self.project}\n"
+                                        f"admin operator {secrets.token_urlsafe(24)}\n"
+                                        f"viewer watcher {secrets.token_urlsafe(24)}\n")
+        self.api_tokens_file.chmod(0o600)
         operator_public = self._write_operator_key()
         for host in self.topology.hosts:
             directory = self.host_dir(host.name)
@@ -233,7 +238,37 @@ class Testbed:
                 (directory / "distributor.toml").write_text(self.distributor_config(host))
 
     def distributor_config(self, host: Host) -> str:
-        return render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name))
+        return render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name),
+                                         self.api_tokens_file)
+
+    @property
+    def api_tokens_file(self) -> Path:
+        return self.state_dir / "api-tokens"
+
+    def api_token(self, role: str = "admin") -> str:
+        """This run's control-API token of a role (admin, viewer)."""
+        for line in self.api_tokens_file.read_text().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == role:
+                return parts[2]
+        raise TestbedError(f"no {role} token in {self.api_tokens_file}")
+
+    def api_url(self, host: str) -> str:
+        return f"http://{self.topology.host(host).address_on('int')}:{API_PORT}"
+
+    def active_distributor(self) -> str:
+        for host in self.topology.by_role("distributor"):
+            if self.role(host.name) == "active":
+                return host.name
+        raise TestbedError("no distributor is active")
+
+    def ctl(self, args: list[str], host: str | None = None, role: str = "admin", check: bool = False,
+            timeout: float = 120) -> subprocess.CompletedProcess:
+        """Run distributorctl against a distributor (default: the active one) with this run's token."""
+        host = host or self.active_distributor()
+        argv = [sys.executable, "-m", "distributor.ctl", "--url", self.api_url(host), "--token", self.api_token(role),
+                *args]
+        return self.run(host, argv, check=check, timeout=timeout)
 
     def start_service(self, host: str, service: str) -> int:
         """Start one declared service of ``host`` (no-op when it runs); returns its pid."""
@@ -511,7 +546,8 @@ def render_agent_config(topology: Topology, host: Host, keys_file: Path, directo
                                      trusted=trusted)
 
 
-def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path) -> str:
+def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
+                              api_tokens: Path | None = None) -> str:
     nodes = "".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in topology.web_nodes)
     backends = ", ".join(f'"{web.name}"' for web in topology.web_nodes)
     smtp = ""
@@ -545,6 +581,8 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
         on_dead=options.on_dead,
         alert_log=directory / "alerts.log",
         smtp=smtp,
+        state_file=directory / "state.json",
+        api=API_CONF.format(address=host.address_on("int"), port=API_PORT, tokens=api_tokens) if api_tokens else "",
     )
 
 
@@ -622,6 +660,7 @@ DISTRIBUTOR_CONF = """\
 name = "{name}"
 mode = "{mode}"
 queue = 0
+state_file = "{state_file}"
 
 [table]
 capacity = {capacity}
@@ -657,7 +696,13 @@ addresses = [
 
 [alerts]
 log_file = "{alert_log}"
-{smtp}"""
+{smtp}{api}"""
+
+API_CONF = """
+[api]
+listen = "{address}:{port}"
+tokens_file = "{tokens}"
+"""
 
 SMTP_CONF = """\
 [alerts.smtp]

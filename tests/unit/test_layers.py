@@ -25,14 +25,14 @@ CORE = {
     "common.adminauth", "common.paths", "distributor.content", "node.tasks", "node.logscan",
 }
 ADAPTERS = {
-    "common.keyfile", "common.realtime",
+    "common.keyfile", "common.realtime", "common.systemd",
     "distributor.datapath", "distributor.rules", "distributor.conntrack", "distributor.udp", "distributor.alerts",
     "distributor.metrics", "distributor.runtime", "distributor.netif", "distributor.nfqueue", "distributor.api",
     "backup.takeover",
     # administration: common.bundle binds OpenSSL (cryptography) and draws new keys from the kernel's random source
     "common.bundle", "distributor.blobstore", "distributor.adminclient", "node.broker", "node.store", "node.taskrunner",
 }
-PROGRAMS = {"distributor.config", "distributor.daemon", "node.agent",
+PROGRAMS = {"distributor.config", "distributor.daemon", "node.agent", "distributor.ctl",
             "distributor.signtool", "node.builtin_tasks"}
 PACKAGE_INITS = {f"{p}" for p in PACKAGES}
 
