@@ -286,7 +286,7 @@ class ControlApi:
         except ValueError:
             raise ValueError(f"client {request.query.get('client')!r}: expected an IPv4 address, optionally with "
                              ":PORT (1-65535)") from None
-        return _json(self.core.explain(client, number, request.query.get("service")))
+        return _json(self.core.explain(client, number, request.query.get("service"), self.clock()))
 
     async def connections(self, request: web.Request) -> web.Response:
         self._who(request)

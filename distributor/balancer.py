@@ -23,7 +23,11 @@ A :class:`Balancer` chooses one of ``n`` backends (identified by their index
 Policies: round-robin and weighted round-robin (both stride scheduling, so
 the interleaving is smooth rather than bursty and a slow-start ramp applies), least-outstanding and weighted
 least-outstanding (fewest ``(open + 1) / weight``; the ``+1`` makes a heavier
-backend win when both are idle, as HAProxy's leastconn does).
+backend win when both are idle, as HAProxy's leastconn does), and feedback:
+weighted least-outstanding where each weight is also scaled by a factor in
+(0, 1] the node's own reports give (:meth:`Balancer.set_feedback`; see
+:func:`distributor.heartbeat.feedback_factors`), so a slow or loaded node gets
+smoothly less new work, never none while it heartbeats.
 
 Every policy is expressed as a sort key per backend; a tournament tree over
 the keys yields the minimum at its root, so a pick and every update cost
@@ -56,6 +60,7 @@ class Policy(enum.Enum):
     WEIGHTED_ROUND_ROBIN = "weighted-round-robin"
     LEAST_OUTSTANDING = "least-outstanding"
     WEIGHTED_LEAST_OUTSTANDING = "weighted-least-outstanding"
+    FEEDBACK = "feedback"  # weighted least-outstanding, each weight scaled by what the node reports
 
     @classmethod
     def parse(cls, text: str) -> "Policy":
@@ -68,6 +73,8 @@ class Policy(enum.Enum):
 
 # Round-robin is stride scheduling with equal weights: the ramp then works alike.
 _STRIDE_POLICIES = (Policy.ROUND_ROBIN, Policy.WEIGHTED_ROUND_ROBIN)
+# Policies whose keys depend on the open-connection counts.
+_COUNTING_POLICIES = (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING, Policy.FEEDBACK)
 
 
 class Balancer:
@@ -82,6 +89,7 @@ class Balancer:
         self._count = len(weights)
         self._weights = list(weights)
         self._ramp = [1.0] * self._count
+        self._feedback = [1.0] * self._count
         self._available = [True] * self._count
         self._outstanding = [0] * self._count
         self._last_pick = [0] * self._count
@@ -109,6 +117,7 @@ class Balancer:
         self._count += 1
         self._weights.append(weight)
         self._ramp.append(1.0)
+        self._feedback.append(1.0)
         self._available.append(True)
         self._outstanding.append(0)
         self._last_pick.append(0)
@@ -146,6 +155,13 @@ class Balancer:
     def ramp(self, index: int) -> float:
         return self._ramp[index]
 
+    def feedback(self, index: int) -> float:
+        return self._feedback[index]
+
+    def effective_weight(self, index: int) -> float:
+        """The weight this policy gives the backend now: its weight, ramp and (feedback policy) its factor."""
+        return self._effective_weight(index) if self._available[index] and self._weights[index] else 0.0
+
     def is_available(self, index: int) -> bool:
         return self._available[index]
 
@@ -169,17 +185,27 @@ class Balancer:
         self._update(best)
         return best
 
+    def acquire_at(self, index: int) -> None:
+        """Count a new connection placed on ``index`` by the caller's choice (persistence), as a pick there."""
+        self._picks += 1
+        self._last_pick[index] = self._picks
+        if self.policy in _STRIDE_POLICIES:
+            self._pass[index] += self._stride(index)
+        self._outstanding[index] += 1
+        self.acquired[index] += 1
+        self._update(index)
+
     def take(self, index: int) -> None:
         """Count an open connection placed on ``index`` by someone else (a replicated one)."""
         self._outstanding[index] += 1
-        if self.policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
+        if self.policy in _COUNTING_POLICIES:
             self._update(index)
 
     def release(self, index: int) -> None:
         if self._outstanding[index] <= 0:
             raise ValueError(f"backend {index} has no open connection to release")
         self._outstanding[index] -= 1
-        if self.policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
+        if self.policy in _COUNTING_POLICIES:
             self._update(index)
 
     def set_available(self, index: int, available: bool) -> None:
@@ -198,6 +224,14 @@ class Balancer:
             self._rejoin(index)
         self._update(index)
 
+    def set_feedback(self, index: int, factor: float) -> None:
+        """Scale the backend's weight by what it reports (feedback policy only); a factor in (0, 1]."""
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"feedback factor {factor!r} must be in (0, 1]")
+        self._feedback[index] = factor
+        if self.policy is Policy.FEEDBACK:
+            self._update(index)
+
     def set_ramp(self, index: int, factor: float) -> None:
         """Scale the backend's effective weight (slow start); 1.0 is full share."""
         if not 0.0 < factor <= 1.0:
@@ -209,6 +243,8 @@ class Balancer:
     def _effective_weight(self, index: int) -> float:
         # Round-robin ignores configured weights but honours the slow-start ramp.
         base = 1 if self.policy is Policy.ROUND_ROBIN else self._weights[index]
+        if self.policy is Policy.FEEDBACK:
+            return base * self._ramp[index] * self._feedback[index]
         return base * self._ramp[index]
 
     def _stride(self, index: int) -> int:
@@ -231,7 +267,7 @@ class Balancer:
             ramp = self._ramp[i]
             load = self._outstanding[i] + 1
             return (_AVAILABLE, load if ramp == 1.0 else load / ramp, self._last_pick[i])
-        if policy is Policy.WEIGHTED_LEAST_OUTSTANDING:
+        if policy is Policy.WEIGHTED_LEAST_OUTSTANDING or policy is Policy.FEEDBACK:
             return (_AVAILABLE, (self._outstanding[i] + 1) / self._effective_weight(i), self._last_pick[i])
         return (_AVAILABLE, self._pass[i], self._last_pick[i])
 

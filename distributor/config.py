@@ -404,6 +404,7 @@ def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tupl
         vip = svc.ipv4("vip")
         port = svc.integer("port", 80, 1, 65535)
         policy_text = svc.string("policy", Policy.ROUND_ROBIN.value, tuple(p.value for p in Policy))
+        persistence = svc.number("persistence", 0, 0, inclusive=True, high=86_400)
         if (vip, port) in seen_vips:
             raise ConfigError(f"{svc.key('vip')}: {vip}:{port} is already served by service {seen_vips[(vip, port)]!r}")
         seen_vips[(vip, port)] = name
@@ -436,5 +437,5 @@ def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tupl
             backend_owner[(address, backend_port)] = f"{name}"
             backends.append(BackendSpec(node_name, address, backend_port, weight))
         svc.done()
-        services.append(ServiceSpec(name, vip, port, Policy.parse(policy_text), tuple(backends)))
+        services.append(ServiceSpec(name, vip, port, Policy.parse(policy_text), tuple(backends), persistence))
     return tuple(services)

@@ -40,7 +40,7 @@ from .admin import AdminOp, AdminReply, AdminRequest, AdminState, LayoutView, Ru
 from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
 from .heartbeat import HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, SetNodeEligible, \
-    SetNodeRamp
+    SetNodeFeedback, SetNodeRamp
 from .reroute import (BackendSpec, ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode,
                       Reason, ServiceSpec)
 
@@ -221,6 +221,8 @@ class DistributorCore:
                 out += self._gate(item.node)
             elif isinstance(item, SetNodeRamp):
                 interposer.set_node_ramp(item.node, item.factor)
+            elif isinstance(item, SetNodeFeedback):
+                interposer.set_node_feedback(item.node, item.factor)
             elif isinstance(item, ResetNode):
                 effects = interposer.reset_node(item.node, now)
                 ended = sum(isinstance(e, ConnectionEnded) for e in effects)
@@ -462,8 +464,8 @@ class DistributorCore:
                 continue
             balancer = service.balancer
             services.append({"service": service.name, "port": backend.port, "weight": balancer.weight(backend.index),
-                             "effective_weight": round(balancer.weight(backend.index) * balancer.ramp(backend.index), 3)
-                             if balancer.eligible(backend.index) else 0,
+                             "effective_weight": round(balancer.effective_weight(backend.index), 3),
+                             "feedback": balancer.feedback(backend.index),
                              "connections": balancer.outstanding(backend.index),
                              "connections_total": balancer.acquired[backend.index]})
         started, drained = self._drains.get(node, (None, None))
@@ -480,7 +482,7 @@ class DistributorCore:
             view["seconds_since_heartbeat"] = None if last is None else round(now - last, 3)
         return view
 
-    def explain(self, client: str, port: int, service_name: str | None = None) -> dict:
+    def explain(self, client: str, port: int, service_name: str | None = None, now: float = 0.0) -> dict:
         """Which node a new connection from ``client:port`` would reach, and why (for the control API)."""
         services = [s for s in self.interposer.services if service_name in (None, s.name)]
         if not services:
@@ -497,6 +499,11 @@ class DistributorCore:
                 reason = self._exclusion(service, backend)
                 (excluded.append({"node": backend.name, "reason": reason}) if reason else candidates.append(backend.name))
             pick = balancer.peek()
+            why = self._why(balancer, service, pick)
+            sticky = self.interposer.sticky_node(service, client_bytes, now)
+            if sticky is not None:
+                pick = sticky.index
+                why = f"{sticky.name}: the node of this client's last connection (persistence {service.persistence:g} s)"
             key = client_bytes + service.vip_bytes + port.to_bytes(2, "big") + service.port_bytes
             conn = self.interposer.table.get(key)
             existing = None
@@ -505,7 +512,7 @@ class DistributorCore:
             answers.append({"service": service.name, "vip": f"{service.vip}:{service.port}",
                             "policy": balancer.policy.value, "candidates": candidates, "excluded": excluded,
                             "next": service.backends[pick].name if pick is not None else None,
-                            "why": self._why(balancer, service, pick), "existing": existing})
+                            "why": why, "existing": existing})
         return {"client": f"{client}:{port}", "services": answers}
 
     def _exclusion(self, service, backend) -> str | None:
@@ -529,6 +536,9 @@ class DistributorCore:
             return "no node may take a new connection"
         policy = balancer.policy
         name = service.backends[pick].name
+        if policy is Policy.FEEDBACK:
+            return (f"{name} has the fewest open connections for its weight scaled by its reports "
+                    f"({balancer.outstanding(pick)} open, factor {balancer.feedback(pick):.2f})")
         if policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
             return f"{name} has the fewest open connections for its weight ({balancer.outstanding(pick)} open)"
         return f"{name} is next in the {policy.value} order"

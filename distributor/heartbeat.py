@@ -56,7 +56,7 @@ from common.sansio import Alert, Command, Level, Log, Tick, WakeUpAt
 from common.wire import Keys, Kind, NodeHeartbeat, Reject, Verifier
 
 __all__ = ["NodeState", "NodeEvent", "OnDead", "HealthSettings", "Transition", "HealthBoard", "MIN_RAMP",
-           "NodeHealth", "NodeDatagram", "SetNodeEligible", "SetNodeRamp", "ResetNode", "NodeHealthStats",
+           "NodeHealth", "NodeDatagram", "SetNodeEligible", "SetNodeRamp", "SetNodeFeedback", "ResetNode", "feedback_factor", "NodeHealthStats",
            "HealthStats", "node_moves"]
 
 MIN_RAMP = 0.05
@@ -336,6 +336,29 @@ class SetNodeRamp(Command):
 
 
 @dataclasses.dataclass(frozen=True)
+class SetNodeFeedback(Command):
+    """Scale a node's weight by what it reports (the feedback policy): a factor in (0, 1]."""
+
+    node: str
+    factor: float
+
+
+FEEDBACK_MIN = 0.05  # a node that heartbeats always keeps this share of its weight
+FEEDBACK_SMOOTHING = 0.3  # weight of a new report in the moving average of response times
+_FEEDBACK_EPSILON_MS = 5.0  # response times this close to the fastest count as equally fast
+
+
+def feedback_factor(response_ms: float, fastest_ms: float, cpu: float) -> float:
+    """How much of its weight a node keeps, from its probe response time (relative to the fastest
+    node's) and its CPU: 1 for the fastest, idle node; it falls smoothly as the node slows down
+    (halving when its response time, plus 5 ms, doubles) and as its CPU passes half busy (to a tenth
+    when fully busy); never below FEEDBACK_MIN while it heartbeats."""
+    speed = (fastest_ms + _FEEDBACK_EPSILON_MS) / (max(response_ms, fastest_ms) + _FEEDBACK_EPSILON_MS)
+    busy = 1.0 if cpu <= 0.5 else max(0.1, 1.0 - 1.8 * (cpu - 0.5))
+    return max(FEEDBACK_MIN, min(1.0, speed * busy))
+
+
+@dataclasses.dataclass(frozen=True)
 class ResetNode(Command):
     """End every open connection of a dead node so its clients reconnect elsewhere."""
 
@@ -377,6 +400,8 @@ class NodeHealth:
         self._next_tick: float | None = None
         self._last_reject_log: float | None = None
         self._held_out: set[str] = set()  # nodes whose hold-out for flapping has been alerted
+        self._response: dict[str, float] = {}  # moving average of each node's reported probe time, ms
+        self._feedback: dict[str, float] = {}  # the factor last sent per node
 
     def start(self, now: float, wall: float) -> list[Command]:
         """Ticks from now on; heartbeats sealed before ``wall`` are refused (the replay marks start empty)."""
@@ -408,6 +433,8 @@ class NodeHealth:
 
     def remove_node(self, node: str) -> None:
         self.board.remove(node)
+        self._response.pop(node, None)
+        self._feedback.pop(node, None)
         self.verifier.remove_sender(node)
         self._held_out.discard(node)
 
@@ -422,7 +449,7 @@ class NodeHealth:
             return [WakeUpAt(self._next_tick)]
         # No catch-up: one late tick counts once (a stalled loop is not the nodes' silence).
         self._next_tick = max(self._next_tick + self.settings.tick, now)
-        commands = self._apply(self.board.tick(now)) + self._undamp(now)
+        commands = self._apply(self.board.tick(now)) + self._undamp(now) + self._feedback_commands()
         for node in self.board.nodes:
             if self.board.state(node) is NodeState.SLOW_START:
                 commands.append(SetNodeRamp(node, self.board.ramp(node, now)))
@@ -434,6 +461,9 @@ class NodeHealth:
         if message is not None:
             report = NodeHeartbeat.unpack(message.payload)
             if report is not None:
+                previous = self._response.get(message.sender)
+                self._response[message.sender] = report.response_ms if previous is None else \
+                    previous + FEEDBACK_SMOOTHING * (report.response_ms - previous)
                 return self._apply(self.board.heartbeat(message.sender, event.now, report))
             reject = Reject.BAD_PAYLOAD
         assert reject is not None
@@ -468,6 +498,21 @@ class NodeHealth:
                 # Falling is a WARNING; coming back (rising, ramping, up again) is news, not a warning.
                 level = Level.WARNING if change.new in (NodeState.WARNING, NodeState.DEAD) else Level.INFO
                 commands.append(Alert(change.node, change.old.value, change.new.value, change.reason, level))
+        return commands
+
+    def _feedback_commands(self) -> list[Command]:
+        """The feedback factors that moved by more than 2 % since they were last sent."""
+        live = {node: rt for node, rt in self._response.items() if node in self.board and self.board.eligible(node)}
+        if not live:
+            return []
+        fastest = min(live.values())
+        commands: list[Command] = []
+        for node, rt in live.items():
+            report = self.board.report(node)
+            factor = round(feedback_factor(rt, fastest, report.cpu if report is not None else 0.0), 3)
+            if abs(factor - self._feedback.get(node, 1.0)) > 0.02 * self._feedback.get(node, 1.0):
+                self._feedback[node] = factor
+                commands.append(SetNodeFeedback(node, factor))
         return commands
 
     def _undamp(self, now: float) -> list[Command]:

@@ -170,6 +170,7 @@ class ServiceSpec:
     port: int
     policy: Policy
     backends: tuple[BackendSpec, ...]
+    persistence: float = 0.0  # seconds a client's new connections follow its last one; 0: off
 
 
 class Backend:
@@ -219,9 +220,12 @@ class Backend:
 
 
 class Service:
-    __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends")
+    __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends", "persistence", "sticky")
 
     def __init__(self, spec: ServiceSpec, marks: Sequence[int]):
+        self.persistence = spec.persistence
+        # Persistence (as IPVS's -p and HAProxy's stick tables): client address -> (backend index, until).
+        self.sticky: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
         self.name = spec.name
         self.vip = spec.vip
         self.port = spec.port
@@ -498,7 +502,7 @@ class Interposer:
                 return Reason.EXPIRED_FLOW, None, (SendPacket(_reset_for_packet(packet)),
                                                    SendPacket(_reset_to_node(packet, node, node_port)))
             return Reason.UNKNOWN_FLOW, None, before
-        index = service.balancer.acquire()
+        index = self._place(service, key[0:4], now) if service.persistence else service.balancer.acquire()
         if index is None:
             return Reason.NO_BACKEND, None, before
         backend = service.backends[index]
@@ -524,6 +528,21 @@ class Interposer:
                 opened = (ConnectionOpened(conn),)
         out = backend.mark if self._kernel else _to_backend(packet, backend)
         return Reason.NEW_CONNECTION, out, opened
+
+    def _place(self, service: Service, client: bytes, now: float) -> int | None:
+        """Persistence: the client's node while its entry lives and the node may take it, else a new pick."""
+        entry = service.sticky.get(client)
+        balancer = service.balancer
+        if entry is not None and entry[1] > now and balancer.eligible(entry[0]):
+            index = entry[0]
+            balancer.acquire_at(index)
+        else:
+            index = balancer.acquire()  # none yet, expired, or its node is out: the client moves
+            if index is None:
+                return None
+        service.sticky[client] = (index, now + service.persistence)
+        service.sticky.move_to_end(client)
+        return index
 
     def _open(self, service: Service, backend: Backend, key: bytes, now: float, effects: list) -> Connection | None:
         """A table entry for ``key`` on ``backend``; a finished entry holding the reply 4-tuple is replaced."""
@@ -569,6 +588,10 @@ class Interposer:
         expired = self._expired
         while expired and next(iter(expired.values()))[2] <= now:
             expired.popitem(last=False)
+        for service in self.services:
+            sticky = service.sticky
+            while sticky and next(iter(sticky.values()))[1] <= now:
+                sticky.popitem(last=False)
         return effects
 
     def _remember_expired(self, conn: Connection, now: float) -> None:
@@ -650,10 +673,24 @@ class Interposer:
                                  tuple(RuleBackend(str(b.address), b.port, b.mark) for b in s.backends))
                      for s in self.services)
 
+    def sticky_node(self, service: Service, client: bytes, now: float) -> Backend | None:
+        """Persistence: the node a client's next connection stays on, if any (for explain)."""
+        entry = service.sticky.get(client) if service.persistence else None
+        if entry is None or entry[1] <= now or not service.balancer.eligible(entry[0]):
+            return None
+        return service.backends[entry[0]]
+
     def endpoints_of(self, name: str) -> list[tuple[str, int]]:
         """(address, port) of the node in every service that has it."""
         return [(str(backend.address), backend.port) for service in self.services for backend in service.backends
                 if backend.name == name]
+
+    def set_node_feedback(self, name: str, factor: float) -> None:
+        """Scale a node's weight by its reports (used by services with the feedback policy)."""
+        for service in self.services:
+            for backend in service.backends:
+                if backend.name == name:
+                    service.balancer.set_feedback(backend.index, factor)
 
     def set_node_ramp(self, name: str, factor: float) -> None:
         """Scale a node's share of new connections (slow start) in every service that has it."""
@@ -698,6 +735,9 @@ class Interposer:
             return False
         self.table.advance(conn, ACK, True, now)  # it is past its SYN on the active
         service.balancer.take(backend_index)
+        if service.persistence:  # the replica learns each client's node from its connections
+            service.sticky[key[0:4]] = (backend_index, now + service.persistence)
+            service.sticky.move_to_end(key[0:4])
         return True
 
     def end(self, key: bytes, now: float) -> None:

@@ -12,6 +12,8 @@ import logging
 import os
 import sys
 
+from distributor.balancer import Policy
+
 from .runner import DEFAULT_PROJECT, Options, Testbed, TestbedError
 from .topology import MAX_NODES
 
@@ -29,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     up = verbs.add_parser("up", help="build the cluster, start every service, return when the VIP answers")
     up.add_argument("--nodes", type=int, default=3, help=f"number of web nodes, 1 to {MAX_NODES} (default: 3)")
     up.add_argument("--policy", default="round-robin",
-                    choices=["round-robin", "weighted-round-robin", "least-outstanding", "weighted-least-outstanding"],
+                    choices=[p.value for p in Policy],
                     help="balancing policy of the distributor (default: round-robin)")
     up.add_argument("--capacity", type=int, default=262_144, help="connection table capacity (default: 262144)")
     up.add_argument("--mode", choices=["rewrite", "kernel"], default="rewrite",

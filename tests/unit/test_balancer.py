@@ -143,3 +143,24 @@ def test_picks_are_always_the_best_eligible_node(policy, weights, ops):
         elif op == "w":
             balancer.set_weight(index, (index + flag) % 4)
     assert all(balancer.outstanding(i) == opened[i] for i in range(len(weights)))
+
+
+def test_feedback_scales_each_weight_by_the_nodes_own_factor_never_to_nothing():
+    balancer = Balancer(Policy.FEEDBACK, [1, 1, 1])
+    balancer.set_feedback(1, 0.25)  # a slow node
+    picks = [balancer.acquire() for _ in range(600)]
+    shares = [picks.count(i) for i in range(3)]
+    assert shares[1] > 0 and abs(shares[0] - shares[2]) <= 1
+    assert 0.2 < shares[1] / shares[0] < 0.3  # about its factor of the others' share
+    with pytest.raises(ValueError):
+        balancer.set_feedback(0, 0.0)
+
+
+def test_feedback_factor_is_one_for_the_fastest_and_falls_smoothly():
+    from distributor.heartbeat import FEEDBACK_MIN, feedback_factor
+
+    assert feedback_factor(2.0, 2.0, 0.1) == 1.0
+    factors = [feedback_factor(rt, 2.0, 0.1) for rt in (2, 4, 8, 16, 32, 64, 128, 10_000)]
+    assert factors == sorted(factors, reverse=True) and factors[-1] == FEEDBACK_MIN
+    assert abs(feedback_factor(9.0, 2.0, 0.1) - 0.5) < 0.01  # response time + 5 ms doubled: half the weight
+    assert feedback_factor(2.0, 2.0, 1.0) == 0.1 and feedback_factor(2.0, 2.0, 0.5) == 1.0

@@ -365,3 +365,26 @@ def test_rewrite_mode_resets_both_ends_of_a_connection_that_idled_out_instead_of
     ip.decide(tcp(CLIENT, VIP, 40002, 80, "S"), 1000.0)
     ip.expire(1100.0)
     assert ip.decide(tcp(CLIENT, VIP, 40002, 80, "A"), 1101.0)[0] is Reason.UNKNOWN_FLOW
+
+
+def test_persistence_keeps_a_client_on_its_node_moves_it_when_the_node_is_out_and_the_replica_learns_it():
+    spec = service_spec(Policy.ROUND_ROBIN, nodes=("web1", "web2", "web3"))
+    spec = ServiceSpec(spec.name, spec.vip, spec.port, spec.policy, spec.backends, persistence=300.0)
+    ip = Interposer([spec], ConnectionTable(100))
+    other = "203.0.113.77"
+
+    def node_of(client, port, now):
+        _, out, _ = ip.decide(tcp(client, VIP, port, 80, "S"), now)
+        return next(n for n, a in WEB.items() if out[16:20] == ipaddress.IPv4Address(a).packed)
+
+    first = node_of(CLIENT, 40000, 0.0)
+    assert {node_of(CLIENT, p, 1.0) for p in range(40001, 40010)} == {first}  # round-robin would spread them
+    assert node_of(other, 40000, 1.0) != first or node_of(other, 40001, 1.0) == node_of(other, 40000, 1.0)
+    ip.set_node_available(first, False)  # its node is out: the client moves, and stays on the new one
+    moved = node_of(CLIENT, 40020, 2.0)
+    assert moved != first and {node_of(CLIENT, p, 3.0) for p in range(40021, 40025)} == {moved}
+    assert node_of(CLIENT, 40030, 2.0 + 301) in WEB  # expired: placed afresh (any node)
+    replica = Interposer([spec], ConnectionTable(100))
+    key = tcp(CLIENT, VIP, 40000, 80, "A")[12:24]
+    assert replica.install(key, 1, 5.0)
+    assert replica.sticky_node(replica.services[0], key[0:4], 6.0).name == "web2"
