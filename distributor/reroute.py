@@ -23,7 +23,9 @@ same way, as lists.
   the service's balancer picks; every packet of a known connection gets its
   destination (and port, when the backend listens on another one) rewritten
   to that backend.
-* backend -> client of a known connection: the source becomes the VIP:port.
+* backend -> client: the kernel rewrites the source to the VIP:port
+  statelessly (rules.py); the interposer sees a connection's SYN-ACK, FIN and
+  RST only, to follow its state, and hands them back unchanged.
 * IP and TCP checksums are patched incrementally (RFC 1624), never recomputed.
 * Packets not for a service (and not from a backend) pass untouched.
 
@@ -190,8 +192,6 @@ class Backend:
         "removed",
         "to_backend_ip_delta",
         "to_backend_tcp_delta",
-        "to_client_ip_delta",
-        "to_client_tcp_delta",
     )
 
     def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes, mark: int = 0):
@@ -207,13 +207,10 @@ class Backend:
         self.vip_bytes = vip_bytes
         self.vport_bytes = vport_bytes
         ip_in = checksum.delta(vip_bytes, self.addr_bytes)
-        ip_out = checksum.delta(self.addr_bytes, vip_bytes)
         # The TCP checksum covers the addresses through the pseudo-header
         # (RFC 793 section 3.1) and the ports directly.
         self.to_backend_ip_delta = ip_in
         self.to_backend_tcp_delta = checksum.combine(ip_in, checksum.delta(vport_bytes, self.port_bytes))
-        self.to_client_ip_delta = ip_out
-        self.to_client_tcp_delta = checksum.combine(ip_out, checksum.delta(self.port_bytes, vport_bytes))
 
     def __repr__(self) -> str:
         return f"Backend({self.name}, {self.address}:{self.port})"
@@ -399,8 +396,8 @@ class Interposer:
 
         The data path calls this for every packet, so the most common one in
         rewrite mode, a well-formed data or ACK segment of an established
-        connection, is checked and rewritten inline; everything else goes to
-        the full path.  (Kernel mode never queues such segments.)
+        connection from its client, is checked and rewritten inline; everything
+        else goes to the full path.  (Kernel mode never queues such segments.)
         """
         length = len(packet)
         if (length >= 40 and packet[0] == 0x45 and packet[9] == _IPPROTO_TCP and not (packet[6] & 0x3F or packet[7])
@@ -408,36 +405,25 @@ class Interposer:
                 and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK and packet[8] > 1 and not self._kernel):
             key = packet[12:24]
             conn = self._lookup(key)
-            if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us:
+            if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us and conn.key == key:
                 conn.last_seen = now
+                conn.client_ack = packet[28:32]
                 backend = conn.backend
                 buf = bytearray(packet)
                 # RFC 1624 equation 3 on both checksums, with the deltas precomputed per backend.
-                ip_sum = ((packet[10] << 8 | packet[11]) ^ 0xFFFF)
-                tcp_sum = ((packet[36] << 8 | packet[37]) ^ 0xFFFF)
-                if conn.key == key:
-                    conn.client_ack = packet[28:32]
-                    ip_sum += backend.to_backend_ip_delta
-                    tcp_sum += backend.to_backend_tcp_delta
-                    buf[16:20] = backend.addr_bytes
-                    if backend.rewrites_port:
-                        buf[22:24] = backend.port_bytes
-                    reason = _TO_BACKEND
-                else:
-                    ip_sum += backend.to_client_ip_delta
-                    tcp_sum += backend.to_client_tcp_delta
-                    buf[12:16] = backend.vip_bytes
-                    if backend.rewrites_port:
-                        buf[20:22] = backend.vport_bytes
-                    reason = _TO_CLIENT
+                ip_sum = ((packet[10] << 8 | packet[11]) ^ 0xFFFF) + backend.to_backend_ip_delta
+                tcp_sum = ((packet[36] << 8 | packet[37]) ^ 0xFFFF) + backend.to_backend_tcp_delta
+                buf[16:20] = backend.addr_bytes
+                if backend.rewrites_port:
+                    buf[22:24] = backend.port_bytes
                 ip_sum = ((ip_sum & 0xFFFF) + (ip_sum >> 16)) ^ 0xFFFF
                 tcp_sum = ((tcp_sum & 0xFFFF) + (tcp_sum >> 16)) ^ 0xFFFF
                 buf[10] = ip_sum >> 8
                 buf[11] = ip_sum & 0xFF
                 buf[36] = tcp_sum >> 8
                 buf[37] = tcp_sum & 0xFF
-                self.counts[reason] += 1
-                return reason, bytes(buf), None
+                self.counts[_TO_BACKEND] += 1
+                return _TO_BACKEND, bytes(buf), None
         verdict = self._decide(packet, now)
         self.counts[verdict[0]] += 1
         return verdict
@@ -480,12 +466,13 @@ class Interposer:
             done = self.table.advance(conn, flags, True, now)
             out = conn.backend.mark if self._kernel else _to_backend(packet, conn.backend)
             return Reason.TO_BACKEND, out, (self._ended(conn),) if done else None
-        # node -> client (kernel mode queues none of these but FIN/RST, handled above; conntrack NATs them)
+        # node -> client: only its SYN-ACK, FIN and RST are queued, to be seen, not rewritten: the
+        # kernel rewrites the source of every node packet statelessly after this (nft, see rules.py;
+        # kernel mode: conntrack NAT), so the packet goes on unchanged and keeps its offloads.
         if conn.reset_by_us:
             return Reason.RESET_CONNECTION, None, None
         done = self.table.advance(conn, flags, False, now)
-        out = None if self._kernel else _to_client(packet, conn.backend)
-        return Reason.TO_CLIENT, out, (self._ended(conn),) if done else None
+        return Reason.TO_CLIENT, None, (self._ended(conn),) if done else None
 
     def _unknown(self, packet: bytes, key: bytes, flags: int, now: float,
                  ended: "ConnectionEnded | None") -> tuple[Reason, bytes | int | None, tuple | None]:
@@ -848,18 +835,6 @@ def _to_backend(packet: bytes, backend: Backend) -> bytes:
         buf[22:24] = backend.port_bytes
     checksum.patch(buf, _IP_CHECKSUM, backend.to_backend_ip_delta)
     checksum.patch(buf, _TCP_CHECKSUM, backend.to_backend_tcp_delta)
-    return bytes(buf)
-
-
-def _to_client(packet: bytes, backend: Backend) -> bytes:
-    # The reply's source is the backend (the table key guarantees it), so the
-    # precomputed backend -> VIP delta is exact.
-    buf = bytearray(packet)
-    buf[12:16] = backend.vip_bytes
-    if backend.rewrites_port:
-        buf[20:22] = backend.vport_bytes
-    checksum.patch(buf, _IP_CHECKSUM, backend.to_client_ip_delta)
-    checksum.patch(buf, _TCP_CHECKSUM, backend.to_client_tcp_delta)
     return bytes(buf)
 
 

@@ -11,9 +11,12 @@ tables is touched.
 
 Rewrite mode (why these hooks, kernel behaviour): the destination is rewritten
 in raw PREROUTING, before the routing decision, so the packet is routed to the
-backend; the source is rewritten in mangle POSTROUTING, after routing, because
-a packet whose source is a local address (the VIP) arriving before routing is a
-martian and dropped.  Both directions are marked ``CT --notrack``: conntrack
+backend; the source of a node's packets is rewritten after routing, because a
+packet whose source is a local address (the VIP) arriving before routing is a
+martian and dropped -- statelessly, by an nft payload statement
+(:func:`render_return_path`), so the heavy direction never crosses user space
+and keeps its GSO packets whole; user space sees only a node's SYN-ACK, FIN and
+RST (mangle POSTROUTING, queued unchanged).  Both directions are marked ``CT --notrack``: conntrack
 would otherwise track the pre-rewrite tuple and mismatch the reply.  No
 ``--queue-bypass``: while the daemon is down but its rules are in place,
 packets for the VIP are dropped and clients retransmit, rather than reaching
@@ -31,7 +34,8 @@ from typing import Iterable
 
 from .reroute import END_MARK, MARK_MASK, Mode, RuleService
 
-__all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_guard", "chain_names", "UNKNOWN_REPLY_TAG"]
+__all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_return_path", "render_guard",
+           "chain_names", "UNKNOWN_REPLY_TAG"]
 
 log = logging.getLogger("distributor.rules")
 
@@ -75,7 +79,9 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
         return _render_kernel(queue, services)
     chain_in, chain_out = chain_names(queue)
     raw: list[str] = []
-    mangle: list[str] = []
+    # A node's data segments never reach user space (the nft return path rewrites them); only its
+    # SYN-ACK, FIN and RST are queued, for the connection's state and the node's health.
+    mangle: list[str] = [f"-A {chain_out} -p tcp -m tcp --tcp-flags SYN,FIN,RST NONE -j RETURN"]
     for service in services:
         match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
         raw.append(f"-A {chain_in} {match_vip} -j CT --notrack")
@@ -85,6 +91,44 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
             raw.append(f"-A {chain_in} {match_backend} -j CT --notrack")
             mangle.append(f"-A {chain_out} {match_backend} -j NFQUEUE --queue-num {queue}")
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+
+
+def nft_table(queue: int) -> str:
+    return f"dist{queue}"
+
+
+def render_return_path(queue: int, services: Iterable[RuleService]) -> str:
+    """Rewrite mode's return path, for ``nft -f``: every node segment leaves with the VIP as its source.
+
+    Stateless: a packet from a backend's address and port gets its service's VIP and port, whatever
+    connection it belongs to, so a node's reply needs no table entry (and could leave through any
+    distributor).  In POSTROUTING after routing (the VIP as a source before routing would be a
+    martian) and after the mangle table's queue (priority -150), which sees the SYN-ACK, FIN and RST
+    unchanged first.  The payload statement keeps the packet whole (GSO) and updates a partial
+    checksum correctly (``nft_payload`` with ``csum_type inet``); one verdict-map lookup per packet.
+    """
+    table = nft_table(queue)
+    lines = [f"table ip {table} {{"]
+    elements = []
+    chains = []
+    index = 0
+    for service in services:
+        for backend in service.backends:
+            chain = f"to_vip_{index}"
+            index += 1
+            sets = f"ip saddr set {service.vip}"
+            if backend.port != service.port:
+                sets += f" tcp sport set {service.port}"
+            chains.append(f"  chain {chain} {{\n    {sets}\n  }}")
+            elements.append(f"{backend.address} . {backend.port} : goto {chain}")
+    lines += chains
+    lines.append("  chain postrouting {")
+    lines.append("    type filter hook postrouting priority -140; policy accept;")
+    if elements:
+        lines.append(f"    ip protocol tcp ip saddr . tcp sport vmap {{ {', '.join(elements)} }}")
+    lines.append("  }")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def _render_kernel(queue: int, services: tuple[RuleService, ...]) -> dict[tuple[str, str], list[str]]:
@@ -228,7 +272,8 @@ class _Chains:
         try:
             result = subprocess.run([*self._prefix, *argv], input=stdin, capture_output=True, text=True, timeout=30)
         except FileNotFoundError:
-            raise RulesError(f"{argv[0]} is not installed (Debian package: iptables)") from None
+            package = "nftables" if argv[0] == "nft" else "iptables"
+            raise RulesError(f"{argv[0]} is not installed (Debian package: {package})") from None
         if result.returncode != 0:
             raise RulesError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
         return result
@@ -246,13 +291,23 @@ class Rules(_Chains):
 
     def install_layout(self, layout: Iterable[RuleService]) -> None:
         """Install (or replace) the rules for a layout.  When this adapter removed them itself last, it
-        skips reading the tables first (a takeover is that much faster)."""
+        skips reading the tables first (a takeover is that much faster).  Rewrite mode's return path
+        goes in first: a SYN-ACK must never leave with the node's address."""
         self.layout = tuple(layout)
+        if self.mode is Mode.REWRITE:
+            table = nft_table(self.queue)
+            # Declaring, deleting and defining in one transaction replaces whatever was there.
+            self._run(["nft", "-f", "-"], f"table ip {table} {{}}\ndelete table ip {table}\n"
+                                          + render_return_path(self.queue, self.layout))
         self.install(known_absent=self.known_absent)
         self.known_absent = False
 
     def remove(self) -> bool:
         removed = super().remove()
+        if self.mode is Mode.REWRITE:
+            table = nft_table(self.queue)
+            # Queue rules first (above), then the return path: no SYN-ACK ever leaves unrewritten.
+            self._run(["nft", "-f", "-"], f"table ip {table} {{}}\ndelete table ip {table}\n")
         self.known_absent = True
         return removed
 

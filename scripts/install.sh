@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(iproute2 iptables procps curl wrk nginx libnginx-mod-http-echo haproxy
+packages=(iproute2 iptables nftables procps curl wrk nginx libnginx-mod-http-echo haproxy
           libnetfilter-queue-dev python3-venv python3-dev gcc)
 missing=()
 for p in "${packages[@]}"; do
