@@ -62,6 +62,9 @@ SO_TIMESTAMPNS = 35
 CLIENT = ipaddress.IPv4Address("203.0.113.10")
 # Addresses of the outside network that belong to real testbed hosts: a spoofed source never uses them.
 _REAL_OUTSIDE = {VIP, ipaddress.IPv4Address("203.0.113.2"), ipaddress.IPv4Address("203.0.113.3"), CLIENT}
+# Client port of the malformed kinds: above the client's ephemeral range (1024-65000, topology.py), so
+# a malformed segment can never be taken for one of a real connection's.
+SPOOF_PORT = 65300
 MAX_SECONDS = 900.0  # no flood, capture or load runs longer than this, whatever it is asked
 MAX_RATE = 200_000
 ICMP_ERRORS = {3, 4, 5, 11, 12}  # types that quote the offending datagram (RFC 792)
@@ -146,7 +149,7 @@ def malformed_packets(client: str = str(CLIENT), vip: str = str(VIP), port: int 
     from scapy.layers.inet import IP, TCP, UDP, IPOption_RR
     from scapy.packet import Raw
 
-    def tcp(tcp_flags="A", payload=b"", src=client, dst=vip, sport=40000, dport=port, **ip) -> bytes:
+    def tcp(tcp_flags="A", payload=b"", src=client, dst=vip, sport=SPOOF_PORT, dport=port, **ip) -> bytes:
         layer = IP(src=src, dst=dst, **ip) / TCP(sport=sport, dport=dport, flags=tcp_flags, seq=1000, ack=2000)
         return bytes(layer / Raw(payload)) if payload else bytes(layer)
 
@@ -166,7 +169,7 @@ def malformed_packets(client: str = str(CLIENT), vip: str = str(VIP), port: int 
         ("payload cut", data[:-1]),
         ("ipv6 version", bytes([0x60]) + syn[1:]),
         ("ihl 4", bytes([0x44]) + syn[1:]),
-        ("ip options", bytes(IP(src=client, dst=vip, options=[IPOption_RR()]) / TCP(sport=40000, dport=port, flags="S"))),
+        ("ip options", bytes(IP(src=client, dst=vip, options=[IPOption_RR()]) / TCP(sport=SPOOF_PORT, dport=port, flags="S"))),
         ("more fragments", tcp("S", flags="MF")),
         ("fragment offset", tcp("PA", b"abc", frag=100)),
         ("syn+fin", tcp("SF")),
@@ -178,7 +181,7 @@ def malformed_packets(client: str = str(CLIENT), vip: str = str(VIP), port: int 
         ("mid-stream unknown", tcp("PA", b"GET /")),
         ("syn+ack to vip", tcp("SA")),
         ("rst to vip unknown", tcp("R")),
-        ("spoofed node reply", tcp("SA", src=node, dst=client, sport=port, dport=40000)),
+        ("spoofed node reply", tcp("SA", src=node, dst=client, sport=port, dport=SPOOF_PORT)),
         ("other port", tcp("S", dport=443)),
         ("other address", tcp("S", dst="203.0.113.99")),
         ("udp to vip", bytes(IP(src=client, dst=vip) / UDP(sport=5000, dport=port) / Raw(b"x"))),
