@@ -32,6 +32,7 @@ Everything here acts inside the namespaces of one testbed run and removes what i
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import ctypes
 import errno
@@ -312,7 +313,7 @@ class Flood:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             for line in self._lines:
-                event = json.loads(line)
+                event = _json_line(line)
                 if "started" in event:
                     self.started = float(event["started"])
                     return self.started
@@ -331,7 +332,7 @@ class Flood:
             raise
         self._reader.join(timeout=5)
         for line in reversed(self._lines):
-            event = json.loads(line)
+            event = _json_line(line)
             if "sent" in event:
                 return event
         errors = self._process.stderr.read() if self._process.stderr else ""
@@ -351,6 +352,14 @@ class Flood:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _json_line(line: str) -> dict:
+    try:
+        event = json.loads(line)
+    except ValueError:  # a stray line (a library's warning): not one of ours
+        return {}
+    return event if isinstance(event, dict) else {}
 
 
 def start_syn_flood(bed, rate: float, seconds: float, host: str = "client", target: str | None = None,
@@ -652,6 +661,10 @@ class Capture:
                     self.overflow += 1
         except OSError as exc:  # the interface or its namespace went away
             self.error = f"{type(exc).__name__}: {exc}"
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
 
     def stop(self) -> list[Frame]:
         self._stop.set()
@@ -1071,7 +1084,7 @@ class LeakWatch:
     def ensure(self) -> None:
         for host in self.hosts:
             capture = self._live.get(host)
-            if capture is None or capture.error or not capture._thread.is_alive():
+            if capture is None or capture.error or not capture.running:
                 self._close(host)
                 self._live[host] = capture_leaks(self.bed, host, self.ifname, MAX_SECONDS)
 
@@ -1117,6 +1130,7 @@ class SaturationReport:
     def text(self) -> str:
         gaps = ", ".join(f"{n} {g * 1000:.0f} ms" for n, g in sorted(self.node_heartbeat_gaps.items()))
         metric = "not exported" if self.metric_gap is None else f"{self.metric_gap * 1000:.0f} ms"
+        alerts = dict(collections.Counter(f"{a.get('node')}: {a.get('from')}->{a.get('to')}" for a in self.new_alerts))
         return "\n".join([
             f"saturation run of {self.seconds:g} s, {self.active} active, {self.backup} backup",
             f"  wrk keep-alive: {self.keepalive.requests} requests ({self.keepalive.rps:.0f}/s), "
@@ -1132,7 +1146,7 @@ class SaturationReport:
             f"  node heartbeats at {self.active}, largest gap: {gaps}",
             f"  takeover: {'YES' if self.took_over else 'none'} (terms {self.terms_before} -> {self.terms_after}, "
             f"roles after {self.roles_after})",
-            f"  node state changes: {self.node_transitions}; new alerts: {len(self.new_alerts)}",
+            f"  node state changes: {self.node_transitions}; new alerts: {len(self.new_alerts)} {alerts}",
         ])
 
 
