@@ -514,7 +514,7 @@ def route_via(bed, host: str, network: str, gateway: str) -> Iterator[None]:
 # BPF: a tiny assembler for classic socket filters
 # --------------------------------------------------------------------------------------------------------
 
-LDH_ABS, LDB_ABS, LDW_ABS, LDXB_MSH, LDH_IND = 0x28, 0x30, 0x20, 0xB1, 0x48
+LDH_ABS, LDB_ABS, LDW_ABS, LDXB_MSH, LDH_IND, LDB_IND = 0x28, 0x30, 0x20, 0xB1, 0x48, 0x50
 AND_K, JEQ_K, RET_K = 0x54, 0x15, 0x06
 SKF_AD_PKTTYPE = (-0x1000 + 4) & 0xFFFFFFFF  # ancillary load: the frame's sll_pkttype
 ACCEPT, REJECT = "accept", "reject"
@@ -569,16 +569,25 @@ def leak_filter(lan: ipaddress.IPv4Network = INT_NET) -> list[tuple[int, int, in
     ])
 
 
-def udp_filter(port: int, source: str | None = None, incoming_only: bool = True) -> list[tuple[int, int, int, int]]:
-    """IPv4 UDP frames to ``port`` (from ``source`` when given)."""
+def udp_filter(port: int, source: str | None = None, incoming_only: bool = True,
+               wire_kind: int | None = None) -> list[tuple[int, int, int, int]]:
+    """IPv4 UDP frames to ``port`` (from ``source``, and carrying a datagram of ``wire_kind``, when given).
+
+    ``wire_kind`` is the kind byte of common/wire.py's header (offset 5 of the UDP payload): a capture
+    of heartbeats alone stays small when sync batches share their port.
+    """
     program: list[tuple] = []
     if incoming_only:
         program += [(LDH_ABS, SKF_AD_PKTTYPE), (JEQ_K, PACKET_OUTGOING, REJECT, "in"), ("in",)]
     program += [(LDH_ABS, 12), (JEQ_K, ETH_P_IP, "ip", REJECT), ("ip",), (LDB_ABS, 23), (JEQ_K, 17, "udp", REJECT), ("udp",)]
     if source is not None:
         program += [(LDW_ABS, 26), (JEQ_K, int(ipaddress.IPv4Address(source)), "port", REJECT), ("port",)]
-    program += [(LDXB_MSH, 14), (LDH_IND, 16), (JEQ_K, port, ACCEPT, REJECT), *_ENDING]
-    return assemble(program)
+    program += [(LDXB_MSH, 14), (LDH_IND, 16)]
+    if wire_kind is None:
+        program += [(JEQ_K, port, ACCEPT, REJECT)]
+    else:  # Ethernet 14 + UDP header 8 + the kind's offset 5, past the IP header in X
+        program += [(JEQ_K, port, "kind", REJECT), ("kind",), (LDB_IND, 14 + 8 + 5), (JEQ_K, wire_kind, ACCEPT, REJECT)]
+    return assemble(program + _ENDING)
 
 
 def arp_filter() -> list[tuple[int, int, int, int]]:
@@ -1185,8 +1194,10 @@ def saturate(bed, seconds: float, keepalive_connections: int = 32, close_connect
     alerts_before = {h: len(bed.alerts(h)) for h in dists}
     drops_before = _drops(bed, active)
     active_lan = str(bed.topology.host(active).address_on("int"))
-    dist_beats = Capture(bed, backup, "int0", udp_filter(FAILOVER_PORT, source=active_lan), seconds + 60)
-    node_beats = Capture(bed, active, "int0", udp_filter(HEARTBEAT_PORT), seconds + 60)
+    # Heartbeats only: the sync batches on the same port would fill the capture's limit in minutes.
+    dist_beats = Capture(bed, backup, "int0", udp_filter(FAILOVER_PORT, active_lan, wire_kind=DIST_HEARTBEAT_KIND),
+                         seconds + 60)
+    node_beats = Capture(bed, active, "int0", udp_filter(HEARTBEAT_PORT, wire_kind=NODE_HEARTBEAT_KIND), seconds + 60)
     url = f"http://{bed.vip}/1k.bin"
     loads = []
     try:
@@ -1204,6 +1215,10 @@ def saturate(bed, seconds: float, keepalive_connections: int = 32, close_connect
                 load.wait()
         dist_frames = dist_beats.stop()
         node_frames = node_beats.stop()
+    missed = dist_beats.overflow + node_beats.overflow
+    if missed or dist_beats.error or node_beats.error:
+        raise RuntimeError(f"the heartbeat captures lost frames ({missed} over their limit; errors: "
+                           f"{dist_beats.error}, {node_beats.error}): the gaps would be wrong")
     dist_times = heartbeat_times(dist_frames, DIST_HEARTBEAT_KIND, sender=active)
     node_times = heartbeat_senders(node_frames, NODE_HEARTBEAT_KIND)
     roles_after = {h: bed.role(h) for h in dists}

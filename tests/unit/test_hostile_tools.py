@@ -49,8 +49,8 @@ def run_bpf(program, data: bytes, pkttype: int = hostile.PACKET_OUTGOING) -> int
             if value is None:
                 return 0
             x = 4 * (value & 0x0F)
-        elif code == hostile.LDH_IND:
-            value = load(x + k, 2)
+        elif code in (hostile.LDH_IND, hostile.LDB_IND):
+            value = load(x + k, 2 if code == hostile.LDH_IND else 1)
             if value is None:
                 return 0
             a = value
@@ -103,6 +103,19 @@ def test_udp_filter_selects_port_and_source():
     with_options = frame(IP(src="198.51.100.2", dst="198.51.100.255", options=b"\x01\x01\x01\x00") /
                          UDP(sport=1, dport=8406) / b"x")
     assert run_bpf(program, with_options, pkttype=1) > 0  # the UDP header is found past IP options
+
+
+def test_udp_filter_by_wire_kind_keeps_heartbeats_and_leaves_sync_batches():
+    keys = Keys({1: b"k" * 32})
+
+    def datagram(kind, options=b""):
+        return frame(IP(src="198.51.100.2", dst="198.51.100.255", options=options) / UDP(sport=8406, dport=8406) /
+                     seal(keys, kind, "dist1", 1, 0.0, b""))
+
+    program = hostile.udp_filter(8406, "198.51.100.2", wire_kind=hostile.DIST_HEARTBEAT_KIND)
+    assert run_bpf(program, datagram(Kind.DIST_HEARTBEAT), pkttype=1) > 0
+    assert run_bpf(program, datagram(Kind.DIST_HEARTBEAT, b"\x01\x01\x01\x00"), pkttype=1) > 0
+    assert run_bpf(program, datagram(Kind.STATE_SYNC), pkttype=1) == 0
 
 
 def test_spoofed_syn_pool_is_distinct_valid_and_never_uses_a_real_host_address():
