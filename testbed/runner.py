@@ -67,6 +67,7 @@ class Options:
     established_timeout: float = 900.0  # the distributors' idle timeout of an established connection
     smtp: str | None = None  # "ADDRESS:PORT" of a mail server for alerts, or None
     access_log: bool = False  # nginx writes <host dir>/access.log (scan-access-log reads it)
+    garp_refresh: float | None = None  # failover.garp_refresh: seconds between an active's repeated announcements (None: the daemon's default)
 
 
 def check_project(name: str) -> str:
@@ -583,6 +584,7 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
         smtp=smtp,
         state_file=directory / "state.json",
         api=API_CONF.format(address=host.address_on("int"), port=API_PORT, tokens=api_tokens) if api_tokens else "",
+        failover_extra="" if options.garp_refresh is None else f"garp_refresh = {options.garp_refresh:g}\n",
     )
 
 
@@ -689,7 +691,7 @@ address = "{lan_address}"
 listen = "0.0.0.0:{failover_port}"
 destination = "{broadcast}:{failover_port}"
 peers = {{ {peers} }}
-addresses = [
+{failover_extra}addresses = [
     {{ address = "{vip}/32", interface = "{ext}" }},
     {{ address = "{gateway}/{gateway_prefix}", interface = "{int}" }},
 ]
