@@ -180,7 +180,7 @@ class FailoverOptions:
     freshness: float = 5.0
     garp_repeat: float = 5.0  # seconds to the second burst of gratuitous ARP; 0: none
     garp_refresh: float = 10.0  # while active, announce again every so many seconds; 0: never
-    address_lifetime: float = 2.0  # seconds a claimed address lives unless renewed; 0: permanent
+    address_lifetime: float = 1.0  # seconds a claimed address lives unless renewed; 0: permanent
 
     def __post_init__(self) -> None:
         if self.address_lifetime and self.address_lifetime < 1:

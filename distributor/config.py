@@ -25,6 +25,7 @@ from .conntable import Timeouts
 from .core import HealthOptions
 from .heartbeat import HealthSettings, OnDead
 from .reroute import BackendSpec, Mode, ServiceSpec
+from .synauth import SynAuth
 
 __all__ = ["ConfigError", "Config", "load", "parse"]
 
@@ -88,6 +89,14 @@ class ApiConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    def syn_auth(self, secret: bytes) -> SynAuth | None:
+        """The SYN authentication the configuration asks for (``secret``: fresh random bytes)."""
+        if self.syn_auth_mode == "off":
+            return None
+        auth = SynAuth(secret, self.syn_auth_threshold)
+        auth.always = self.syn_auth_mode == "always"
+        return auth
+
     name: str
     mode: Mode
     queue: int
@@ -105,6 +114,8 @@ class Config:
     smtp: SmtpSettings | None = None
     failover: FailoverConfig | None = None
     api: ApiConfig | None = None
+    syn_auth_mode: str = "auto"  # "auto": authenticate new clients while half-open connections pile up
+    syn_auth_threshold: int = 64
     state_file: str | None = "/var/lib/distributor/state.json"  # runtime changes kept across restarts; None: off
 
 
@@ -139,6 +150,8 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     table = top.table("table")
     capacity = table.integer("capacity", 262_144, 1, 50_000_000)
+    syn_auth_mode = table.string("syn_auth", "auto", ("auto", "always", "off"))
+    syn_auth_threshold = table.integer("syn_auth_threshold", 64, 1, 50_000_000)
     timeouts_table = table.table("timeouts")
     defaults = Timeouts()
     timeouts = Timeouts(
@@ -176,6 +189,8 @@ def parse(text: str, source: str = "<config>") -> Config:
         realtime_priority=realtime_priority,
         api=api,
         state_file=state_file or None,
+        syn_auth_mode=syn_auth_mode,
+        syn_auth_threshold=syn_auth_threshold,
         health=health,
         alert_log=alert_log,
         smtp=smtp,
@@ -297,7 +312,7 @@ def _interface(table: TableReader) -> str:
 
 
 def _lifetime(table: TableReader) -> float:
-    value = table.number("address_lifetime", 2.0, 0, inclusive=True)
+    value = table.number("address_lifetime", 1.0, 0, inclusive=True)
     if 0 < value < 1:
         raise ConfigError(f"failover.address_lifetime: {value!r} is not valid; expected 0 (permanent addresses) or "
                           ">= 1 second (the kernel counts address lifetimes in whole seconds)")

@@ -133,7 +133,8 @@ class Timeouts:
 class Connection:
     """One rerouted connection.  ``backend`` and ``service`` are opaque to the table."""
 
-    __slots__ = ("key", "reply_key", "service", "backend", "state", "last_seen", "queued_at", "fins", "client_ack", "reset_by_us")
+    __slots__ = ("key", "reply_key", "service", "backend", "state", "last_seen", "queued_at", "fins", "client_ack",
+                 "reset_by_us", "isn", "syn", "answered")
 
     def __init__(self, key: bytes, reply_key: bytes, service: Any, backend: Any, now: float):
         self.key = key
@@ -149,6 +150,12 @@ class Connection:
         # at once (RFC 5961 section 3.2).
         self.client_ack = b""
         self.reset_by_us = False
+        # Passive health: the client's initial sequence number, its SYN as it came (rewrite mode,
+        # until the handshake completes: to send it to another node at once), and whether the node
+        # answered it.
+        self.isn = -1
+        self.syn: bytes | None = None
+        self.answered = False
 
     @property
     def is_open(self) -> bool:

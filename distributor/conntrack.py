@@ -14,7 +14,7 @@ import socket
 
 from pyroute2 import AsyncNFCTSocket
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.nfnetlink.nfctsocket import IPS_SEEN_REPLY, NFCTAttrTuple
+from pyroute2.netlink.nfnetlink.nfctsocket import IPS_ASSURED, IPS_SEEN_REPLY, NFCTAttrTuple
 
 __all__ = ["Conntrack"]
 
@@ -114,6 +114,24 @@ class Conntrack:
                 if exc.code != 2:  # ENOENT: it ended meanwhile
                     raise
         return forgotten
+
+    async def count_half_open(self, limit: int) -> int:
+        """Connections conntrack holds whose handshake the client never completed, counted up to ``limit``.
+
+        Not ASSURED rather than unreplied: the node answers a spoofed SYN too (the reply passes
+        here), but only a real client completes the handshake.
+        """
+        await self._connect()
+        result = await self._socket.dump(status=0, status_mask=IPS_ASSURED)
+        count = 0
+        if hasattr(result, "__aiter__"):
+            async for _entry in result:
+                count += 1
+                if count >= limit:
+                    break
+        else:
+            count = min(limit, sum(1 for _ in result))
+        return count
 
     async def forget_all(self, keys, probes, send) -> None:
         """ForgetInConntrack: delete each connection, then ``send`` its probe."""

@@ -41,6 +41,7 @@ from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
 from .heartbeat import HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, SetNodeEligible, \
     SetNodeFeedback, SetNodeRamp
+from .synauth import SynAuth
 from .reroute import (BackendSpec, ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode,
                       Reason, ServiceSpec)
 
@@ -85,6 +86,20 @@ class Reconfigure:
 
 
 @dataclasses.dataclass(frozen=True)
+class CountHalfOpen(Command):
+    """Kernel mode: count conntrack's half-open connections, not ASSURED (up to ``limit``): SYN authentication's
+    trigger."""
+
+    limit: int
+
+
+@dataclasses.dataclass(frozen=True)
+class HalfOpenCounted:
+    count: int
+    now: float
+
+
+@dataclasses.dataclass(frozen=True)
 class SetConntrackLiberal(Command):
     """Kernel mode: let conntrack pick up connections mid-stream without window history (after a takeover)."""
 
@@ -118,11 +133,11 @@ class DistributorCore:
     def __init__(self, name: str, mode: Mode, services: Iterable[ServiceSpec], capacity: int,
                  timeouts: Timeouts | None = None, health: HealthOptions | None = None, health_keys: Keys | None = None,
                  failover: FailoverOptions | None = None, failover_keys: Keys | None = None,
-                 saved_state: RuntimeState | None = None):
+                 saved_state: RuntimeState | None = None, syn_auth: SynAuth | None = None):
         self.name = name
         self.mode = mode
         self.base_services = tuple(services)  # the configuration; runtime changes are a difference to it
-        self.interposer = Interposer(self.base_services, ConnectionTable(capacity, timeouts), mode)
+        self.interposer = Interposer(self.base_services, ConnectionTable(capacity, timeouts), mode, syn_auth)
         self.health: NodeHealth | None = None
         if health is not None:
             if health_keys is None:
@@ -140,6 +155,8 @@ class DistributorCore:
         self._healthy: dict[str, bool] = {}  # the health core's gate per node (True until it says otherwise)
         self._drains: dict[str, tuple[float, float | None]] = {}  # node -> (started, drained at)
         self._rules_installed = False
+        self._syns_counted = 0
+        self._counted_at = -1.0
         if saved_state is not None:
             self._adopt(saved_state, 0.0)
 
@@ -164,7 +181,7 @@ class DistributorCore:
 
     def handle(self, event) -> list[Command]:
         if isinstance(event, PacketsHandled):
-            commands = self._route(event.effects)
+            commands = self._route(event.effects) + self._burst_check(event.now)
             if self.failover is not None:
                 commands += self._route(self.failover.handle(event))
             return self._finish(commands)
@@ -182,6 +199,16 @@ class DistributorCore:
             return self._finish(self._admin(event))
         if isinstance(event, Reconfigure):
             return self._finish(self._reconfigure(event))
+        if isinstance(event, HalfOpenCounted):
+            self.interposer.half_open_hint = event.count
+            auth = self.interposer.syn_auth
+            commands: list[Command] = []
+            if auth is not None and not auth.active and event.count > auth.threshold:
+                auth.admits(b"", event.count, event.now)
+                commands.append(Alert(self.name, "normal", "syn_authentication", f"{event.count}+ half-open "
+                                      "connections (a SYN flood?): new clients must answer a cookie first",
+                                      Level.WARNING))
+            return self._finish(commands)
         if isinstance(event, ConntrackAnswered):
             return self._finish(self._route(self.interposer.confirmed(event.alive, event.gone, event.now)))
         if isinstance(event, StopRequested):
@@ -264,7 +291,38 @@ class DistributorCore:
     def _housekeeping(self, now: float) -> list[Command]:
         self._next_housekeeping = max((self._next_housekeeping or now) + HOUSEKEEPING, now)
         commands = self._route(self.interposer.expire(now), now)
-        return commands + self._check_drains(now) + self._drop_report()
+        return commands + self._check_drains(now) + self._syn_flood(now) + self._drop_report()
+
+    def _burst_check(self, now: float) -> list[Command]:
+        """Kernel mode: after more new connections than the threshold since the last look, count the half-open
+        ones again (at most every 50 ms), so a flood switches authentication on in tens of milliseconds."""
+        auth = self.interposer.syn_auth
+        if auth is None or auth.active or self.mode is not Mode.KERNEL:
+            return []
+        placed = self.interposer.syns_placed - self._syns_counted
+        if placed <= auth.threshold or now - self._counted_at < 0.05:
+            return []
+        self._syns_counted = self.interposer.syns_placed
+        self._counted_at = now
+        return [CountHalfOpen(auth.threshold + 1)]
+
+    def _syn_flood(self, now: float) -> list[Command]:
+        auth = self.interposer.syn_auth
+        if auth is None:
+            return []
+        commands: list[Command] = []
+        kernel = self.mode is Mode.KERNEL
+        half_open = self.interposer.half_open_hint if kernel else self.interposer.table.half_open()
+        was_active = auth.active or kernel  # kernel mode alerts when the count arrives (HalfOpenCounted)
+        if auth.settle(half_open, now) is False:
+            commands.append(Alert(self.name, "syn_authentication", "off", f"{half_open} half-open connection(s): "
+                                  "calm again", Level.INFO))
+        elif auth.active and not was_active:
+            commands.append(Alert(self.name, "normal", "syn_authentication", f"{half_open} half-open connections "
+                                  "(a SYN flood?): new clients must answer a cookie first", Level.WARNING))
+        if kernel:
+            commands.append(CountHalfOpen(auth.threshold + 1))
+        return commands
 
     def _drop_report(self) -> list[Command]:
         """At most one log line per kind and housekeeping tick about packets dropped since the last one."""

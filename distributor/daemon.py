@@ -40,7 +40,7 @@ from .alerts import Alerts
 from .api import ControlApi, EventLog
 from .config import Config, ConfigError, load
 from .conntrack import Conntrack
-from .core import ConntrackAnswered, DistributorCore, Reconfigure, SetConntrackLiberal
+from .core import ConntrackAnswered, CountHalfOpen, DistributorCore, HalfOpenCounted, Reconfigure, SetConntrackLiberal
 from .datapath import PacketQueue, QueueError, RawSender
 from .heartbeat import NodeDatagram
 from .metrics import start_metrics_server
@@ -172,7 +172,7 @@ def api_address(config: Config) -> str:
     return "127.0.0.1"
 
 
-def guard_spec(config: Config) -> GuardSpec:
+def guard_spec(config: Config, interface: str | None = None) -> GuardSpec:
     nodes = [str(address) for address in config.nodes.values()]
     peers = [str(address) for address in config.failover.peers.values()] if config.failover else []
     own = [str(config.failover.address)] if config.failover else []
@@ -182,7 +182,7 @@ def guard_spec(config: Config) -> GuardSpec:
     if config.failover is not None:
         ports.append(config.failover.listen[1])
     return GuardSpec(tuple(dict.fromkeys(nodes + peers + own)), tuple(dict.fromkeys(nodes + peers + own)),
-                     tuple(dict.fromkeys(ports)))
+                     tuple(dict.fromkeys(ports)), interface)
 
 
 def describe(config: Config) -> str:
@@ -217,6 +217,7 @@ def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None,
         failover=config.failover.options(config.name) if config.failover is not None and failover_keys else None,
         failover_keys=failover_keys,
         saved_state=saved,
+        syn_auth=config.syn_auth(os.urandom(32)),
     )
 
 
@@ -277,7 +278,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     alerts = Alerts(config.name, config.alert_log, config.smtp)
     raw = RawSender()
     rules = Rules(config.queue, config.mode)
-    guard = Guard(config.queue, guard_spec(config)) if config.guard else None
+    guard: Guard | None = None
     conntrack = Conntrack() if config.mode is Mode.KERNEL else None
     queue = PacketQueue(config.queue, core.interposer.decide, runtime.feed, config.mode, config.queue_length, clock,
                         wall_clock)
@@ -323,6 +324,15 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         assert conntrack is not None
         await conntrack.forget_all(command.keys, command.probes, raw.send)
 
+    async def count_half_open(command: CountHalfOpen) -> None:
+        assert conntrack is not None
+        try:
+            count = await conntrack.count_half_open(command.limit)
+        except Exception as exc:
+            log.debug("cannot count half-open connections: %s", exc)
+            return
+        runtime.feed(HalfOpenCounted(count, clock()))
+
     async def forget_handshakes(command: ForgetHandshakes) -> None:
         assert conntrack is not None
         forgotten = await conntrack.forget_handshakes(command.nodes)
@@ -364,6 +374,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         ConfirmWithConntrack: confirm,
         ForgetInConntrack: forget,
         ForgetHandshakes: forget_handshakes,
+        CountHalfOpen: count_half_open,
     })
 
     stop = asyncio.Event()
@@ -402,7 +413,13 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     metrics_runner = None
     try:
         alerts.start()
-        if guard is not None:
+        if config.guard:
+            try:
+                inside = await asyncio.to_thread(cluster_interface, config, "auto")
+            except OSError as exc:
+                log.warning("the guard cannot tell the cluster side (%s): forged cluster sources are not refused", exc)
+                inside = None
+            guard = Guard(config.queue, guard_spec(config, inside))
             await asyncio.to_thread(guard.install)
         if owner is not None:
             await owner.prepare()

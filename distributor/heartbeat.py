@@ -32,12 +32,12 @@ its web server answers slowly).  A node is not late before that interval has pas
 up to ``max_interval``: the thresholds of a node that announced a longer interval stretch, so an
 agent that is merely slow is not taken for a dead one, and is still cut off in bounded time.
 
-Flapping is damped as BGP damps routes (RFC 2439): every death adds one to a node's penalty, which
-halves every ``flap_half_life`` seconds.  At ``flap_suppress`` the node is held out of service
+Flapping is damped as BGP damps routes (RFC 2439): every death adds one to a node's penalty, and a
+fall into WARNING half of that; the penalty halves every ``flap_half_life`` seconds.  At ``flap_suppress`` the node is held out of service
 whatever its state (unless no other node could serve: damping never empties the cluster), one alert
 says so, and its further changes are logged but not alerted, until the penalty has decayed below
-``flap_reuse`` and it is healthy: one more alert.  Short silences (WARNING and back) are not
-counted: they cost a node its new connections for a moment already, and load alone causes them.
+``flap_reuse`` and it is healthy: one more alert.  Steps on the way back that change nothing for an
+operator (dead -> rising, the end of a slow start) are logged, not alerted.
 
 Ticks never catch up: a :class:`Tick` that arrives late (the event loop stalled) advances the
 counters once, and the next tick is due one tick later.
@@ -121,8 +121,8 @@ class HealthSettings:
     slow_start: float = 10.0  # seconds to ramp a returning node to its full share; 0 disables
     max_interval: float = 2.0  # an announced heartbeat interval is honoured up to this many seconds
     flap_half_life: float = 30.0  # seconds for a node's flap penalty to halve
-    flap_suppress: float = 3.0  # penalty at which a flapping node is held out of service; 0 disables damping
-    flap_reuse: float = 1.0  # penalty below which a held-out node that is healthy comes back
+    flap_suppress: float = 1.8  # penalty at which a flapping node is held out of service; 0 disables damping
+    flap_reuse: float = 0.5  # penalty below which a held-out node that is healthy comes back
 
     def __post_init__(self) -> None:
         if not self.tick > 0:
@@ -293,8 +293,9 @@ class HealthBoard:
         if not changed:
             return []
         entry.state = new
-        if new is NodeState.DEAD and self.settings.flap_suppress:
-            entry.penalty = self.penalty(entry.name, now) + 1.0
+        fall = {NodeState.DEAD: 1.0, NodeState.WARNING: 0.5}.get(new, 0.0)
+        if fall and self.settings.flap_suppress:
+            entry.penalty = self.penalty(entry.name, now) + fall
             entry.penalty_at = now
             others_serve = any(other.state in ELIGIBLE and not other.damped
                                for other in self._nodes.values() if other is not entry)
@@ -485,17 +486,21 @@ class NodeHealth:
                 commands.append(SetNodeRamp(change.node, 1.0))
             if change.new is NodeState.DEAD and self.on_dead is OnDead.RESET:
                 commands.append(ResetNode(change.node))
-            if change.node in self._held_out:
-                # Held out for flapping: its changes are logged, not alerted one by one.
+            if change.node in self._held_out and change.new is not NodeState.DEAD:
+                # Held out for flapping: its changes are logged, not alerted one by one (a death still is).
                 commands.append(Log(Level.INFO, f"{change.node}: {change.old.value} -> {change.new.value} "
                                                 f"({change.reason}; held out for flapping)"))
-            elif self.board.damped(change.node):
+            elif self.board.damped(change.node) and change.node not in self._held_out:
                 self._held_out.add(change.node)
-                commands.append(Alert(change.node, change.old.value, "flapping",
-                                      f"{change.reason}; {self.board.penalty(change.node, change.at):.1f} recent "
-                                      "falls: held out of service until it is stable"))
+                commands.append(Alert(change.node, change.old.value, change.new.value,
+                                      f"{change.reason}; flapping ({self.board.penalty(change.node, change.at):.1f} "
+                                      "recent falls): held out of service until it is stable"))
+            elif change.new is NodeState.RISING or (change.old, change.new) == (NodeState.SLOW_START, NodeState.UP):
+                # On the way back but nothing changed for service yet (rising), or nothing more (ramped).
+                commands.append(Log(Level.INFO, f"{change.node}: {change.old.value} -> {change.new.value} "
+                                                f"({change.reason})"))
             else:
-                # Falling is a WARNING; coming back (rising, ramping, up again) is news, not a warning.
+                # Falling is a WARNING; coming back into service is news, not a warning.
                 level = Level.WARNING if change.new in (NodeState.WARNING, NodeState.DEAD) else Level.INFO
                 commands.append(Alert(change.node, change.old.value, change.new.value, change.reason, level))
         return commands

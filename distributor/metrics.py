@@ -81,8 +81,8 @@ class DistributorCollector:
             packets.add_metric([reason.name.lower(), verdict], interposer.packets[reason] + extra)
         yield packets
         refused = CounterMetricFamily("distributor_guard_dropped", "Packets from outside the cluster refused by the "
-                                      "guard: control ports, the cluster's own addresses", labels=["what"])
-        for what in ("control_port", "cluster_address"):
+                                      "guard: control ports, the cluster's own addresses, forged cluster sources", labels=["what"])
+        for what in ("control_port", "cluster_address", "spoofed_source"):
             refused.add_metric([what], kernel_counts.get(f"{GUARD_TAG}:{what}", 0))
         yield refused
         yield GaugeMetricFamily("distributor_connections", "Connections in the table", value=interposer.connections)

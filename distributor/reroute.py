@@ -66,6 +66,7 @@ from common.sansio import Command
 from . import checksum
 from .balancer import Balancer, Policy
 from .conntable import ACK, FIN, RST, SYN, Connection, ConnectionTable, TcpState
+from .synauth import SynAuth
 
 __all__ = [
     "ACCEPT",
@@ -122,6 +123,8 @@ class Reason(enum.IntEnum):
     CONNECTION_END = 16  # kernel mode: the first FIN or RST of a connection, seen and passed
     TTL_EXPIRED = 17  # a client packet to a VIP with TTL <= 1: forwarded, the kernel's "time exceeded" would quote a node
     EXPIRED_FLOW = 18  # rewrite mode: a segment of a connection that idled out; both ends get an RST
+    SYN_CHALLENGED = 19  # under a SYN flood: a new client's SYN, answered with a cookie (synauth.py)
+    SYN_VERIFIED = 20  # the client's RST carrying our cookie: its address is real, its next SYN passes
 
     @property
     def verdict(self) -> int:
@@ -368,9 +371,15 @@ def rule_layout_of(services: Sequence[ServiceSpec]) -> tuple[RuleService, ...]:
 class Interposer:
     """Decides and rewrites every queued packet; see the module docstring."""
 
-    def __init__(self, services: Sequence[ServiceSpec], table: ConnectionTable, mode: Mode = Mode.REWRITE):
+    def __init__(self, services: Sequence[ServiceSpec], table: ConnectionTable, mode: Mode = Mode.REWRITE,
+                 syn_auth: "SynAuth | None" = None):
         if not services:
             raise ValueError("the interposer needs at least one service")
+        self.syn_auth = syn_auth
+        # Kernel mode cannot see handshakes complete: conntrack's count of unreplied connections,
+        # read now and then (SynAuth's trigger there).
+        self.half_open_hint = 0
+        self.syns_placed = 0  # new connections placed: kernel mode asks conntrack again after a burst
         self.table = table
         self.mode = mode
         self._kernel = mode is Mode.KERNEL
@@ -446,7 +455,12 @@ class Interposer:
         conn = self.table.get(key)
         ended: ConnectionEnded | None = None
         if self._kernel and flags & (FIN | RST):
-            # The rules queue only a connection's first FIN or RST, from either side.
+            # The rules queue only a connection's first FIN or RST, from either side (and RSTs to a
+            # VIP that conntrack does not know: perhaps the answer to a SYN cookie).
+            if conn is None and flags & RST and self.syn_auth is not None and self.syn_auth.answer(packet, now):
+                return Reason.SYN_VERIFIED, None, None
+            if conn is not None and conn.key == key and flags & FIN and self.syn_auth is not None:
+                self.syn_auth.verify(key[0:4], now)  # a client that closes a connection was real
             if conn is not None and self.table.close(conn, now):
                 return Reason.CONNECTION_END, END_MARK, (self._ended(conn),)
             return Reason.CONNECTION_END, END_MARK, None
@@ -463,6 +477,8 @@ class Interposer:
                 return Reason.RESET_CONNECTION, None, None
             if flags & ACK and not self._kernel:
                 conn.client_ack = packet[28:32]
+                if conn.state is TcpState.SYN_SEEN and self.syn_auth is not None:
+                    self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
             done = self.table.advance(conn, flags, True, now)
             out = conn.backend.mark if self._kernel else _to_backend(packet, conn.backend)
             return Reason.TO_BACKEND, out, (self._ended(conn),) if done else None
@@ -483,15 +499,22 @@ class Interposer:
                 return Reason.UNKNOWN_REPLY, None, before
             return Reason.NOT_SERVICE, None, before
         if flags & (SYN | ACK) != SYN:
+            if flags & RST and self.syn_auth is not None and self.syn_auth.answer(packet, now):
+                return Reason.SYN_VERIFIED, None, before
             expired = self._expired.get(key)
             if expired is not None and flags & ACK and not flags & RST:
                 node, node_port, _ = expired
                 return Reason.EXPIRED_FLOW, None, (SendPacket(_reset_for_packet(packet)),
                                                    SendPacket(_reset_to_node(packet, node, node_port)))
             return Reason.UNKNOWN_FLOW, None, before
+        auth = self.syn_auth
+        if auth is not None and not auth.admits(key[0:4], self.half_open_hint if self._kernel else self.table.half_open(),
+                                                 now):
+            return Reason.SYN_CHALLENGED, None, (*(before or ()), SendPacket(auth.challenge(packet, now)))
         index = self._place(service, key[0:4], now) if service.persistence else service.balancer.acquire()
         if index is None:
             return Reason.NO_BACKEND, None, before
+        self.syns_placed += 1
         backend = service.backends[index]
         reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
         stale = self.table.get(reply_key)

@@ -153,6 +153,9 @@ def _render_kernel(queue: int, services: tuple[RuleService, ...]) -> dict[tuple[
     for service in services:
         match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
         mangle_new.append(f"-A {chain_new} {match_vip} -m conntrack --ctstate NEW {to_queue}")
+        # An RST conntrack cannot place may answer a SYN cookie (synauth.py): user space checks it.
+        mangle_new.append(f"-A {chain_new} {match_vip} -m tcp --tcp-flags RST RST -m conntrack --ctstate INVALID "
+                          f"{to_queue}")
         mangle_in.append(f"-A {chain_in} {match_vip} {to_queue}")  # its first FIN or RST
         for backend in service.backends:
             match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
@@ -173,6 +176,7 @@ class GuardSpec:
     allowed_sources: tuple[str, ...]  # the cluster's own hosts: nodes, peers, this distributor
     protected: tuple[str, ...]  # addresses the outside must never reach through us: nodes, peers
     control_ports: tuple[int, ...]  # UDP: node heartbeats, distributor datagrams
+    interface: str | None = None  # the cluster side: the cluster's own hosts come in there, and only there
 
 
 
@@ -187,7 +191,13 @@ def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]
     (:func:`read_counters`, by the ``--comment``).
     """
     chain = f"DGRD{queue}-IN"
-    lines = [f"-A {chain} -s {source}/32 -j RETURN" for source in spec.allowed_sources]
+    inside = f" -i {spec.interface}" if spec.interface else ""
+    lines = [f"-A {chain} -s {source}/32{inside} -j RETURN" for source in spec.allowed_sources]
+    if spec.interface:
+        # A cluster host's address arriving from anywhere else is forged: it would be forwarded
+        # (reverse-path filtering is off on a router of floating addresses) or reach the control ports.
+        lines += [f'-A {chain} -s {source}/32 -m comment --comment "{GUARD_TAG}:spoofed_source" -j DROP'
+                  for source in spec.allowed_sources]
     for port in spec.control_ports:
         lines.append(f'-A {chain} -p udp -m udp --dport {port} -m comment --comment "{GUARD_TAG}:control_port" -j DROP')
     for address in spec.protected:

@@ -67,6 +67,7 @@ class Options:
     established_timeout: float = 900.0  # the distributors' idle timeout of an established connection
     smtp: str | None = None  # "ADDRESS:PORT" of a mail server for alerts, or None
     access_log: bool = False  # nginx writes <host dir>/access.log (scan-access-log reads it)
+    flap_suppress: float | None = None  # health.flap_suppress (0: no flap damping; None: the daemon's default)
     garp_refresh: float | None = None  # failover.garp_refresh: seconds between an active's repeated announcements (None: the daemon's default)
 
 
@@ -585,6 +586,7 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
         state_file=directory / "state.json",
         api=API_CONF.format(address=host.address_on("int"), port=API_PORT, tokens=api_tokens) if api_tokens else "",
         failover_extra="" if options.garp_refresh is None else f"garp_refresh = {options.garp_refresh:g}\n",
+        health_extra="" if options.flap_suppress is None else f"flap_suppress = {options.flap_suppress:g}\n",
     )
 
 
@@ -683,6 +685,7 @@ backends = [{backends}]
 listen = "0.0.0.0:{heartbeat_port}"
 keys_file = "{keys}"
 on_dead = "{on_dead}"
+{health_extra}
 
 [failover]
 priority = {priority}
@@ -724,6 +727,10 @@ probe_url = "http://{address}:{port}/health"
 # thresholds this high keep a benchmark on one node from silencing all of them.
 max_load = 1000.0
 max_cpu = 1.0
+# And the client, the distributors and every nginx share its two cores: a benchmark at full rate
+# slows the probe of every node alike, which is the machine, not one node failing.
+max_response_time = 2.5
+probe_timeout = 3.0
 
 [heartbeat]
 destination = "{broadcast}:{heartbeat_port}"

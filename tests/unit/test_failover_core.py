@@ -26,11 +26,14 @@ BROADCAST = ("198.51.100.255", 8406)
 ADDRESSES = {"dist1": "198.51.100.2", "dist2": "198.51.100.3"}
 
 
-def options(name: str, priority: int, preempt: bool = False, garp_repeat: float = 5.0) -> FailoverOptions:
+def options(name: str, priority: int, preempt: bool = False, garp_repeat: float = 5.0,
+            lifetime: float = 0.0) -> FailoverOptions:
+    """Permanent addresses unless a test asks for a lifetime (renewals would fill every playbook)."""
     other = "dist2" if name == "dist1" else "dist1"
     return FailoverOptions(name, ipaddress.IPv4Address(ADDRESSES[name]),
                            FailoverSettings(priority=priority, preempt=preempt, interval=INTERVAL, warning=3, dead=6),
-                           BROADCAST, {other: ipaddress.IPv4Address(ADDRESSES[other])}, 8406, 5.0, garp_repeat)
+                           BROADCAST, {other: ipaddress.IPv4Address(ADDRESSES[other])}, 8406, 5.0, garp_repeat,
+                           address_lifetime=lifetime)
 
 
 def kind_of(command: Send) -> Kind:
@@ -40,12 +43,12 @@ def kind_of(command: Send) -> Kind:
 class Lan:
     """Two failover cores; their Send commands are delivered to each other unless the test drops them."""
 
-    def __init__(self, preempt1: bool = False):
+    def __init__(self, preempt1: bool = False, lifetime: float = 0.0):
         self.now = 0.0
         self.replicas = {name: Interposer([service_spec(Policy.LEAST_OUTSTANDING)], ConnectionTable(10_000))
                          for name in ADDRESSES}
-        self.cores = {"dist1": FailoverCore(options("dist1", 200, preempt1), KEYS, self.replicas["dist1"]),
-                      "dist2": FailoverCore(options("dist2", 100), KEYS, self.replicas["dist2"])}
+        self.cores = {"dist1": FailoverCore(options("dist1", 200, preempt1, lifetime=lifetime), KEYS, self.replicas["dist1"]),
+                      "dist2": FailoverCore(options("dist2", 100, lifetime=lifetime), KEYS, self.replicas["dist2"])}
         self.log: dict[str, list] = {name: [] for name in ADDRESSES}
         self.frozen: set[str] = set()  # SIGSTOPped: neither ticks nor receives
         self.cut = False  # a partition: nothing crosses
@@ -102,7 +105,7 @@ class Lan:
         self.feed(name, PacketsHandled(self.now, WALL + self.now, tuple(effects)))
 
 
-TAKEOVER = (Alert, HoldNewSyns(True), ArmFirstForward(), InstallRules(), ClaimAddresses(2.0), Announce())
+TAKEOVER = (Alert, HoldNewSyns(True), ArmFirstForward(), InstallRules(), ClaimAddresses(None), Announce())
 GIVE_UP = (ReleaseAddresses(), HoldNewSyns(False), RemoveRules(), DrainQueue())
 
 
@@ -329,12 +332,13 @@ def test_a_restarted_distributor_refuses_datagrams_sealed_before_it_started():
 
 
 def test_an_active_renews_its_addresses_and_repeats_its_announcement_and_stops_both_when_it_gives_up():
-    lan = Lan()
+    lan = Lan(lifetime=1.0)
     lan.step(20)
     mark = len(lan.log["dist1"])
     lan.step(int(10.0 / INTERVAL) + 1)  # 10 s: the refresh interval
     renewals = lan.since("dist1", mark, (ClaimAddresses,))
-    assert all(c == ClaimAddresses(2.0) for c in renewals) and 35 <= len(renewals) <= 45  # every 0.25 s
+    # every 1/8 of the lifetime, at the next tick (0.15 s at 50 ms ticks)
+    assert all(c == ClaimAddresses(1.0) for c in renewals) and 60 <= len(renewals) <= 85
     assert lan.since("dist1", mark, (Announce,)) == [Announce(), Announce()]  # the second burst, the first refresh
     lan.cut = True
     lan.step(10)

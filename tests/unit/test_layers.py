@@ -20,6 +20,7 @@ CORE = {
     "common.machine", "common.sansio", "common.wire", "common.tomlconfig",
     "distributor.checksum", "distributor.balancer", "distributor.conntable", "distributor.reroute",
     "distributor.heartbeat", "distributor.core", "distributor.partialsum", "distributor.maglev", "distributor.admin",
+    "distributor.synauth",
     "backup.roles", "backup.sync", "backup.failover",
     # administration (docs/administration.md)
     "common.adminauth", "common.paths", "distributor.content", "node.tasks", "node.logscan",
