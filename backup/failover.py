@@ -58,9 +58,11 @@ MAX_PENDING_TEXT = f"{MAX_PENDING:,}"
 
 __all__ = ["FailoverOptions", "FailoverCore", "PeerDatagram", "PacketsHandled", "FirstForward", "InstallRules",
            "RemoveRules", "ClaimAddresses", "ReleaseAddresses", "Announce", "HoldNewSyns", "ReleaseNewSyns",
-           "ArmFirstForward", "DrainQueue", "AdminStateReceived", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH"]
+           "ArmFirstForward", "DrainQueue", "AdminStateReceived", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH",
+           "TAKEOVER_HISTORY"]
 
 SYNC_FLUSH = 0.01  # seconds between sends of ended connections and snapshot chunks while active
+TAKEOVER_HISTORY = 16  # takeovers kept for observers (a scrape between two takeovers misses none)
 SNAPSHOT_CHUNK = 16  # snapshot datagrams per flush (about 1,500 connections)
 RESIGN_COPIES = 3  # a lost resign would cost the backup a dead window
 NACK_RETRY_TICKS = 2  # a missing batch is asked for again after this many ticks without it
@@ -96,9 +98,14 @@ class PacketsHandled:
 
 @dataclasses.dataclass(frozen=True)
 class FirstForward:
-    """The first packet forwarded after ArmFirstForward, at monotonic time ``at``."""
+    """The first packet forwarded after ArmFirstForward, at monotonic time ``at``.
+
+    ``arrived``: when the data path read that packet from the queue (a held SYN: when it was held),
+    so an observer can tell the takeover's own work from time spent waiting for traffic.
+    """
 
     at: float
+    arrived: float | None = None
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -202,6 +209,7 @@ class Takeover:
     term: int
     claimed: float | None = None
     first_forward: float | None = None
+    first_arrival: float | None = None  # when the first forwarded packet was read from the queue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +243,8 @@ class FailoverStats:
     rejected: dict[Reject, int]
     transitions: dict[tuple[Role, Role], int]
     last_takeover: Takeover | None
+    takeovers: int = 0  # takeovers since start
+    recent_takeovers: tuple[Takeover, ...] = ()  # the last TAKEOVER_HISTORY of them, oldest first
 
 
 class FailoverCore:
@@ -253,6 +263,8 @@ class FailoverCore:
         self.sent: collections.Counter[Kind] = collections.Counter()
         self.announcements = 0
         self.last_takeover: Takeover | None = None
+        self.takeovers = 0
+        self.recent_takeovers: collections.deque[Takeover] = collections.deque(maxlen=TAKEOVER_HISTORY)
         self.active_batch = 0  # the followed active's last advertised batch
         self.active_connections = 0
         self._own_address = str(options.address)
@@ -305,7 +317,7 @@ class FailoverCore:
         if isinstance(event, PacketsHandled):
             return self._packets_handled(event.wall)
         if isinstance(event, FirstForward):
-            return self._first_forward(event.at)
+            return self._first_forward(event.at, event.arrived)
         if isinstance(event, CommandDone):
             return self._done(event)
         if isinstance(event, StopRequested):
@@ -488,11 +500,12 @@ class FailoverCore:
             commands.append(ReleaseNewSyns())
         return commands
 
-    def _first_forward(self, at: float) -> list[Command]:
+    def _first_forward(self, at: float, arrived: float | None = None) -> list[Command]:
         takeover = self.last_takeover
         if takeover is None or takeover.first_forward is not None:
             return []
         takeover.first_forward = at
+        takeover.first_arrival = arrived
         if takeover.last_heartbeat is None:
             return [Log(Level.INFO, f"failover: first packet forwarded {(at - takeover.started) * 1000:.1f} ms after "
                                     "taking over")]
@@ -553,6 +566,8 @@ class FailoverCore:
 
     def _take_over(self, now: float, wall: float) -> list[Command]:
         self.last_takeover = Takeover(self._last_active_heartbeat, now, self.machine.term)
+        self.takeovers += 1
+        self.recent_takeovers.append(self.last_takeover)
         # 1. State: the replica is the interposer's table; from now on its idle timers run.
         self.replica.hold_expiry(now)
         self._holding = True
@@ -680,4 +695,5 @@ class FailoverCore:
                              self.sender.snapshots, self.receiver.rejected_records, self.announcements,
                              self.heartbeat_gap_max,
                              dict(self.sent), {r: self.rejected[r] for r in Reject}, dict(machine.transitions),
-                             dataclasses.replace(self.last_takeover) if self.last_takeover else None)
+                             dataclasses.replace(self.last_takeover) if self.last_takeover else None,
+                             self.takeovers, tuple(dataclasses.replace(t) for t in self.recent_takeovers))
