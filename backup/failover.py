@@ -220,6 +220,8 @@ class PeerStats:
     counter: int
     term: int
     priority: int
+    sync_batch: int = 0  # the batch its last heartbeat advertised (a standby: the last it applied)
+    lag_records: int | None = None  # while we are active: records sent that this standby has not applied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +246,7 @@ class FailoverStats:
     transitions: dict[tuple[Role, Role], int]
     last_takeover: Takeover | None
     takeovers: int = 0  # takeovers since start
+    behind_since: float | None = None  # a standby: since when its replica is behind the active's stream (monotonic)
     recent_takeovers: tuple[Takeover, ...] = ()  # the last TAKEOVER_HISTORY of them, oldest first
 
 
@@ -285,6 +288,8 @@ class FailoverCore:
         self._admin_pieces: dict[tuple[str, int], dict[int, AdminChunk]] = {}  # (sender, version) -> pieces
         self._admin_adopted: tuple[str, int] | None = None
         self.heartbeat_gap_max = 0.0  # seconds: the longest wait between two heartbeats of the active, as a backup
+        self._peer_batches: dict[str, int] = {}  # peer -> the sync batch its last heartbeat advertised
+        self._behind_since: float | None = None
 
     @property
     def role(self) -> Role:
@@ -442,6 +447,7 @@ class FailoverCore:
             elif self.receiver.waiting:
                 commands += self._ask_again(self.receiver.missing(), event.now, event.wall)
             self._update_caught_up()
+            self._track_lag(event.now)
             return commands
         if kind is Kind.RESIGN:
             resign = Resign.unpack(message.payload)
@@ -478,6 +484,7 @@ class FailoverCore:
         return []
 
     def _peer_heartbeat(self, sender: str, role: Role, beat: DistHeartbeat, now: float, wall: float) -> list[Command]:
+        self._peer_batches[sender] = beat.sync_batch
         if role is Role.ACTIVE:
             if self._last_active_heartbeat is not None and self.role is Role.BACKUP:
                 # The worst silence of the active seen so far: what the dead window must stay above.
@@ -490,6 +497,7 @@ class FailoverCore:
                                                                 beat.preempt)), now, wall)
         if role is Role.ACTIVE and self.role is Role.BACKUP:
             self._update_caught_up()
+            self._track_lag(now)
         return commands
 
     def _packets_handled(self, wall: float) -> list[Command]:
@@ -682,13 +690,26 @@ class FailoverCore:
     def _update_caught_up(self) -> None:
         self.machine.set_caught_up(self.role is Role.BACKUP and self.receiver.caught_up(self.active_batch))
 
+    def _track_lag(self, now: float) -> None:
+        """A standby is behind while the active has advertised batches it has not applied (one may be in flight)."""
+        lag = self.receiver.lag(self.active_batch)
+        if lag is None or lag > 1:
+            if self._behind_since is None:
+                self._behind_since = now
+        else:
+            self._behind_since = None
+
     # -- observers -------------------------------------------------------------------------------------
     def lag(self) -> int | None:
         return self.receiver.lag(self.active_batch) if self.role is not Role.ACTIVE else 0
 
     def stats(self) -> FailoverStats:
         machine = self.machine
-        peers = tuple(PeerStats(p.name, p.role, p.alive, p.counter, p.term, p.priority) for p in machine.peers.values())
+        active = machine.role is Role.ACTIVE
+        peers = tuple(PeerStats(p.name, p.role, p.alive, p.counter, p.term, p.priority, self._peer_batches.get(p.name, 0),
+                                self.sender.records_after(self._peer_batches[p.name])
+                                if active and p.role is Role.BACKUP and self._peer_batches.get(p.name) else None)
+                      for p in machine.peers.values())
         return FailoverStats(machine.role, machine.term, machine.caught_up, peers, self.lag(), self.active_connections,
                              self.receiver.gaps, self.retransmit_requests, self.sender.retransmitted,
                              self.receiver.records_applied, self.sender.records_sent,
@@ -696,4 +717,5 @@ class FailoverCore:
                              self.heartbeat_gap_max,
                              dict(self.sent), {r: self.rejected[r] for r in Reject}, dict(machine.transitions),
                              dataclasses.replace(self.last_takeover) if self.last_takeover else None,
-                             self.takeovers, tuple(dataclasses.replace(t) for t in self.recent_takeovers))
+                             self.takeovers, self._behind_since if machine.role is not Role.ACTIVE else None,
+                             tuple(dataclasses.replace(t) for t in self.recent_takeovers))

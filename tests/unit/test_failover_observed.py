@@ -7,7 +7,8 @@ import pytest
 from backup.failover import TAKEOVER_HISTORY, ClaimAddresses, FirstForward
 from backup.roles import Role
 from common.sansio import CommandDone
-from tests.unit.test_failover_core import INTERVAL, Lan
+from common.wire import Kind
+from tests.unit.test_failover_core import INTERVAL, Lan, kind_of
 
 
 def kill_active_and_wait(lan: Lan) -> str:
@@ -51,3 +52,24 @@ def test_the_history_is_bounded_and_the_count_goes_on():
         assert len(s.recent_takeovers) == min(s.takeovers, TAKEOVER_HISTORY)
         terms = [t.term for t in s.recent_takeovers]
         assert terms == sorted(terms)
+
+
+def test_a_standby_cut_off_from_the_sync_stream_is_behind_since_then_and_the_active_counts_its_missing_records():
+    lan = Lan()
+    lan.step(20)
+    assert lan.cores["dist2"].stats().behind_since is None
+    peer = lan.cores["dist1"].stats().peers[0]
+    assert peer.name == "dist2" and peer.lag_records == 0
+    lan.drop = lambda sender, command: sender == "dist1" and kind_of(command) is Kind.STATE_SYNC
+    cut_at = lan.now
+    lan.open_connections(10)
+    lan.open_connections(10, start_port=41000)  # two batches: one more than may be in flight
+    lan.step(2)  # the active's heartbeats advertise them; the standby's say what it applied
+    behind = lan.cores["dist2"].stats().behind_since
+    assert behind is not None and cut_at <= behind <= lan.now
+    assert lan.cores["dist1"].stats().peers[0].lag_records == 20
+    assert lan.cores["dist1"].stats().behind_since is None  # the active is never behind
+    lan.drop = lambda sender, command: False
+    lan.step(10)  # the standby asks again for what it misses
+    assert lan.cores["dist2"].stats().behind_since is None
+    assert lan.cores["dist1"].stats().peers[0].lag_records == 0
