@@ -416,6 +416,10 @@ class Testbed:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         return samples
 
+    def takeover_durations(self, host: str) -> dict[str, tuple[float, float]]:
+        """The distributor's takeover histogram on ``host``: {phase: (count, sum of seconds)}."""
+        return takeover_durations(self.metrics(host))
+
     def role(self, host: str) -> str | None:
         """The failover role of the distributor on ``host`` (None when it is not running)."""
         if self.service_pid(host, "distributor") is None:
@@ -508,6 +512,30 @@ class Testbed:
             child.kill()
             child.wait()
         self._children.pop(child.pid, None)
+
+
+TAKEOVER_HISTOGRAM = "distributor_failover_takeover_duration_seconds"
+
+
+def takeover_durations(samples: dict) -> dict[str, tuple[float, float]]:
+    """{phase: (count, sum)} of the takeover histogram in parsed samples ({(name, labels): value})."""
+    found: dict[str, tuple[float, float]] = {}
+    for (name, labels), value in samples.items():
+        if name in (f"{TAKEOVER_HISTOGRAM}_count", f"{TAKEOVER_HISTOGRAM}_sum"):
+            phase = dict(labels)["phase"]
+            count, total = found.get(phase, (0.0, 0.0))
+            found[phase] = (value, total) if name.endswith("_count") else (count, value)
+    return found
+
+
+def new_takeover(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The phases (seconds) of the one takeover observed between two readings of :func:`takeover_durations`."""
+    phases = {}
+    for phase, (count, total) in after.items():
+        old_count, old_total = before.get(phase, (0.0, 0.0))
+        if count == old_count + 1:
+            phases[phase] = total - old_total
+    return phases
 
 
 def write_web_files(topology: Topology, host: Host, directory: Path, health_delay: float = 0.0,
