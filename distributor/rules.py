@@ -173,6 +173,8 @@ class GuardSpec:
     allowed_sources: tuple[str, ...]  # the cluster's own hosts: nodes, peers, this distributor
     protected: tuple[str, ...]  # addresses the outside must never reach through us: nodes, peers
     control_ports: tuple[int, ...]  # UDP: node heartbeats, distributor datagrams
+    scrapers: tuple[str, ...] = ()  # monitoring hosts that may reach scrape_port (TCP) on this distributor
+    scrape_port: int | None = None  # the metrics port
 
 
 
@@ -188,6 +190,10 @@ def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]
     """
     chain = f"DGRD{queue}-IN"
     lines = [f"-A {chain} -s {source}/32 -j RETURN" for source in spec.allowed_sources]
+    if spec.scrape_port is not None:
+        # A monitoring host reaches the metrics port and nothing else (it is no node, no peer).
+        lines += [f"-A {chain} -s {source}/32 -p tcp -m tcp --dport {spec.scrape_port} -j RETURN"
+                  for source in spec.scrapers]
     for port in spec.control_ports:
         lines.append(f'-A {chain} -p udp -m udp --dport {port} -m comment --comment "{GUARD_TAG}:control_port" -j DROP')
     for address in spec.protected:
