@@ -9,7 +9,8 @@ is read at scrape time only.  :func:`start_agent_metrics_server` serves ``/metri
 agent's asyncio loop (aiohttp).  Families (``promtool check metrics`` passes on them,
 tests/unit/test_agent_metrics.py), beside prometheus_client's ``process_*`` and ``python_*``:
 
-* ``distributor_agent_build_info{version,node}``;
+* ``distributor_agent_build_info{version}`` (the node's name is the scrape target's ``node`` label,
+  deploy/prometheus/targets/node-agents.json);
 * ``distributor_agent_probes_total{result}``: every probe by outcome, one series per outcome
   (``ok``, ``error``, ``bad_status``, ``bad_body``, ``slow``, ``load``, ``cpu``): the agent's own
   check failures, as HAProxy counts ``check_failures_total``;
@@ -88,8 +89,8 @@ class AgentMetrics:
     def __init__(self, node_id: str, version: str, process: bool = True,
                  tasks: Callable[[], tuple[int, int] | None] = read_tasks):
         registry = self.registry = CollectorRegistry()
-        Info("distributor_agent_build", "The node agent's version and node", registry=registry).info(
-            {"version": version, "node": node_id})
+        Info("distributor_agent_build", "The node agent's version", registry=registry).info({"version": version})
+        self.node_id = node_id
         self.probes = Counter("distributor_agent_probes", "Probes of the local web server by outcome", ["result"],
                               registry=registry)
         for result in PROBE_RESULTS:
