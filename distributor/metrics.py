@@ -18,6 +18,11 @@ change of state changes values, never the set of series.  Counters whose labels 
 table (transitions, reasons) are exported for every label value from the start, at 0, because
 ``increase()`` cannot see a series' first increment.
 
+Bytes per backend: client -> node is counted by the interposer as it rewrites (rewrite mode); node
+-> client never reaches user space (the nft return path rewrites it), so its rules' counters are
+read at scrape time (:meth:`~distributor.rules.Rules.return_path_bytes`) and kept monotonic across
+reinstalls (:class:`KernelCounters`).  Kernel mode sees neither: both families are left out.
+
 Takeover durations are a histogram by phase, observed from the core's recent takeovers
 (``FailoverStats.recent_takeovers``, the last 16) at each scrape; phases (seconds):
 
@@ -46,6 +51,7 @@ from backup.roles import ROLE_MOVES, Role
 from common.wire import Kind, Reject
 
 from . import __version__
+from .admin import AdminState
 from .heartbeat import HealthStats, NodeState, node_moves
 from .reroute import Mode, Reason
 from .rules import GUARD_TAG, UNKNOWN_REPLY_TAG
@@ -56,7 +62,7 @@ if TYPE_CHECKING:
     from .datapath import PacketQueue
     from .runtime import Runtime
 
-__all__ = ["DistributorCollector", "TakeoverHistogram", "takeover_phases", "read_queue_stats", "build_registry",
+__all__ = ["DistributorCollector", "TakeoverHistogram", "KernelCounters", "takeover_phases", "read_queue_stats", "build_registry",
            "render", "start_metrics_server", "TAKEOVER_BUCKETS", "HEARTBEAT_FAILURE_MOVES"]
 
 log = logging.getLogger("distributor.metrics")
@@ -160,6 +166,34 @@ def _bound(value: float) -> str:
     return repr(float(value))
 
 
+class KernelCounters:
+    """Kernel counters that restart at 0 whenever their rules are installed again, kept monotonic.
+
+    ``update(generation, values)``: ``generation`` counts the installs; when it changed since the
+    last reading, the last values are banked first (bytes between that reading and the removal of
+    the rules are lost: at most one scrape interval's worth per takeover or give-up).
+    """
+
+    def __init__(self) -> None:
+        self.banked: dict = {}
+        self.last: dict = {}
+        self.generation: int | None = None
+
+    def update(self, generation: int, values: dict) -> None:
+        if generation != self.generation:
+            for key, value in self.last.items():
+                self.banked[key] = self.banked.get(key, 0) + value
+            self.last = {}
+            self.generation = generation
+        for key, value in values.items():
+            if value < self.last.get(key, 0):  # reinstalled between two readings of the same generation
+                self.banked[key] = self.banked.get(key, 0) + self.last[key]
+            self.last[key] = value
+
+    def value(self, key) -> int:
+        return self.banked.get(key, 0) + self.last.get(key, 0)
+
+
 class DistributorCollector:
     def __init__(self, core: "DistributorCore", queue: "PacketQueue | None" = None, alerts: "Alerts | None" = None,
                  runtime: "Runtime | None" = None, chains: "list | None" = None,
@@ -175,6 +209,7 @@ class DistributorCollector:
         self.queue_number = queue.queue if queue is not None else queue_number
         self.queue_stats = queue_stats
         self.takeovers = TakeoverHistogram()
+        self.bytes_out = KernelCounters()  # rewrite mode's return path, per (service, address, port)
 
     def describe(self) -> list:
         return []  # families are built at scrape time; registering must not take a snapshot
@@ -186,6 +221,7 @@ class DistributorCollector:
         yield from self._packets(stats)
         yield from self._table(stats)
         yield from self._backends(stats)
+        yield from self._admin(stats)
         if stats.health is not None:
             yield from self._health(stats.health)
         if stats.failover is not None:
@@ -252,7 +288,8 @@ class DistributorCollector:
         bytes_in = CounterMetricFamily("distributor_backend_bytes_in", "IP bytes forwarded from clients to the "
                                        "backend (rewrite mode only)", labels=labels)
         bytes_out = CounterMetricFamily("distributor_backend_bytes_out", "IP bytes forwarded from the backend to "
-                                        "clients (rewrite mode only)", labels=labels)
+                                        "clients (rewrite mode only; counted by the nft return path while this "
+                                        "distributor is active)", labels=labels)
         for backend in stats.interposer.backends:
             values = [backend.service, backend.node]
             acquired.add_metric(values, backend.acquired)
@@ -262,10 +299,22 @@ class DistributorCollector:
             ramp.add_metric(values, backend.ramp)
             if rewrite:
                 bytes_in.add_metric(values, backend.bytes_in)
-                bytes_out.add_metric(values, backend.bytes_out)
+                bytes_out.add_metric(values, self.bytes_out.value((backend.service, backend.address, backend.port)))
         yield from (acquired, outstanding, eligible, weight, ramp)
         if rewrite:  # kernel mode: the kernel forwards the data segments, nothing counts them here
             yield from (bytes_in, bytes_out)
+
+    def _admin(self, stats: "DistributorStats") -> Iterator:
+        """The operator's state of each node (HAProxy's READY / DRAIN / MAINT), and whether it serves."""
+        admin = GaugeMetricFamily("distributor_node_admin_state", "1 for the administrative state an operator set "
+                                  "(ready, drain, maint)", labels=["node", "state"])
+        serving = GaugeMetricFamily("distributor_node_serving", "1 while the node may take new connections: healthy "
+                                    "and ready", labels=["node"])
+        for node in stats.nodes:
+            for candidate in AdminState:
+                admin.add_metric([node.node, candidate.value], 1 if node.admin is candidate else 0)
+            serving.add_metric([node.node], 1 if node.serving else 0)
+        yield from (admin, serving)
 
     def _health(self, health: HealthStats) -> Iterator:
         node = ["node"]
@@ -420,8 +469,14 @@ class DistributorCollector:
 
     # -- the rules' counters ---------------------------------------------------------------------
     def refresh_kernel_counts(self) -> None:
-        """Read the rules' counters (iptables-save, a subprocess: run it in a worker thread, never on the loop)."""
+        """Read the rules' counters (iptables-save and nft, subprocesses: run it in a worker thread, never on the loop)."""
         self.kernel_counts = self._kernel_counters()
+        for chains in self.chains:
+            if hasattr(chains, "return_path_bytes"):
+                try:
+                    self.bytes_out.update(chains.installs, chains.return_path_bytes())
+                except Exception as exc:  # nft unavailable for a moment: the scrape still answers
+                    log.debug("cannot read the return path's counters: %s", exc)
 
     def _kernel_counters(self) -> dict[str, int]:
         counts: dict[str, int] = {}

@@ -115,6 +115,11 @@ def build() -> dict:
              .with_panel(graph("Node state", "1 for each node's state in each distributor's view", "short",
                                [(f"max by (node, state) (distributor_node_state{{{NODE}}}) == 1",
                                  "{{node}} {{state}}")]))
+             .with_panel(graph("Administrative state", "1 for each node's state an operator set (ready, drain, "
+                               "maint), and 1 while it serves new connections", "short",
+                               [(f"max by (node, state) (distributor_node_admin_state{{{NODE}}}) == 1",
+                                 "{{node}} {{state}}"),
+                                (f"min by (node) (distributor_node_serving{{{NODE}}})", "{{node}} serving")]))
              .with_panel(graph("Time since the last heartbeat", "Seconds since each node's last valid heartbeat "
                                "(warning after 1 s, dead after 2.25 s at the defaults)", "s",
                                [(f"max by (node) (distributor_node_heartbeat_age_seconds{{{NODE}}})", "{{node}}")]))

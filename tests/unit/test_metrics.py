@@ -12,9 +12,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from backup.failover import FailoverStats, PeerStats, Takeover
 from backup.roles import Role
 from common.wire import NodeHeartbeat, Reject
-from distributor.core import DistributorStats
+from distributor.admin import AdminState
+from distributor.core import DistributorStats, NodeAdminStats
 from distributor.heartbeat import HealthStats, NodeHealthStats, NodeState
-from distributor.metrics import TAKEOVER_BUCKETS, DistributorCollector, TakeoverHistogram, render, takeover_phases
+from distributor.metrics import (TAKEOVER_BUCKETS, DistributorCollector, KernelCounters, TakeoverHistogram, render,
+                                 takeover_phases)
 from distributor.reroute import BackendStats, InterposerStats, Mode, Reason
 from tests.unit.test_core import make
 
@@ -37,8 +39,8 @@ def snapshot(role=Role.ACTIVE, peer_role=Role.BACKUP, mode=Mode.REWRITE, takeove
     packets = {reason: 0 for reason in Reason}
     packets[Reason.NEW_CONNECTION] = 40
     packets[Reason.TABLE_FULL] = 3
-    backends = (BackendStats("http", "web1", "198.51.100.11", 80, 1, True, True, 1.0, 5, 30, 4_000, 90_000),
-                BackendStats("http", "web2", "198.51.100.12", 80, 2, False, False, 0.25, 0, 10, 1_000, 20_000))
+    backends = (BackendStats("http", "web1", "198.51.100.11", 80, 1, True, True, 1.0, 5, 30, 4_000),
+                BackendStats("http", "web2", "198.51.100.12", 80, 2, False, False, 0.25, 0, 10, 1_000))
     interposer = InterposerStats(mode, packets, 12, 100, 4, 1, backends)
     dead = {(NodeState.UP, NodeState.WARNING): 2, (NodeState.WARNING, NodeState.DEAD): 1,
             (NodeState.WARNING, NodeState.UP): 1}
@@ -53,7 +55,9 @@ def snapshot(role=Role.ACTIVE, peer_role=Role.BACKUP, mode=Mode.REWRITE, takeove
                              0, 9, 0.06, {}, dict(rejected), {(Role.STARTING, Role.ACTIVE): 1},
                              recent[-1] if recent else None, len(recent) if total is None else total,
                              None if role is Role.ACTIVE else 95.0, recent)
-    return DistributorStats("dist1", interposer, health, failover)
+    nodes = (NodeAdminStats("web1", "198.51.100.11", AdminState.READY, True, 5, None, None),
+             NodeAdminStats("web2", "198.51.100.12", AdminState.DRAIN, False, 0, 50.0, 60.0))
+    return DistributorStats("dist1", interposer, health, failover, nodes)
 
 
 class FakeCore:
@@ -65,8 +69,10 @@ class FakeCore:
 
 
 def collector_of(stats: DistributorStats) -> DistributorCollector:
-    return DistributorCollector(FakeCore(stats), clock=lambda: 100.0,  # type: ignore[arg-type]
-                                queue_stats=lambda: {0: {"waiting": 2, "queue_dropped": 5, "user_dropped": 1}})
+    collector = DistributorCollector(FakeCore(stats), clock=lambda: 100.0,  # type: ignore[arg-type]
+                                     queue_stats=lambda: {0: {"waiting": 2, "queue_dropped": 5, "user_dropped": 1}})
+    collector.bytes_out.update(1, {("http", "198.51.100.11", 80): 90_000})  # as the return path's rules count
+    return collector
 
 
 def samples(text: bytes) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -119,6 +125,9 @@ def test_per_backend_and_per_node_families_carry_service_node_and_one_series_per
     assert value(found, "distributor_node_heartbeat_interval_seconds", node="web2") == 2.0
     assert value(found, "distributor_node_held_out", node="web2") == 1
     assert value(found, "distributor_heartbeats_rejected_total", reason="bad_mac") == 7
+    assert value(found, "distributor_node_admin_state", node="web2", state="drain") == 1
+    assert value(found, "distributor_node_admin_state", node="web2", state="ready") == 0
+    assert value(found, "distributor_node_serving", node="web1") == 1
 
 
 def test_per_distributor_families_table_refusals_drops_and_build_info():
@@ -201,3 +210,17 @@ def test_the_histogram_is_there_before_any_takeover_and_counts_them_after():
     assert value(found, "distributor_failover_takeover_duration_seconds_count", phase="first_forward") == 1
     assert value(found, "distributor_failover_takeover_duration_seconds_bucket", phase="decided", le="0.4") == 1
     assert value(found, "distributor_failover_takeovers_total") == 1
+
+
+def test_kernel_counters_stay_monotonic_across_reinstalls_of_their_rules():
+    counts = KernelCounters()
+    key = ("http", "198.51.100.11", 80)
+    counts.update(1, {key: 100})
+    counts.update(1, {key: 150})
+    counts.update(2, {key: 30})  # the rules were installed again (a takeover): the kernel starts at 0
+    assert counts.value(key) == 180
+    counts.update(2, {})  # removed (given up): nothing to read, the figure stays
+    assert counts.value(key) == 180
+    counts.update(2, {key: 10})  # reinstalled between two readings without a generation change
+    assert counts.value(key) == 190
+    assert counts.value(("http", "198.51.100.12", 80)) == 0
