@@ -152,3 +152,8 @@ def test_every_dashboard_query_returns_data_from_the_real_prometheus(bed, promet
     except Exception:
         pytest.fail("queries without data:\n" + "\n".join(f"  {title}: {expr}" for title, expr in empty))
     assert len(queries) > 40
+    # Both byte directions are measured (rewrite mode): client -> node by the interposer, node -> client
+    # by the nft return path; the downloads make the second the larger.
+    sent = value(prometheus, "sum(distributor_backend_bytes_in_total)")
+    received = value(prometheus, "sum(distributor_backend_bytes_out_total)")
+    assert sent and received and received > sent, (sent, received)
