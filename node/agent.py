@@ -205,6 +205,8 @@ async def run(config: AgentConfig, keys: Keys) -> None:
         metrics_server = await start_agent_metrics_server(metrics, *config.metrics_listen)
     log.info("node agent %s: probing %s, heartbeats to %s:%d", config.node_id, config.probe_url, *config.destination)
     broker = await start_broker(config, keys)
+    if metrics is not None and broker is not None:
+        metrics.watch_tasks(broker.tasks.scheduler.counts)
     # A new connection per probe: a web server that stopped must fail the next probe.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         while not stop.is_set():

@@ -18,8 +18,10 @@ tests/unit/test_agent_metrics.py), beside prometheus_client's ``process_*`` and 
 * ``distributor_agent_probe_interval_seconds``: the adaptive interval to the next probe;
 * ``distributor_agent_healthy``: 1 while the last probe allowed a heartbeat;
 * ``distributor_agent_load1``, ``distributor_agent_cpu_busy_ratio``: what the last probe measured;
-* ``distributor_agent_tasks``, ``distributor_agent_tasks_runnable``: scheduling entities that
-  exist and that are runnable (``/proc/loadavg``, as node_exporter's ``node_procs_running``);
+* ``distributor_agent_processes``, ``distributor_agent_processes_runnable``: scheduling entities
+  that exist and that are runnable (``/proc/loadavg``, as node_exporter's ``node_procs_running``);
+* ``distributor_agent_tasks{state}``: with a broker, the administration task records the agent
+  holds, by state (queued, running, and the finished ones it keeps: done, failed, ...);
 * ``distributor_agent_heartbeats_sent_total``, ``distributor_agent_heartbeat_send_errors_total``.
 """
 
@@ -68,21 +70,29 @@ def read_tasks(path: str = "/proc/loadavg") -> tuple[int, int] | None:
         return None
 
 
-class _TasksCollector:
+class _ScrapeTimeCollector:
+    """What is read when Prometheus scrapes: /proc/loadavg, and the broker's task records."""
+
     def __init__(self, read: Callable[[], tuple[int, int] | None]):
         self.read = read
+        self.task_counts: Callable[[], dict[str, int]] | None = None
 
     def describe(self) -> list:
         return []
 
     def collect(self) -> Iterator:
-        tasks = self.read()
-        if tasks is None:
-            return
-        yield GaugeMetricFamily("distributor_agent_tasks", "Scheduling entities (processes, threads) that exist",
-                                value=tasks[1])
-        yield GaugeMetricFamily("distributor_agent_tasks_runnable", "Scheduling entities that are runnable",
-                                value=tasks[0])
+        processes = self.read()
+        if processes is not None:
+            yield GaugeMetricFamily("distributor_agent_processes", "Scheduling entities (processes, threads) that "
+                                    "exist", value=processes[1])
+            yield GaugeMetricFamily("distributor_agent_processes_runnable", "Scheduling entities that are runnable",
+                                    value=processes[0])
+        if self.task_counts is not None:
+            tasks = GaugeMetricFamily("distributor_agent_tasks", "Administration task records the agent holds, by "
+                                      "state", labels=["state"])
+            for state, count in sorted(self.task_counts().items()):
+                tasks.add_metric([state], count)
+            yield tasks
 
 
 class AgentMetrics:
@@ -107,7 +117,8 @@ class AgentMetrics:
         self.sent = Counter("distributor_agent_heartbeats_sent", "Heartbeats sent", registry=registry)
         self.send_errors = Counter("distributor_agent_heartbeat_send_errors", "Heartbeats the socket refused",
                                    registry=registry)
-        registry.register(_TasksCollector(tasks))
+        self._scrape_time = _ScrapeTimeCollector(tasks)
+        registry.register(self._scrape_time)
         if process:
             ProcessCollector(registry=registry)
             PlatformCollector(registry=registry)
@@ -121,6 +132,10 @@ class AgentMetrics:
         self.healthy.set(1 if healthy else 0)
         self.load1.set(load1)
         self.cpu.set(cpu)
+
+    def watch_tasks(self, counts: Callable[[], dict[str, int]]) -> None:
+        """Export the broker's task records by state (``counts()`` is read at scrape time)."""
+        self._scrape_time.task_counts = counts
 
     def heartbeat_sent(self) -> None:
         self.sent.inc()

@@ -137,6 +137,10 @@ def build() -> dict:
                                "average", "short",
                                [(f"distributor_agent_probe_interval_seconds{{{NODE}}}", "{{node}} interval (s)"),
                                 (f"distributor_agent_load1{{{NODE}}}", "{{node}} load1")]))
+             .with_panel(graph("Administration tasks", "Task records each agent holds, queued and running (its "
+                               "broker, docs/administration.md)", "short",
+                               [(f'sum by (node, state) (distributor_agent_tasks{{{NODE}, state=~"queued|running"}})',
+                                 "{{node}} {{state}}")]))
              .with_panel(graph("Probes and rejected heartbeats", "Per second: probes that failed, by outcome, and "
                                "heartbeats the distributors rejected, by reason", "short",
                                [(f'sum by (node, result) (rate(distributor_agent_probes_total{{{NODE}, result!="ok"}}'

@@ -45,7 +45,13 @@ def test_probes_and_heartbeats_are_counted_and_the_last_figures_kept():
     assert value(found, "distributor_agent_load1") == 0.7
     assert value(found, "distributor_agent_heartbeats_sent_total") == 1
     assert value(found, "distributor_agent_heartbeat_send_errors_total") == 1
-    assert value(found, "distributor_agent_tasks") == 300 and value(found, "distributor_agent_tasks_runnable") == 3
+    assert value(found, "distributor_agent_processes") == 300
+    assert value(found, "distributor_agent_processes_runnable") == 3
+    assert not [k for k in found if k[0] == "distributor_agent_tasks"]  # no broker, no tasks
+    metrics.watch_tasks(lambda: {"queued": 1, "running": 1, "done": 4})
+    found = samples(metrics.render())
+    assert value(found, "distributor_agent_tasks", state="running") == 1
+    assert value(found, "distributor_agent_tasks", state="done") == 4
     assert value(found, "distributor_agent_build_info", version="0.1.0") == 1
 
 
@@ -53,12 +59,13 @@ def test_probes_and_heartbeats_are_counted_and_the_last_figures_kept():
 def test_promtool_check_metrics_passes_on_the_agents_endpoint():
     metrics = AgentMetrics("web1", "0.1.0")
     metrics.probed(True, "healthy", 0.004, 0.2, 0.5, 0.25)
+    metrics.watch_tasks(lambda: {"queued": 0, "running": 1})
     text = metrics.render()
     assert b"process_resident_memory_bytes" in text
     promtool_check_metrics(text)
 
 
-def test_tasks_come_from_the_fourth_field_of_proc_loadavg(tmp_path):
+def test_processes_come_from_the_fourth_field_of_proc_loadavg(tmp_path):
     path = tmp_path / "loadavg"
     path.write_text("0.52 0.58 0.59 2/345 12345\n")
     assert read_tasks(str(path)) == (2, 345)

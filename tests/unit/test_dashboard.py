@@ -78,9 +78,11 @@ def exported_names() -> set[str]:
     active.queue = SimpleNamespace(errors=0, drains=1, packets=2)
     active.runtime = SimpleNamespace(late_ticks_max=0.001)
     active.alerts = SimpleNamespace(sent=0, retried=0, failed=0, file_errors=0)
+    agent = AgentMetrics("web1", "0.1.0")
+    agent.watch_tasks(lambda: {"queued": 0, "running": 0})
     texts = [render(active, True),
              render(collector_of(snapshot(Role.BACKUP, peer_role=Role.ACTIVE))),
-             AgentMetrics("web1", "0.1.0").render()]
+             agent.render()]
     for text in texts:
         names.update(line.split("{")[0].split(" ")[0] for line in text.decode().splitlines()
                      if line and not line.startswith("#"))
