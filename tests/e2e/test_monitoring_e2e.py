@@ -4,7 +4,8 @@ One testbed (project ``omon``) for the module, tests in order: every endpoint pa
 check metrics`` and every target is up; stopping web2's nginx makes DistributorNodeDown fire within
 30 s (and Alertmanager mail it) and resolve after nginx starts again; killing dist1 shows the
 takeover in dist2's takeover metrics while DistributorTwoActive never fires; every dashboard
-query returns data.  About 90 s, most of it waiting for scrapes (5 s) and alert windows.
+query returns data, and both byte directions are counted.  About 80 s here, most of it waiting for
+scrapes (5 s) and alert windows.
 """
 
 from __future__ import annotations
