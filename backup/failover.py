@@ -58,9 +58,11 @@ MAX_PENDING_TEXT = f"{MAX_PENDING:,}"
 
 __all__ = ["FailoverOptions", "FailoverCore", "PeerDatagram", "PacketsHandled", "FirstForward", "InstallRules",
            "RemoveRules", "ClaimAddresses", "ReleaseAddresses", "Announce", "HoldNewSyns", "ReleaseNewSyns",
-           "ArmFirstForward", "DrainQueue", "AdminStateReceived", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH"]
+           "ArmFirstForward", "DrainQueue", "AdminStateReceived", "Takeover", "FailoverStats", "PeerStats", "SYNC_FLUSH",
+           "TAKEOVER_HISTORY"]
 
 SYNC_FLUSH = 0.01  # seconds between sends of ended connections and snapshot chunks while active
+TAKEOVER_HISTORY = 16  # takeovers kept for observers (a scrape between two takeovers misses none)
 SNAPSHOT_CHUNK = 16  # snapshot datagrams per flush (about 1,500 connections)
 RESIGN_COPIES = 3  # a lost resign would cost the backup a dead window
 NACK_RETRY_TICKS = 2  # a missing batch is asked for again after this many ticks without it
@@ -96,9 +98,14 @@ class PacketsHandled:
 
 @dataclasses.dataclass(frozen=True)
 class FirstForward:
-    """The first packet forwarded after ArmFirstForward, at monotonic time ``at``."""
+    """The first packet forwarded after ArmFirstForward, at monotonic time ``at``.
+
+    ``arrived``: when the data path read that packet from the queue (a held SYN: when it was held),
+    so an observer can tell the takeover's own work from time spent waiting for traffic.
+    """
 
     at: float
+    arrived: float | None = None
 
 
 # -- commands -----------------------------------------------------------------------------------------
@@ -202,6 +209,7 @@ class Takeover:
     term: int
     claimed: float | None = None
     first_forward: float | None = None
+    first_arrival: float | None = None  # when the first forwarded packet was read from the queue
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,6 +220,8 @@ class PeerStats:
     counter: int
     term: int
     priority: int
+    sync_batch: int = 0  # the batch its last heartbeat advertised (a standby: the last it applied)
+    lag_records: int | None = None  # while we are active: records sent that this standby has not applied
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,6 +245,9 @@ class FailoverStats:
     rejected: dict[Reject, int]
     transitions: dict[tuple[Role, Role], int]
     last_takeover: Takeover | None
+    takeovers: int = 0  # takeovers since start
+    behind_since: float | None = None  # a standby: since when its replica is behind the active's stream (monotonic)
+    recent_takeovers: tuple[Takeover, ...] = ()  # the last TAKEOVER_HISTORY of them, oldest first
 
 
 class FailoverCore:
@@ -253,6 +266,8 @@ class FailoverCore:
         self.sent: collections.Counter[Kind] = collections.Counter()
         self.announcements = 0
         self.last_takeover: Takeover | None = None
+        self.takeovers = 0
+        self.recent_takeovers: collections.deque[Takeover] = collections.deque(maxlen=TAKEOVER_HISTORY)
         self.active_batch = 0  # the followed active's last advertised batch
         self.active_connections = 0
         self._own_address = str(options.address)
@@ -273,6 +288,8 @@ class FailoverCore:
         self._admin_pieces: dict[tuple[str, int], dict[int, AdminChunk]] = {}  # (sender, version) -> pieces
         self._admin_adopted: tuple[str, int] | None = None
         self.heartbeat_gap_max = 0.0  # seconds: the longest wait between two heartbeats of the active, as a backup
+        self._peer_batches: dict[str, int] = {}  # peer -> the sync batch its last heartbeat advertised
+        self._behind_since: float | None = None
 
     @property
     def role(self) -> Role:
@@ -305,7 +322,7 @@ class FailoverCore:
         if isinstance(event, PacketsHandled):
             return self._packets_handled(event.wall)
         if isinstance(event, FirstForward):
-            return self._first_forward(event.at)
+            return self._first_forward(event.at, event.arrived)
         if isinstance(event, CommandDone):
             return self._done(event)
         if isinstance(event, StopRequested):
@@ -430,6 +447,7 @@ class FailoverCore:
             elif self.receiver.waiting:
                 commands += self._ask_again(self.receiver.missing(), event.now, event.wall)
             self._update_caught_up()
+            self._track_lag(event.now)
             return commands
         if kind is Kind.RESIGN:
             resign = Resign.unpack(message.payload)
@@ -466,6 +484,7 @@ class FailoverCore:
         return []
 
     def _peer_heartbeat(self, sender: str, role: Role, beat: DistHeartbeat, now: float, wall: float) -> list[Command]:
+        self._peer_batches[sender] = beat.sync_batch
         if role is Role.ACTIVE:
             if self._last_active_heartbeat is not None and self.role is Role.BACKUP:
                 # The worst silence of the active seen so far: what the dead window must stay above.
@@ -478,6 +497,7 @@ class FailoverCore:
                                                                 beat.preempt)), now, wall)
         if role is Role.ACTIVE and self.role is Role.BACKUP:
             self._update_caught_up()
+            self._track_lag(now)
         return commands
 
     def _packets_handled(self, wall: float) -> list[Command]:
@@ -488,11 +508,12 @@ class FailoverCore:
             commands.append(ReleaseNewSyns())
         return commands
 
-    def _first_forward(self, at: float) -> list[Command]:
+    def _first_forward(self, at: float, arrived: float | None = None) -> list[Command]:
         takeover = self.last_takeover
         if takeover is None or takeover.first_forward is not None:
             return []
         takeover.first_forward = at
+        takeover.first_arrival = arrived
         if takeover.last_heartbeat is None:
             return [Log(Level.INFO, f"failover: first packet forwarded {(at - takeover.started) * 1000:.1f} ms after "
                                     "taking over")]
@@ -553,6 +574,8 @@ class FailoverCore:
 
     def _take_over(self, now: float, wall: float) -> list[Command]:
         self.last_takeover = Takeover(self._last_active_heartbeat, now, self.machine.term)
+        self.takeovers += 1
+        self.recent_takeovers.append(self.last_takeover)
         # 1. State: the replica is the interposer's table; from now on its idle timers run.
         self.replica.hold_expiry(now)
         self._holding = True
@@ -667,17 +690,32 @@ class FailoverCore:
     def _update_caught_up(self) -> None:
         self.machine.set_caught_up(self.role is Role.BACKUP and self.receiver.caught_up(self.active_batch))
 
+    def _track_lag(self, now: float) -> None:
+        """A standby is behind while the active has advertised batches it has not applied (one may be in flight)."""
+        lag = self.receiver.lag(self.active_batch)
+        if lag is None or lag > 1:
+            if self._behind_since is None:
+                self._behind_since = now
+        else:
+            self._behind_since = None
+
     # -- observers -------------------------------------------------------------------------------------
     def lag(self) -> int | None:
         return self.receiver.lag(self.active_batch) if self.role is not Role.ACTIVE else 0
 
     def stats(self) -> FailoverStats:
         machine = self.machine
-        peers = tuple(PeerStats(p.name, p.role, p.alive, p.counter, p.term, p.priority) for p in machine.peers.values())
+        active = machine.role is Role.ACTIVE
+        peers = tuple(PeerStats(p.name, p.role, p.alive, p.counter, p.term, p.priority, self._peer_batches.get(p.name, 0),
+                                self.sender.records_after(self._peer_batches[p.name])
+                                if active and p.role is Role.BACKUP and self._peer_batches.get(p.name) else None)
+                      for p in machine.peers.values())
         return FailoverStats(machine.role, machine.term, machine.caught_up, peers, self.lag(), self.active_connections,
                              self.receiver.gaps, self.retransmit_requests, self.sender.retransmitted,
                              self.receiver.records_applied, self.sender.records_sent,
                              self.sender.snapshots, self.receiver.rejected_records, self.announcements,
                              self.heartbeat_gap_max,
                              dict(self.sent), {r: self.rejected[r] for r in Reject}, dict(machine.transitions),
-                             dataclasses.replace(self.last_takeover) if self.last_takeover else None)
+                             dataclasses.replace(self.last_takeover) if self.last_takeover else None,
+                             self.takeovers, self._behind_since if machine.role is not Role.ACTIVE else None,
+                             tuple(dataclasses.replace(t) for t in self.recent_takeovers))

@@ -65,6 +65,7 @@ class SyncSender:
         self.snapshots = 0
         self.retransmitted = 0
         self._history: collections.OrderedDict[int, bytes] = collections.OrderedDict()
+        self._records_through: collections.OrderedDict[int, int] = collections.OrderedDict()  # batch -> records_sent
         self._snapshot: Iterator[tuple[bytes, int]] | None = None
         self._snapshot_started = False
         self._snapshot_wanted = False
@@ -141,9 +142,18 @@ class SyncSender:
         self.records_sent += len(records)
         payload = SyncBatch(self.batch, flags, records).pack()
         self._history[self.batch] = payload
+        self._records_through[self.batch] = self.records_sent
         if len(self._history) > HISTORY:
             self._history.popitem(last=False)
+            self._records_through.popitem(last=False)
         return payload
+
+    def records_after(self, batch: int) -> int | None:
+        """Records sent in the batches after ``batch`` (a standby's last applied); None when it fell out of the history."""
+        if batch >= self.batch:
+            return 0
+        through = self._records_through.get(batch)
+        return None if through is None else self.records_sent - through
 
 
 class SyncReceiver:

@@ -117,6 +117,7 @@ class Config:
     syn_auth_mode: str = "auto"  # "auto": authenticate new clients while half-open connections pile up
     syn_auth_threshold: int = 64
     state_file: str | None = "/var/lib/distributor/state.json"  # runtime changes kept across restarts; None: off
+    metrics_allow: tuple[ipaddress.IPv4Address, ...] = ()  # may scrape the metrics port through the guard
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -165,6 +166,7 @@ def parse(text: str, source: str = "<config>") -> Config:
 
     metrics = top.table("metrics")
     metrics_listen = _listen(metrics, "listen")
+    metrics_allow = _metrics_allow(metrics, metrics_listen)
     metrics.done()
 
     nodes = _nodes(top)
@@ -195,6 +197,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         alert_log=alert_log,
         smtp=smtp,
         failover=failover,
+        metrics_allow=metrics_allow,
     )
 
 
@@ -391,6 +394,23 @@ def _alerts(top: TableReader) -> tuple[str | None, SmtpSettings | None]:
 
 def _listen(table: TableReader, name: str, default: str = "") -> tuple[str, int] | None:
     return table.endpoint(name, default)
+
+
+def _metrics_allow(table: TableReader, listen: tuple[str, int] | None) -> tuple[ipaddress.IPv4Address, ...]:
+    """[metrics] allow: monitoring hosts (besides the cluster's own) the guard lets reach the metrics port."""
+    raw = table.get("allow", [])
+    expected = 'a list of IPv4 addresses of monitoring hosts, such as ["198.51.100.9"]'
+    if not isinstance(raw, list):
+        raise ConfigError(f"{table.key('allow')}: {_show(raw)} is not valid; expected {expected}")
+    allowed = []
+    for item in raw:
+        try:
+            allowed.append(ipaddress.IPv4Address(item))
+        except (ValueError, TypeError):
+            raise ConfigError(f"{table.key('allow')}: {_show(item)} is not valid; expected {expected}") from None
+    if allowed and listen is None:
+        raise ConfigError(f"{table.key('allow')}: set, but metrics.listen is empty: there is no metrics port to allow")
+    return tuple(allowed)
 
 
 def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:

@@ -181,8 +181,10 @@ def guard_spec(config: Config, interface: str | None = None) -> GuardSpec:
         ports.append(config.health.listen[1])
     if config.failover is not None:
         ports.append(config.failover.listen[1])
+    scrapers = tuple(str(address) for address in config.metrics_allow)
     return GuardSpec(tuple(dict.fromkeys(nodes + peers + own)), tuple(dict.fromkeys(nodes + peers + own)),
-                     tuple(dict.fromkeys(ports)), interface)
+                     tuple(dict.fromkeys(ports)), interface, scrapers,
+                     config.metrics_listen[1] if scrapers and config.metrics_listen else None)
 
 
 def describe(config: Config) -> str:

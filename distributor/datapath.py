@@ -86,6 +86,7 @@ class PacketQueue:
         self._effects: list = []
         self._armed = False
         self._forwarded_at: float | None = None
+        self._arrived_at: float | None = None  # when the packet timed by ArmFirstForward was read
         self._last_error_log = 0.0
         try:
             self._nfq = NfQueue(queue, fail_open=False, gso=False,
@@ -126,6 +127,7 @@ class PacketQueue:
     def arm_first_forward(self) -> None:
         self._armed = True
         self._forwarded_at = None
+        self._arrived_at = None
 
     def drain(self) -> None:
         """Handle up to ``batch`` waiting packets without blocking, then report the batch to the core.
@@ -158,6 +160,8 @@ class PacketQueue:
                 verdict = verdicts[reason]
                 if out is not None and reason is _NEW and self._hold_new:
                     self._held.append((packet.id, out))
+                    if self._armed and self._arrived_at is None:
+                        self._arrived_at = now
                     continue
                 if out is None:
                     nfq.verdict(packet.id, verdict)
@@ -167,7 +171,7 @@ class PacketQueue:
                     nfq.verdict(packet.id, verdict, payload=out)
                 if self._armed and out is not None:
                     self._armed = False
-                    self._forwarded_at = now
+                    self._forwarded_at = self._arrived_at = now
             except Exception:
                 # A half-decided packet could reach the wrong backend: drop it, TCP retransmits.
                 nfq.verdict(packet.id, DROP)
@@ -181,7 +185,7 @@ class PacketQueue:
         self._deliver(PacketsHandled(now, self._wall_clock(), tuple(effects)))
         if self._forwarded_at is not None:
             at, self._forwarded_at = self._forwarded_at, None
-            self._deliver(FirstForward(at))
+            self._deliver(FirstForward(at, self._arrived_at))
 
     def close(self) -> None:
         self.release_held()

@@ -192,6 +192,10 @@ class HealthBoard:
         self._machine = TransitionTable("node", node_moves(settings.slow_start > 0))
         self.transitions: collections.Counter[tuple[NodeState, NodeState]] = self._machine.counts
         self.transitions_by_node: collections.Counter[str] = collections.Counter()
+        # Per node, also for nodes added at run time (and kept for a node removed and added again:
+        # its counters go on, as a counter must).
+        self.moves_by_node: collections.defaultdict[str, collections.Counter[tuple[NodeState, NodeState]]] = \
+            collections.defaultdict(collections.Counter)
 
     def __contains__(self, node: str) -> bool:
         return node in self._nodes
@@ -306,6 +310,7 @@ class HealthBoard:
         elif new in (NodeState.UP, NodeState.DEAD):
             entry.slow_start_since = None
         self.transitions_by_node[entry.name] += 1
+        self.moves_by_node[entry.name][(old, new)] += 1
         return [Transition(entry.name, old, new, now, entry.counter, reason)]
 
 
@@ -376,6 +381,7 @@ class NodeHealthStats:
     transitions: int
     seconds_since_heartbeat: float | None
     report: NodeHeartbeat | None
+    moves: dict[tuple[NodeState, NodeState], int] = dataclasses.field(default_factory=dict)  # (from, to) -> count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,6 +544,6 @@ class NodeHealth:
             nodes.append(NodeHealthStats(node, board.state(node), board.damped(node), board.counter(node),
                                          board.heartbeats(node),
                                          board.transitions_by_node[node], None if last is None else max(0.0, now - last),
-                                         board.report(node)))
+                                         board.report(node), dict(board.moves_by_node[node])))
         return HealthStats(tuple(nodes), dict(board.transitions), {r: self.rejected[r] for r in Reject},
                            self.reset_connections)

@@ -195,6 +195,7 @@ class Backend:
         "removed",
         "to_backend_ip_delta",
         "to_backend_tcp_delta",
+        "bytes_in",
     )
 
     def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes, mark: int = 0):
@@ -214,6 +215,10 @@ class Backend:
         # (RFC 793 section 3.1) and the ports directly.
         self.to_backend_ip_delta = ip_in
         self.to_backend_tcp_delta = checksum.combine(ip_in, checksum.delta(vport_bytes, self.port_bytes))
+        # Rewrite mode only (kernel mode never sees the data segments): IP bytes client -> node, as
+        # IPVS counts them (whole packets, headers included).  Node -> client bytes never reach
+        # user space (the nft return path rewrites them): its rules count them (rules.py).
+        self.bytes_in = 0
 
     def __repr__(self) -> str:
         return f"Backend({self.name}, {self.address}:{self.port})"
@@ -317,6 +322,7 @@ class BackendStats:
     ramp: float
     outstanding: int  # open connections
     acquired: int  # connections ever placed on it
+    bytes_in: int = 0  # rewrite mode: IP bytes forwarded client -> node (kernel mode: 0, the kernel forwards them)
 
 
 @dataclass(frozen=True)
@@ -425,6 +431,7 @@ class Interposer:
                 buf[16:20] = backend.addr_bytes
                 if backend.rewrites_port:
                     buf[22:24] = backend.port_bytes
+                backend.bytes_in += length
                 ip_sum = ((ip_sum & 0xFFFF) + (ip_sum >> 16)) ^ 0xFFFF
                 tcp_sum = ((tcp_sum & 0xFFFF) + (tcp_sum >> 16)) ^ 0xFFFF
                 buf[10] = ip_sum >> 8
@@ -480,7 +487,11 @@ class Interposer:
                 if conn.state is TcpState.SYN_SEEN and self.syn_auth is not None:
                     self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
             done = self.table.advance(conn, flags, True, now)
-            out = conn.backend.mark if self._kernel else _to_backend(packet, conn.backend)
+            if self._kernel:
+                out = conn.backend.mark
+            else:
+                out = _to_backend(packet, conn.backend)
+                conn.backend.bytes_in += len(packet)
             return Reason.TO_BACKEND, out, (self._ended(conn),) if done else None
         # node -> client: only its SYN-ACK, FIN and RST are queued, to be seen, not rewritten: the
         # kernel rewrites the source of every node packet statelessly after this (nft, see rules.py;
@@ -536,7 +547,11 @@ class Interposer:
                 opened = (*self._released_evictions(), ConnectionOpened(conn))
             else:
                 opened = (ConnectionOpened(conn),)
-        out = backend.mark if self._kernel else _to_backend(packet, backend)
+        if self._kernel:
+            out = backend.mark
+        else:
+            out = _to_backend(packet, backend)
+            backend.bytes_in += len(packet)
         return Reason.NEW_CONNECTION, out, opened
 
     def _place(self, service: Service, client: bytes, now: float) -> int | None:
@@ -799,7 +814,8 @@ class Interposer:
                 i = backend.index
                 backends.append(BackendStats(service.name, backend.name, str(backend.address), backend.port,
                                              balancer.weight(i), balancer.is_available(i), balancer.eligible(i),
-                                             balancer.ramp(i), balancer.outstanding(i), balancer.acquired[i]))
+                                             balancer.ramp(i), balancer.outstanding(i), balancer.acquired[i],
+                                             backend.bytes_in))
         table = self.table
         return InterposerStats(self.mode, {reason: self.counts[reason] for reason in Reason}, len(table),
                                table.capacity, table.expired, table.evicted, tuple(backends))

@@ -27,6 +27,7 @@ Kernel-assisted mode: see :func:`_render_kernel`.
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 from dataclasses import dataclass
@@ -97,6 +98,27 @@ def nft_table(queue: int) -> str:
     return f"dist{queue}"
 
 
+def return_path_tag(service: str, address: str, port: int) -> str:
+    """The comment of a backend's return-path rule: which (service, node address, port) its counter counts."""
+    return f"{service} {address}:{port}"
+
+
+def parse_return_path_bytes(listing: str) -> dict[tuple[str, str, int], int]:
+    """Bytes per (service, node address, port) from ``nft -j list table ip dist<q>`` (see render_return_path)."""
+    found: dict[tuple[str, str, int], int] = {}
+    for item in json.loads(listing).get("nftables", []):
+        rule = item.get("rule")
+        if not rule or "comment" not in rule:
+            continue
+        service, _, endpoint = rule["comment"].rpartition(" ")
+        address, _, port = endpoint.rpartition(":")
+        for expr in rule.get("expr", []):
+            if "counter" in expr and port.isdigit():
+                key = (service, address, int(port))
+                found[key] = found.get(key, 0) + int(expr["counter"]["bytes"])
+    return found
+
+
 def render_return_path(queue: int, services: Iterable[RuleService]) -> str:
     """Rewrite mode's return path, for ``nft -f``: every node segment leaves with the VIP as its source.
 
@@ -106,6 +128,8 @@ def render_return_path(queue: int, services: Iterable[RuleService]) -> str:
     martian) and after the mangle table's queue (priority -150), which sees the SYN-ACK, FIN and RST
     unchanged first.  The payload statement keeps the packet whole (GSO) and updates a partial
     checksum correctly (``nft_payload`` with ``csum_type inet``); one verdict-map lookup per packet.
+    Each backend's chain counts what it rewrites (packets and bytes, per CPU in the kernel): the
+    node -> client bytes the interposer never sees, read back by :meth:`Rules.return_path_bytes`.
     """
     table = nft_table(queue)
     lines = [f"table ip {table} {{"]
@@ -119,7 +143,7 @@ def render_return_path(queue: int, services: Iterable[RuleService]) -> str:
             sets = f"ip saddr set {service.vip}"
             if backend.port != service.port:
                 sets += f" tcp sport set {service.port}"
-            chains.append(f"  chain {chain} {{\n    {sets}\n  }}")
+            chains.append(f'  chain {chain} {{\n    counter {sets} comment "{return_path_tag(service.name, backend.address, backend.port)}"\n  }}')
             elements.append(f"{backend.address} . {backend.port} : goto {chain}")
     lines += chains
     lines.append("  chain postrouting {")
@@ -177,6 +201,8 @@ class GuardSpec:
     protected: tuple[str, ...]  # addresses the outside must never reach through us: nodes, peers
     control_ports: tuple[int, ...]  # UDP: node heartbeats, distributor datagrams
     interface: str | None = None  # the cluster side: the cluster's own hosts come in there, and only there
+    scrapers: tuple[str, ...] = ()  # monitoring hosts that may reach scrape_port (TCP) on this distributor
+    scrape_port: int | None = None  # the metrics port
 
 
 
@@ -198,6 +224,10 @@ def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]
         # (reverse-path filtering is off on a router of floating addresses) or reach the control ports.
         lines += [f'-A {chain} -s {source}/32 -m comment --comment "{GUARD_TAG}:spoofed_source" -j DROP'
                   for source in spec.allowed_sources]
+    if spec.scrape_port is not None:
+        # A monitoring host reaches the metrics port and nothing else (it is no node, no peer).
+        lines += [f"-A {chain} -s {source}/32 -p tcp -m tcp --dport {spec.scrape_port} -j RETURN"
+                  for source in spec.scrapers]
     for port in spec.control_ports:
         lines.append(f'-A {chain} -p udp -m udp --dport {port} -m comment --comment "{GUARD_TAG}:control_port" -j DROP')
     for address in spec.protected:
@@ -298,12 +328,14 @@ class Rules(_Chains):
         self.mode = mode
         self.layout: tuple[RuleService, ...] = ()
         self.known_absent = False  # True once remove() ran: no chain of ours is left
+        self.installs = 0  # install_layout calls: the return path's counters restart at each
 
     def install_layout(self, layout: Iterable[RuleService]) -> None:
         """Install (or replace) the rules for a layout.  When this adapter removed them itself last, it
         skips reading the tables first (a takeover is that much faster).  Rewrite mode's return path
         goes in first: a SYN-ACK must never leave with the node's address."""
         self.layout = tuple(layout)
+        self.installs += 1
         if self.mode is Mode.REWRITE:
             table = nft_table(self.queue)
             # Declaring, deleting and defining in one transaction replaces whatever was there.
@@ -323,6 +355,17 @@ class Rules(_Chains):
 
     def _lines(self) -> dict[tuple[str, str], list[str]]:
         return render_rules(self.queue, self.layout, self.mode)
+
+    def return_path_bytes(self) -> dict[tuple[str, str, int], int]:
+        """Rewrite mode: node -> client bytes the return path rewrote since it was installed, per
+        (service, node address, port); empty while the rules are not installed (a standby) or in kernel mode."""
+        if self.mode is not Mode.REWRITE:
+            return {}
+        try:
+            listing = self._run(["nft", "-j", "list", "table", "ip", nft_table(self.queue)]).stdout
+        except RulesError:
+            return {}  # no table: not active
+        return parse_return_path_bytes(listing)
 
 
 class Guard(_Chains):

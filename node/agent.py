@@ -66,6 +66,7 @@ class AgentConfig:
     log_level: str
     realtime_priority: int = 5  # SCHED_FIFO priority (0: normal), so heartbeats do not wait behind load
     broker: "BrokerConfig | None" = None  # [broker]: the administration endpoint (node/broker.py)
+    metrics_listen: tuple[str, int] | None = None  # [metrics] listen: the agent's /metrics (node/metrics.py)
 
 
 # -- pure decisions ----------------------------------------------------------
@@ -157,8 +158,12 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         from .broker import parse_broker_config
 
         broker = parse_broker_config(top.table("broker"))
+    metrics = top.table("metrics")
+    metrics_listen = metrics.endpoint("listen")
+    metrics.done()
     top.done()
-    return AgentConfig(destination=destination, keys_file=keys_file, key_id=key_id, broker=broker, **config)
+    return AgentConfig(destination=destination, keys_file=keys_file, key_id=key_id, broker=broker,
+                       metrics_listen=metrics_listen, **config)
 
 
 # -- adapters -------------------------------------------------------------------
@@ -190,8 +195,18 @@ async def run(config: AgentConfig, keys: Keys) -> None:
     previous_rt: float | None = None
     last: Assessment | None = None
     sent = 0
+    metrics = metrics_server = None
+    if config.metrics_listen is not None:
+        from importlib.metadata import version
+
+        from .metrics import AgentMetrics, start_agent_metrics_server
+
+        metrics = AgentMetrics(config.node_id, version("distributor"))
+        metrics_server = await start_agent_metrics_server(metrics, *config.metrics_listen)
     log.info("node agent %s: probing %s, heartbeats to %s:%d", config.node_id, config.probe_url, *config.destination)
     broker = await start_broker(config, keys)
+    if metrics is not None and broker is not None:
+        metrics.watch_tasks(broker.tasks.scheduler.counts)
     # A new connection per probe: a web server that stopped must fail the next probe.
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
         while not stop.is_set():
@@ -203,6 +218,8 @@ async def run(config: AgentConfig, keys: Keys) -> None:
             interval = next_interval(rt, previous_rt if previous_rt is not None else rt,
                                      config.multiplier, config.min_interval, config.max_interval)
             previous_rt = rt
+            if metrics is not None:
+                metrics.probed(verdict.healthy, verdict.reason, rt, interval, load1, busy)
             if last is None or verdict.healthy != last.healthy:
                 (log.info if verdict.healthy else log.warning)(
                     "%s: %s; %s", config.node_id, verdict.reason,
@@ -215,8 +232,12 @@ async def run(config: AgentConfig, keys: Keys) -> None:
                 try:
                     sock.sendto(datagram, config.destination)
                     sent += 1
+                    if metrics is not None:
+                        metrics.heartbeat_sent()
                 except OSError as exc:  # e.g. the link is down: the distributors will notice the silence
                     log.warning("cannot send heartbeat to %s:%d: %s", *config.destination, exc)
+                    if metrics is not None:
+                        metrics.heartbeat_failed()
             delay = max(0.0, started + interval - time.monotonic())
             try:
                 await asyncio.wait_for(stop.wait(), delay)
@@ -225,6 +246,8 @@ async def run(config: AgentConfig, keys: Keys) -> None:
     sock.close()
     if broker is not None:
         await broker.stop()
+    if metrics_server is not None:
+        await metrics_server.cleanup()
     log.info("node agent %s stopping after %d heartbeats", config.node_id, sent)
 
 

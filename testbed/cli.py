@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", choices=["rewrite", "kernel"], default="rewrite",
                     help="the distributors' data path: rewrite every packet in user space, or kernel-assisted (default: rewrite)")
     up.add_argument("--preempt", action="store_true", help="a returning dist1 takes the addresses back once caught up")
+    up.add_argument("--monitor", action="store_true",
+                    help="add a monitor host (198.51.100.9) running Prometheus (9090) and Alertmanager (9093) with "
+                         "deploy/prometheus's files, scraping both distributors and every node agent")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the VIP (default: 60)")
 
     verbs.add_parser("down", help="stop everything and remove every namespace and file of the run")
@@ -81,12 +84,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "up":
         try:
             options = Options(nodes=args.nodes, policy=args.policy, capacity=args.capacity, mode=args.mode,
-                              preempt=args.preempt)
+                              preempt=args.preempt, monitor=args.monitor)
             bed = Testbed(args.project, options)
         except ValueError as exc:
             raise TestbedError(str(exc)) from None
         bed.up(timeout=args.timeout)
         print(f"{args.project}: up with {args.nodes} web node(s); VIP http://{bed.vip}/ answers")
+        if args.monitor:
+            print(f"{args.project}: Prometheus on the monitor host: cluster-testbed -p {args.project} exec monitor -- "
+                  "curl -s localhost:9090/api/v1/alerts")
         return 0
     if args.verb == "down":
         try:

@@ -34,20 +34,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from . import content, http, netns
+from . import content, http, monitoring, netns
 from .topology import Host, Topology, build
 
 log = logging.getLogger("testbed")
 
 STATE_ROOT = Path(os.environ.get("CLUSTER_TESTBED_STATE", "/run/cluster-testbed"))
 DEFAULT_PROJECT = "cluster"
-METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host
+METRICS_PORT = 9110  # the distributor's /metrics, on 127.0.0.1 inside its host (with a monitor: its LAN address)
 HEARTBEAT_PORT = 8405
 FAILOVER_PORT = 8406
 API_PORT = 8410  # the control API and console, on each distributor's cluster-LAN address
 BROKER_PORT = 8407  # the node agents' administration endpoint (node/broker.py)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|sw)$")
+_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|monitor|sw)$")
 
 
 class TestbedError(RuntimeError):
@@ -69,6 +69,7 @@ class Options:
     access_log: bool = False  # nginx writes <host dir>/access.log (scan-access-log reads it)
     flap_suppress: float | None = None  # health.flap_suppress (0: no flap damping; None: the daemon's default)
     garp_refresh: float | None = None  # failover.garp_refresh: seconds between an active's repeated announcements (None: the daemon's default)
+    monitor: bool = False  # a monitor host with Prometheus and Alertmanager (testbed.monitoring)
 
 
 def check_project(name: str) -> str:
@@ -107,7 +108,7 @@ class Testbed:
     def __init__(self, project: str = DEFAULT_PROJECT, options: Options | None = None):
         self.project = check_project(project)
         self.options = options or Options()
-        self.topology: Topology = build(self.options.nodes)
+        self.topology: Topology = build(self.options.nodes, monitor=self.options.monitor)
         self.state_dir = STATE_ROOT / project
         self._children: dict[int, subprocess.Popen] = {}
 
@@ -155,6 +156,8 @@ class Testbed:
                 for service in host.services:
                     self._start_service(host, service)
             self.wait_vip(timeout)
+            if self.options.monitor:
+                self.wait_monitor(timeout)
         except TestbedError as exc:
             tails = "\n".join(f"--- {h.name}/{s} ---\n{self.log_tail(h.name, s, 15)}"
                               for h in self.topology.by_role("distributor") for s in h.services)
@@ -234,14 +237,31 @@ class Testbed:
             if "nginx" in host.services:
                 write_web_files(self.topology, host, directory, access_log=self.options.access_log)
             if "agent" in host.services:
-                (directory / "agent.toml").write_text(
-                    render_agent_config(self.topology, host, self.keys_file, directory, operator_public))
+                agent = render_agent_config(self.topology, host, self.keys_file, directory, operator_public)
+                if self.options.monitor:
+                    agent += f'\n[metrics]\nlisten = "{host.address_on("int")}:{monitoring.AGENT_METRICS_PORT}"\n'
+                (directory / "agent.toml").write_text(agent)
+            if host.role == "monitor":
+                monitoring.write_monitor_files(self.topology, directory)
             if "distributor" in host.services:
                 (directory / "distributor.toml").write_text(self.distributor_config(host))
 
     def distributor_config(self, host: Host) -> str:
-        return render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name),
+        text = render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name),
                                          self.api_tokens_file)
+        if self.options.monitor:
+            # Scraped from the monitor: metrics on the LAN address (never the VIP or the outside
+            # one), and the guard lets the monitor reach that port.
+            monitor = self.topology.host("monitor").address_on("int")
+            local = f'[metrics]\nlisten = "127.0.0.1:{METRICS_PORT}"\n'
+            assert local in text, "the distributor config template moved its [metrics] section"
+            text = text.replace(local, f'[metrics]\nlisten = "{self.metrics_address(host.name)}:{METRICS_PORT}"\n'
+                                       f'allow = ["{monitor}"]\n')
+        return text
+
+    def metrics_address(self, host: str) -> str:
+        """Where the distributor on ``host`` serves /metrics: loopback, or its LAN address with a monitor."""
+        return str(self.topology.host(host).address_on("int")) if self.options.monitor else "127.0.0.1"
 
     @property
     def api_tokens_file(self) -> Path:
@@ -309,6 +329,8 @@ class Testbed:
             return [sys.executable, "-m", "distributor.daemon", "--config", str(directory / "distributor.toml")]
         if service == "agent":
             return [sys.executable, "-m", "node.agent", "--config", str(directory / "agent.toml")]
+        if host.role == "monitor":
+            return monitoring.service_argv(service, directory)
         raise TestbedError(f"unknown service {service!r} on {host.name}")
 
     def _start_service(self, host: Host, service: str, timeout: float = 20.0) -> int:
@@ -342,6 +364,8 @@ class Testbed:
                 return "ready" in new_log()
             if service == "agent":
                 return "sending heartbeats" in new_log()
+            if host.role == "monitor":
+                return monitoring.ready(self.ns(host.name), service)
             return True
 
         try:
@@ -364,6 +388,17 @@ class Testbed:
             return http.get(self.ns("client"), self.vip, self.topology.vip_port, "/health", timeout=1).status == 200
 
         wait_until(answers, timeout, f"the VIP {self.vip}:{self.topology.vip_port} to answer")
+
+    def wait_monitor(self, timeout: float = 30.0) -> None:
+        """Wait until the monitor's Prometheus has scraped every target once (a later rate sees all traffic)."""
+        api = monitoring.PrometheusApi(self.ns("monitor"))
+        expected = len(self.topology.by_role("distributor")) + len(self.topology.web_nodes) + 2  # + itself, Alertmanager
+
+        def scraped() -> bool:
+            targets = api.targets()
+            return len(targets) == expected and all(t["health"] == "up" for t in targets)
+
+        wait_until(scraped, timeout, "the monitor's Prometheus to scrape every target", interval=0.25)
 
     # -- compose-like verbs --------------------------------------------------
     def kill(self, host: str) -> None:
@@ -410,12 +445,16 @@ class Testbed:
         """The distributor's Prometheus samples on ``host``: {(name, sorted labels): value}."""
         from prometheus_client.parser import text_string_to_metric_families
 
-        reply = http.get(self.ns(host), "127.0.0.1", METRICS_PORT, "/metrics", timeout=2)
+        reply = http.get(self.ns(host), self.metrics_address(host), METRICS_PORT, "/metrics", timeout=2)
         samples = {}
         for family in text_string_to_metric_families(reply.body.decode()):
             for sample in family.samples:
                 samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
         return samples
+
+    def takeover_durations(self, host: str) -> dict[str, tuple[float, float]]:
+        """The distributor's takeover histogram on ``host``: {phase: (count, sum of seconds)}."""
+        return takeover_durations(self.metrics(host))
 
     def role(self, host: str) -> str | None:
         """The failover role of the distributor on ``host`` (None when it is not running)."""
@@ -509,6 +548,30 @@ class Testbed:
             child.kill()
             child.wait()
         self._children.pop(child.pid, None)
+
+
+TAKEOVER_HISTOGRAM = "distributor_failover_takeover_duration_seconds"
+
+
+def takeover_durations(samples: dict) -> dict[str, tuple[float, float]]:
+    """{phase: (count, sum)} of the takeover histogram in parsed samples ({(name, labels): value})."""
+    found: dict[str, tuple[float, float]] = {}
+    for (name, labels), value in samples.items():
+        if name in (f"{TAKEOVER_HISTOGRAM}_count", f"{TAKEOVER_HISTOGRAM}_sum"):
+            phase = dict(labels)["phase"]
+            count, total = found.get(phase, (0.0, 0.0))
+            found[phase] = (value, total) if name.endswith("_count") else (count, value)
+    return found
+
+
+def new_takeover(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """The phases (seconds) of the one takeover observed between two readings of :func:`takeover_durations`."""
+    phases = {}
+    for phase, (count, total) in after.items():
+        old_count, old_total = before.get(phase, (0.0, 0.0))
+        if count == old_count + 1:
+            phases[phase] = total - old_total
+    return phases
 
 
 def write_web_files(topology: Topology, host: Host, directory: Path, health_delay: float = 0.0,

@@ -13,6 +13,9 @@ network)::
                                   +-- dist2 (backup) ---+                       web3 .13
                                       .3        .3
  floating: VIP 203.0.113.1 (port 80), internal gateway 198.51.100.1 (the nodes' default route)
+
+With ``monitor=True`` a ``monitor`` host joins the cluster LAN at .9, running Prometheus (9090),
+Alertmanager (9093) and a mail sink for Alertmanager's e-mail (testbed.monitoring).
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ VIP = ipaddress.IPv4Address("203.0.113.1")
 VIP_PORT = 80
 GATEWAY = ipaddress.IPv4Address("198.51.100.1")
 MAX_NODES = 50  # web nodes take .11 upwards on the cluster LAN
+MONITOR = ipaddress.IPv4Interface("198.51.100.9/24")
+MONITOR_SERVICES = ("mailsink", "alertmanager", "prometheus")
 
 
 @dataclass(frozen=True)
@@ -38,7 +43,7 @@ class Link:
 @dataclass(frozen=True)
 class Host:
     name: str
-    role: str  # "client", "distributor" or "web"
+    role: str  # "client", "distributor", "web" or "monitor"
     links: tuple[Link, ...]
     default_gateway: ipaddress.IPv4Address | None = None
     services: tuple[str, ...] = ()  # started in this order, stopped in reverse
@@ -94,7 +99,7 @@ _CLIENT_SYSCTLS = (
 )
 
 
-def build(nodes: int = 3) -> Topology:
+def build(nodes: int = 3, monitor: bool = False) -> Topology:
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"--nodes {nodes}: a testbed has from 1 to {MAX_NODES} web nodes")
     hosts = [
@@ -130,4 +135,6 @@ def build(nodes: int = 3) -> Topology:
                 services=("nginx", "agent"),
             )
         )
+    if monitor:
+        hosts.append(Host("monitor", "monitor", (Link("int", "eth0", MONITOR),), services=MONITOR_SERVICES))
     return Topology(tuple(hosts))

@@ -232,3 +232,18 @@ def test_damping_never_holds_out_the_last_node_that_could_serve():
             play(nodes.beat("web2", n * 0.25 - 0.01))
             play(tick(n))
     assert not (health.board.damped("web1") and health.board.damped("web2"))
+
+
+def test_stats_count_each_nodes_moves_by_from_and_to_state():
+    play, health, nodes = core()
+    run_ticks(play, nodes, 1, 9, beating=("web1",))  # web2 silent: up -> warning -> dead
+    moves = {stats.node: stats.moves for stats in health.stats(9 * SETTINGS.tick).nodes}
+    assert moves == {"web1": {}, "web2": {(NodeState.UP, NodeState.WARNING): 1, (NodeState.WARNING, NodeState.DEAD): 1}}
+
+
+def test_a_node_added_at_run_time_has_its_moves_counted_too():
+    play, health, nodes = core()
+    health.add_node("web3", "198.51.100.13")
+    run_ticks(play, nodes, 1, 4, beating=("web1", "web2"))
+    moves = {stats.node: stats.moves for stats in health.stats(4 * SETTINGS.tick).nodes}
+    assert moves["web3"] == {(NodeState.UP, NodeState.WARNING): 1}

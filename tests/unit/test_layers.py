@@ -29,7 +29,7 @@ ADAPTERS = {
     "common.keyfile", "common.realtime", "common.systemd",
     "distributor.datapath", "distributor.rules", "distributor.conntrack", "distributor.udp", "distributor.alerts",
     "distributor.metrics", "distributor.runtime", "distributor.netif", "distributor.nfqueue", "distributor.api",
-    "backup.takeover",
+    "backup.takeover", "node.metrics",
     # administration: common.bundle binds OpenSSL (cryptography) and draws new keys from the kernel's random source
     "common.bundle", "distributor.blobstore", "distributor.adminclient", "node.broker", "node.store", "node.taskrunner",
 }
