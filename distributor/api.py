@@ -131,6 +131,7 @@ class ControlApi:
         self._ids = itertools.count(1)
         self._rates: dict[str, tuple[float, int, float]] = {}  # node -> (time, connections total, rate)
         self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task] = set()  # open event streams: ended at stop, not left to their next write
         self.base_url = ""
 
     # -- the core's answers ------------------------------------------------------------------------------
@@ -176,6 +177,8 @@ class ControlApi:
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
+        for task in list(self._streams):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -339,6 +342,9 @@ class ControlApi:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         queue = self.events.subscribe()
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
         try:
             await response.write(_sse("nodes", self._snapshot()))
             while True:
@@ -351,6 +357,7 @@ class ControlApi:
             pass
         finally:
             self.events.unsubscribe(queue)
+            self._streams.discard(task)
         return response
 
     def _snapshot(self) -> dict:
@@ -435,7 +442,7 @@ class ControlApi:
         self._sessions[session] = (found[0], self.clock() + SESSION_LIFETIME)
         response = web.HTTPFound("/")
         response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", max_age=int(SESSION_LIFETIME))
-        return response
+        raise response  # aiohttp deprecates returning an HTTPException
 
     async def console(self, request: web.Request) -> web.Response:
         try:
