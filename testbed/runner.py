@@ -288,7 +288,7 @@ class Testbed:
             timeout: float = 120) -> subprocess.CompletedProcess:
         """Run distributorctl against a distributor (default: the active one) with this run's token."""
         host = host or self.active_distributor()
-        argv = [sys.executable, "-m", "distributor.ctl", "--url", self.api_url(host), "--token", self.api_token(role),
+        argv = [sys.executable, "-m", "distributor.ctl", "--url", self.api_url(host), f"--token={self.api_token(role)}",
                 *args]
         return self.run(host, argv, check=check, timeout=timeout)
 
