@@ -268,6 +268,11 @@ def reload_refusal(running: Config, new: Config) -> str | None:
         return "a [health] or [failover] section was added or removed"
     if running.failover is not None and running.failover != new.failover:
         return "the [failover] section changed"
+    # The core keeps its services (their queue rules and VIPs are set up at start); refusing here
+    # keeps the running config and the core in agreement, and says so as a refusal.
+    added = [s.name for s in new.services if s.name not in {r.name for r in running.services}]
+    if added:
+        return f"new services ({', '.join(added)})"
     return None
 
 
