@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import hmac
+import html
 import ipaddress
 import itertools
 import json
@@ -130,6 +131,7 @@ class ControlApi:
         self._ids = itertools.count(1)
         self._rates: dict[str, tuple[float, int, float]] = {}  # node -> (time, connections total, rate)
         self._runner: web.AppRunner | None = None
+        self._streams: set[asyncio.Task] = set()  # open event streams: ended at stop, not left to their next write
         self.base_url = ""
 
     # -- the core's answers ------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class ControlApi:
         for future in self._pending.values():
             if not future.done():
                 future.cancel()
+        for task in list(self._streams):
+            task.cancel()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -308,9 +312,12 @@ class ControlApi:
 
     async def failover(self, request: web.Request) -> web.Response:
         self._who(request)
+        return _json(self._failover_view())
+
+    def _failover_view(self) -> dict:
         stats = self.core.stats(self.clock()).failover
         if stats is None:
-            return _json({"role": "alone", "peers": []})
+            return {"role": "alone", "peers": []}
         takeover = stats.last_takeover
         phases = None
         if takeover is not None:
@@ -318,35 +325,44 @@ class ControlApi:
             phases = {"term": takeover.term, "decided": round(takeover.started - base, 4),
                       "claimed": None if takeover.claimed is None else round(takeover.claimed - base, 4),
                       "first_forward": None if takeover.first_forward is None else round(takeover.first_forward - base, 4)}
-        return _json({"role": stats.role.name.lower(), "term": stats.term, "caught_up": stats.caught_up,
-                      "replication_lag_batches": stats.lag_batches,
-                      "peers": [{"name": p.name, "role": p.role.name.lower(), "alive": p.alive, "term": p.term,
-                                 "priority": p.priority} for p in stats.peers],
-                      "last_takeover": phases})
+        return {"role": stats.role.name.lower(), "term": stats.term, "caught_up": stats.caught_up,
+                "replication_lag_batches": stats.lag_batches,
+                "peers": [{"name": p.name, "role": p.role.name.lower(), "alive": p.alive, "term": p.term,
+                           "priority": p.priority} for p in stats.peers],
+                "last_takeover": phases}
 
     async def event_list(self, request: web.Request) -> web.Response:
         self._who(request)
         return _json(self.events.since(int(request.query.get("since", "0"))))
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
-        """Server-sent events: every event as it happens, and the nodes once a second."""
+        """Server-sent events: every event as it happens (``event``), and once a second the nodes, this
+        distributor's role and its failover view (``nodes``: ``{"nodes", "role", "failover"}``)."""
         self._who(request)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await response.prepare(request)
         queue = self.events.subscribe()
+        task = asyncio.current_task()
+        if task is not None:
+            self._streams.add(task)
         try:
-            await response.write(_sse("nodes", self._node_views()))
+            await response.write(_sse("nodes", self._snapshot()))
             while True:
                 try:
                     event = await asyncio.wait_for(queue.get(), 1.0)
                     await response.write(_sse("event", event))
                 except asyncio.TimeoutError:
-                    await response.write(_sse("nodes", {"nodes": self._node_views(), "role": self.role()}))
+                    await response.write(_sse("nodes", self._snapshot()))
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:
             self.events.unsubscribe(queue)
+            self._streams.discard(task)
         return response
+
+    def _snapshot(self) -> dict:
+        # One shape for every "nodes" event, the first included: a client needs one parser.
+        return {"nodes": self._node_views(), "role": self.role(), "failover": self._failover_view()}
 
     # -- changes ----------------------------------------------------------------------------------------------
     async def _change(self, request: web.Request, op: AdminOp, args: dict) -> web.Response:
@@ -426,14 +442,15 @@ class ControlApi:
         self._sessions[session] = (found[0], self.clock() + SESSION_LIFETIME)
         response = web.HTTPFound("/")
         response.set_cookie(SESSION_COOKIE, session, httponly=True, samesite="Strict", max_age=int(SESSION_LIFETIME))
-        return response
+        raise response  # aiohttp deprecates returning an HTTPException
 
     async def console(self, request: web.Request) -> web.Response:
         try:
             who = self._who(request)
         except web.HTTPUnauthorized:
             return web.Response(status=401, text="sign in with a one-time link (distributorctl console-url)\n")
-        page = CONSOLE.read_text().replace("{{ROLE}}", who.role).replace("{{USER}}", who.name)
+        # Token names come from a file an operator writes; escaped, a name with "<" cannot become markup.
+        page = CONSOLE.read_text().replace("{{ROLE}}", html.escape(who.role)).replace("{{USER}}", html.escape(who.name))
         return web.Response(text=page, content_type="text/html")
 
 

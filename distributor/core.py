@@ -157,6 +157,11 @@ class DistributorCore:
         self._rules_installed = False
         self._syns_counted = 0
         self._counted_at = -1.0
+        # Nodes added to a running layout whose rules are not in the kernel yet: kept out of new
+        # connections until the InstallRules naming them is done, or their first SYNs would meet no
+        # per-node rule (kernel mode: no DNAT for the mark, the gateway itself answers with an RST;
+        # rewrite mode: the node's SYN-ACK leaves un-rewritten).
+        self._awaiting_rules: set[str] = set()
         if saved_state is not None:
             self._adopt(saved_state, 0.0)
 
@@ -176,6 +181,7 @@ class DistributorCore:
         if self.failover is not None:
             commands += self._route(self.failover.start(now, wall), now)
         else:
+            self._rules_installed = True  # so that a node added later gets its rules too
             commands.append(InstallRules(self.interposer.rule_layout()))  # serving alone: the addresses are the host's
         return self._finish(commands)
 
@@ -216,7 +222,9 @@ class DistributorCore:
             # Whatever the role was, the rules go, and what was queued before they went gets its verdict.
             return commands + [RemoveRules(), DrainQueue()]
         if isinstance(event, (PeerDatagram, CommandDone, FirstForward)):
-            commands = self._route(self.failover.handle(event), event_now(event)) if self.failover is not None else []
+            commands = self._rules_done(event) if isinstance(event, CommandDone) else []
+            if self.failover is not None:
+                commands += self._route(self.failover.handle(event), event_now(event))
             return self._finish(commands)
         raise TypeError(f"the distributor core takes no {type(event).__name__} event")
 
@@ -344,7 +352,22 @@ class DistributorCore:
     # -- runtime administration ---------------------------------------------------------------------------
     def _serving(self, node: str) -> bool:
         return (self._healthy.get(node, True) and self.runtime.admin_state(node) is AdminState.READY
-                and node in self.nodes())
+                and node in self.nodes() and node not in self._awaiting_rules)
+
+    def _rules_done(self, event: CommandDone) -> list[Command]:
+        """Rules installed: the nodes they name may take new connections now."""
+        if not isinstance(event.command, InstallRules) or not self._awaiting_rules:
+            return []
+        if event.error is not None:
+            return [Log(Level.ERROR, f"the rules for {', '.join(sorted(self._awaiting_rules))} failed to install "
+                                     f"({event.error}): kept out of new connections until rules install")]
+        installed = {(b.address, b.port) for service in event.command.layout for b in service.backends}
+        commands: list[Command] = []
+        for node in sorted(self._awaiting_rules):
+            if set(self.interposer.endpoints_of(node)) <= installed:
+                self._awaiting_rules.discard(node)
+                commands += self._gate(node)
+        return commands
 
     def _gate(self, node: str) -> list[Command]:
         """Apply a node's gate (healthy and ready) to every service that has it."""
@@ -440,6 +463,7 @@ class DistributorCore:
                 if service in wanted:
                     wanted[service][node] = (added.address, port, weight)
         layout_changed = False
+        added_now: set[str] = set()
         for service in interposer.services:
             targets = wanted.get(service.name, {})
             for backend in list(service.backends):
@@ -457,11 +481,15 @@ class DistributorCore:
                         commands.append(Log(Level.ERROR, f"cannot put {node} in {service.name}: {exc}"))
                         continue
                     layout_changed = True
+                    added_now.add(node)
                 elif service.balancer.weight(current.index) != weight:
                     service.balancer.set_weight(current.index, weight)
             policy = Policy.parse(self.runtime.policies.get(service.name, self._base_policy(service.name)))
             service.balancer.set_policy(policy)
+        if self._rules_installed:
+            self._awaiting_rules |= added_now  # released by _rules_done when the InstallRules below is done
         nodes = self.nodes()
+        self._awaiting_rules &= set(nodes)
         if self.health is not None:
             for node, address in nodes.items():
                 if node not in self.health.board:
@@ -578,6 +606,8 @@ class DistributorCore:
         admin = self.runtime.admin_state(node)
         if admin is not AdminState.READY:
             return f"admin state {admin.value}"
+        if node in self._awaiting_rules:
+            return "just added: waiting for its rules to be installed"
         if self.health is not None and node in self.health.board:
             board = self.health.board
             if board.damped(node):

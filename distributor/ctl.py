@@ -221,8 +221,13 @@ def run(client: Client, args: argparse.Namespace) -> int:
                     print(json.dumps(event), flush=True)
                 else:
                     stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-                    detail = (f"{event['subject']}: {event['old']} -> {event['new']} ({event['reason']})"
-                              if event["kind"] == "alert" else event.get("message") or json.dumps(event.get("args")))
+                    if event["kind"] == "alert":
+                        detail = f"{event['subject']}: {event['old']} -> {event['new']} ({event['reason']})"
+                    elif event["kind"] == "change":  # who made it, and what
+                        changed = " ".join(f"{k}={v}" for k, v in (event.get("args") or {}).items())
+                        detail = f"{event.get('who')}: {event.get('op')} {changed}"
+                    else:
+                        detail = event.get("message") or json.dumps(event)
                     print(f"{stamp} {event['kind']:6} {detail}", flush=True)
             if not args.follow:
                 return 0

@@ -172,8 +172,9 @@ def api_address(config: Config) -> str:
     return "127.0.0.1"
 
 
-def guard_spec(config: Config, interface: str | None = None) -> GuardSpec:
-    nodes = [str(address) for address in config.nodes.values()]
+def guard_spec(config: Config, interface: str | None = None, more_nodes=()) -> GuardSpec:
+    """Who the guard lets through: the configured nodes, ``more_nodes`` (added at run time), peers, this host."""
+    nodes = [str(address) for address in config.nodes.values()] + [str(address) for address in more_nodes]
     peers = [str(address) for address in config.failover.peers.values()] if config.failover else []
     own = [str(config.failover.address)] if config.failover else []
     ports = []
@@ -267,6 +268,11 @@ def reload_refusal(running: Config, new: Config) -> str | None:
         return "a [health] or [failover] section was added or removed"
     if running.failover is not None and running.failover != new.failover:
         return "the [failover] section changed"
+    # The core keeps its services (their queue rules and VIPs are set up at start); refusing here
+    # keeps the running config and the core in agreement, and says so as a refusal.
+    added = [s.name for s in new.services if s.name not in {r.name for r in running.services}]
+    if added:
+        return f"new services ({', '.join(added)})"
     return None
 
 
@@ -305,7 +311,21 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         if command.level >= Level.WARNING:
             events.add("log", level=command.level.name.lower(), message=command.message)
 
+    async def refresh_guard() -> None:
+        # The guard drops control datagrams from any source it does not list: a node that a reload or
+        # an operator added must be listed, or its heartbeats never arrive and it is declared dead.
+        if guard is None:
+            return
+        spec = guard_spec(config, guard.spec.interface, core.nodes().values())
+        if spec != guard.spec:
+            guard.spec = spec
+            try:
+                await asyncio.to_thread(guard.install)
+            except RulesError as exc:
+                log.error("cannot update the guard chain for the new nodes: %s", exc)
+
     async def save_state(command: SaveState) -> None:
+        await refresh_guard()  # a runtime change (here or replicated from the active) may have added a node
         if config.state_file:
             try:
                 await asyncio.to_thread(write_state, config.state_file, command.text)
@@ -394,6 +414,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
                 raise ConfigError(f"{refusal}: that needs a restart")
             runtime.feed(Reconfigure(new.services, new.health.settings if new.health else None, clock()))
             config = new
+            await refresh_guard()
             log.info("configuration %s reloaded", config_path)
         except (ConfigError, OSError) as exc:
             log.error("reload refused, the running configuration stays: %s", exc)
@@ -428,6 +449,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         # The core starts before any socket can feed it: what a crashed run left goes first.
         runtime.execute(core.start(clock(), wall_clock()))
         await runtime.settle()
+        await refresh_guard()  # nodes the state file added
         if config.health is not None and keys is not None:
             host, port = config.health.listen
             device = await asyncio.to_thread(cluster_interface, config, config.health.interface)

@@ -218,7 +218,10 @@ def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]
     """
     chain = f"DGRD{queue}-IN"
     inside = f" -i {spec.interface}" if spec.interface else ""
-    lines = [f"-A {chain} -s {source}/32{inside} -j RETURN" for source in spec.allowed_sources]
+    # Only this host sends on lo: its own tools reaching its own cluster-LAN address (distributorctl
+    # and the control API, a local Prometheus) must not meet the forged-source refusals below.
+    lines = [f"-A {chain} -i lo -j RETURN"]
+    lines += [f"-A {chain} -s {source}/32{inside} -j RETURN" for source in spec.allowed_sources]
     if spec.interface:
         # A cluster host's address arriving from anywhere else is forged: it would be forwarded
         # (reverse-path filtering is off on a router of floating addresses) or reach the control ports.

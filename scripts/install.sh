@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 packages=(iproute2 iptables nftables procps curl wrk nginx libnginx-mod-http-echo haproxy
           prometheus prometheus-alertmanager
-          libnetfilter-queue-dev python3-venv python3-dev gcc)
+          libnetfilter-queue-dev python3-venv python3-dev gcc chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -70,6 +70,9 @@ class Options:
     flap_suppress: float | None = None  # health.flap_suppress (0: no flap damping; None: the daemon's default)
     garp_refresh: float | None = None  # failover.garp_refresh: seconds between an active's repeated announcements (None: the daemon's default)
     monitor: bool = False  # a monitor host with Prometheus and Alertmanager (testbed.monitoring)
+    # The distributors' configs name only web1..webN (None: every web node); the others run nginx and
+    # an agent but are unknown until a config naming them is reloaded (set_configured_nodes + SIGHUP).
+    configured_nodes: int | None = None
 
 
 def check_project(name: str) -> str:
@@ -288,7 +291,7 @@ class Testbed:
             timeout: float = 120) -> subprocess.CompletedProcess:
         """Run distributorctl against a distributor (default: the active one) with this run's token."""
         host = host or self.active_distributor()
-        argv = [sys.executable, "-m", "distributor.ctl", "--url", self.api_url(host), "--token", self.api_token(role),
+        argv = [sys.executable, "-m", "distributor.ctl", "--url", self.api_url(host), f"--token={self.api_token(role)}",
                 *args]
         return self.run(host, argv, check=check, timeout=timeout)
 
@@ -306,6 +309,15 @@ class Testbed:
     def set_mode(self, mode: str) -> None:
         """Rewrite the distributors' configs for another data path; takes effect when they (re)start."""
         self.options.mode = mode
+        self._save()
+        for host in self.topology.by_role("distributor"):
+            (self.host_dir(host.name) / "distributor.toml").write_text(self.distributor_config(host))
+
+    def set_configured_nodes(self, count: int | None) -> None:
+        """Rewrite the distributors' configs to name web1..web<count> (None: all); a SIGHUP applies them."""
+        if count is not None and not 1 <= count <= len(self.topology.web_nodes):
+            raise TestbedError(f"configured nodes {count}: this run has web1..web{len(self.topology.web_nodes)}")
+        self.options.configured_nodes = count
         self._save()
         for host in self.topology.by_role("distributor"):
             (self.host_dir(host.name) / "distributor.toml").write_text(self.distributor_config(host))
@@ -613,8 +625,9 @@ def render_agent_config(topology: Topology, host: Host, keys_file: Path, directo
 
 def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
                               api_tokens: Path | None = None) -> str:
-    nodes = "".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in topology.web_nodes)
-    backends = ", ".join(f'"{web.name}"' for web in topology.web_nodes)
+    configured = topology.web_nodes[:options.configured_nodes]  # [:None] is every node
+    nodes = "".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in configured)
+    backends = ", ".join(f'"{web.name}"' for web in configured)
     smtp = ""
     if options.smtp:
         smtp_host, _, smtp_port = options.smtp.rpartition(":")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import ipaddress
 
-from common.sansio import Alert, Tick
+from backup.failover import InstallRules
+from common.sansio import Alert, CommandDone, Tick
 from distributor.admin import AdminOp, AdminReply, AdminRequest, AdminState, RuntimeState, SaveState
 from distributor.balancer import Policy
 from distributor.core import DistributorCore
@@ -97,6 +98,11 @@ def test_a_node_added_at_run_time_takes_connections_and_one_removed_drains_where
     open_conn(core, 40000)  # web1
     play(request(AdminOp.ADD_NODE, node="web3", address="198.51.100.13", services={"web": {"port": 80, "weight": 1}}))
     assert play.of(AdminReply)[0].status == 200
+    (rules,) = play.of(InstallRules)
+    # Out of new connections until its rules are in the kernel (no DNAT for its mark before).
+    assert "web3" not in nodes_of_new(core, range(40100, 40103))
+    assert core.explain(CLIENT, 40200)["services"][0]["excluded"][0]["node"] == "web3"
+    play(CommandDone(rules, 1.5))
     picks = nodes_of_new(core, range(41000, 41006))
     assert picks.count("web3") == 2
     play(request(AdminOp.REMOVE_NODE, node="web1"))
