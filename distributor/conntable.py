@@ -134,7 +134,7 @@ class Connection:
     """One rerouted connection.  ``backend`` and ``service`` are opaque to the table."""
 
     __slots__ = ("key", "reply_key", "service", "backend", "state", "last_seen", "queued_at", "fins", "client_ack",
-                 "reset_by_us", "isn", "syn", "answered")
+                 "reset_by_us", "isn", "syn", "answered", "redispatches")
 
     def __init__(self, key: bytes, reply_key: bytes, service: Any, backend: Any, now: float):
         self.key = key
@@ -150,12 +150,13 @@ class Connection:
         # at once (RFC 5961 section 3.2).
         self.client_ack = b""
         self.reset_by_us = False
-        # Passive health: the client's initial sequence number, its SYN as it came (rewrite mode,
-        # until the handshake completes: to send it to another node at once), and whether the node
-        # answered it.
-        self.isn = -1
+        # Passive health (reroute.py): the client's initial sequence number (4 bytes), its SYN as
+        # it came (rewrite mode, until the node answers: to send it to another node at once),
+        # whether the node answered it, and how many times it was sent to another node.
+        self.isn = b""
         self.syn: bytes | None = None
         self.answered = False
+        self.redispatches = 0
 
     @property
     def is_open(self) -> bool:

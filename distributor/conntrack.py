@@ -134,14 +134,15 @@ class Conntrack:
         return count
 
     async def forget_all(self, keys, probes, send) -> None:
-        """ForgetInConntrack: delete each connection, then ``send`` its probe."""
-        for key, probe in zip(keys, probes):
+        """ForgetInConntrack: delete each connection, then ``send`` its probe (when it has one)."""
+        for index, key in enumerate(keys):
             try:
                 await self.forget(key)
             except Exception as exc:
                 log.warning("cannot delete a connection from conntrack (%s); its client waits for its own timeout", exc)
                 return
-            send(probe)
+            if index < len(probes):
+                send(probes[index])
 
     def close(self) -> None:
         if self._socket is not None:

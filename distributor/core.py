@@ -43,7 +43,7 @@ from .heartbeat import HealthSettings, HealthStats, NodeDatagram, NodeHealth, On
     SetNodeFeedback, SetNodeRamp
 from .synauth import SynAuth
 from .reroute import (BackendSpec, ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode,
-                      Reason, ServiceSpec)
+                      PassiveFailure, PassiveKind, Reason, ServiceSpec)
 
 __all__ = ["HealthOptions", "DistributorCore", "DistributorStats", "ConntrackAnswered", "SetConntrackLiberal",
            "HOUSEKEEPING"]
@@ -187,7 +187,7 @@ class DistributorCore:
 
     def handle(self, event) -> list[Command]:
         if isinstance(event, PacketsHandled):
-            commands = self._route(event.effects) + self._burst_check(event.now)
+            commands = self._route(event.effects, event.now) + self._burst_check(event.now)
             if self.failover is not None:
                 commands += self._route(self.failover.handle(event))
             return self._finish(commands)
@@ -251,6 +251,8 @@ class DistributorCore:
             elif isinstance(item, ConnectionEnded):
                 if failover is not None:
                     failover.record_ended(item.conn.key)
+            elif isinstance(item, PassiveFailure):
+                out += self._passive(item, now)
             elif isinstance(item, SetNodeEligible):
                 self._healthy[item.node] = item.eligible
                 out += self._gate(item.node)
@@ -284,6 +286,15 @@ class DistributorCore:
             else:
                 out.append(item)
         return out
+
+    def _passive(self, failure: PassiveFailure, now: float) -> list[Command]:
+        """A node failed a connection on the data path: the health core decides about the node."""
+        what = ("reset a client's SYN" if failure.kind is PassiveKind.REFUSED
+                else "left a client's SYN unanswered until it was retransmitted")
+        moved = "the connection went to another node" if failure.redispatched else "the connection stayed"
+        if self.health is None:
+            return [Log(Level.WARNING, f"{failure.node} {what} ({moved}; no [health]: the node stays a candidate)")]
+        return self._route(self.health.passive_failure(failure.node, f"{what}; {moved}", now), now)
 
     def _finish(self, commands: list[Command]) -> list[Command]:
         commands = [c for c in commands if not isinstance(c, WakeUpAt)]

@@ -17,6 +17,7 @@ States (:class:`NodeState`), moved only through the table ``node_moves`` keyed b
 (state, :class:`NodeEvent`)::
 
     UP --counter > warning--> WARNING --counter > dead--> DEAD
+    UP, SLOW_START --a failed connection (passive health)--> WARNING
     WARNING --heartbeat--> UP (or back to SLOW_START if its ramp was unfinished)
     DEAD --heartbeat--> RISING --`rise` consecutive heartbeats--> SLOW_START --slow_start s--> UP
     RISING --counter > warning (a heartbeat missed)--> DEAD
@@ -26,6 +27,15 @@ A node may take new connections in UP and SLOW_START only; in SLOW_START its sha
 from ``MIN_RAMP`` to 1 (:meth:`~HealthBoard.ramp`) so a node that returns with no connections is
 not flooded by least-outstanding.  Nodes start UP with a zero counter: a node that never
 heartbeats is excluded after the warning window, and a healthy cluster serves from the first second.
+
+Passive health (:meth:`NodeHealth.passive_failure`): when the data path sees a node reset a
+client's SYN, or leave it unanswered until the client retransmits, the node goes to WARNING at
+once, as if it had missed its heartbeats, instead of after the warning window.  Only a heartbeat
+whose probe began after that failure clears it (the agent probes the web server, then sends: the
+probe began the reported response time before the datagram arrived); one already on its way says
+nothing about the failure.  Its counter goes on meanwhile, so a node that has really died is
+declared dead on the usual schedule.  Like damping, passive health never takes out the last node
+that could serve: that node's failures are counted and logged only.
 
 A heartbeat says when the next one is due (``interval_ms``: the agent slows its probes down when
 its web server answers slowly).  A node is not late before that interval has passed, plus one tick,
@@ -79,6 +89,8 @@ class NodeEvent(enum.Enum):
     SILENT = "silent"  # the counter passed the dead threshold
     RISEN = "risen"  # `rise` consecutive heartbeats since the node was dead
     RAMPED = "ramped"  # slow start finished
+    FAILED = "failed"  # passive health: the node failed a connection (reset or ignored a SYN)
+    STALE = "stale"  # a heartbeat whose probe began before the node's last failed connection: proves nothing
 
 
 class OnDead(enum.Enum):
@@ -98,6 +110,9 @@ def node_moves(slow_start: bool) -> dict[tuple[NodeState, NodeEvent], tuple[Node
     return {
         (S.UP, E.HEARTBEAT): (S.UP, None),
         (S.UP, E.LATE): (S.WARNING, None),
+        (S.UP, E.FAILED): (S.WARNING, None),
+        (S.SLOW_START, E.FAILED): (S.WARNING, None),
+        (S.WARNING, E.STALE): (S.WARNING, None),
         (S.WARNING, E.RESUMED): (S.UP, None),
         (S.WARNING, E.RESUMED_RAMPING): (S.SLOW_START, None),
         (S.WARNING, E.SILENT): (S.DEAD, None),
@@ -167,7 +182,7 @@ class Transition:
 
 class _Node:
     __slots__ = ("name", "state", "counter", "rises", "slow_start_since", "heartbeats", "report", "last_heartbeat",
-                 "penalty", "penalty_at", "damped", "warning", "dead")
+                 "penalty", "penalty_at", "damped", "warning", "dead", "failed_at", "failures")
 
     def __init__(self, name: str, warning: int, dead: int):
         self.name = name
@@ -183,6 +198,8 @@ class _Node:
         self.damped = False  # held out of service for flapping
         self.warning = warning  # this node's thresholds, stretched by its announced interval
         self.dead = dead
+        self.failed_at: float | None = None  # passive health: its last failed connection, until a heartbeat clears it
+        self.failures = 0  # failed connections seen on the data path, ever
 
 
 class HealthBoard:
@@ -245,6 +262,20 @@ class HealthBoard:
             return 1.0
         return min(1.0, max(MIN_RAMP, (now - entry.slow_start_since) / self.settings.slow_start))
 
+    def failures(self, node: str) -> int:
+        return self._nodes[node].failures
+
+    def passive(self, node: str, now: float, reason: str) -> list[Transition]:
+        """The data path saw ``node`` fail a connection: WARNING now, until a later heartbeat clears it."""
+        entry = self._nodes[node]
+        entry.failures += 1
+        entry.failed_at = now
+        if entry.state not in ELIGIBLE:
+            return []
+        if not any(other.state in ELIGIBLE and not other.damped for other in self._nodes.values() if other is not entry):
+            return []  # the last node that could serve stays: excluding it would refuse every client
+        return self._fire(entry, NodeEvent.FAILED, now, reason)
+
     def heartbeat(self, node: str, now: float, report: NodeHeartbeat | None = None) -> list[Transition]:
         entry = self._nodes[node]
         late = entry.counter
@@ -254,6 +285,13 @@ class HealthBoard:
         entry.last_heartbeat = now
         entry.warning, entry.dead = self.settings.allowance(report.interval_ms / 1000 if report is not None else 0.0)
         state = entry.state
+        if entry.failed_at is not None:
+            probed_at = now - (report.response_ms / 1000 if report is not None else 0.0)
+            if probed_at <= entry.failed_at:
+                if state is NodeState.WARNING:
+                    return self._fire(entry, NodeEvent.STALE, now, "heartbeat from a probe before the failed connection")
+            else:
+                entry.failed_at = None
         if state is NodeState.WARNING:
             event = NodeEvent.RESUMED_RAMPING if entry.slow_start_since is not None else NodeEvent.RESUMED
             return self._fire(entry, event, now, f"heartbeat after {late} ticks")
@@ -382,6 +420,7 @@ class NodeHealthStats:
     seconds_since_heartbeat: float | None
     report: NodeHeartbeat | None
     moves: dict[tuple[NodeState, NodeState], int] = dataclasses.field(default_factory=dict)  # (from, to) -> count
+    failed_connections: int = 0  # passive health: connections the data path saw it fail
 
 
 @dataclasses.dataclass(frozen=True)
@@ -444,6 +483,20 @@ class NodeHealth:
         self._feedback.pop(node, None)
         self.verifier.remove_sender(node)
         self._held_out.discard(node)
+
+    def passive_failure(self, node: str, reason: str, now: float) -> list[Command]:
+        """The data path saw ``node`` fail a connection (``reason`` says how): exclude it until a later heartbeat.
+
+        A failure the board does not act on (the node is already out, or it is the last one that
+        could serve) is logged, so an operator still sees a refusing node.
+        """
+        if node not in self.board:
+            return []
+        changes = self.board.passive(node, now, reason)
+        if changes:
+            return self._apply(changes)
+        return [Log(Level.INFO, f"{node}: {reason} (node {self.board.state(node).value}, "
+                                f"{'out of service' if not self.board.eligible(node) else 'the last that can serve: kept'})")]
 
     def count_reset(self, connections: int) -> None:
         """The core reports how many connections a ResetNode command ended."""
@@ -544,6 +597,6 @@ class NodeHealth:
             nodes.append(NodeHealthStats(node, board.state(node), board.damped(node), board.counter(node),
                                          board.heartbeats(node),
                                          board.transitions_by_node[node], None if last is None else max(0.0, now - last),
-                                         board.report(node), dict(board.moves_by_node[node])))
+                                         board.report(node), dict(board.moves_by_node[node]), board.failures(node)))
         return HealthStats(tuple(nodes), dict(board.transitions), {r: self.rejected[r] for r in Reject},
                            self.reset_connections)

@@ -330,6 +330,8 @@ class DistributorCollector:
         failures = CounterMetricFamily("distributor_node_heartbeat_failures", "Times the node's heartbeat was later "
                                        "than its warning allowance", labels=node)
         moves = CounterMetricFamily("distributor_node_transitions", "Node state changes", labels=["node", "from", "to"])
+        failed = CounterMetricFamily("distributor_node_failed_connections", "Connections the data path saw the node "
+                                     "fail (it reset or ignored the SYN): passive health", labels=node)
         load = GaugeMetricFamily("distributor_node_load1", "Load average the node last reported", labels=node)
         cpu = GaugeMetricFamily("distributor_node_cpu_busy_ratio", "CPU busy fraction the node last reported",
                                 labels=node)
@@ -346,6 +348,7 @@ class DistributorCollector:
             if entry.seconds_since_heartbeat is not None:
                 age.add_metric(name, entry.seconds_since_heartbeat)
             beats.add_metric(name, entry.heartbeats)
+            failed.add_metric(name, entry.failed_connections)
             failures.add_metric(name, sum(entry.moves.get(move, 0) for move in HEARTBEAT_FAILURE_MOVES))
             for old, new in NODE_MOVES:
                 moves.add_metric([entry.node, old.value, new.value], entry.moves.get((old, new), 0))
@@ -354,7 +357,7 @@ class DistributorCollector:
                 cpu.add_metric(name, entry.report.cpu)
                 probe.add_metric(name, entry.report.response_ms / 1000)
                 interval.add_metric(name, entry.report.interval_ms / 1000)
-        yield from (state, held, silent, age, beats, failures, moves, load, cpu, probe, interval)
+        yield from (state, held, silent, age, beats, failures, failed, moves, load, cpu, probe, interval)
         rejected = CounterMetricFamily("distributor_heartbeats_rejected", "Rejected node heartbeat datagrams",
                                        labels=["reason"])
         for reason in Reject:

@@ -76,6 +76,8 @@ __all__ = [
     "ConnectionOpened",
     "ConnectionEnded",
     "SendPacket",
+    "PassiveKind",
+    "PassiveFailure",
     "ForgetInConntrack",
     "ForgetHandshakes",
     "ConfirmWithConntrack",
@@ -125,6 +127,9 @@ class Reason(enum.IntEnum):
     EXPIRED_FLOW = 18  # rewrite mode: a segment of a connection that idled out; both ends get an RST
     SYN_CHALLENGED = 19  # under a SYN flood: a new client's SYN, answered with a cookie (synauth.py)
     SYN_VERIFIED = 20  # the client's RST carrying our cookie: its address is real, its next SYN passes
+    NODE_REFUSED = 21  # a node reset a client's SYN: dropped; rewrite mode sends the SYN to another node
+    SYN_REDISPATCHED = 22  # rewrite mode: a retransmitted SYN its node left unanswered, sent to another node
+    SYN_UNANSWERED = 23  # kernel mode: a retransmitted SYN its node left unanswered: dropped, forgotten by conntrack
 
     @property
     def verdict(self) -> int:
@@ -146,12 +151,20 @@ class Mode(enum.Enum):
 
 
 _ACCEPTED = frozenset({Reason.NEW_CONNECTION, Reason.TO_BACKEND, Reason.TO_CLIENT, Reason.NOT_SERVICE, Reason.NOT_TCP,
-                       Reason.CONNECTION_END})
+                       Reason.CONNECTION_END, Reason.SYN_REDISPATCHED})
 
 _TO_BACKEND = Reason.TO_BACKEND
 _TO_CLIENT = Reason.TO_CLIENT
 
 EXPIRED_MEMORY = 600.0  # seconds a connection that idled out is remembered, to reset its late segments
+
+# Passive health.  A client retransmits an unanswered SYN after its initial RTO: 1 s (RFC 6298
+# section 2.1, Linux's TCP_TIMEOUT_INIT); a "retransmission" sooner than this is no evidence
+# against the node (a client, or someone forging one, sending the same SYN twice).
+SYN_RETRY_MIN = 0.5
+# A connection is sent to another node at most this many times; then the node's answer (or the
+# client's timeout) stands.  Two failing nodes must not bounce one SYN between them forever.
+MAX_REDISPATCHES = 2
 
 # Kernel mode: the verdict's mark selects a backend's DNAT rule (low 16 bits)
 # or, with END_MARK, tells the rules to stop queueing the connection's FINs.
@@ -272,6 +285,26 @@ class ConnectionEnded:
     conn: Connection
 
 
+class PassiveKind(enum.Enum):
+    """What a node did to a connection that counts against its health, seen on the data path."""
+
+    REFUSED = "refused"  # it answered the client's SYN with an RST (nothing listens, or it is shutting down)
+    UNANSWERED = "unanswered"  # it left the SYN unanswered until the client retransmitted it
+
+
+@dataclass(frozen=True, slots=True)
+class PassiveFailure:
+    """A node failed one connection (passive health): the health core excludes it until a heartbeat clears it.
+
+    The connection itself has already been dealt with: sent to another node where one could take it.
+    """
+
+    node: str
+    kind: PassiveKind
+    key: bytes  # the connection's client -> VIP 4-tuple
+    redispatched: bool
+
+
 @dataclass(frozen=True, slots=True)
 class SendPacket(Command):
     """Send a complete IPv4 packet the core crafted (an RST, a probe) through a raw socket."""
@@ -285,6 +318,8 @@ class ForgetInConntrack(Command):
 
     The probe makes the client answer with a segment that conntrack no longer
     knows, so it is queued and the core can reset it (see :func:`probe_for`).
+    ``probes`` may be shorter than ``keys``: the keys past its end are only deleted
+    (a handshake to forget, so the client's retransmitted SYN is new again).
     """
 
     keys: tuple[bytes, ...]
@@ -468,6 +503,11 @@ class Interposer:
                 return Reason.SYN_VERIFIED, None, None
             if conn is not None and conn.key == key and flags & FIN and self.syn_auth is not None:
                 self.syn_auth.verify(key[0:4], now)  # a client that closes a connection was real
+            if (conn is not None and conn.key != key and flags & RST and flags & ACK and conn.is_open
+                    and _acknowledges_syn(packet, conn.isn)):
+                verdict = self._refused(conn, now)
+                if verdict is not None:
+                    return verdict
             if conn is not None and self.table.close(conn, now):
                 return Reason.CONNECTION_END, END_MARK, (self._ended(conn),)
             return Reason.CONNECTION_END, END_MARK, None
@@ -486,20 +526,121 @@ class Interposer:
                 conn.client_ack = packet[28:32]
                 if conn.state is TcpState.SYN_SEEN and self.syn_auth is not None:
                     self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
+            failure = None
+            if (flags & SYN and conn.state is TcpState.SYN_SEEN and not conn.answered and packet[24:28] == conn.isn
+                    and now - conn.last_seen >= SYN_RETRY_MIN):
+                verdict = self._unanswered(packet, conn, now)
+                if verdict[0] is not Reason.TO_BACKEND:
+                    return verdict
+                failure = verdict[2]
             done = self.table.advance(conn, flags, True, now)
             if self._kernel:
                 out = conn.backend.mark
             else:
                 out = _to_backend(packet, conn.backend)
                 conn.backend.bytes_in += len(packet)
+            if failure is not None:
+                return Reason.TO_BACKEND, out, failure
             return Reason.TO_BACKEND, out, (self._ended(conn),) if done else None
         # node -> client: only its SYN-ACK, FIN and RST are queued, to be seen, not rewritten: the
         # kernel rewrites the source of every node packet statelessly after this (nft, see rules.py;
         # kernel mode: conntrack NAT), so the packet goes on unchanged and keeps its offloads.
         if conn.reset_by_us:
             return Reason.RESET_CONNECTION, None, None
+        failure = None
+        if conn.state is TcpState.SYN_SEEN and not conn.answered:
+            if flags & SYN:
+                conn.answered = True
+                conn.syn = None
+            elif flags & RST and flags & ACK and _acknowledges_syn(packet, conn.isn):
+                # RFC 793 section 3.4: the RST a closed port answers a SYN with acknowledges exactly the SYN.
+                verdict = self._refused(conn, now)
+                if verdict is not None:
+                    return verdict
+                failure = PassiveFailure(conn.backend.name, PassiveKind.REFUSED, conn.key, False)
         done = self.table.advance(conn, flags, False, now)
+        if failure is not None:
+            return Reason.TO_CLIENT, None, (failure, self._ended(conn)) if done else (failure,)
         return Reason.TO_CLIENT, None, (self._ended(conn),) if done else None
+
+    # -- passive health: a node that fails a connection's handshake -----------------------------------
+    def _refused(self, conn: Connection, now: float) -> tuple[Reason, None, tuple] | None:
+        """A node reset the client's SYN: the verdict that hides the RST, or None to let it reach the client.
+
+        Rewrite mode sends the client's SYN, kept since it came, to another node at once, so the
+        client never learns the first node refused it.  Kernel mode drops the RST and forgets the
+        entry (the kernel has already killed its conntrack entry: an RST in SYN_SENT): the client's
+        retransmitted SYN, after its RTO, is a new connection again, placed on a live node.
+        """
+        if self._kernel:
+            ended = self._drop_entry(conn)
+            failure = PassiveFailure(conn.backend.name, PassiveKind.REFUSED, conn.key, True)
+            return Reason.NODE_REFUSED, None, (failure, ended) if ended is not None else (failure,)
+        syn = conn.syn
+        if syn is None:
+            return None
+        moved = self._redispatch(conn, now)
+        if moved is None:
+            return None
+        backend, effects = moved
+        backend.bytes_in += len(syn)
+        failure = PassiveFailure(conn.backend.name, PassiveKind.REFUSED, conn.key, True)
+        return Reason.NODE_REFUSED, None, (failure, *effects, SendPacket(_to_backend(syn, backend)))
+
+    def _unanswered(self, packet: bytes, conn: Connection, now: float) -> tuple[Reason, bytes | int | None, tuple]:
+        """The client retransmitted a SYN its node never answered: send this one to another node.
+
+        Rewrite mode rewrites the retransmission itself to the new node.  Kernel mode cannot move a
+        connection conntrack has bound: the retransmission is dropped and the entry forgotten,
+        so the client's next one is placed afresh.  When no other node can take it, the
+        retransmission goes to the same node (TO_BACKEND) and the failure is still reported.
+        """
+        key = conn.key
+        if self._kernel:
+            ended = self._drop_entry(conn)
+            failure = PassiveFailure(conn.backend.name, PassiveKind.UNANSWERED, key, True)
+            effects = (failure, ForgetInConntrack((key,), ()))
+            return Reason.SYN_UNANSWERED, None, (*effects, ended) if ended is not None else effects
+        moved = self._redispatch(conn, now)
+        if moved is None:
+            return Reason.TO_BACKEND, None, (PassiveFailure(conn.backend.name, PassiveKind.UNANSWERED, key, False),)
+        backend, effects = moved
+        backend.bytes_in += len(packet)
+        failure = PassiveFailure(conn.backend.name, PassiveKind.UNANSWERED, key, True)
+        return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), (failure, *effects)
+
+    def _redispatch(self, conn: Connection, now: float) -> "tuple[Backend, list] | None":
+        """Move a connection still in its handshake to another node: (new backend, effects), or None.
+
+        The failed node is left out of this one pick whatever its health says (the health core
+        decides about the node's other connections; this connection has seen the node fail).
+        """
+        if conn.redispatches >= MAX_REDISPATCHES:
+            return None
+        service, failed = conn.service, conn.backend
+        balancer = service.balancer
+        hidden = balancer.is_available(failed.index)
+        if hidden:
+            balancer.set_available(failed.index, False)
+        try:
+            index = self._place(service, conn.key[0:4], now) if service.persistence else balancer.acquire()
+        finally:
+            if hidden:
+                balancer.set_available(failed.index, True)
+        if index is None:
+            return None
+        effects: list = []
+        ended = self._drop_entry(conn)
+        if ended is not None:
+            effects.append(ended)
+        backend = service.backends[index]
+        moved = self._open(service, backend, conn.key, now, effects)
+        if moved is None:  # cannot happen (an entry was just freed), but never lose the pick's count
+            balancer.release(index)
+            return None
+        moved.isn, moved.syn, moved.redispatches = conn.isn, conn.syn, conn.redispatches + 1
+        effects.append(ConnectionOpened(moved))
+        return backend, effects
 
     def _unknown(self, packet: bytes, key: bytes, flags: int, now: float,
                  ended: "ConnectionEnded | None") -> tuple[Reason, bytes | int | None, tuple | None]:
@@ -547,9 +688,11 @@ class Interposer:
                 opened = (*self._released_evictions(), ConnectionOpened(conn))
             else:
                 opened = (ConnectionOpened(conn),)
+        conn.isn = packet[24:28]
         if self._kernel:
             out = backend.mark
         else:
+            conn.syn = packet  # until the node answers: sent to another node if this one refuses it
             out = _to_backend(packet, backend)
             backend.bytes_in += len(packet)
         return Reason.NEW_CONNECTION, out, opened
@@ -865,6 +1008,17 @@ def _invalid(packet: bytes, whole: bool) -> Reason | None:
     if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
         return Reason.BAD_FLAGS
     return None
+
+
+def _acknowledges_syn(packet: bytes, isn: bytes) -> bool:
+    """An RST that answers the client's SYN itself: sequence number 0, acknowledgment the ISN + 1.
+
+    RFC 793 section 3.4 ("Reset Generation"): a segment without ACK is reset with sequence number
+    zero and an acknowledgment of the segment; an RST on a connection the node had accepted carries
+    its own sequence number instead.
+    """
+    return (len(isn) == 4 and packet[24:28] == b"\0\0\0\0"
+            and int.from_bytes(packet[28:32], "big") == (int.from_bytes(isn, "big") + 1) & 0xFFFFFFFF)
 
 
 def _to_backend(packet: bytes, backend: Backend) -> bytes:

@@ -62,11 +62,18 @@ _TABLES = ("raw", "mangle", "nat")
 _BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
 
 
-def _render_local(queue: int, services: tuple[RuleService, ...]) -> list[str]:
+def _render_local(queue: int, services: tuple[RuleService, ...], to_nodes: bool = False) -> list[str]:
     # Packets the distributor sends itself from a VIP (RSTs, reset probes) stay out of conntrack,
     # so a client's answer to them is not taken for a reply of a tracked connection.
-    return [f"-A DIST{queue}-LOCAL -s {service.vip}/32 -p tcp -m tcp --sport {service.port} -j CT --notrack"
-            for service in services]
+    lines = [f"-A DIST{queue}-LOCAL -s {service.vip}/32 -p tcp -m tcp --sport {service.port} -j CT --notrack"
+             for service in services]
+    if to_nodes:
+        # Rewrite mode also sends segments to nodes in a client's name (a SYN sent on to another
+        # node, an RST for an expired flow): untracked like the segments it rewrites, or the
+        # node's answer would meet an entry made for a locally sent packet.
+        lines += [f"-A DIST{queue}-LOCAL -d {backend.address}/32 -p tcp -m tcp --dport {backend.port} -j CT --notrack"
+                  for service in services for backend in service.backends]
+    return lines
 
 
 def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.REWRITE) -> dict[tuple[str, str], list[str]]:
@@ -91,7 +98,8 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
             match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
             raw.append(f"-A {chain_in} {match_backend} -j CT --notrack")
             mangle.append(f"-A {chain_out} {match_backend} -j NFQUEUE --queue-num {queue}")
-    return {("raw", chain_in): raw, ("mangle", chain_out): mangle, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+    return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
+            ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True)}
 
 
 def nft_table(queue: int) -> str:

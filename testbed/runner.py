@@ -414,8 +414,10 @@ class Testbed:
 
     # -- compose-like verbs --------------------------------------------------
     def kill(self, host: str) -> None:
-        self._end_processes(netns.pids(self.ns(host)), self.ns(host), polite=False)
+        """The host dies as at a power cut: its links go first, so nothing it does while dying
+        (the kernel resetting its sockets as SIGKILL closes them) reaches anyone; then every process."""
         self._links(host, "down")
+        self._end_processes(netns.pids(self.ns(host)), self.ns(host), polite=False)
 
     def stop(self, host: str) -> None:
         spec = self.topology.host(host)

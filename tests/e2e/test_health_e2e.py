@@ -67,7 +67,8 @@ def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, ma
     try:
         time.sleep(1.0)  # traffic flows on all nodes first
         stopped_at = time.time()
-        bed.run("web1", ["kill", "-TERM", str(bed.service_pid("web1", "nginx"))])
+        # As `systemctl stop nginx` stops it (SIGQUIT: graceful); from then on web1 resets every SYN.
+        bed.run("web1", ["kill", "-QUIT", str(bed.service_pid("web1", "nginx"))])
         warning = bed.wait_alert("web1", "warning", stopped_at, 5)
         given_to_web1 = acquired(bed, "web1")
         dead = bed.wait_alert("web1", "dead", stopped_at, 10)
@@ -76,9 +77,19 @@ def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, ma
     finally:
         recorder.stop()
         output = load.communicate(timeout=30)[0]
-    late = recorder.after(warning["time"])
-    assert late and all(ok for _, ok, _ in late), [r for r in late if not r[1]][:5]
-    assert {node for _, _, node in late} == {"web2", "web3"}
+    # Passive health: web1's first RST to a SYN excluded it, and that connection went to another
+    # node (rewrite mode at once; kernel mode drops the RST and the client retransmits once).
+    assert warning["time"] - stopped_at < 0.5
+    late = recorder.after(stopped_at)
+    assert late and max(r.seconds for r in late) < 2.0
+    # The one loss no layer-4 balancer can prevent: a connection web1's kernel accepted while nginx
+    # was closing its listener is reset with the request on it (the node had it, not us).  Such
+    # losses are few, fast (an RST, not a timeout) and only before the exclusion.
+    lost = [r for r in late if not r.ok]
+    assert len(lost) <= 3 and all(r.seconds < 0.5 and r.started < warning["time"] for r in lost), lost
+    after = recorder.after(warning["time"])
+    assert after and all(r.ok for r in after), [r for r in after if not r.ok][:5]
+    assert {r.node for r in after} == {"web2", "web3"}
     assert wrk.parse(output).requests > 0
     assert dead["time"] - stopped_at < 5
 
@@ -118,14 +129,17 @@ def test_killed_node_host_is_excluded_like_a_dead_web_server(bed):
         time.sleep(0.5)
         killed_at = time.time()
         bed.kill("web3")
+        dead_at = time.time()  # its links are down: a request that reached it before is lost with it
         warning = bed.wait_alert("web3", "warning", killed_at, 5)
         bed.wait_alert("web3", "dead", killed_at, 10)
         time.sleep(1.0)
     finally:
         recorder.stop()
-    late = recorder.after(warning["time"])
-    assert late and all(ok for _, ok, _ in late), [r for r in late if not r[1]][:5]
-    assert "web3" not in {node for _, _, node in late}
+    # Its SYNs went unanswered until it was excluded; each client's retransmission went elsewhere.
+    late = recorder.after(dead_at)
+    assert late and all(r.ok for r in late), [r for r in late if not r.ok][:5]
+    assert "web3" not in {r.node for r in recorder.after(warning["time"])}
+    assert max(r.seconds for r in late) < 2.5
     bed.start("web3")
     bed.wait_alert("web3", "slow_start", killed_at, 20)
     wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web3" for _ in range(30)),

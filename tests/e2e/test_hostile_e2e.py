@@ -257,7 +257,7 @@ def test_2_spoofed_syn_flood_locks_no_legitimate_client_out_and_reaches_no_node(
     after = recorder.started_between(ended + NORMAL_AFTER_FLOOD)
     succeeded = sum(o.ok for o in during)
     spoofed = sum(c["spoofed_syn"] for c in counts.values())
-    table = hostile.metric_sum(bed, active_of(bed), "distributor_connections")
+    table = hostile.metric_sum(bed, active_of(bed), "distributor_connection_table_entries")
     print(f"flood {report}; legitimate during: {succeeded}/{len(during)}; after +{NORMAL_AFTER_FLOOD:g} s: "
           f"{sum(o.ok for o in after)}/{len(after)}; spoofed SYNs at the nodes {spoofed}; table {table:.0f}")
     assert report["rate"] >= 0.95 * FLOOD_RATE, f"the flood reached only {report}"
@@ -314,7 +314,7 @@ def test_4_thirty_percent_loss_on_the_sync_port_still_catches_the_backup_up_and_
         load = wrk_in_background(bed, seconds)
         load_started = time.monotonic()
         try:
-            wait_until(lambda: hostile.metric_sum(bed, active, "distributor_connections") >= 16, 5,
+            wait_until(lambda: hostile.metric_sum(bed, active, "distributor_connection_table_entries") >= 16, 5,
                        "wrk's connections to open")
             # A fresh backup must fetch the table through the lossy port, and its first request is lost
             # for sure (the case: a backup that asks once never catches up).
