@@ -70,6 +70,7 @@ __all__ = ["NodeState", "NodeEvent", "OnDead", "HealthSettings", "Transition", "
            "HealthStats", "node_moves"]
 
 MIN_RAMP = 0.05
+PASSIVE_LOG_INTERVAL = 10.0  # seconds: at most one log line per node for failures that changed nothing
 REJECT_LOG_INTERVAL = 5.0  # seconds between two log lines about rejected heartbeats
 
 
@@ -265,14 +266,18 @@ class HealthBoard:
     def failures(self, node: str) -> int:
         return self._nodes[node].failures
 
-    def passive(self, node: str, now: float, reason: str) -> list[Transition]:
-        """The data path saw ``node`` fail a connection: WARNING now, until a later heartbeat clears it."""
+    def passive(self, node: str, now: float, reason: str, spare: bool = True) -> list[Transition]:
+        """The data path saw ``node`` fail a connection: WARNING now, until a later heartbeat clears it.
+
+        ``spare``: whether the caller, which knows the services and the nodes' administrative
+        states, sees another node that could take the failed node's new connections.
+        """
         entry = self._nodes[node]
         entry.failures += 1
         entry.failed_at = now
         if entry.state not in ELIGIBLE:
             return []
-        if not any(other.state in ELIGIBLE and not other.damped for other in self._nodes.values() if other is not entry):
+        if not spare or not any(other.state in ELIGIBLE and not other.damped for other in self._nodes.values() if other is not entry):
             return []  # the last node that could serve stays: excluding it would refuse every client
         return self._fire(entry, NodeEvent.FAILED, now, reason)
 
@@ -335,7 +340,9 @@ class HealthBoard:
         if not changed:
             return []
         entry.state = new
-        fall = {NodeState.DEAD: 1.0, NodeState.WARNING: 0.5}.get(new, 0.0)
+        # A failed connection is no flap: anyone able to damage a SYN on its way could otherwise
+        # have a healthy node held out for minutes; the heartbeat that clears it is the verdict.
+        fall = 0.0 if event is NodeEvent.FAILED else {NodeState.DEAD: 1.0, NodeState.WARNING: 0.5}.get(new, 0.0)
         if fall and self.settings.flap_suppress:
             entry.penalty = self.penalty(entry.name, now) + fall
             entry.penalty_at = now
@@ -446,6 +453,7 @@ class NodeHealth:
         self._next_tick: float | None = None
         self._last_reject_log: float | None = None
         self._held_out: set[str] = set()  # nodes whose hold-out for flapping has been alerted
+        self._passive_log: dict[str, tuple[float, int]] = {}  # node -> (last logged, failures not logged since)
         self._response: dict[str, float] = {}  # moving average of each node's reported probe time, ms
         self._feedback: dict[str, float] = {}  # the factor last sent per node
 
@@ -484,19 +492,28 @@ class NodeHealth:
         self.verifier.remove_sender(node)
         self._held_out.discard(node)
 
-    def passive_failure(self, node: str, reason: str, now: float) -> list[Command]:
+    def passive_failure(self, node: str, reason: str, now: float, spare: bool = True) -> list[Command]:
         """The data path saw ``node`` fail a connection (``reason`` says how): exclude it until a later heartbeat.
 
-        A failure the board does not act on (the node is already out, or it is the last one that
-        could serve) is logged, so an operator still sees a refusing node.
+        ``spare`` says whether another node could take its new connections (the caller knows the
+        services and the administrative states); without one the node stays.  A failure the board
+        does not act on (the node is already out, or it is the last one that could serve) is
+        logged, at most once per node every ``PASSIVE_LOG_INTERVAL`` seconds with the count of
+        those not logged, so an operator sees a refusing node and a busy one floods no log.
         """
         if node not in self.board:
             return []
-        changes = self.board.passive(node, now, reason)
+        changes = self.board.passive(node, now, reason, spare)
         if changes:
             return self._apply(changes)
-        return [Log(Level.INFO, f"{node}: {reason} (node {self.board.state(node).value}, "
-                                f"{'out of service' if not self.board.eligible(node) else 'the last that can serve: kept'})")]
+        logged_at, quiet = self._passive_log.get(node, (float("-inf"), 0))
+        if now - logged_at < PASSIVE_LOG_INTERVAL:
+            self._passive_log[node] = (logged_at, quiet + 1)
+            return []
+        self._passive_log[node] = (now, 0)
+        kept = "out of service" if not self.board.eligible(node) else "the last that can serve: kept"
+        more = f"; {quiet} more since the last such message" if quiet else ""
+        return [Log(Level.INFO, f"{node}: {reason} (node {self.board.state(node).value}, {kept}{more})")]
 
     def count_reset(self, connections: int) -> None:
         """The core reports how many connections a ResetNode command ended."""

@@ -209,6 +209,7 @@ class Backend:
         "to_backend_ip_delta",
         "to_backend_tcp_delta",
         "bytes_in",
+        "syn_answered_at",
     )
 
     def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes, mark: int = 0):
@@ -232,6 +233,10 @@ class Backend:
         # IPVS counts them (whole packets, headers included).  Node -> client bytes never reach
         # user space (the nft return path rewrites them): its rules count them (rules.py).
         self.bytes_in = 0
+        # Passive health, rewrite mode: when this node last answered a client's SYN (its SYN-ACK
+        # was seen).  A node that answered others after a SYN it left unanswered is alive: that
+        # SYN was lost or damaged on its way (a bad checksum), which is no evidence against it.
+        self.syn_answered_at = float("-inf")
 
     def __repr__(self) -> str:
         return f"Backend({self.name}, {self.address}:{self.port})"
@@ -532,7 +537,7 @@ class Interposer:
                 verdict = self._unanswered(packet, conn, now)
                 if verdict[0] is not Reason.TO_BACKEND:
                     return verdict
-                failure = verdict[2]
+                failure = verdict[2] or None
             done = self.table.advance(conn, flags, True, now)
             if self._kernel:
                 out = conn.backend.mark
@@ -552,6 +557,7 @@ class Interposer:
             if flags & SYN:
                 conn.answered = True
                 conn.syn = None
+                conn.backend.syn_answered_at = now
             elif flags & RST and flags & ACK and _acknowledges_syn(packet, conn.isn):
                 # RFC 793 section 3.4: the RST a closed port answers a SYN with acknowledges exactly the SYN.
                 verdict = self._refused(conn, now)
@@ -573,6 +579,8 @@ class Interposer:
         retransmitted SYN, after its RTO, is a new connection again, placed on a live node.
         """
         if self._kernel:
+            if not self._spare(conn):
+                return None  # no other node could take the retransmitted SYN: the client learns at once
             ended = self._drop_entry(conn)
             failure = PassiveFailure(conn.backend.name, PassiveKind.REFUSED, conn.key, True)
             return Reason.NODE_REFUSED, None, (failure, ended) if ended is not None else (failure,)
@@ -591,23 +599,40 @@ class Interposer:
         """The client retransmitted a SYN its node never answered: send this one to another node.
 
         Rewrite mode rewrites the retransmission itself to the new node.  Kernel mode cannot move a
-        connection conntrack has bound: the retransmission is dropped and the entry forgotten,
-        so the client's next one is placed afresh.  When no other node can take it, the
-        retransmission goes to the same node (TO_BACKEND) and the failure is still reported.
+        connection conntrack has bound (NAT is decided at a connection's first packet): the
+        retransmission is dropped and the entry forgotten, so the client's next one is placed
+        afresh.  (Conntrack queues the retransmission at all because a connection whose reply
+        direction was never seen is still NEW to it; a SYN with a bad checksum is INVALID there and
+        never reaches us.)  When no other node can take it, the retransmission goes to the same node
+        (TO_BACKEND) and the failure is still reported.  In rewrite mode a node that answered other
+        clients' SYNs since this one was sent is alive, and nothing is reported against it.
         """
-        key = conn.key
+        key, failed = conn.key, conn.backend
         if self._kernel:
+            if not self._spare(conn):
+                return Reason.TO_BACKEND, None, (PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, False),)
             ended = self._drop_entry(conn)
-            failure = PassiveFailure(conn.backend.name, PassiveKind.UNANSWERED, key, True)
+            failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True)
             effects = (failure, ForgetInConntrack((key,), ()))
             return Reason.SYN_UNANSWERED, None, (*effects, ended) if ended is not None else effects
+        alive = failed.syn_answered_at > conn.last_seen
         moved = self._redispatch(conn, now)
         if moved is None:
-            return Reason.TO_BACKEND, None, (PassiveFailure(conn.backend.name, PassiveKind.UNANSWERED, key, False),)
+            return Reason.TO_BACKEND, None, () if alive else (PassiveFailure(failed.name, PassiveKind.UNANSWERED, key,
+                                                                                False),)
         backend, effects = moved
         backend.bytes_in += len(packet)
-        failure = PassiveFailure(conn.backend.name, PassiveKind.UNANSWERED, key, True)
+        if alive:
+            # The connection moves all the same (cheap, and its client waits no longer); the node stays.
+            return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), tuple(effects)
+        failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True)
         return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), (failure, *effects)
+
+    @staticmethod
+    def _spare(conn: Connection) -> bool:
+        """Whether a node of the connection's service other than its own may take new connections now."""
+        balancer, failed = conn.service.balancer, conn.backend
+        return any(balancer.is_available(b.index) for b in conn.service.backends if b is not failed and not b.removed)
 
     def _redispatch(self, conn: Connection, now: float) -> "tuple[Backend, list] | None":
         """Move a connection still in its handshake to another node: (new backend, effects), or None.

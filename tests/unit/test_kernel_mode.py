@@ -88,3 +88,16 @@ def test_kernel_rules_queue_only_new_connections_and_first_ends_and_dnat_by_mark
         "-A DIST0-NAT -d 203.0.113.1/32 -p tcp -m tcp --dport 80 -m mark --mark 0x1001/0xffff -j DNAT --to-destination 198.51.100.12:80",
     ]
     assert "CONNMARK --save-mark" in chain_in[3] and chain_in[4].endswith("-j RETURN")  # the repeated first FIN
+
+
+def test_packets_the_distributor_sends_itself_stay_out_of_conntrack_in_both_modes():
+    # Its RSTs and probes leave from the VIP; rewrite mode also sends segments to nodes in a
+    # client's name (a SYN moved to another node): tracked, the node's answer would meet an entry
+    # made for a locally sent packet.  Kernel mode never sends to nodes itself.
+    layout = rule_layout_of([service_spec()])
+    rewrite = render_rules(0, layout, Mode.REWRITE)[("raw", "DIST0-LOCAL")]
+    kernel = render_rules(0, layout, Mode.KERNEL)[("raw", "DIST0-LOCAL")]
+    from_vip = f"-A DIST0-LOCAL -s {VIP}/32 -p tcp -m tcp --sport 80 -j CT --notrack"
+    assert kernel == [from_vip]
+    assert rewrite == [from_vip] + [f"-A DIST0-LOCAL -d {WEB[n]}/32 -p tcp -m tcp --dport 80 -j CT --notrack"
+                                    for n in ("web1", "web2")]

@@ -10,6 +10,7 @@ import ipaddress
 
 from common.sansio import Alert, Log
 from common.wire import Kind, NodeHeartbeat, seal
+from distributor.admin import AdminOp
 from distributor.balancer import Policy
 from distributor.conntable import ConnectionTable
 from distributor.core import DistributorCore, HealthOptions
@@ -21,6 +22,7 @@ from backup.failover import PacketsHandled
 from tests.packets import CLIENT, VIP, WEB, checksums_valid, tcp
 from tests.playbook import Playbook
 from tests.unit.test_health_core import KEYS, NODES, WALL
+from tests.unit.test_admin_core import request
 from tests.unit.test_reroute import service_spec
 
 ISN = 0x01020304
@@ -224,3 +226,75 @@ def test_the_core_excludes_a_refusing_node_so_the_next_clients_go_elsewhere():
     for port in range(41000, 41006):  # web1 is out: every new client goes to web2
         _, out, _ = core.interposer.decide(tcp(CLIENT, VIP, port, 80, "S"), 0.01)
         assert out[16:20] == ipaddress.IPv4Address(WEB["web2"]).packed
+
+
+# -- what must not count against a node, and what must not hide a refusal ------------------------------------
+def test_kernel_mode_lets_the_refusal_through_when_no_other_node_could_take_the_connection():
+    ip = make(Mode.KERNEL, nodes=("web1",))
+    ip.decide(syn(), 0.0)
+    reason, out, effects = ip.decide(refusal("web1"), 0.001)
+    assert reason is Reason.CONNECTION_END and reason.verdict == ACCEPT  # the client learns at once
+    assert not of(effects, PassiveFailure) and ip.services[0].balancer.outstanding(0) == 0
+
+
+def test_kernel_mode_sends_an_unanswered_retransmission_on_when_no_other_node_could_take_it():
+    ip = make(Mode.KERNEL, nodes=("web1",))
+    ip.decide(syn(), 0.0)
+    reason, out, effects = ip.decide(syn(), 1.0)
+    assert reason is Reason.TO_BACKEND and out == ip.services[0].backends[0].mark
+    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, False)]
+    assert not of(effects, ForgetInConntrack) and len(ip.table) == 1
+
+
+def test_a_node_that_answered_other_clients_since_is_not_blamed_for_one_unanswered_syn():
+    # Rewrite mode keeps conntrack off, so nothing checks a client's TCP checksum before the node
+    # does: a SYN damaged on its way (or on purpose) is dropped by the node in silence.
+    ip = make()
+    ip.decide(syn(), 0.0)  # to web1, never answered
+    ip.decide(syn(sport=40001), 0.1)  # round-robin: web2
+    ip.decide(syn(sport=40002), 0.2)  # web1 again, which answers this one
+    ip.decide(tcp(WEB["web1"], CLIENT, 80, 40002, "SA", seq=7, ack=ISN + 1), 0.3)
+    reason, out, effects = ip.decide(syn(), 1.0)
+    assert reason is Reason.SYN_REDISPATCHED and out[16:20] == ipaddress.IPv4Address(WEB["web2"]).packed
+    assert checksums_valid(out) and not of(effects, PassiveFailure)
+
+
+def test_failed_connections_never_hold_a_node_out_for_flapping():
+    settings = HealthSettings(tick=0.25, warning=3, dead=8, rise=3, slow_start=0, flap_suppress=1.8)
+    health = NodeHealth(settings, NODES, KEYS)
+    health.start(0.0, WALL)
+    sequence, now = 1, 0.0
+    for _ in range(10):  # failure, then a heartbeat probed after it: ten times in five seconds
+        now += 0.25
+        health.passive_failure("web1", "reset a client's SYN", now)
+        assert health.board.state("web1") is NodeState.WARNING
+        now += 0.25
+        health.handle(heartbeat("web1", sequence, now, 10.0))
+        sequence += 1
+        assert health.board.state("web1") is NodeState.UP and health.board.eligible("web1")
+    assert not health.board.damped("web1")
+
+
+def test_a_node_with_no_other_node_ready_in_its_service_is_kept_whatever_the_others_health():
+    core = DistributorCore("dist1", Mode.REWRITE, [service_spec()], 100, health=HealthOptions(SETTINGS, NODES),
+                           health_keys=KEYS)
+    core.start(0.0, WALL)
+    core.handle(request(AdminOp.DRAIN, node="web2"))  # web2 is healthy, but takes no new connection
+    _, _, extra = core.interposer.decide(syn(), 0.5)
+    _, _, refused = core.interposer.decide(refusal("web1"), 0.501)
+    commands = core.handle(PacketsHandled(0.502, WALL + 0.502, tuple(extra or ()) + tuple(refused or ())))
+    assert core.health.board.state("web1") is NodeState.UP
+    assert not any(isinstance(c, Alert) and c.subject == "web1" for c in commands)
+    _, out, _ = core.interposer.decide(tcp(CLIENT, VIP, 41000, 80, "S"), 0.6)
+    assert out[16:20] == ipaddress.IPv4Address(WEB["web1"]).packed
+
+
+def test_failures_a_kept_node_keeps_having_are_logged_once_in_a_while_with_their_count():
+    health = NodeHealth(SETTINGS, NODES, KEYS)
+    health.start(0.0, WALL)
+    lines = []
+    for step in range(30):  # web1 and web2 exist; web1 is the only one given as serving
+        lines += [c for c in health.passive_failure("web1", "reset a client's SYN", 0.5 * step, spare=False)
+                  if isinstance(c, Log)]
+    assert health.board.state("web1") is NodeState.UP
+    assert len(lines) == 2 and "19 more" in lines[1].message  # at 0 s and at 10 s: 15 s of failures
