@@ -22,7 +22,13 @@ comes out of :meth:`DistributorCore.handle` is only what an adapter must execute
 
 The packet path does not go through :meth:`handle`: the data-path adapter calls
 ``core.interposer.decide`` for each packet and hands the batch's effects over in one
-:class:`~backup.failover.PacketsHandled`.  Observers read :meth:`DistributorCore.stats`.
+:class:`~backup.failover.PacketsHandled`.  Observers read snapshots: :meth:`DistributorCore.stats`,
+:meth:`~DistributorCore.node_view`, :meth:`~DistributorCore.service_views`,
+:meth:`~DistributorCore.connections`, :meth:`~DistributorCore.explain`.
+
+Runtime changes (:class:`~distributor.admin.AdminRequest`) are taken only by the active distributor
+(or one without failover), which replicates them; a standby refuses them (409, naming the active)
+and adopts the active's whole state instead, keeping it to re-send should it take over.
 """
 
 from __future__ import annotations
@@ -33,20 +39,21 @@ from typing import Iterable, Mapping
 
 from backup.failover import AdminStateReceived, DrainQueue, FailoverCore, FailoverOptions, FailoverStats, FirstForward, \
     InstallRules, PacketsHandled, PeerDatagram, RemoveRules
+from backup.roles import Role
 from common.sansio import Alert, Command, CommandDone, Level, Log, StopRequested, Tick, WakeUpAt
 from common.wire import Keys
 
 from .admin import AdminOp, AdminReply, AdminRequest, AdminState, LayoutView, RuntimeState, SaveState, validate
 from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
-from .heartbeat import HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, SetNodeEligible, \
-    SetNodeFeedback, SetNodeRamp
+from .heartbeat import PASSIVE_LOG_INTERVAL, HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, \
+    SetNodeEligible, SetNodeFeedback, SetNodeRamp
 from .synauth import SynAuth
 from .reroute import (BackendSpec, ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode,
                       PassiveFailure, PassiveKind, Reason, ServiceSpec)
 
-__all__ = ["HealthOptions", "DistributorCore", "DistributorStats", "ConntrackAnswered", "SetConntrackLiberal",
-           "HOUSEKEEPING"]
+__all__ = ["HealthOptions", "DistributorCore", "DistributorStats", "ServiceView", "ConnectionView", "ConntrackAnswered",
+           "SetConntrackLiberal", "HOUSEKEEPING"]
 
 HOUSEKEEPING = 1.0  # seconds between expiry sweeps and drop reports
 
@@ -124,9 +131,42 @@ class DistributorStats:
     nodes: tuple[NodeAdminStats, ...] = ()
     state_version: int = 0
 
+    @property
+    def role(self) -> str:
+        """This distributor's role as observers name it: active, backup, starting, stopped, or alone (no failover)."""
+        return self.failover.role.name.lower() if self.failover is not None else "alone"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceView:
+    """One service as observers see it: its address, its policy now, and the nodes in its layout now."""
+
+    name: str
+    vip: str
+    port: int
+    policy: str
+    nodes: tuple[str, ...]  # configured or added at run time, not removed
+
+
+@dataclasses.dataclass(frozen=True)
+class ConnectionView:
+    """One connection-table entry as observers see it."""
+
+    client: str  # "ADDRESS:PORT"
+    vip: str  # "ADDRESS:PORT"
+    service: str
+    node: str
+    state: str  # its TCP state, lower case (syn_seen, established, ...)
+    idle: float  # seconds since its last packet
+
 
 def event_now(event) -> float:
     return getattr(event, "now", getattr(event, "at", 0.0))
+
+
+def event_wall(event) -> float | None:
+    """The event's wall-clock time, for what the failover core seals; None for events that carry none."""
+    return getattr(event, "wall", None)
 
 
 class DistributorCore:
@@ -162,6 +202,7 @@ class DistributorCore:
         # per-node rule (kernel mode: no DNAT for the mark, the gateway itself answers with an RST;
         # rewrite mode: the node's SYN-ACK leaves un-rewritten).
         self._awaiting_rules: set[str] = set()
+        self._passive_logged: dict[str, float] = {}  # node -> when its failures were last logged (no [health])
         if saved_state is not None:
             self._adopt(saved_state, 0.0)
 
@@ -196,7 +237,7 @@ class DistributorCore:
             if self.health is not None:
                 commands += self._route(self.health.handle(event), event.now)
             if self.failover is not None:
-                commands += self._route(self.failover.handle(event), event.now)
+                commands += self._route(self.failover.handle(event), event.now, event.wall)
             return self._finish(commands)
         if isinstance(event, NodeDatagram):
             commands = self._route(self.health.handle(event), event.now) if self.health is not None else []
@@ -224,7 +265,7 @@ class DistributorCore:
         if isinstance(event, (PeerDatagram, CommandDone, FirstForward)):
             commands = self._rules_done(event) if isinstance(event, CommandDone) else []
             if self.failover is not None:
-                commands += self._route(self.failover.handle(event), event_now(event))
+                commands += self._route(self.failover.handle(event), event_now(event), event_wall(event))
             return self._finish(commands)
         raise TypeError(f"the distributor core takes no {type(event).__name__} event")
 
@@ -239,8 +280,12 @@ class DistributorCore:
         return min(found) if found else None
 
     # -- routing ---------------------------------------------------------------------------------------
-    def _route(self, items: Iterable, now: float = 0.0) -> list[Command]:
-        """Apply what addresses the interposer or replication; pass the rest on."""
+    def _route(self, items: Iterable, now: float = 0.0, wall: float | None = None) -> list[Command]:
+        """Apply what addresses the interposer or replication; pass the rest on.
+
+        ``wall``: the wall-clock time of the event the items answer (what the failover core seals
+        carries it); needed for AdminStateReceived, which only a PeerDatagram produces.
+        """
         out: list[Command] = []
         interposer = self.interposer
         failover = self.failover
@@ -274,13 +319,8 @@ class DistributorCore:
                 self._rules_installed = False
                 out.append(item)
             elif isinstance(item, AdminStateReceived):
-                try:
-                    state = RuntimeState.from_json(item.text)
-                except ValueError as exc:
-                    out.append(Log(Level.ERROR, f"the active's runtime state is unreadable: {exc}"))
-                    continue
-                out += self._adopt(state, now)
-                out.append(SaveState(self.runtime.to_json()))
+                assert wall is not None, "AdminStateReceived answers a PeerDatagram, which has a wall time"
+                out += self._adopt_replicated(item, now, wall)
             elif isinstance(item, WakeUpAt):
                 continue  # one WakeUpAt for the whole core, added by _finish
             else:
@@ -293,8 +333,18 @@ class DistributorCore:
                 else "left a client's SYN unanswered until it was retransmitted")
         moved = "the connection went to another node" if failure.redispatched else "the connection stayed"
         if self.health is None:
+            # No health core to exclude it: say so, once a node every PASSIVE_LOG_INTERVAL seconds.
+            if now - self._passive_logged.get(failure.node, float("-inf")) < PASSIVE_LOG_INTERVAL:
+                return []
+            self._passive_logged[failure.node] = now
             return [Log(Level.WARNING, f"{failure.node} {what} ({moved}; no [health]: the node stays a candidate)")]
-        return self._route(self.health.passive_failure(failure.node, f"{what}; {moved}", now), now)
+        # Exclude it only if every service it serves keeps another node that may take new
+        # connections (healthy, ready, in the layout): passive health never empties a service.
+        services = [s for s in self.interposer.services
+                    if any(b.name == failure.node and not b.removed for b in s.backends)]
+        spare = bool(services) and all(any(self._serving(b.name) for b in s.backends
+                                           if b.name != failure.node and not b.removed) for s in services)
+        return self._route(self.health.passive_failure(failure.node, f"{what}; {moved}", now, spare), now)
 
     def _finish(self, commands: list[Command]) -> list[Command]:
         commands = [c for c in commands if not isinstance(c, WakeUpAt)]
@@ -404,6 +454,10 @@ class DistributorCore:
         return LayoutView(self.nodes(), services, {p.value for p in Policy}, endpoints)
 
     def _admin(self, request: AdminRequest) -> list[Command]:
+        refusal = self._admin_refusal()
+        if refusal is not None:
+            return [AdminReply(request.request_id, 409, refusal),
+                    Log(Level.WARNING, f"refused {request.op.value} by {request.who}: {refusal['error']}")]
         args = dict(request.args)
         if request.op is AdminOp.SET_WEIGHT and args.get("service") is None and isinstance(args.get("node"), str):
             args["services"] = [s.name for s in self.interposer.services
@@ -432,6 +486,25 @@ class DistributorCore:
             body["node"] = self.node_view(node, request.now)
         return [AdminReply(request.request_id, 200, body), *commands]
 
+    def _admin_refusal(self) -> dict | None:
+        """Why this distributor may not take a runtime change now (a reply body), or None.
+
+        Only the active one takes changes: it alone replicates them, and a standby adopts the active's
+        whole state at the active's next change, so a change made on a standby would be lost without
+        a word.  A distributor without failover has no peer to defer to and always takes them.
+        """
+        failover = self.failover
+        if failover is None or failover.role is Role.ACTIVE:
+            return None
+        being = {Role.BACKUP: "the backup", Role.STARTING: "starting", Role.STOPPED: "stopping"}[failover.role]
+        active = failover.active_peer()
+        if active is None:
+            message = (f"{self.name} is {being} and no active distributor is known now; make changes on the active "
+                       "one once it is elected")
+        else:
+            message = f"{self.name} is {being}; make changes on the active ({active})"
+        return {"error": message, "active": active}
+
     def _reconfigure(self, event: Reconfigure) -> list[Command]:
         before = {node: self.runtime.admin_state(node) for node in self.nodes()}
         known = {s.name for s in self.interposer.services}
@@ -454,6 +527,23 @@ class DistributorCore:
         return commands + [Log(Level.INFO, f"reloaded: {sum(len(s.backends) for s in event.services)} backend(s) in "
                                            f"{len(event.services)} service(s); runtime state version "
                                            f"{self.runtime.version} applied on top")]
+
+    def _adopt_replicated(self, received: AdminStateReceived, now: float, wall: float) -> list[Command]:
+        """A standby assembled the active's runtime state: apply it, save it, and keep it to publish.
+
+        Kept for publishing because this standby may be the next active: the failover core then sends
+        it every second, so a peer that restarts empty after a takeover still learns the changes made
+        on the old active.  While this distributor is a standby, publishing only stores it.
+        """
+        assert self.failover is not None, "only the failover core delivers the active's state"
+        try:
+            state = RuntimeState.from_json(received.text)
+        except ValueError as exc:
+            return [Log(Level.ERROR, f"the active's runtime state is unreadable: {exc}")]
+        commands = self._adopt(state, now)
+        text = self.runtime.to_json()
+        commands.append(SaveState(text))
+        return commands + self.failover.publish_admin(self.runtime.version, text, wall)
 
     def _adopt(self, state: RuntimeState, now: float) -> list[Command]:
         """Take a whole runtime state (the state file at start; the active's on a standby)."""
@@ -643,6 +733,29 @@ class DistributorCore:
         return f"{name} is next in the {policy.value} order"
 
     # -- observers -----------------------------------------------------------------------------------------
+    def service_views(self) -> tuple[ServiceView, ...]:
+        """Every service, in configuration order (a snapshot: nothing in it changes afterwards)."""
+        return tuple(ServiceView(s.name, str(s.vip), s.port, s.policy.value,
+                                 tuple(b.name for b in s.backends if not b.removed))
+                     for s in self.interposer.services)
+
+    def connections(self, now: float, node: str | None = None, limit: int = 100) -> tuple[ConnectionView, ...]:
+        """Up to ``limit`` entries of the connection table (only ``node``'s when given), in table order."""
+        if limit <= 0:
+            return ()
+        views: list[ConnectionView] = []
+        for conn in self.interposer.table:
+            if node is not None and conn.backend.name != node:
+                continue
+            key = conn.key
+            views.append(ConnectionView(f"{ipaddress.IPv4Address(key[0:4])}:{int.from_bytes(key[8:10], 'big')}",
+                                        f"{ipaddress.IPv4Address(key[4:8])}:{int.from_bytes(key[10:12], 'big')}",
+                                        conn.service.name, conn.backend.name, conn.state.name.lower(),
+                                        now - conn.last_seen))
+            if len(views) >= limit:
+                break
+        return tuple(views)
+
     def stats(self, now: float) -> DistributorStats:
         nodes = tuple(NodeAdminStats(node, address, self.runtime.admin_state(node), self._serving(node),
                                      self._open_on(node), self._drains.get(node, (None, None))[0],
