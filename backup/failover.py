@@ -249,6 +249,14 @@ class FailoverStats:
     behind_since: float | None = None  # a standby: since when its replica is behind the active's stream (monotonic)
     recent_takeovers: tuple[Takeover, ...] = ()  # the last TAKEOVER_HISTORY of them, oldest first
 
+    @property
+    def standby(self) -> bool:
+        """Not the active one (starting, backup or stopped): its replica follows a stream, so it has a lag.
+
+        The active is the stream; its figures of how far each standby is behind are ``PeerStats.lag_records``.
+        """
+        return self.role is not Role.ACTIVE
+
 
 class FailoverCore:
     def __init__(self, options: FailoverOptions, keys: Keys, replica: Replica):
@@ -294,6 +302,11 @@ class FailoverCore:
     @property
     def role(self) -> Role:
         return self.machine.role
+
+    def active_peer(self) -> str | None:
+        """The live active peer this distributor hears, by name; None when it hears none (or is active itself)."""
+        peer = self.machine.active_peer()
+        return peer.name if peer is not None else None
 
     # -- life cycle --------------------------------------------------------------------------------
     def start(self, now: float, wall: float) -> list[Command]:

@@ -8,10 +8,13 @@ the console's session cookie, made by a one-time login link.  Tokens have one of
 ``viewer`` reads, ``admin`` also changes.  A missing or unknown token is 401, a viewer's change
 403; neither changes anything.
 
-Reads come from the core's snapshots (``core.stats``, ``core.node_view``, ``core.explain``);
-changes are :class:`~distributor.admin.AdminRequest` events fed to the core through the runtime,
-whose :class:`~distributor.admin.AdminReply` answers the HTTP request.  The API decides nothing
-about nodes or roles: the core validates, applies, logs who made the change, saves and replicates
+Reads come from the core's snapshots (``core.stats``, ``core.node_view``, ``core.service_views``,
+``core.connections``, ``core.explain``); the takeover phases are the metrics' own
+(:func:`~distributor.metrics.takeover_phases`), so the console and the histogram agree.  Changes
+are :class:`~distributor.admin.AdminRequest` events fed to the core through the runtime, whose
+:class:`~distributor.admin.AdminReply` answers the HTTP request with its status.  The API decides
+nothing about nodes or roles: the core validates, refuses a change on a distributor that is not
+the active one (409, naming the active), applies, logs who made the change, saves and replicates
 it.
 
 Endpoints (GET unless said)::
@@ -26,7 +29,8 @@ Endpoints (GET unless said)::
     /api/v1/services                          services, policies, their nodes; PUT .../{s}/policy {"policy"}
     /api/v1/explain?client=A[:P][&service=S]  where a new connection from A:P would go, and why
     /api/v1/connections?node=N&limit=L        table entries
-    /api/v1/failover                          role, term, peers, replication lag, last takeover
+    /api/v1/failover                          role, term, peers, replication lag, last takeover's
+                                              phases (seconds: decided, claimed, first_forward)
     /api/v1/events?since=ID                   recent events; /api/v1/events/stream: server-sent events
     POST /api/v1/login-links                  (admin) a one-time console login link
     /, /login?once=CODE                       the console; the link sets its session cookie
@@ -51,6 +55,7 @@ from typing import Any, Callable
 from aiohttp import web
 
 from .admin import AdminOp, AdminReply, AdminRequest
+from .metrics import PHASES, takeover_phases
 
 __all__ = ["ApiToken", "ControlApi", "EventLog", "parse_token_file"]
 
@@ -269,12 +274,8 @@ class ControlApi:
 
     async def services(self, request: web.Request) -> web.Response:
         self._who(request)
-        out = []
-        for service in self.core.interposer.services:
-            out.append({"name": service.name, "vip": str(service.vip), "port": service.port,
-                        "policy": service.policy.value,
-                        "nodes": [b.name for b in service.backends if not b.removed]})
-        return _json(out)
+        return _json([{"name": service.name, "vip": service.vip, "port": service.port, "policy": service.policy,
+                       "nodes": list(service.nodes)} for service in self.core.service_views()])
 
     async def explain(self, request: web.Request) -> web.Response:
         self._who(request)
@@ -296,19 +297,9 @@ class ControlApi:
         self._who(request)
         node = request.query.get("node")
         limit = min(int(request.query.get("limit", "100")), 10_000)
-        now = self.clock()
-        rows = []
-        for conn in self.core.interposer.table:
-            if node is not None and conn.backend.name != node:
-                continue
-            key = conn.key
-            rows.append({"client": f"{ipaddress.IPv4Address(key[0:4])}:{int.from_bytes(key[8:10], 'big')}",
-                         "vip": f"{ipaddress.IPv4Address(key[4:8])}:{int.from_bytes(key[10:12], 'big')}",
-                         "service": conn.service.name, "node": conn.backend.name, "state": conn.state.name.lower(),
-                         "idle": round(now - conn.last_seen, 3)})
-            if len(rows) >= limit:
-                break
-        return _json(rows)
+        return _json([{"client": conn.client, "vip": conn.vip, "service": conn.service, "node": conn.node,
+                       "state": conn.state, "idle": round(conn.idle, 3)}
+                      for conn in self.core.connections(self.clock(), node, limit)])
 
     async def failover(self, request: web.Request) -> web.Response:
         self._who(request)
@@ -321,10 +312,12 @@ class ControlApi:
         takeover = stats.last_takeover
         phases = None
         if takeover is not None:
-            base = takeover.last_heartbeat if takeover.last_heartbeat is not None else takeover.started
-            phases = {"term": takeover.term, "decided": round(takeover.started - base, 4),
-                      "claimed": None if takeover.claimed is None else round(takeover.claimed - base, 4),
-                      "first_forward": None if takeover.first_forward is None else round(takeover.first_forward - base, 4)}
+            # The metrics' phases, so the console and the histogram agree: each phase from the one before
+            # (decided from the old active's last heartbeat), first_forward without idle time; None while
+            # unknown, and decided is None for a first election (there was no old active).
+            known = takeover_phases(takeover)
+            phases = {"term": takeover.term,
+                      **{phase: round(known[phase], 4) if phase in known else None for phase in PHASES}}
         return {"role": stats.role.name.lower(), "term": stats.term, "caught_up": stats.caught_up,
                 "replication_lag_batches": stats.lag_batches,
                 "peers": [{"name": p.name, "role": p.role.name.lower(), "alive": p.alive, "term": p.term,

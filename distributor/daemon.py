@@ -173,7 +173,8 @@ def api_address(config: Config) -> str:
 
 
 def guard_spec(config: Config, interface: str | None = None, more_nodes=()) -> GuardSpec:
-    """Who the guard lets through: the configured nodes, ``more_nodes`` (added at run time), peers, this host."""
+    """Who the guard lets through: the configured nodes, ``more_nodes`` (added at run time), peers, this host;
+    and the sources of ``[metrics] allow`` and ``[api] allow``, to the metrics and the API port only."""
     nodes = [str(address) for address in config.nodes.values()] + [str(address) for address in more_nodes]
     peers = [str(address) for address in config.failover.peers.values()] if config.failover else []
     own = [str(config.failover.address)] if config.failover else []
@@ -182,10 +183,13 @@ def guard_spec(config: Config, interface: str | None = None, more_nodes=()) -> G
         ports.append(config.health.listen[1])
     if config.failover is not None:
         ports.append(config.failover.listen[1])
-    scrapers = tuple(str(address) for address in config.metrics_allow)
+    openings = []  # (TCP port, the sources of its allow list) for each list that is set
+    if config.metrics_allow and config.metrics_listen:
+        openings.append((config.metrics_listen[1], tuple(str(address) for address in config.metrics_allow)))
+    if config.api is not None and config.api.allow:
+        openings.append((config.api.port, tuple(str(network) for network in config.api.allow)))
     return GuardSpec(tuple(dict.fromkeys(nodes + peers + own)), tuple(dict.fromkeys(nodes + peers + own)),
-                     tuple(dict.fromkeys(ports)), interface, scrapers,
-                     config.metrics_listen[1] if scrapers and config.metrics_listen else None)
+                     tuple(dict.fromkeys(ports)), interface, tuple(openings))
 
 
 def describe(config: Config) -> str:
@@ -296,7 +300,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     events = EventLog()
 
     def role() -> str:
-        return core.failover.role.name.lower() if core.failover is not None else "alone"
+        return core.stats(clock()).role
 
     api = ControlApi(core, runtime.feed, tokens or [], events, clock, wall_clock, role, config.mode.value,
                      config.name) if config.api is not None else None

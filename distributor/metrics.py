@@ -416,7 +416,7 @@ class DistributorCollector:
         # Replication.
         yield GaugeMetricFamily("distributor_sync_caught_up", "1 when this standby's replica is complete and current",
                                 value=1 if failover.caught_up else 0)
-        if failover.role is not Role.ACTIVE:
+        if failover.standby:
             behind = failover.behind_since
             yield GaugeMetricFamily("distributor_sync_lag_seconds", "A standby: seconds its replica has been behind "
                                     "the active's stream (0: current)",

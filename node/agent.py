@@ -267,6 +267,23 @@ async def start_broker(config: AgentConfig, heartbeat_keys: Keys):
     return broker
 
 
+def load_secrets(config: AgentConfig) -> Keys:
+    """The heartbeat keys, after checking the broker's own keys file loads too; raises KeysError naming the file."""
+    keys = load_keys(config.keys_file, config.key_id)
+    if config.broker is not None and config.broker.keys_file is not None:
+        load_keys(config.broker.keys_file, config.broker.key_id)
+    return keys
+
+
+def files_missing(config: AgentConfig) -> list[str]:
+    """What --check reports without failing: keys files the config names that this host cannot load (yet)."""
+    try:
+        load_secrets(config)
+    except KeysError as exc:
+        return [str(exc)]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="node-agent",
@@ -274,23 +291,30 @@ def main(argv: list[str] | None = None) -> int:
         "the thresholds, sends authenticated heartbeats to the distributors.",
     )
     parser.add_argument("-c", "--config", required=True, help="TOML config file (see docs/node-agent.example.toml)")
-    parser.add_argument("--check", action="store_true", help="validate the config and the keys file, then exit")
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config, warn of keys files this host cannot load, then exit")
     args = parser.parse_args(argv)
     try:
         config = parse_config(Path(args.config).read_text(), args.config)
-        keys = load_keys(config.keys_file, config.key_id)
-        if config.broker is not None and config.broker.keys_file is not None:
-            load_keys(config.broker.keys_file, config.broker.key_id)
     except OSError as exc:
         print(f"node-agent: cannot read config file {args.config!r}: {exc.strerror}", file=sys.stderr)
         return 2
-    except (ConfigError, KeysError) as exc:
+    except ConfigError as exc:
+        print(f"node-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        # As the distributor's --check: the config is checked here, the files it names on the host
+        # that runs the agent (a config is often checked before the keys are installed).
+        print(f"config OK: node {config.node_id}, probe {config.probe_url}, heartbeats to {config.destination[0]}:{config.destination[1]}")
+        for problem in files_missing(config):
+            print(f"  warning: {problem} (the agent needs it to start)")
+        return 0
+    try:
+        keys = load_secrets(config)
+    except KeysError as exc:
         print(f"node-agent: config error: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.check:
-        print(f"config OK: node {config.node_id}, probe {config.probe_url}, heartbeats to {config.destination[0]}:{config.destination[1]}")
-        return 0
     problem = set_realtime(config.realtime_priority)
     if problem:
         log.warning("%s; heartbeats may wait behind load (set agent.realtime_priority = 0 to silence this)", problem)

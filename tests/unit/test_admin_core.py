@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 
-from backup.failover import InstallRules
-from common.sansio import Alert, CommandDone, Tick
+from backup.failover import FailoverOptions, InstallRules, PeerDatagram
+from backup.roles import FailoverSettings, Role
+from common.sansio import Alert, CommandDone, Send, Tick
+from common.wire import Keys
 from distributor.admin import AdminOp, AdminReply, AdminRequest, AdminState, RuntimeState, SaveState
 from distributor.balancer import Policy
 from distributor.core import DistributorCore
@@ -15,6 +17,10 @@ from tests.playbook import Playbook
 from tests.unit.test_reroute import service_spec
 
 WALL = 1_800_000_000.0
+KEYS = Keys({1: b"d" * 32})
+INTERVAL = 0.05  # failover heartbeats: the dead window is (6 + 1) x 50 ms
+DISTRIBUTORS = {"dist1": ("198.51.100.2", 200), "dist2": ("198.51.100.3", 100)}  # name -> (address, priority)
+BROADCAST = ("198.51.100.255", 8406)
 
 
 def make(mode=Mode.REWRITE, policy=Policy.ROUND_ROBIN, saved=None):
@@ -26,6 +32,67 @@ def make(mode=Mode.REWRITE, policy=Policy.ROUND_ROBIN, saved=None):
 def request(op, now=1.0, who="alice", **args):
     request.counter = getattr(request, "counter", 0) + 1
     return AdminRequest(request.counter, op, args, who, now, WALL + now)
+
+
+class Pair:
+    """Two distributor cores with failover on one LAN: what one sends reaches the other unless it is down.
+
+    dist1 (priority 200) is elected active, dist2 (100) follows it.  A distributor that is ``down``
+    neither ticks nor receives (a crash: no resign); :meth:`start` brings one up afresh, with no
+    state file, as a restarted peer is.
+    """
+
+    def __init__(self):
+        self.now = 0.0
+        self.cores: dict[str, DistributorCore] = {}
+        self.answers: dict[str, list] = {name: [] for name in DISTRIBUTORS}
+        self.down: set[str] = set()
+        for name in DISTRIBUTORS:
+            self.start(name)
+
+    def start(self, name: str) -> DistributorCore:
+        address, priority = DISTRIBUTORS[name]
+        (peer, (peer_address, _)), = ((n, a) for n, a in DISTRIBUTORS.items() if n != name)
+        options = FailoverOptions(name, ipaddress.IPv4Address(address),
+                                  FailoverSettings(priority=priority, interval=INTERVAL, warning=3, dead=6),
+                                  BROADCAST, {peer: ipaddress.IPv4Address(peer_address)}, BROADCAST[1],
+                                  address_lifetime=0.0)
+        core = DistributorCore(name, Mode.REWRITE, [service_spec()], 100, failover=options, failover_keys=KEYS)
+        self.cores[name] = core
+        self.down.discard(name)
+        self._run(name, core.start(self.now, WALL + self.now))
+        return core
+
+    def crash(self, name: str) -> None:
+        self.down.add(name)
+
+    def step(self, seconds: float) -> None:
+        for _ in range(round(seconds / INTERVAL)):
+            self.now += INTERVAL
+            for name, core in self.cores.items():
+                if name not in self.down:
+                    self._run(name, core.handle(Tick(self.now, WALL + self.now)))
+
+    def admin(self, name: str, op: AdminOp, **args) -> AdminReply:
+        commands = self._run(name, self.cores[name].handle(request(op, self.now, **args)))
+        (reply,) = [c for c in commands if isinstance(c, AdminReply)]
+        return reply
+
+    def role(self, name: str) -> Role:
+        return self.cores[name].stats(self.now).failover.role
+
+    def _run(self, name: str, commands: list) -> list:
+        self.answers[name] += commands
+        address = DISTRIBUTORS[name][0]
+        for command in commands:
+            if not isinstance(command, Send):
+                continue
+            for other, (other_address, _) in DISTRIBUTORS.items():
+                if other != name and other not in self.down and command.destination[0] in (other_address,
+                                                                                         BROADCAST[0]):
+                    self._run(other, self.cores[other].handle(PeerDatagram(command.data, address, self.now,
+                                                                           WALL + self.now)))
+        return commands
 
 
 def open_conn(core, port, now=0.5):
@@ -122,3 +189,58 @@ def test_the_runtime_state_survives_a_restart_through_its_file_and_a_takeover_th
     assert restarted.node_view("web2", 0.0)["state"] == "drain"
     assert set(restarted.nodes()) == {"web1", "web2", "web3"}
     assert nodes_of_new(restarted, range(41000, 41004)).count("web2") == 0
+
+    # The takeover's half: the standby holds the active's changes as they are made, and once it has
+    # taken over it serves them and makes its own on top.
+    pair = Pair()
+    pair.step(1.0)
+    assert (pair.role("dist1"), pair.role("dist2")) == (Role.ACTIVE, Role.BACKUP)
+    assert pair.admin("dist1", AdminOp.DRAIN, node="web2").status == 200
+    assert pair.admin("dist1", AdminOp.ADD_NODE, node="web3", address="198.51.100.13",
+                      services={"web": {"port": 80}}).status == 200
+    standby = pair.cores["dist2"]
+    assert standby.node_view("web2", pair.now)["admin"] == "drain" and "web3" in standby.nodes()
+    assert standby.stats(pair.now).state_version == 2
+    pair.crash("dist1")
+    pair.step(1.0)
+    assert pair.role("dist2") is Role.ACTIVE
+    assert standby.node_view("web2", pair.now)["admin"] == "drain" and set(standby.nodes()) == {"web1", "web2",
+                                                                                              "web3"}
+    assert pair.admin("dist2", AdminOp.SET_WEIGHT, node="web1", weight=3).status == 200
+    assert standby.stats(pair.now).state_version == 3
+
+
+def test_a_new_active_resends_the_state_it_adopted_to_a_peer_that_restarts_empty():
+    pair = Pair()
+    pair.step(1.0)
+    assert pair.admin("dist1", AdminOp.DRAIN, node="web2").status == 200
+    assert pair.cores["dist2"].node_view("web2", pair.now)["admin"] == "drain"  # adopted
+    pair.crash("dist1")
+    pair.step(1.0)
+    assert pair.role("dist2") is Role.ACTIVE
+    restarted = pair.start("dist1")  # no state file: all it knows is what the new active sends
+    assert restarted.node_view("web2", pair.now)["admin"] == "ready"
+    pair.step(2.5)  # a dead window to follow the active, then its once-a-second refresh
+    assert pair.role("dist1") is Role.BACKUP
+    assert restarted.node_view("web2", pair.now)["admin"] == "drain"
+    assert restarted.stats(pair.now).state_version == 1
+
+
+def test_a_change_is_refused_on_a_standby_naming_the_active_and_allowed_without_failover():
+    pair = Pair()
+    pair.step(1.0)
+    reply = pair.admin("dist2", AdminOp.DRAIN, node="web2")
+    assert reply.status == 409
+    assert reply.body["error"] == "dist2 is the backup; make changes on the active (dist1)"
+    assert pair.cores["dist2"].node_view("web2", pair.now)["admin"] == "ready"
+    assert pair.cores["dist2"].stats(pair.now).state_version == 0
+    assert not [c for c in pair.answers["dist2"] if isinstance(c, SaveState)]  # nothing saved, nothing to replicate
+    # Before the election nobody is active: refused too, and the message says no active is known.
+    lone = Pair()
+    reply = lone.admin("dist1", AdminOp.DRAIN, node="web2")
+    assert reply.status == 409 and "dist1 is starting" in reply.body["error"] and "no active" in reply.body["error"]
+    # The active accepts; so does a distributor without failover (no peer to defer to).
+    assert pair.admin("dist1", AdminOp.DRAIN, node="web2").status == 200
+    core, play = make()
+    play(request(AdminOp.DRAIN, node="web2"))
+    assert play.of(AdminReply)[0].status == 200

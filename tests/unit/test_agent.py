@@ -1,9 +1,16 @@
 """The node agent's decisions: adaptive interval, health assessment, CPU sampling, config."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 from common.tomlconfig import ConfigError
+from distributor import daemon
+from node import agent
 from node.agent import CpuSampler, assess, next_interval, parse_config
+
+DOCS = Path(__file__).parents[2] / "docs"
 
 CONFIG = parse_config("""
 [agent]
@@ -68,3 +75,25 @@ def test_the_documented_example_is_valid():
     example = Path(__file__).parents[2] / "docs" / "node-agent.example.toml"
     config = parse_config(example.read_text())
     assert config.node_id == "web1" and config.max_load == 8.0
+
+
+@pytest.mark.parametrize("program,example,keys_file", [
+    (agent.main, "node-agent.example.toml", lambda path: parse_config(path.read_text()).keys_file),
+    (daemon.main, "distributor.example.toml", lambda path: daemon.load(path).health.keys_file),
+])
+def test_check_passes_on_the_documented_example_and_warns_of_a_keys_file_this_host_lacks(program, example, keys_file,
+                                                                                         capsys):
+    path = DOCS / example
+    assert program(["--config", str(path), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("config OK")
+    named = keys_file(path)
+    if not os.path.exists(named):  # the example's keys are not installed here: a warning, not a failure
+        assert f"warning: cannot read keys file {named!r}" in out
+
+
+def test_the_agent_check_still_refuses_a_bad_config(tmp_path, capsys):
+    bad = tmp_path / "agent.toml"
+    bad.write_text('[agent]\nid = "web1"\nprobe_url = "https://198.51.100.11/"\n[heartbeat]\nkeys_file = "k"\n')
+    assert agent.main(["--config", str(bad), "--check"]) == 2
+    assert "agent.probe_url: 'https://198.51.100.11/' is not valid" in capsys.readouterr().err

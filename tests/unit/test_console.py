@@ -15,11 +15,16 @@ from pathlib import Path
 
 import aiohttp
 
+from backup.failover import ClaimAddresses, FirstForward
+from common.sansio import CommandDone
 from distributor import api as api_module
 from distributor.admin import AdminReply
 from distributor.api import ApiToken, ControlApi, EventLog
 from distributor.core import DistributorCore
+from distributor.metrics import takeover_phases
 from distributor.reroute import Mode
+from tests.packets import CLIENT, VIP, tcp
+from tests.unit.test_admin_core import Pair
 from tests.unit.test_reroute import service_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,12 +33,17 @@ VIEWER = ApiToken("<b>bob</b>", "viewer", "v" * 24)
 CONSOLE_HEADER = {"X-Requested-With": "distributor-console"}
 
 
-def serve(scenario):
-    """Run ``scenario(base_url, api, core)`` against a ControlApi on a free loopback port."""
+def serve(scenario, core: DistributorCore | None = None):
+    """Run ``scenario(base_url, api, core)`` against a ControlApi on a free loopback port.
+
+    ``core``: a started core to serve; by default one without failover, serving web1 to web3.
+    """
 
     async def main():
-        core = DistributorCore("dist1", Mode.REWRITE, [service_spec(nodes=("web1", "web2", "web3"))], 100)
-        core.start(0.0, 0.0)
+        nonlocal core
+        if core is None:
+            core = DistributorCore("dist1", Mode.REWRITE, [service_spec(nodes=("web1", "web2", "web3"))], 100)
+            core.start(0.0, 0.0)
         api: ControlApi
 
         def feed(event):
@@ -182,3 +192,86 @@ def test_the_stream_opens_with_a_nodes_event_of_the_one_shape():
         assert snapshot["role"] == "active" and snapshot["failover"] == {"role": "alone", "peers": []}
 
     serve(scenario)
+
+
+def test_a_change_on_the_standby_is_a_409_naming_the_active_and_changes_nothing():
+    pair = Pair()
+    pair.step(1.0)
+    standby = pair.cores["dist2"]
+
+    async def scenario(base, api, core):
+        async with session() as s:
+            async with s.post(f"{base}/api/v1/nodes/web2/drain",
+                              headers={"Authorization": f"Bearer {ADMIN.token}"}) as reply:
+                assert reply.status == 409
+                body = await reply.json()
+        assert body["error"] == "dist2 is the backup; make changes on the active (dist1)"
+        assert core.node_view("web2", 0.0)["admin"] == "ready"
+        assert not [e for e in api.events.since(0) if e["kind"] == "change"]  # no change to report
+
+    serve(scenario, standby)
+
+
+class SnapshotsOnly:
+    """The core as an observer may see it: its snapshot and view methods; reading any part of it fails."""
+
+    VIEWS = {"stats", "nodes", "node_view", "service_views", "connections", "explain"}
+
+    def __init__(self, core: DistributorCore):
+        self._core = core
+
+    def __getattr__(self, name: str):
+        if name not in self.VIEWS:
+            raise AttributeError(f"observers read snapshots: core.{name} is none")
+        return getattr(self._core, name)
+
+
+def test_services_connections_and_failover_read_views_and_keep_their_json():
+    core = DistributorCore("dist1", Mode.REWRITE, [service_spec(nodes=("web1", "web2", "web3"))], 100)
+    core.start(0.0, 0.0)
+    for port in (40000, 40001):  # round-robin: web1, web2
+        core.interposer.decide(tcp(CLIENT, VIP, port, 80, "S"), 0.0)
+
+    async def scenario(base, api, _core):
+        headers = {"Authorization": f"Bearer {ADMIN.token}"}
+        async with session() as s:
+            async with s.get(f"{base}/api/v1/services", headers=headers) as reply:
+                assert reply.status == 200
+                assert await reply.json() == [{"name": "web", "vip": VIP, "port": 80, "policy": "round-robin",
+                                               "nodes": ["web1", "web2", "web3"]}]
+            async with s.get(f"{base}/api/v1/connections?node=web2", headers=headers) as reply:
+                assert reply.status == 200
+                (row,) = await reply.json()
+                assert row == {"client": f"{CLIENT}:40001", "vip": f"{VIP}:80", "service": "web", "node": "web2",
+                               "state": "syn_seen", "idle": row["idle"]} and row["idle"] >= 0
+            async with s.get(f"{base}/api/v1/failover", headers=headers) as reply:
+                assert await reply.json() == {"role": "alone", "peers": []}
+
+    serve(scenario, SnapshotsOnly(core))  # type: ignore[arg-type]
+
+
+def test_the_failover_view_has_the_metrics_takeover_phases_without_idle_time():
+    pair = Pair()
+    pair.step(1.0)
+    pair.crash("dist1")
+    pair.step(1.0)
+    core = pair.cores["dist2"]
+    takeover = core.stats(pair.now).failover.last_takeover
+    started, last_heartbeat = takeover.started, takeover.last_heartbeat
+    core.handle(CommandDone(ClaimAddresses(None), started + 0.010))
+    # No client sent anything for 5 s after the addresses were claimed; then it took 20 ms to forward.
+    core.handle(FirstForward(at=started + 5.030, arrived=started + 5.010))
+
+    async def scenario(base, api, _core):
+        async with session() as s:
+            async with s.get(f"{base}/api/v1/failover", headers={"Authorization": f"Bearer {ADMIN.token}"}) as reply:
+                view = await reply.json()
+        assert view["role"] == "active" and list(view["last_takeover"]) == ["term", "decided", "claimed",
+                                                                             "first_forward"]
+        expected = takeover_phases(core.stats(pair.now).failover.last_takeover)
+        assert view["last_takeover"] == {"term": takeover.term, **{k: round(v, 4) for k, v in expected.items()}}
+        assert view["last_takeover"]["decided"] == round(started - last_heartbeat, 4)
+        assert view["last_takeover"]["claimed"] == 0.01
+        assert view["last_takeover"]["first_forward"] == 0.03  # 5.03 s from the decision, 5 s of it idle
+
+    serve(scenario, core)
