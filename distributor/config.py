@@ -71,6 +71,7 @@ class ApiConfig:
     port: int
     tokens: tuple[ApiToken, ...]  # inline ones; tokens_file is read by the program at start
     tokens_file: str | None
+    allow: tuple[ipaddress.IPv4Network, ...] = ()  # may reach the API's port through the guard (an address: a /32)
 
     def all_tokens(self) -> list[ApiToken]:
         """The inline tokens and those of tokens_file (read now); raises ConfigError naming the file."""
@@ -174,7 +175,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     health = _health(top)
     alert_log, smtp = _alerts(top)
     failover = _failover(top, name, health)
-    api = _api(top, services)
+    api = _api(top, services, failover)
     top.done()
     return Config(
         name=name,
@@ -273,7 +274,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
     return config
 
 
-def _api(top: TableReader, services: tuple[ServiceSpec, ...]) -> ApiConfig | None:
+def _api(top: TableReader, services: tuple[ServiceSpec, ...], failover: FailoverConfig | None) -> ApiConfig | None:
     if not top.has("api"):
         return None
     table = top.table("api")
@@ -281,10 +282,11 @@ def _api(top: TableReader, services: tuple[ServiceSpec, ...]) -> ApiConfig | Non
     listen = None if listen_text == "auto" else table.endpoint("listen")
     port = listen[1] if listen else table.integer("port", 8410, 1, 65535)
     if listen is not None:
-        for service in services:
-            if listen[0] == str(service.vip):
-                raise ConfigError(f"api.listen: {listen_text!r} is a service's VIP; the control API belongs on the "
-                                  "management side (the cluster-LAN address, or loopback)")
+        problem = _vip_side(ipaddress.ip_address(listen[0]), services, failover)
+        if problem is not None:
+            raise ConfigError(f"api.listen: {listen_text!r} is not valid: {problem}; expected \"auto\" or "
+                              "\"ADDRESS:PORT\" with a management-side address: this distributor's cluster-LAN "
+                              "address (failover.address) or loopback such as \"127.0.0.1:8410\"")
     tokens: list[ApiToken] = []
     raw = table.get("tokens", [])
     if not isinstance(raw, list):
@@ -302,8 +304,49 @@ def _api(top: TableReader, services: tuple[ServiceSpec, ...]) -> ApiConfig | Non
         raise ConfigError(f"api.tokens_file: {show(tokens_file)} is not valid; expected a file path")
     if not tokens and not tokens_file:
         raise ConfigError("api: no token; add api.tokens or api.tokens_file (every request needs one)")
+    allow = _api_allow(table, listen)
     table.done()
-    return ApiConfig(listen, port, tuple(tokens), tokens_file or None)
+    return ApiConfig(listen, port, tuple(tokens), tokens_file or None, allow)
+
+
+def _api_allow(table: TableReader, listen: tuple[str, int] | None) -> tuple[ipaddress.IPv4Network, ...]:
+    """[api] allow: hosts and networks (besides the cluster's own) the guard lets reach the API's port."""
+    raw = table.get("allow", [])
+    expected = 'a list of IPv4 addresses or networks, such as ["198.51.100.9", "198.51.100.0/24"]'
+    if not isinstance(raw, list):
+        raise ConfigError(f"{table.key('allow')}: {_show(raw)} is not valid; expected {expected}")
+    allowed: list[ipaddress.IPv4Network] = []
+    for item in raw:
+        try:
+            if not isinstance(item, str):
+                raise TypeError(item)
+            allowed.append(ipaddress.IPv4Network(item))
+        except (ValueError, TypeError):
+            problem = ""
+            if isinstance(item, str):
+                try:
+                    problem = f" (host bits set: the network is {ipaddress.IPv4Network(item, strict=False)})"
+                except ValueError:
+                    pass
+            raise ConfigError(f"{table.key('allow')}: {_show(item)} is not valid{problem}; expected {expected}") from None
+    if allowed and listen is not None and ipaddress.ip_address(listen[0]).is_loopback:
+        raise ConfigError(f"{table.key('allow')}: set, but api.listen is {listen[0]}:{listen[1]}, on loopback: no other "
+                          "host can reach the API; listen on this distributor's cluster-LAN address, or \"auto\"")
+    return tuple(dict.fromkeys(allowed))
+
+
+def _vip_side(address: ipaddress.IPv4Address | ipaddress.IPv6Address, services: tuple[ServiceSpec, ...],
+              failover: FailoverConfig | None) -> str | None:
+    """Why the control API may not listen on ``address`` (it would answer on the clients' side), or None."""
+    if address.is_unspecified:
+        return "a wildcard listens on every address of the host, the VIPs included"
+    for service in services:
+        if address == service.vip:
+            return f"it is the VIP of service {service.name!r}"
+    for i, floating in enumerate(failover.addresses if failover is not None else ()):
+        if address == floating.address.ip:
+            return f"it is a floating address (failover.addresses[{i}]), held only by the active distributor"
+    return None
 
 
 def _interface(table: TableReader) -> str:
@@ -405,6 +448,8 @@ def _metrics_allow(table: TableReader, listen: tuple[str, int] | None) -> tuple[
     allowed = []
     for item in raw:
         try:
+            if not isinstance(item, str):
+                raise TypeError(item)  # ipaddress would take 5 for 0.0.0.5
             allowed.append(ipaddress.IPv4Address(item))
         except (ValueError, TypeError):
             raise ConfigError(f"{table.key('allow')}: {_show(item)} is not valid; expected {expected}") from None

@@ -209,10 +209,15 @@ class GuardSpec:
     protected: tuple[str, ...]  # addresses the outside must never reach through us: nodes, peers
     control_ports: tuple[int, ...]  # UDP: node heartbeats, distributor datagrams
     interface: str | None = None  # the cluster side: the cluster's own hosts come in there, and only there
-    scrapers: tuple[str, ...] = ()  # monitoring hosts that may reach scrape_port (TCP) on this distributor
-    scrape_port: int | None = None  # the metrics port
+    # TCP ports of this distributor that more sources may reach, in order: (port, sources), each source
+    # an address ("198.51.100.9") or a network ("198.51.100.0/24"); the metrics port ([metrics] allow),
+    # then the control API's ([api] allow).
+    openings: tuple[tuple[int, tuple[str, ...]], ...] = ()
 
 
+def _cidr(source: str) -> str:
+    """``source`` as iptables -s takes it: an address as its /32 (as the guard always wrote it), a network as is."""
+    return source if "/" in source else f"{source}/32"
 
 
 def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]]:
@@ -221,8 +226,9 @@ def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]
     Anything but the cluster's own hosts is refused the control ports, and the nodes and peers
     themselves: a client that routes the cluster LAN through the gateway reaches nothing but the
     services, which it reaches at the VIP (whose packets never match: they are addressed to the VIP
-    here, and rewritten or NATed only later).  Each refusal is counted by the rule's counter
-    (:func:`read_counters`, by the ``--comment``).
+    here, and rewritten or NATed only later).  The sources of ``spec.openings`` reach their TCP port
+    and nothing else.  Each refusal is counted by the rule's counter (:func:`read_counters`, by the
+    ``--comment``).
     """
     chain = f"DGRD{queue}-IN"
     inside = f" -i {spec.interface}" if spec.interface else ""
@@ -235,10 +241,10 @@ def render_guard(queue: int, spec: GuardSpec) -> dict[tuple[str, str], list[str]
         # (reverse-path filtering is off on a router of floating addresses) or reach the control ports.
         lines += [f'-A {chain} -s {source}/32 -m comment --comment "{GUARD_TAG}:spoofed_source" -j DROP'
                   for source in spec.allowed_sources]
-    if spec.scrape_port is not None:
-        # A monitoring host reaches the metrics port and nothing else (it is no node, no peer).
-        lines += [f"-A {chain} -s {source}/32 -p tcp -m tcp --dport {spec.scrape_port} -j RETURN"
-                  for source in spec.scrapers]
+    for port, sources in spec.openings:
+        # A monitoring host reaches the metrics port, an operator's host the API port, and nothing
+        # else (it is no node, no peer).
+        lines += [f"-A {chain} -s {_cidr(source)} -p tcp -m tcp --dport {port} -j RETURN" for source in sources]
     for port in spec.control_ports:
         lines.append(f'-A {chain} -p udp -m udp --dport {port} -m comment --comment "{GUARD_TAG}:control_port" -j DROP')
     for address in spec.protected:

@@ -136,3 +136,35 @@ def test_cli_check_and_exit_codes(tmp_path, capsys):
     bad.write_text(MINIMAL.replace("web1\"]", "web2\"]"))
     assert main(["--config", str(bad), "--check"]) == 2
     assert "services[0].backends[0].node: 'web2'" in capsys.readouterr().err
+
+
+API = """
+[api]
+listen = "{listen}"
+tokens = [{{ name = "ops", role = "admin", token = "0123456789abcdef" }}]
+"""
+
+
+@pytest.mark.parametrize(
+    "listen,message",
+    [
+        ("0.0.0.0:8410", r"api\.listen: '0\.0\.0\.0:8410' is not valid: a wildcard listens on every address"),
+        ("[::]:8410", r"api\.listen: '\[::\]:8410' is not valid: a wildcard listens on every address"),
+        ("203.0.113.1:8410", r"api\.listen: '203\.0\.113\.1:8410' is not valid: it is the VIP of service 'service0'"),
+        ("198.51.100.1:8410", r"api\.listen: '198\.51\.100\.1:8410' is not valid: it is a floating address "
+                              r"\(failover\.addresses\[1\]\)"),
+    ],
+)
+def test_the_api_never_listens_on_the_vip_side(listen, message):
+    failover = FAILOVER.replace('addresses = [{ address = "203.0.113.1/32", interface = "ext0" }]',
+                                'addresses = [{ address = "203.0.113.1/32", interface = "ext0" }, '
+                                '{ address = "198.51.100.1/24", interface = "int0" }]')
+    with pytest.raises(ConfigError, match=message) as refused:
+        parse(MINIMAL + failover + API.format(listen=listen))
+    assert "expected \"auto\" or \"ADDRESS:PORT\" with a management-side address" in str(refused.value)
+
+
+def test_the_api_listens_on_the_cluster_lan_address_or_loopback():
+    for listen in ("198.51.100.2:8410", "127.0.0.1:8410"):
+        config = parse(MINIMAL + FAILOVER + API.format(listen=listen))
+        assert config.api.listen == (listen.split(":")[0], 8410)
