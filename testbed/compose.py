@@ -19,23 +19,29 @@ section, and ``testbed.compose_cluster``, which drives either):
 * the data path chosen by ``DISTRIBUTOR_MODE`` (``rewrite`` or ``kernel``);
 * the heartbeat key made by the first container that starts, on the
   ``keys`` volume: each run that starts from an empty volume gets its own
-  secret, and there is no public default;
+  secret, and there is no public default; the control-API tokens likewise
+  (made by the first distributor; ``testbed.container``);
+* each distributor's metrics and control API on its cluster-LAN address
+  (:data:`LAN_PORTS`).  The distributor's guard lets the engine's host address
+  on that bridge (:func:`host_address`, when the engine gives the host one)
+  reach both ports (``[metrics] allow``, ``[api] allow``); on engines that give
+  the host no address there (podman), ``exec`` in a distributor reaches them;
 * both networks ``internal``: nothing in the cluster routes to the outside.
 
-Where the next pieces go: :data:`LAN_PORTS` lists what a distributor serves on
-its cluster-LAN address (the control API's port joins the metrics there), and
-:data:`PROFILE_SERVICES` renders optional services under compose profiles
-(the ``monitor`` profile's Prometheus, scraping ``LAN_PORTS["metrics"]`` of
-every distributor).
+:data:`PROFILE_SERVICES` renders optional services under compose profiles.  It is
+empty: a ``monitor`` profile from the same image would need Debian's
+prometheus and prometheus-alertmanager in the base image, about 370 MB
+installed with their dependencies (apt-cache, bookworm), for every run.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import sys
 from typing import Callable
 
-from .runner import METRICS_PORT
+from .runner import API_PORT, METRICS_PORT
 from .topology import Host, Topology, build
 
 IMAGE = "distributor-testbed"
@@ -45,12 +51,12 @@ MODE_VARIABLE = "DISTRIBUTOR_MODE"
 BASE_IMAGE_VARIABLE = "DISTRIBUTOR_BASE_IMAGE"
 
 # Ports a distributor serves on its cluster-LAN address, for the host (Docker gives
-# it an address on every bridge, internal ones included) and for containers on the
-# LAN (the `monitor` profile).  The control API adds its port here.
-LAN_PORTS: dict[str, int] = {"metrics": METRICS_PORT}
+# it an address on every bridge, internal ones included: host_address) and for the
+# cluster's containers.  testbed.container configures both there.
+LAN_PORTS: dict[str, int] = {"metrics": METRICS_PORT, "api": API_PORT}
 
 # Functions rendering optional services (each returns YAML text indented as a service
-# under `services:`, with its own `profiles: [...]`); empty until the monitor profile lands.
+# under `services:`, with its own `profiles: [...]`).  Empty: see the module's docstring.
 PROFILE_SERVICES: list[Callable[[Topology], str]] = []
 
 # A container's /proc/sys is read-only, so sysctls the programs would write themselves
@@ -68,9 +74,15 @@ HEADER = """\
 #   .venv/bin/python -m testbed.compose_cluster wheels    # the wheels the image installs offline
 #   docker compose up --build --wait                      # DISTRIBUTOR_MODE=kernel for kernel mode
 #   docker compose exec client curl -si http://203.0.113.1/
+#   docker compose exec dist1 distributorctl --url http://198.51.100.2:8410 --token-file /run/testbed-keys/admin-token nodes
 #   docker compose down -v                                # -v also drops this run's key
 # podman: bash scripts/install-compose.sh, then .venv/bin/python -m testbed.compose_cluster up
 """
+
+
+def host_address(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The bridge's own address (the host's, on engines that give the host one): clear of the topology's."""
+    return network.broadcast_address - 1
 
 
 def _depends_on(topology: Topology, host: Host) -> list[str]:
@@ -143,7 +155,7 @@ def render(topology: Topology) -> str:
     floating = {"ext": {"vip": topology.vip}, "int": {"gateway": topology.gateway}}
     for bridge, network in topology.bridges.items():
         out.append(f"  {bridge}:\n    internal: true\n    ipam:\n      config:\n")
-        out.append(f"        - subnet: {network}\n          gateway: {network.broadcast_address - 1}\n")
+        out.append(f"        - subnet: {network}\n          gateway: {host_address(network)}\n")
         out.append("          aux_addresses:\n")
         out += [f"            {name}: {address}\n" for name, address in floating[bridge].items()]
     out.append(f"volumes:\n  {KEYS_VOLUME}: {{}}\n")

@@ -10,8 +10,15 @@ and then runs the host's services in the foreground:
 * the heartbeat key comes from the ``keys`` volume (docker-compose.yml); the
   first container to start makes it (a fresh secret, created with ``link(2)``
   so that two containers starting together agree on one);
+* the control-API tokens come from the same volume, made the same way by the
+  first distributor: ``api-tokens`` (the distributors' ``[api] tokens_file``,
+  one admin and one viewer token) and ``admin-token``, ``viewer-token`` (the
+  bare token, for ``distributorctl --token-file``), all mode 0600;
 * distributors use ``DISTRIBUTOR_MODE`` (``rewrite`` or ``kernel``) and serve
-  their metrics on their cluster-LAN address (``testbed.compose.LAN_PORTS``);
+  their metrics and their control API on their cluster-LAN address
+  (``testbed.compose.LAN_PORTS``); the guard lets the engine's host address on
+  the cluster LAN (``testbed.compose.host_address``) reach both ports
+  (``[metrics] allow``, ``[api] allow``);
 * before it starts, a host waits (at most ``TESTBED_START_WAIT`` seconds,
   default 60) for the hosts it depends on to be healthy, the same order the
   compose file's ``depends_on`` gives, for engines that ignore its conditions;
@@ -38,15 +45,18 @@ import sys
 import time
 from pathlib import Path
 
-from .compose import KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, start_order
+from .compose import KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, host_address, start_order
 from .runner import Options, render_agent_config, render_distributor_config, write_web_files
 from .topology import Host, Topology, build
 
 STATE = Path("/run/testbed")
+API_TOKENS = "api-tokens"  # on the keys volume: "ROLE NAME TOKEN" lines, the distributors' [api] tokens_file
+API_ROLES = {"admin": "operator", "viewer": "watcher"}  # role: the token's name (as the namespace runner names them)
 MODES = ("rewrite", "kernel")
 SETTLED_ROLES = ("active", "backup")
 _ROLE_SAMPLE = re.compile(r'^distributor_failover_role\{role="(\w+)"\} 1(?:\.0)?$', re.M)
 _METRICS_LISTEN = re.compile(r'^(\[metrics\]\nlisten = )"127\.0\.0\.1:(\d+)"$', re.M)
+_API_LISTEN = re.compile(r'^\[api\]\nlisten = "([\d.]+):(\d+)"$', re.M)
 
 
 def log(message: str) -> None:
@@ -66,31 +76,70 @@ def mode_from_environment(environ: dict[str, str]) -> str:
     return mode
 
 
-def distributor_config(topology: Topology, host: Host, mode: str, keys: Path, directory: Path) -> str:
-    """The runner's distributor config, with metrics on the cluster-LAN address instead of loopback."""
-    text = render_distributor_config(topology, Options(nodes=len(topology.web_nodes), mode=mode), host, keys, directory)
-    lan = f'"{host.address_on("int")}:{LAN_PORTS["metrics"]}"'
-    text, replaced = _METRICS_LISTEN.subn(lambda m: m.group(1) + lan, text)
+def distributor_config(topology: Topology, host: Host, mode: str, keys: Path, directory: Path, api_tokens: Path) -> str:
+    """The runner's distributor config (its control API on the cluster-LAN address, with ``api_tokens``), with
+    metrics on the cluster-LAN address instead of loopback; both open to the engine's host address there."""
+    text = render_distributor_config(topology, Options(nodes=len(topology.web_nodes), mode=mode), host, keys, directory,
+                                     api_tokens)
+    lan = host.address_on("int")
+    allow = host_address(topology.bridges["int"])
+    text, replaced = _METRICS_LISTEN.subn(lambda m: f'{m.group(1)}"{lan}:{LAN_PORTS["metrics"]}"\nallow = ["{allow}"]', text)
     if replaced != 1:
         raise RuntimeError("testbed.container: the runner's distributor config has no `[metrics] listen = \"127.0.0.1:PORT\"` to move")
-    return text
+    api = _API_LISTEN.search(text)
+    if api is None or (api.group(1), int(api.group(2))) != (str(lan), LAN_PORTS["api"]):
+        raise RuntimeError(f"testbed.container: the runner's distributor config has no `[api] listen = \"{lan}:"
+                           f"{LAN_PORTS['api']}\"` (testbed.compose.LAN_PORTS)")
+    return f'{text[:api.end()]}\nallow = ["{allow}"]{text[api.end():]}'
+
+
+def _publish(path: Path, text: str, host: str) -> bool:
+    """Make ``path`` (mode 0600) with ``text`` unless it exists; True when this call made it.  The file is
+    written beside it and linked into place: ``link(2)`` fails if another container linked its own first,
+    and then that one stays, so containers starting together agree on one."""
+    if path.exists():
+        return False
+    candidate = path.with_name(f".{path.name}.{host}.{secrets.token_hex(4)}")
+    fd = os.open(candidate, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.link(candidate, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        candidate.unlink()
 
 
 def ensure_key(directory: Path, host: str) -> Path:
     """The run's key file on the shared volume, made here if no container made it yet."""
     keys = directory / "keys"
-    if not keys.exists():
-        candidate = directory / f".keys.{host}.{secrets.token_hex(4)}"
-        candidate.write_text(f"# heartbeat keys of this compose run, made by {host}\n1 {secrets.token_hex(32)}\n")
-        candidate.chmod(0o600)
-        try:
-            os.link(candidate, keys)  # fails if another container linked its own first: then that one is the key
-            log(f"made this run's heartbeat key in {keys}")
-        except FileExistsError:
-            pass
-        finally:
-            candidate.unlink()
+    if _publish(keys, f"# heartbeat keys of this compose run, made by {host}\n1 {secrets.token_hex(32)}\n", host):
+        log(f"made this run's heartbeat key in {keys}")
     return keys
+
+
+def read_api_token(tokens: Path, role: str) -> str:
+    """The token of ``role`` in an ``api-tokens`` file."""
+    for line in tokens.read_text().splitlines():
+        parts = line.split("#", 1)[0].split()
+        if len(parts) == 3 and parts[0] == role:
+            return parts[2]
+    raise RuntimeError(f"testbed.container: no {role} token in {tokens}")
+
+
+def ensure_api_tokens(directory: Path, host: str) -> Path:
+    """The run's control-API tokens on the shared volume, made here if no container made them yet: the
+    distributors' tokens file (returned), and ``ROLE-token`` per role holding that role's bare token."""
+    tokens = directory / API_TOKENS
+    lines = "".join(f"{role} {name} {secrets.token_urlsafe(24)}\n" for role, name in API_ROLES.items())
+    if _publish(tokens, f"# control-API tokens of this compose run, made by {host}\n{lines}", host):
+        log(f"made this run's control-API tokens in {tokens}")
+    for role in API_ROLES:
+        # Derived from the file every distributor reads, so whichever container writes it writes the same.
+        _publish(directory / f"{role}-token", read_api_token(tokens, role) + "\n", host)
+    return tokens
 
 
 def _get(address: str, port: int, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
@@ -196,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         os.execvp("nginx", ["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory), "-e", "/dev/stderr"])
     if "distributor" in host.services:
         config = directory / "distributor.toml"
-        config.write_text(distributor_config(topology, host, mode, keys, directory))
+        tokens = ensure_api_tokens(Path(KEYS_MOUNT), host.name)
+        config.write_text(distributor_config(topology, host, mode, keys, directory, tokens))
         os.execvp(sys.executable, [sys.executable, "-m", "distributor.daemon", "--config", str(config)])
     raise SystemExit(f"testbed.container: {host.name} has no service to run: {host.services}")
 

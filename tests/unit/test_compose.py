@@ -1,5 +1,6 @@
 """docker-compose.yml is the namespace testbed's topology, and stays so; its entrypoint and driver, without an engine."""
 
+import ipaddress
 import re
 from pathlib import Path
 
@@ -7,7 +8,11 @@ import pytest
 import yaml
 
 from testbed import compose_cluster, container
-from testbed.compose import CONTAINER_SYSCTLS, KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, render, start_order
+from distributor import config as distributor_config
+from distributor.api import parse_token_file
+from distributor.daemon import guard_spec
+from distributor.rules import render_guard
+from testbed.compose import CONTAINER_SYSCTLS, KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, host_address, render, start_order
 from testbed.topology import build
 
 ROOT = Path(__file__).parents[2]
@@ -104,11 +109,45 @@ def test_mode_comes_from_the_environment_and_a_bad_one_is_named():
         container.mode_from_environment({MODE_VARIABLE: "fast"})
 
 
-def test_distributor_serves_metrics_on_its_lan_address(tmp_path):
+def test_distributor_serves_metrics_and_the_api_on_its_lan_address(tmp_path):
     topology = build(3)
-    text = container.distributor_config(topology, topology.host("dist2"), "kernel", tmp_path / "keys", tmp_path)
+    tokens = container.ensure_api_tokens(tmp_path, "dist2")
+    text = container.distributor_config(topology, topology.host("dist2"), "kernel", tmp_path / "keys", tmp_path, tokens)
     assert f'listen = "198.51.100.3:{LAN_PORTS["metrics"]}"' in text
     assert 'mode = "kernel"' in text and "127.0.0.1" not in text
+    config = distributor_config.parse(text)
+    assert config.api.listen == ("198.51.100.3", LAN_PORTS["api"]) and config.api.tokens_file == str(tokens)
+    assert {(t.role, t.name) for t in config.api.all_tokens()} == {("admin", "operator"), ("viewer", "watcher")}
+
+
+def test_the_engines_host_address_may_reach_the_metrics_and_the_api_through_the_guard(tmp_path):
+    topology = build(3)
+    host = host_address(topology.bridges["int"])
+    assert str(host) == "198.51.100.254"  # the int network's gateway in docker-compose.yml: the host's address there
+    text = container.distributor_config(topology, topology.host("dist1"), "rewrite", tmp_path / "keys", tmp_path,
+                                        container.ensure_api_tokens(tmp_path, "dist1"))
+    assert f'[api]\nlisten = "198.51.100.2:{LAN_PORTS["api"]}"\nallow = ["{host}"]\n' in text
+    config = distributor_config.parse(text)
+    assert config.metrics_allow == (host,)
+    assert config.api.allow == (ipaddress.IPv4Network(f"{host}/32"),)
+    rules = render_guard(config.queue, guard_spec(config, "int0"))[("raw", f"DGRD{config.queue}-IN")]
+    opened = [f"-A DGRD{config.queue}-IN -s {host}/32 -p tcp -m tcp --dport {LAN_PORTS[port]} -j RETURN"
+              for port in ("metrics", "api")]
+    # Those two ports only, before the drop of everything else to the distributor's own address
+    # (README, "The compose testbed": distributorctl from a Docker host).
+    assert [rule for rule in rules if f"-s {host}/32" in rule] == opened
+    assert max(rules.index(rule) for rule in opened) < rules.index(next(r for r in rules if "-d 198.51.100.2/32" in r))
+
+
+def test_every_compose_distributor_lets_the_host_reach_its_api(tmp_path):
+    topology = build(3)
+    tokens = container.ensure_api_tokens(tmp_path, "dist1")
+    for dist in topology.by_role("distributor"):
+        text = container.distributor_config(topology, topology.host(dist.name), "kernel", tmp_path / "keys", tmp_path,
+                                            tokens)
+        config = distributor_config.parse(text)
+        assert config.api.listen == (str(dist.address_on("int")), LAN_PORTS["api"])
+        assert [str(n) for n in config.api.allow] == [f"{host_address(topology.bridges['int'])}/32"]
 
 
 def test_the_first_container_makes_the_key_and_the_others_use_it(tmp_path):
@@ -118,6 +157,23 @@ def test_the_first_container_makes_the_key_and_the_others_use_it(tmp_path):
     assert container.ensure_key(tmp_path, "dist1").read_text() == secret
     assert [p.name for p in tmp_path.iterdir()] == ["keys"]  # no candidate left behind
     assert first.stat().st_mode & 0o077 == 0
+
+
+def test_the_first_distributor_makes_the_api_tokens_and_the_other_uses_them(tmp_path):
+    tokens = container.ensure_api_tokens(tmp_path, "dist1")
+    text = tokens.read_text()
+    assert container.ensure_api_tokens(tmp_path, "dist2").read_text() == text
+    parsed = {t.role: t for t in parse_token_file(text, str(tokens))}  # the distributor's own reader
+    assert set(parsed) == {"admin", "viewer"}
+    for role, token in parsed.items():
+        # distributorctl --token-file reads the first line: the bare token
+        assert (tmp_path / f"{role}-token").read_text() == token.token + "\n"
+        assert len(token.token) >= 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["admin-token", "api-tokens", "viewer-token"]
+    assert all(p.stat().st_mode & 0o077 == 0 for p in tmp_path.iterdir())
+    other_run = tmp_path / "other"
+    other_run.mkdir()
+    assert container.ensure_api_tokens(other_run, "dist1").read_text() != text  # per run: no fixed default
 
 
 # -- the driver -----------------------------------------------------------------
