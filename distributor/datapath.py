@@ -64,8 +64,12 @@ class PacketQueue:
 
     def __init__(self, queue: int, decide: Decider, deliver: Callable[[object], None], mode: Mode = Mode.REWRITE,
                  max_len: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time):
-        """``decide(bytes, now)`` is the interposer's; ``deliver(event)`` feeds the core."""
+                 wall_clock: Callable[[], float] = time.time, *, binding: Callable[..., NfQueue] = NfQueue):
+        """``decide(bytes, now)`` is the interposer's; ``deliver(event)`` feeds the core.
+
+        ``binding`` opens the queue (:class:`~distributor.nfqueue.NfQueue`'s signature and methods:
+        ``read``, ``verdict``, ``flush``, ``fileno``, ``stats``, ``close``); tests pass a double.
+        """
         self.queue = queue
         self.marks = mode is Mode.KERNEL
         self.decide = decide
@@ -89,7 +93,7 @@ class PacketQueue:
         self._arrived_at: float | None = None  # when the packet timed by ArmFirstForward was read
         self._last_error_log = 0.0
         try:
-            self._nfq = NfQueue(queue, fail_open=False, gso=False,
+            self._nfq = binding(queue, fail_open=False, gso=False,
                                 copy_range=KERNEL_MODE_COPY if self.marks else COPY_WHOLE,
                                 max_len=max_len, batch=self.batch)
         except OSError as exc:
