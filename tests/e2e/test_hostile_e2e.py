@@ -35,6 +35,7 @@ import pytest
 from testbed import hostile, http, netns, wrk
 from testbed.runner import FAILOVER_PORT, HEARTBEAT_PORT, Options, TestbedError, render_distributor_config, wait_until
 from testbed.topology import INT_NET, build
+from backup.roles import FailoverSettings
 from tests.e2e.conftest import MODES, counter
 
 DISTS = ("dist1", "dist2")
@@ -599,6 +600,12 @@ def test_10_saturation_causes_no_takeover_and_no_node_state_change(cluster):
     assert not report.took_over, report.text()
     assert all(v == 0 for v in report.node_transitions.values()) and not report.new_alerts, (
         f"{report.text()}\nalerts: {report.new_alerts[:10]}")
+    # The worst delay of the active's heartbeats, as the backup's kernel received them, stays inside
+    # the dead window the defaults choose (FailoverSettings: 0.35 s), with room for the backup's own tick.
+    dead_window = FailoverSettings().dead_seconds
+    assert report.dist_heartbeat_gap < dead_window - FailoverSettings().interval, (
+        f"worst heartbeat gap {report.dist_heartbeat_gap * 1000:.0f} ms against a {dead_window * 1000:.0f} ms "
+        f"dead window\n{report.text()}")
 
 
 # --------------------------------------------------------------------------------------------------------
