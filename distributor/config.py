@@ -22,6 +22,7 @@ from .alerts import SmtpSettings
 from .api import ApiToken, parse_token_file
 from .balancer import MAX_WEIGHT, Policy
 from .conntable import Timeouts
+from .contentcore import AdministrationOptions
 from .core import HealthOptions
 from .heartbeat import HealthSettings, OnDead
 from .reroute import BackendSpec, Mode, ServiceSpec
@@ -89,6 +90,20 @@ class ApiConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdministrationConfig:
+    """[administration]: content and tasks on the nodes through their brokers (docs/administration.md)."""
+
+    options: AdministrationOptions
+    keys_file: str  # the brokers' keys (default: the heartbeat's, as the agents' [broker] keys_file defaults)
+    sender: str  # the name the brokers know this distributor by ([broker] senders; default: distributor.name)
+    blob_dir: str  # the bytes of every desired file, by SHA-256
+    state_file: str | None  # desired content, confirmed versions, task records; None: memory only
+    max_upload: int  # bytes one push (a file or a tree's tar) may have
+    connect_timeout: float  # seconds to reach a broker
+    timeout: float  # seconds a broker may take to answer one read
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     def syn_auth(self, secret: bytes) -> SynAuth | None:
         """The SYN authentication the configuration asks for (``secret``: fresh random bytes)."""
@@ -109,7 +124,8 @@ class Config:
     metrics_listen: tuple[str, int] | None
     log_level: str
     guard: bool = True  # refuse the outside the control ports and the cluster's own addresses
-    realtime_priority: int = 10  # SCHED_FIFO priority of the daemon's loop; 0: the normal policy
+    realtime_priority: int = 0  # SCHED_FIFO priority of the daemon's loop; 0: the normal policy (at ``nice``)
+    nice: int = -20  # the daemon loop's nice value under the normal policy (common/realtime.py says why)
     health: HealthConfig | None = None
     alert_log: str | None = None
     smtp: SmtpSettings | None = None
@@ -119,6 +135,7 @@ class Config:
     syn_auth_threshold: int = 64
     state_file: str | None = "/var/lib/distributor/state.json"  # runtime changes kept across restarts; None: off
     metrics_allow: tuple[ipaddress.IPv4Address, ...] = ()  # may scrape the metrics port through the guard
+    administration: AdministrationConfig | None = None  # content and tasks on the nodes; None: off
 
 
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -143,7 +160,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
     guard = dist.boolean("guard", True)
-    realtime_priority = dist.integer("realtime_priority", 10, 0, 99)
+    realtime_priority = dist.integer("realtime_priority", 0, 0, 99)
+    nice = dist.integer("nice", -20, -20, 19)
     state_file = dist.get("state_file", "/var/lib/distributor/state.json")
     if not isinstance(state_file, str):
         raise ConfigError(f"distributor.state_file: {show(state_file)} is not valid; expected a file path, or \"\" "
@@ -176,6 +194,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     alert_log, smtp = _alerts(top)
     failover = _failover(top, name, health)
     api = _api(top, services, failover)
+    administration = _administration(top, name, health)
     top.done()
     return Config(
         name=name,
@@ -190,6 +209,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         log_level=log_level,
         guard=guard,
         realtime_priority=realtime_priority,
+        nice=nice,
         api=api,
         state_file=state_file or None,
         syn_auth_mode=syn_auth_mode,
@@ -199,7 +219,57 @@ def parse(text: str, source: str = "<config>") -> Config:
         smtp=smtp,
         failover=failover,
         metrics_allow=metrics_allow,
+        administration=administration,
     )
+
+
+def _administration(top: TableReader, name: str, health: HealthConfig | None) -> AdministrationConfig | None:
+    if not top.has("administration"):
+        return None
+    table = top.table("administration")
+    if not table.boolean("enabled", True):
+        return None
+    defaults = AdministrationOptions()
+    options = AdministrationOptions(
+        broker_port=table.integer("broker_port", defaults.broker_port, 1, 65535),
+        check_interval=table.number("check_interval", defaults.check_interval, 0),
+        retry=table.number("retry", defaults.retry, 0),
+        max_retry=table.number("max_retry", defaults.max_retry, 0),
+        task_poll=table.number("task_poll", defaults.task_poll, 0),
+        task_wanted_for=table.number("task_wanted_for", defaults.task_wanted_for, 0),
+        keep_tasks=table.integer("keep_tasks", defaults.keep_tasks, 1, 100_000),
+        output_limit=table.integer("output_limit", defaults.output_limit, 0, 1 << 20),
+    )
+    if options.max_retry < options.retry:
+        raise ConfigError(f"administration.max_retry: {options.max_retry!r} is not valid; expected at least "
+                          f"administration.retry ({options.retry!r})")
+    keys_file = table.get("keys_file", health.keys_file if health is not None else "")
+    if not isinstance(keys_file, str) or not keys_file:
+        raise ConfigError(f"administration.keys_file: {show(keys_file or None)} is not valid; expected the brokers' "
+                          "'KEY_ID HEX_SECRET' file (required without [health], whose keys_file is the default)")
+    sender = table.string("sender", name)
+    if not (0 < len(sender) <= 64 and sender.isascii() and sender.isprintable() and " " not in sender):
+        raise ConfigError(f"administration.sender: {sender!r} is not valid; expected 1 to 64 printable ASCII characters "
+                          "without spaces (the name the nodes' [broker] senders list)")
+    blob_dir = table.string("blob_dir", "/var/lib/distributor/blobs")
+    if not blob_dir:
+        raise ConfigError("administration.blob_dir: \"\" is not valid; expected a directory for the pushed bytes")
+    state_file = table.get("state_file", "/var/lib/distributor/administration.json")
+    if not isinstance(state_file, str):
+        raise ConfigError(f"administration.state_file: {show(state_file)} is not valid; expected a file path, or \"\" "
+                          "to keep the desired content and task records in memory only")
+    config = AdministrationConfig(
+        options=options,
+        keys_file=keys_file,
+        sender=sender,
+        blob_dir=blob_dir,
+        state_file=state_file or None,
+        max_upload=table.integer("max_upload", 1 << 30, 1, 1 << 40),
+        connect_timeout=table.number("connect_timeout", 5.0, 0),
+        timeout=table.number("timeout", 60.0, 0),
+    )
+    table.done()
+    return config
 
 
 def _failover(top: TableReader, name: str, health: HealthConfig | None) -> FailoverConfig | None:

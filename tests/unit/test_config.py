@@ -168,3 +168,21 @@ def test_the_api_listens_on_the_cluster_lan_address_or_loopback():
     for listen in ("198.51.100.2:8410", "127.0.0.1:8410"):
         config = parse(MINIMAL + FAILOVER + API.format(listen=listen))
         assert config.api.listen == (listen.split(":")[0], 8410)
+
+
+def test_the_daemon_runs_at_nice_minus_20_by_default_and_sched_fifo_only_when_asked():
+    # SCHED_FIFO halved kernel-mode new connections/s on two cores (common/realtime.py): opt-in only.
+    config = parse(MINIMAL)
+    assert (config.nice, config.realtime_priority) == (-20, 0)
+    fifo = parse(MINIMAL + '[distributor]\nrealtime_priority = 10\nnice = 0\n')
+    assert (fifo.nice, fifo.realtime_priority) == (0, 10)
+    with pytest.raises(ConfigError, match=r"distributor\.nice: -21"):
+        parse(MINIMAL + '[distributor]\nnice = -21\n')
+
+
+def test_scheduling_problems_are_reasons_not_exceptions():
+    from common.realtime import set_nice, set_realtime
+
+    assert set_nice(0) is None and set_realtime(0) is None  # nothing asked, nothing done
+    assert "expected -20 to 19" in set_nice(25)
+    assert "expected 1 to 99" in set_realtime(120)
