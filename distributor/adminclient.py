@@ -25,7 +25,15 @@ Contract
 * :func:`sync_node` / :func:`sync_nodes` are anti-entropy: read the node's
   manifest, :func:`distributor.content.plan`, send the operations in order,
   commit, and read the manifest again to report whether the node now matches.
-  The lead's control API and ``distributorctl content ...`` call these.
+* :class:`NodeAdministrator` is the daemon's executor of the content core's
+  commands (:mod:`distributor.contentcore`): each :class:`SyncNode` (of the node's content, or of its
+  signed task bundles: ``area="bundles"``, the same protocol under ``/v1/bundles``),
+  :class:`RunTask`, :class:`FetchTask` runs as its own asyncio task on the
+  daemon's loop, off the packet path (the blob reads in worker threads), and
+  its outcome goes back to the core as an event (:class:`SyncReported`,
+  :class:`TaskReported`).  It decides nothing: which node, when, and what a
+  failure means are the core's.  All requests leave from ``local_address``
+  (the distributor's cluster-LAN address, which the brokers pin for its name).
 """
 
 from __future__ import annotations
@@ -45,10 +53,12 @@ import aiohttp
 import yarl
 
 from common.adminauth import EMPTY_SHA256, Refusal, sign_request, verify_response
+from common.paths import check_bundle_name, check_path
 from common.wire import Keys, SequenceCounter
 
 from .blobstore import BlobStore
 from .content import Delete, DesiredContent, NodeReport, Plan, Transfer, matches, plan
+from .contentcore import CollectBlobs, FetchTask, RunTask, SyncNode, SyncReported, TaskReported
 
 __all__ = [
     "AdminError",
@@ -62,11 +72,13 @@ __all__ = [
     "sync_nodes",
     "run_on_nodes",
     "new_request_id",
+    "NodeAdministrator",
 ]
 
 log = logging.getLogger("distributor.admin")
 
 CHUNK = 1 << 20
+STILL_DIFFERS = "node still differs after the plan"
 FINISHED_STATES = {"done", "failed", "timed_out", "expired", "interrupted"}
 
 
@@ -266,6 +278,7 @@ class SyncResult:
     matches: bool
     error: str | None
     seconds: float
+    report: NodeReport | None = None  # the node's manifest after the sync (or as first read, if it stopped there)
 
 
 async def apply_plan(client: AdminClient, planned: Plan, blobs: BlobStore, area: str = "content") -> None:
@@ -284,17 +297,20 @@ async def apply_plan(client: AdminClient, planned: Plan, blobs: BlobStore, area:
 async def sync_node(client: AdminClient, desired: DesiredContent, blobs: BlobStore, area: str = "content") -> SyncResult:
     """Bring one node to the desired state; never raises for the node's errors (they are in the result)."""
     started = time.monotonic()
-    planned = None
+    planned = report = None
     try:
-        planned = plan(desired, await client.manifest(area))
+        report = await client.manifest(area)
+        planned = plan(desired, report)
         if planned.conflict:
-            return SyncResult(client.node, planned, False, planned.conflict, time.monotonic() - started)
-        await apply_plan(client, planned, blobs, area)
-        now_matches = matches(desired, await client.manifest(area))
-        return SyncResult(client.node, planned, now_matches, None if now_matches else "node still differs after the plan",
-                          time.monotonic() - started)
+            return SyncResult(client.node, planned, False, planned.conflict, time.monotonic() - started, report)
+        if not planned.in_sync:
+            await apply_plan(client, planned, blobs, area)
+            report = await client.manifest(area)
+        now_matches = matches(desired, report)
+        return SyncResult(client.node, planned, now_matches, None if now_matches else STILL_DIFFERS,
+                          time.monotonic() - started, report)
     except (AdminError, KeyError) as exc:
-        return SyncResult(client.node, planned, False, str(exc), time.monotonic() - started)
+        return SyncResult(client.node, planned, False, str(exc), time.monotonic() - started, report)
 
 
 async def sync_nodes(clients: Mapping[str, AdminClient], desired: DesiredContent, blobs: BlobStore,
@@ -322,3 +338,110 @@ async def run_on_nodes(clients: Mapping[str, AdminClient], request_id: str, name
 
     results = await asyncio.gather(*(one(c) for c in clients.values()))
     return dict(zip(clients, results))
+
+
+class NodeAdministrator:
+    """Executes SyncNode, RunTask, FetchTask and CollectBlobs; reports back through ``feed`` (see the module docstring)."""
+
+    def __init__(self, keys: Keys, sender: str, blobs: BlobStore, feed, clock=time.monotonic, wall_clock=time.time,
+                 local_address: str | None = None, connect_timeout: float = 5.0, timeout: float = 60.0,
+                 blob_grace: float = 600.0):
+        self.keys = keys
+        self.sender = sender
+        self.blobs = blobs
+        self.feed = feed
+        self.clock = clock
+        self.wall_clock = wall_clock
+        self.local_address = local_address
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.blob_grace = blob_grace  # a blob this young may belong to an upload not yet handed to the core
+        self.sequence = SequenceCounter()  # one per distributor process: the node keeps one replay window per sender
+        self._session: aiohttp.ClientSession | None = None
+        self._clients: dict[tuple[str, str], AdminClient] = {}
+        self._running: set[asyncio.Task] = set()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(local_addr=(self.local_address, 0) if self.local_address else None)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(
+                total=None, sock_connect=self.connect_timeout, sock_read=self.timeout))
+        return self._session
+
+    def client(self, node: str, address: str) -> AdminClient:
+        key = (node, address)
+        if key not in self._clients:
+            self._clients[key] = AdminClient(node, address, self.keys, self.sender, self.sequence,
+                                             session=self.session, clock=self.wall_clock)
+        return self._clients[key]
+
+    async def close(self) -> None:
+        """Cancel what is in flight (its outcome is not reported) and close the connections."""
+        for task in list(self._running):
+            task.cancel()
+        if self._running:
+            await asyncio.wait(self._running, timeout=5.0)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _spawn(self, work, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(work, name=name)
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    # -- the executors (plain functions: the runtime never waits for them) -------------------------
+    def sync(self, command: SyncNode) -> None:
+        self._spawn(self._sync(command), f"sync {command.node} {command.area}")
+
+    def run_task(self, command: RunTask) -> None:
+        self._spawn(self._task(command, send=True), f"task {command.task_id} on {command.node}")
+
+    def fetch_task(self, command: FetchTask) -> None:
+        self._spawn(self._task(command, send=False), f"poll {command.task_id} on {command.node}")
+
+    def collect_blobs(self, command: CollectBlobs) -> None:
+        async def collect() -> None:
+            removed = await asyncio.to_thread(self.blobs.remove_unused, command.keep, self.blob_grace)
+            if removed:
+                log.info("removed %d blob(s) no desired path refers to", removed)
+        self._spawn(collect(), "collect blobs")
+
+    async def _sync(self, command: SyncNode) -> None:
+        client = self.client(command.node, command.address)
+        try:
+            check = check_bundle_name if command.area == "bundles" else check_path
+            desired = DesiredContent.from_dict(command.desired, check)
+            result = await sync_node(client, desired, self.blobs, command.area)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # whatever happened, the core must hear that this sync ended
+            log.exception("sync of %s's %s failed", command.node, command.area)
+            result = SyncResult(command.node, None, False, f"{type(exc).__name__}: {exc}", 0.0)
+        planned = result.plan
+        conflict = planned.conflict if planned is not None else None
+        error = None if result.matches or conflict or result.error == STILL_DIFFERS else result.error
+        self.feed(SyncReported(command.node, command.target, result.report is not None, result.matches, result.report,
+                               conflict, error, len(planned.operations) if planned is not None else 0,
+                               self.clock(), self.wall_clock(), command.area))
+
+    async def _task(self, command: RunTask | FetchTask, send: bool) -> None:
+        client = self.client(command.node, command.address)
+        record, error, refused = None, None, False
+        try:
+            if send:
+                assert isinstance(command, RunTask)
+                record = await client.run_task(command.task_id, command.name, command.priority, command.args,
+                                               command.not_after)
+            else:
+                record = await client.task(command.task_id)
+        except asyncio.CancelledError:
+            raise
+        except AdminRefused as exc:
+            # A signed refusal is the node's answer (unknown task, bad request): final.  The broker's unsigned
+            # 401 (a stale clock, a replay) says nothing trustworthy: tried again.
+            error, refused = f"{exc.reason}: {exc.detail}", exc.signed
+        except Exception as exc:
+            error = str(exc) if isinstance(exc, AdminError) else f"{type(exc).__name__}: {exc}"
+        self.feed(TaskReported(command.task_id, command.node, record, error, refused, self.clock(), self.wall_clock()))

@@ -34,18 +34,50 @@ Endpoints (GET unless said)::
     /api/v1/events?since=ID                   recent events; /api/v1/events/stream: server-sent events
     POST /api/v1/login-links                  (admin) a one-time console login link
     /, /login?once=CODE                       the console; the link sets its session cookie
+
+Content and tasks on the nodes (with an ``[administration]`` section; docs/administration.md)::
+
+    /api/v1/content                           the content status: the desired version and paths; per node
+                                              its state, version, every managed path's version and digest,
+                                              what differs; the nodes that differ
+    PUT /api/v1/content?path=DEST             push: the body is streamed into the blob store (never whole
+                                              in memory).  application/octet-stream: one file at DEST;
+                                              application/x-tar (plain or compressed): a tree, every regular
+                                              file under DEST/ ("" or "/": the document root), all or nothing.
+                                              With &check=1&size=N: only whether it would be taken now
+    DELETE /api/v1/content?path=DEST          delete a managed path, or every managed path under DEST/
+    POST /api/v1/tasks                        run {"name", "nodes"?: [...], "priority"?, "args"?}
+    /api/v1/tasks?limit=N, /api/v1/tasks/ID   task requests; one with each node's state, exit status,
+                                              output and duration
+    /api/v1/bundles                           the signed task bundles every node must hold (what each
+                                              manifest says), per node its bundles version and what differs
+    POST /api/v1/bundles                      add a signed bundle (the body: the file distributor-sign made,
+                                              at most 4 MiB), or a new version of one; distributed like content
+    DELETE /api/v1/bundles/NAME               remove a bundle from every node
+
+A bundle's shape is checked here (JSON, format, manifest, every file's digest, the signature's form)
+with the rules the nodes apply (:mod:`common.bundle`), but not its signature: the distributor holds
+no operator key, and every node verifies the signature against the keys it trusts.
+
+A push's destination is checked before a byte is read (a bad path is refused, counted and logged with
+who asked, as every refusal and change is), and so is the role: only the active distributor takes
+changes (409 naming the active).  The core decides everything else (:mod:`distributor.contentcore`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import collections
+import hashlib
 import hmac
 import html
 import ipaddress
 import itertools
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -54,10 +86,16 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from common import bundle as bundles
+from common.paths import PathRefused
+
 from .admin import AdminOp, AdminReply, AdminRequest
+from .blobstore import BlobStore, TreeRefused
+from .contentcore import (BundleAdd, BundleRemove, BundleSpec, ContentDelete, ContentPut, ContentRefused, FileSpec,
+                          TaskRequested, destination_refusal, tree_prefix)
 from .metrics import PHASES, takeover_phases
 
-__all__ = ["ApiToken", "ControlApi", "EventLog", "parse_token_file"]
+__all__ = ["ApiToken", "ControlApi", "EventLog", "parse_token_file", "inspect_bundle"]
 
 log = logging.getLogger("distributor.api")
 
@@ -66,6 +104,8 @@ SESSION_COOKIE = "distributor_session"
 LINK_LIFETIME = 300.0  # seconds a one-time login link stays valid
 SESSION_LIFETIME = 12 * 3600.0
 REPLY_TIMEOUT = 10.0
+UPLOAD_CHUNK = 1 << 20  # bytes handed to a worker thread at a time (hashed and written there, off the loop)
+TAR_TYPES = ("application/x-tar", "application/tar", "application/gzip", "application/x-gzip")
 
 
 @dataclass(frozen=True)
@@ -120,8 +160,12 @@ class EventLog:
 class ControlApi:
     def __init__(self, core, feed: Callable[[object], None], tokens: list[ApiToken], events: EventLog,
                  clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
-                 role: Callable[[], str] = lambda: "alone", mode: str = "", name: str = ""):
+                 role: Callable[[], str] = lambda: "alone", mode: str = "", name: str = "",
+                 blobs: BlobStore | None = None, max_upload: int = 1 << 30):
+        """``blobs``: where pushed content goes (content management on); ``max_upload``: bytes one push may have."""
         self.core = core
+        self.blobs = blobs
+        self.max_upload = max_upload
         self.feed = feed
         self.events = events
         self.clock = clock
@@ -170,6 +214,15 @@ class ControlApi:
         r.add_get("/api/v1/events", self.event_list)
         r.add_get("/api/v1/events/stream", self.event_stream)
         r.add_post("/api/v1/login-links", self.login_link)
+        r.add_get("/api/v1/content", self.content_status)
+        r.add_put("/api/v1/content", self.content_put)
+        r.add_delete("/api/v1/content", self.content_delete)
+        r.add_get("/api/v1/tasks", self.task_list)
+        r.add_post("/api/v1/tasks", self.task_run)
+        r.add_get("/api/v1/tasks/{task}", self.task_show)
+        r.add_get("/api/v1/bundles", self.bundle_status)
+        r.add_post("/api/v1/bundles", self.bundle_add)
+        r.add_delete("/api/v1/bundles/{name}", self.bundle_remove)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)
@@ -360,18 +413,23 @@ class ControlApi:
     # -- changes ----------------------------------------------------------------------------------------------
     async def _change(self, request: web.Request, op: AdminOp, args: dict) -> web.Response:
         who = self._admin(request)
+        return await self._submit(lambda request_id, now, wall: AdminRequest(request_id, op, args, who.name, now, wall),
+                                  who, op.value, args)
+
+    async def _submit(self, make_event: Callable[[int, float, float], object], who: ApiToken, op: str,
+                      args: dict) -> web.Response:
+        """Feed the core one change (``make_event(request_id, now, wall)``) and answer with its AdminReply."""
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        now = self.clock()
-        self.feed(AdminRequest(request_id, op, args, who.name, now, self.wall_clock()))
+        self.feed(make_event(request_id, self.clock(), self.wall_clock()))
         try:
             reply: AdminReply = await asyncio.wait_for(future, REPLY_TIMEOUT)
         except asyncio.TimeoutError:
             self._pending.pop(request_id, None)
             return _json({"error": "the core did not answer in time"}, 504)
         if reply.status == 200:
-            self.events.add("change", who=who.name, op=op.value, args=args)
+            self.events.add("change", who=who.name, op=op, args=args)
         return _json(dict(reply.body), reply.status)
 
     async def _body(self, request: web.Request) -> dict:
@@ -414,6 +472,165 @@ class ControlApi:
         return await self._change(request, AdminOp.SET_POLICY, {"service": request.match_info["service"],
                                                                 "policy": body.get("policy")})
 
+    # -- content and tasks on the nodes ---------------------------------------------------------------------
+    def _content_core(self):
+        content = getattr(self.core, "content", None)
+        if content is None or self.blobs is None:
+            raise web.HTTPNotFound(text=json.dumps({"error": "content and task management is off: the distributor's "
+                                                             "config has no [administration] section"}),
+                                   content_type="application/json")
+        return content
+
+    def _refuse_content(self, who: ApiToken, reason: str, detail: str, status: int = 400,
+                        what: str = "content change") -> web.Response:
+        """A content request refused before it reached the core: the core counts and logs it."""
+        self.feed(ContentRefused(reason, detail, who.name, self.clock(), what))
+        return _json({"error": detail, "reason": reason}, status)
+
+    async def content_status(self, request: web.Request) -> web.Response:
+        self._who(request)
+        return _json(self._content_core().status(self.wall_clock()))
+
+    async def content_put(self, request: web.Request) -> web.Response:
+        who = self._admin(request)
+        self._content_core()
+        refusal = self.core.change_refusal()
+        if refusal is not None:  # before a byte of the body is read
+            return _json(refusal, 409)
+        tree = request.content_type in TAR_TYPES
+        path = request.query.get("path", "")
+        if tree:
+            path = path.strip("/")
+        problem = destination_refusal(path, tree)
+        if problem is not None:
+            return self._refuse_content(who, problem.reason, str(problem))
+        declared = request.content_length if "check" not in request.query else _whole(request, "size", 0)
+        if declared is not None and declared > self.max_upload:
+            return self._refuse_content(who, "too_large", f"the push has {declared} bytes; at most {self.max_upload} "
+                                                          "(administration.max_upload)", 413)
+        if "check" in request.query:  # a preflight: would this push be taken now?  (distributorctl asks first,
+            return _json({"ok": True, "path": path, "tree": tree})  # so a refusal never meets a half-sent body)
+        assert self.blobs is not None
+        writer = await asyncio.to_thread(self.blobs.writer)
+        try:
+            received = await self._receive(request, writer)
+            if received is None:
+                return self._refuse_content(who, "too_large", f"the push has more than {self.max_upload} bytes "
+                                                              "(administration.max_upload)", 413)
+            if tree:
+                archive = await asyncio.to_thread(writer.close)
+                try:
+                    found = await asyncio.to_thread(self.blobs.ingest_tar, archive, tree_prefix(path))
+                except (TreeRefused, PathRefused) as exc:
+                    return self._refuse_content(who, exc.reason, f"in the tree: {exc}")
+                files = tuple(FileSpec(p, size, sha256) for p, sha256, size in found)
+            else:
+                sha256, size = await asyncio.to_thread(writer.commit)
+                files = (FileSpec(path, size, sha256),)
+        finally:
+            await asyncio.to_thread(writer.abort)
+        args = ({"tree": path or "/", "files": len(files), "bytes": sum(f.size for f in files)} if tree
+                else {"path": path, "bytes": files[0].size, "sha256": files[0].sha256})
+        return await self._submit(lambda request_id, now, wall: ContentPut(request_id, files, who.name, now, wall,
+                                                                           tree=path if tree else None),
+                                  who, "content_put", args)
+
+    async def _receive(self, request: web.Request, writer) -> int | None:
+        """Stream the body into ``writer`` a chunk at a time; its size, or None past max_upload."""
+        size = 0
+        buffer = bytearray()
+        while True:
+            chunk = await request.content.readany()
+            if not chunk:
+                break
+            size += len(chunk)
+            if size > self.max_upload:
+                return None
+            buffer += chunk
+            if len(buffer) >= UPLOAD_CHUNK:
+                await asyncio.to_thread(writer.write, bytes(buffer))
+                buffer.clear()
+        if buffer:
+            await asyncio.to_thread(writer.write, bytes(buffer))
+        return size
+
+    async def content_delete(self, request: web.Request) -> web.Response:
+        who = self._admin(request)
+        self._content_core()
+        path = request.query.get("path", "").strip("/")
+        problem = destination_refusal(path, tree=False)
+        if problem is not None:
+            return self._refuse_content(who, problem.reason, str(problem))
+        return await self._submit(lambda request_id, now, wall: ContentDelete(request_id, path, who.name, now, wall),
+                                  who, "content_delete", {"path": path})
+
+    async def task_run(self, request: web.Request) -> web.Response:
+        who = self._admin(request)
+        self._content_core()
+        body = await self._body(request)
+        name, nodes, priority, args = body.get("name"), body.get("nodes"), body.get("priority"), body.get("args", {})
+        if not isinstance(name, str):
+            raise ValueError(f"name {name!r} is not valid; expected a task's name such as \"disk-usage\"")
+        if nodes is not None and (not isinstance(nodes, list) or not all(isinstance(n, str) for n in nodes)):
+            raise ValueError(f"nodes {nodes!r} is not valid; expected a list of node names, or null for every node")
+        if priority is not None and not isinstance(priority, str):
+            raise ValueError(f"priority {priority!r} is not valid; expected high, normal or low")
+        if not isinstance(args, dict):
+            raise ValueError(f"args {args!r} is not valid; expected an object")
+        task_id = secrets.token_hex(8)
+        return await self._submit(lambda request_id, now, wall: TaskRequested(
+            request_id, task_id, name, tuple(nodes) if nodes is not None else None, priority, args, who.name, now, wall),
+            who, "task_run", {"name": name, "id": task_id, "nodes": ",".join(nodes) if nodes else "all",
+                              "priority": priority or "default"})
+
+    async def bundle_status(self, request: web.Request) -> web.Response:
+        self._who(request)
+        return _json(self._content_core().bundle_status(self.wall_clock()))
+
+    async def bundle_add(self, request: web.Request) -> web.Response:
+        who = self._admin(request)
+        self._content_core()
+        refusal = self.core.change_refusal()
+        if refusal is not None:  # before a byte of the body is read
+            return _json(refusal, 409)
+        limit = bundles.MAX_BUNDLE_BYTES
+        too_large = f"a bundle has at most {limit} bytes"
+        if request.content_length is not None and request.content_length > limit:
+            return self._refuse_content(who, "too_large", f"{too_large}; this one {request.content_length}", 413,
+                                        "bundle add")
+        data = bytearray()
+        while chunk := await request.content.readany():
+            data += chunk
+            if len(data) > limit:
+                return self._refuse_content(who, "too_large", too_large, 413, "bundle add")
+        try:
+            manifest, key = inspect_bundle(bytes(data))
+        except bundles.BundleRefused as exc:
+            return self._refuse_content(who, "bad_bundle", str(exc), 400, "bundle add")
+        assert self.blobs is not None
+        sha256, size = await asyncio.to_thread(_store, self.blobs, bytes(data))
+        spec = BundleSpec(manifest.name, manifest.version, manifest.priority, manifest.time_limit,
+                          manifest.memory_limit, key, size, sha256, manifest.description, manifest.signed_at)
+        return await self._submit(lambda request_id, now, wall: BundleAdd(request_id, spec, who.name, now, wall),
+                                  who, "bundle_add", {"name": spec.name, "version": spec.version, "key": key,
+                                                      "sha256": sha256})
+
+    async def bundle_remove(self, request: web.Request) -> web.Response:
+        who = self._admin(request)
+        self._content_core()
+        name = request.match_info["name"]
+        return await self._submit(lambda request_id, now, wall: BundleRemove(request_id, name, who.name, now, wall),
+                                  who, "bundle_remove", {"name": name})
+
+    async def task_list(self, request: web.Request) -> web.Response:
+        self._who(request)
+        limit = _whole(request, "limit", 100)
+        return _json(self._content_core().task_list(max(1, min(limit, 10_000))))
+
+    async def task_show(self, request: web.Request) -> web.Response:
+        self._who(request)
+        return _json(self._content_core().task_view(request.match_info["task"]))
+
     # -- the console ------------------------------------------------------------------------------------------
     async def login_link(self, request: web.Request) -> web.Response:
         who = self._admin(request)
@@ -445,6 +662,69 @@ class ControlApi:
         # Token names come from a file an operator writes; escaped, a name with "<" cannot become markup.
         page = CONSOLE.read_text().replace("{{ROLE}}", html.escape(who.role)).replace("{{USER}}", html.escape(who.name))
         return web.Response(text=page, content_type="text/html")
+
+
+def inspect_bundle(data: bytes) -> tuple[bundles.BundleManifest, str]:
+    """A signed bundle's manifest and the fingerprint of the key it names; raises BundleRefused ("bad_bundle").
+
+    Everything a node checks before it trusts a bundle (:func:`common.bundle.open_bundle`: size, JSON, format,
+    the manifest's fields, the files against their digests), and the signature's form, but not the signature
+    itself: the distributor holds no operator key (bundles are signed offline), the nodes verify it."""
+    def refuse(message: str) -> bundles.BundleRefused:
+        return bundles.BundleRefused("bad_bundle", message)
+
+    if len(data) > bundles.MAX_BUNDLE_BYTES:
+        raise refuse(f"bundle of {len(data)} bytes exceeds {bundles.MAX_BUNDLE_BYTES}")
+    try:
+        document = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise refuse(f"bundle is not JSON (is it the file distributor-sign made?): {exc}") from None
+    if not isinstance(document, dict) or document.get("format") != bundles.FORMAT:
+        raise refuse(f"bundle format is not {bundles.FORMAT!r}")
+    signature, manifest_data, encoded = document.get("signature"), document.get("manifest"), document.get("files")
+    if not isinstance(signature, dict) or not isinstance(manifest_data, dict) or not isinstance(encoded, dict):
+        raise refuse("bundle lacks its signature, manifest or files")
+    key = signature.get("key")
+    if not isinstance(key, str) or not re.fullmatch(r"[0-9a-f]{16}", key):
+        raise refuse(f"bundle signature names key {str(key)[:20]!r}; expected a fingerprint of 16 hex digits")
+    try:
+        raw = base64.b64decode(str(signature.get("ed25519", "")), validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 64:
+        raise refuse("bundle signature is not an Ed25519 signature (base64 of 64 bytes)")
+    # The nodes' own manifest rules (common.bundle's), so the distributor takes nothing every node would refuse.
+    manifest = bundles._check_manifest(manifest_data)
+    if set(encoded) != set(manifest.files):
+        raise refuse("bundle files differ from the ones its manifest lists")
+    for name, meta in manifest.files.items():
+        try:
+            content = base64.b64decode(str(encoded[name]), validate=True)
+        except binascii.Error:
+            raise refuse(f"bundle file {name!r} is not base64") from None
+        if hashlib.sha256(content).hexdigest() != meta["sha256"]:
+            raise refuse(f"bundle file {name!r} does not match its signed digest")
+    return manifest, key
+
+
+def _store(blobs: BlobStore, data: bytes) -> tuple[str, int]:
+    """Put ``data`` in the blob store (blocking): (sha256, size)."""
+    writer = blobs.writer()
+    try:
+        writer.write(data)
+        return writer.commit()
+    finally:
+        writer.abort()
+
+
+def _whole(request: web.Request, name: str, default: int) -> int:
+    """A query parameter that must be a whole number >= 0; ValueError (a 400) naming it otherwise."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    if not text.isdigit() or len(text) > 18:
+        raise ValueError(f"{name}={text[:40]!r} is not valid; expected a whole number >= 0")
+    return int(text)
 
 
 def _json(body: Any, status: int = 200) -> web.Response:

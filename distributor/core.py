@@ -29,12 +29,22 @@ The packet path does not go through :meth:`handle`: the data-path adapter calls
 Runtime changes (:class:`~distributor.admin.AdminRequest`) are taken only by the active distributor
 (or one without failover), which replicates them; a standby refuses them (409, naming the active)
 and adopts the active's whole state instead, keeping it to re-send should it take over.
+
+With ``administration`` (``[administration]``), the core also composes the content core
+(:class:`~distributor.contentcore.ContentCore`): it routes the operator's content and task requests
+to it (refused on a standby like any change), the brokers' answers (:class:`SyncReported`,
+:class:`TaskReported`), ticks, the layout, each node's liveness (the health core's dead or not) and
+whether this distributor is the active one; it applies its :class:`SetContentGate` to the balancer
+(a node serves only while healthy, ready *and* its content allows) and passes :class:`SyncNode`,
+:class:`RunTask`, :class:`FetchTask`, :class:`SaveAdministration` and :class:`CollectBlobs` on to
+the adapters.  The desired content rides along with the runtime state to the standbys.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import json
 from typing import Iterable, Mapping
 
 from backup.failover import AdminStateReceived, DrainQueue, FailoverCore, FailoverOptions, FailoverStats, FirstForward, \
@@ -46,8 +56,11 @@ from common.wire import Keys
 from .admin import AdminOp, AdminReply, AdminRequest, AdminState, LayoutView, RuntimeState, SaveState, validate
 from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
-from .heartbeat import PASSIVE_LOG_INTERVAL, HealthSettings, HealthStats, NodeDatagram, NodeHealth, OnDead, ResetNode, \
-    SetNodeEligible, SetNodeFeedback, SetNodeRamp
+from .contentcore import (ActiveChanged, AdministrationOptions, BundleAdd, BundleRemove, ContentCore, ContentDelete,
+                          ContentPut, ContentRefused, ContentStats, DesiredReplicated, NodeLiveness, NodesChanged,
+                          SetContentGate, SyncReported, TaskReported, TaskRequested)
+from .heartbeat import PASSIVE_LOG_INTERVAL, HealthSettings, HealthStats, NodeDatagram, NodeHealth, NodeState, OnDead, \
+    ResetNode, SetNodeEligible, SetNodeFeedback, SetNodeRamp
 from .synauth import SynAuth
 from .reroute import (BackendSpec, ConnectionEnded, ConnectionOpened, ForgetHandshakes, Interposer, InterposerStats, Mode,
                       PassiveFailure, PassiveKind, Reason, ServiceSpec)
@@ -56,6 +69,9 @@ __all__ = ["HealthOptions", "DistributorCore", "DistributorStats", "ServiceView"
            "SetConntrackLiberal", "HOUSEKEEPING"]
 
 HOUSEKEEPING = 1.0  # seconds between expiry sweeps and drop reports
+# The desired content goes to the standbys with the runtime state (resent every second) only up to this many
+# characters of JSON (about 7,000 paths); a larger one is kept on the active alone (docs/administration.md).
+MAX_REPLICATED_CONTENT = 1 << 20
 
 # Reasons worth a warning when they happen: the operator must act on them.
 _WARN_REASONS = (Reason.TABLE_FULL, Reason.NO_BACKEND)
@@ -130,6 +146,7 @@ class DistributorStats:
     failover: FailoverStats | None
     nodes: tuple[NodeAdminStats, ...] = ()
     state_version: int = 0
+    content: ContentStats | None = None  # content management ([administration]); None when off
 
     @property
     def role(self) -> str:
@@ -173,7 +190,10 @@ class DistributorCore:
     def __init__(self, name: str, mode: Mode, services: Iterable[ServiceSpec], capacity: int,
                  timeouts: Timeouts | None = None, health: HealthOptions | None = None, health_keys: Keys | None = None,
                  failover: FailoverOptions | None = None, failover_keys: Keys | None = None,
-                 saved_state: RuntimeState | None = None, syn_auth: SynAuth | None = None):
+                 saved_state: RuntimeState | None = None, syn_auth: SynAuth | None = None,
+                 administration: AdministrationOptions | None = None, saved_administration: str | None = None):
+        """``administration``: manage content and tasks on the nodes (the content core); ``saved_administration``:
+        its state file's text (ValueError when it is not one)."""
         self.name = name
         self.mode = mode
         self.base_services = tuple(services)  # the configuration; runtime changes are a difference to it
@@ -195,7 +215,7 @@ class DistributorCore:
         self._healthy: dict[str, bool] = {}  # the health core's gate per node (True until it says otherwise)
         self._drains: dict[str, tuple[float, float | None]] = {}  # node -> (started, drained at)
         self._rules_installed = False
-        self._syns_counted = 0
+        self._open_floor = 0  # kernel mode: the fewest open connections since conntrack was last asked
         self._counted_at = -1.0
         # Nodes added to a running layout whose rules are not in the kernel yet: kept out of new
         # connections until the InstallRules naming them is done, or their first SYNs would meet no
@@ -203,6 +223,12 @@ class DistributorCore:
         # rewrite mode: the node's SYN-ACK leaves un-rewritten).
         self._awaiting_rules: set[str] = set()
         self._passive_logged: dict[str, float] = {}  # node -> when its failures were last logged (no [health])
+        self.content: ContentCore | None = None
+        if administration is not None:
+            self.content = (ContentCore.restore(saved_administration, administration) if saved_administration
+                            else ContentCore(administration))
+            self.content.handle(NodesChanged(self.nodes(), 0.0))  # inactive until start: nothing to carry out
+        self._content_allowed: dict[str, bool] = {}  # the content gate per node (True until it says otherwise)
         if saved_state is not None:
             self._adopt(saved_state, 0.0)
 
@@ -224,6 +250,7 @@ class DistributorCore:
         else:
             self._rules_installed = True  # so that a node added later gets its rules too
             commands.append(InstallRules(self.interposer.rule_layout()))  # serving alone: the addresses are the host's
+        commands += self._content_role(now)
         return self._finish(commands)
 
     def handle(self, event) -> list[Command]:
@@ -238,12 +265,20 @@ class DistributorCore:
                 commands += self._route(self.health.handle(event), event.now)
             if self.failover is not None:
                 commands += self._route(self.failover.handle(event), event.now, event.wall)
+            if self.content is not None:
+                commands += self._content_role(event.now) + self._content(event)
             return self._finish(commands)
         if isinstance(event, NodeDatagram):
             commands = self._route(self.health.handle(event), event.now) if self.health is not None else []
             return self._finish(commands)
         if isinstance(event, AdminRequest):
             return self._finish(self._admin(event))
+        if isinstance(event, (ContentPut, ContentDelete, TaskRequested, BundleAdd, BundleRemove)):
+            return self._finish(self._content_request(event))
+        if isinstance(event, (SyncReported, TaskReported, ContentRefused)):
+            if self.content is None:
+                raise TypeError(f"{type(event).__name__}: content management is off (no [administration])")
+            return self._finish(self._content(event))
         if isinstance(event, Reconfigure):
             return self._finish(self._reconfigure(event))
         if isinstance(event, HalfOpenCounted):
@@ -266,6 +301,7 @@ class DistributorCore:
             commands = self._rules_done(event) if isinstance(event, CommandDone) else []
             if self.failover is not None:
                 commands += self._route(self.failover.handle(event), event_now(event), event_wall(event))
+                commands += self._content_role(event_now(event))
             return self._finish(commands)
         raise TypeError(f"the distributor core takes no {type(event).__name__} event")
 
@@ -276,6 +312,8 @@ class DistributorCore:
             deadlines.append(self.health.next_wakeup)
         if self.failover is not None:
             deadlines.append(self.failover.next_wakeup)
+        if self.content is not None:
+            deadlines.append(self.content.next_wakeup)
         found = [d for d in deadlines if d is not None]
         return min(found) if found else None
 
@@ -301,6 +339,10 @@ class DistributorCore:
             elif isinstance(item, SetNodeEligible):
                 self._healthy[item.node] = item.eligible
                 out += self._gate(item.node)
+                if self.content is not None and self.health is not None and item.node in self.health.board:
+                    # The content core syncs a node whose heartbeats return after it was dead.
+                    alive = self.health.board.state(item.node) is not NodeState.DEAD
+                    out += self._content(NodeLiveness(item.node, alive, now))
             elif isinstance(item, SetNodeRamp):
                 interposer.set_node_ramp(item.node, item.factor)
             elif isinstance(item, SetNodeFeedback):
@@ -363,15 +405,24 @@ class DistributorCore:
         return commands + self._check_drains(now) + self._syn_flood(now) + self._drop_report()
 
     def _burst_check(self, now: float) -> list[Command]:
-        """Kernel mode: after more new connections than the threshold since the last look, count the half-open
-        ones again (at most every 50 ms), so a flood switches authentication on in tens of milliseconds."""
+        """Kernel mode: when the open connections grew by more than the threshold since their low point, count
+        conntrack's half-open ones again (at most every 50 ms), so a flood switches authentication on in tens
+        of milliseconds.
+
+        Growth, not new connections: counting walks conntrack's whole table in the kernel (its filter
+        is applied entry by entry), and at thousands of short connections a second, with as many
+        TIME_WAIT entries, a walk every 50 ms cost more than the connections themselves (measured:
+        new connections fell from 0.60x to 0.23x of kernel DNAT).  Short connections end as they
+        come and do not grow the count; a spoofed flood's entries never end, and do.
+        """
         auth = self.interposer.syn_auth
-        if auth is None or auth.active or self.mode is not Mode.KERNEL:
+        if auth is None or auth.active or self.mode is not Mode.KERNEL or now - self._counted_at < 0.05:
             return []
-        placed = self.interposer.syns_placed - self._syns_counted
-        if placed <= auth.threshold or now - self._counted_at < 0.05:
+        open_now = sum(s.balancer.outstanding(i) for s in self.interposer.services for i in range(len(s.balancer)))
+        self._open_floor = min(self._open_floor, open_now)
+        if open_now - self._open_floor <= auth.threshold:
             return []
-        self._syns_counted = self.interposer.syns_placed
+        self._open_floor = open_now  # a burst of real connections is counted once, not every 50 ms
         self._counted_at = now
         return [CountHalfOpen(auth.threshold + 1)]
 
@@ -389,7 +440,9 @@ class DistributorCore:
         elif auth.active and not was_active:
             commands.append(Alert(self.name, "normal", "syn_authentication", f"{half_open} half-open connections "
                                   "(a SYN flood?): new clients must answer a cookie first", Level.WARNING))
-        if kernel:
+        if kernel and auth.active:
+            # While active, count each second to learn when the flood is over; otherwise growth
+            # decides when to count (_burst_check).
             commands.append(CountHalfOpen(auth.threshold + 1))
         return commands
 
@@ -413,7 +466,45 @@ class DistributorCore:
     # -- runtime administration ---------------------------------------------------------------------------
     def _serving(self, node: str) -> bool:
         return (self._healthy.get(node, True) and self.runtime.admin_state(node) is AdminState.READY
-                and node in self.nodes() and node not in self._awaiting_rules)
+                and node in self.nodes() and node not in self._awaiting_rules and self._content_allowed.get(node, True))
+
+    # -- content and tasks on the nodes (the content core) ------------------------------------------------
+    def _content(self, event) -> list[Command]:
+        """Hand an event to the content core; apply its gate here, pass the rest on."""
+        assert self.content is not None
+        out: list[Command] = []
+        for command in self.content.handle(event):
+            if isinstance(command, SetContentGate):
+                self._content_allowed[command.node] = command.allowed
+                out += self._gate(command.node)
+            elif not isinstance(command, WakeUpAt):  # one WakeUpAt for the whole core, added by _finish
+                out.append(command)
+        return out
+
+    def _content_role(self, now: float) -> list[Command]:
+        """Only the active distributor (or one alone) syncs nodes, sends tasks and gates on content."""
+        if self.content is None:
+            return []
+        active = self.failover is None or self.failover.role is Role.ACTIVE
+        return self._content(ActiveChanged(active, now)) if active != self.content.active else []
+
+    def _content_request(self, event: ContentPut | ContentDelete | TaskRequested | BundleAdd | BundleRemove) -> list[Command]:
+        if self.content is None:
+            return [AdminReply(event.request_id, 404, {"error": "content and task management is off: the distributor's "
+                                                                "config has no [administration] section"})]
+        refusal = self._admin_refusal()
+        if refusal is not None:
+            return [AdminReply(event.request_id, 409, refusal),
+                    Log(Level.WARNING, f"refused a {type(event).__name__} by {event.who}: {refusal['error']}")]
+        version = self.content.change_count  # the content's or the bundles' version
+        commands = self._content(event)
+        if self.content.change_count != version:
+            commands += self._publish_admin(event.wall)
+        return commands
+
+    def change_refusal(self) -> dict | None:
+        """Why this distributor takes no change now (the body of a 409), or None: the API asks before a long upload."""
+        return self._admin_refusal()
 
     def _rules_done(self, event: CommandDone) -> list[Command]:
         """Rules installed: the nodes they name may take new connections now."""
@@ -478,8 +569,7 @@ class DistributorCore:
                                         f"version {self.runtime.version}"))
         text = self.runtime.to_json()
         commands.append(SaveState(text))
-        if self.failover is not None:
-            commands += self.failover.publish_admin(self.runtime.version, text, request.wall)
+        commands += self._publish_admin(request.wall)
         body = {"ok": True, "version": self.runtime.version}
         node = request.args.get("node")
         if isinstance(node, str):
@@ -541,9 +631,37 @@ class DistributorCore:
         except ValueError as exc:
             return [Log(Level.ERROR, f"the active's runtime state is unreadable: {exc}")]
         commands = self._adopt(state, now)
-        text = self.runtime.to_json()
-        commands.append(SaveState(text))
-        return commands + self.failover.publish_admin(self.runtime.version, text, wall)
+        if self.content is not None:
+            commands += self._adopt_replicated_content(received.text, now)
+        commands.append(SaveState(self.runtime.to_json()))
+        return commands + self._publish_admin(wall)
+
+    # -- what the active replicates to the standbys ----------------------------------------------------------
+    def _publish_admin(self, wall: float) -> list[Command]:
+        """Hand the failover core what the standbys adopt: the runtime state and, with [administration], the
+        desired content (its paths, sizes and digests, not the bytes), so a takeover does not find every node
+        "ahead" of an empty desired state.  The replicated version grows with either."""
+        if self.failover is None:
+            return []
+        version, text = self.runtime.version, self.runtime.to_json()
+        if self.content is not None:
+            desired = self.content.replicated()  # with the desired bundles, once any
+            content_text = json.dumps(desired, sort_keys=True)
+            if len(content_text) <= MAX_REPLICATED_CONTENT:
+                data = json.loads(text)
+                data["content"] = desired
+                text = json.dumps(data, sort_keys=True)
+                version = (self.runtime.version << 32) | (self.content.change_count & 0xFFFF_FFFF)
+        return self.failover.publish_admin(version, text, wall)
+
+    def _adopt_replicated_content(self, text: str, now: float) -> list[Command]:
+        try:
+            desired = json.loads(text).get("content")
+        except (ValueError, AttributeError):
+            return []
+        if desired is None:
+            return []
+        return self._content(DesiredReplicated(desired, now))
 
     def _adopt(self, state: RuntimeState, now: float) -> list[Command]:
         """Take a whole runtime state (the state file at start; the active's on a standby)."""
@@ -591,6 +709,9 @@ class DistributorCore:
             self._awaiting_rules |= added_now  # released by _rules_done when the InstallRules below is done
         nodes = self.nodes()
         self._awaiting_rules &= set(nodes)
+        if self.content is not None:
+            commands += self._content(NodesChanged(nodes, now))
+            self._content_allowed = {n: a for n, a in self._content_allowed.items() if n in nodes}
         if self.health is not None:
             for node, address in nodes.items():
                 if node not in self.health.board:
@@ -663,6 +784,8 @@ class DistributorCore:
                                                        "drained": drained is not None,
                                                        "drained_after": None if drained is None
                                                        else round(drained - started, 3)}}
+        if self.content is not None:
+            view["content"] = self.content.node_summary(node)
         if health is not None and node in health:
             view["heartbeat_counter"] = health.counter(node)
             last = health.last_heartbeat(node)
@@ -715,6 +838,8 @@ class DistributorCore:
                 return "held out for flapping"
             if not board.eligible(node):
                 return f"health {board.state(node).value} (heartbeat counter {board.counter(node)})"
+        if self.content is not None and not self._content_allowed.get(node, True):
+            return self.content.exclusion(node) or "content differs"
         if service.balancer.weight(backend.index) == 0:
             return "weight 0"
         return None
@@ -764,4 +889,4 @@ class DistributorCore:
         return DistributorStats(self.name, self.interposer.stats(),
                                 self.health.stats(now) if self.health is not None else None,
                                 self.failover.stats() if self.failover is not None else None,
-                                nodes, self.runtime.version)
+                                nodes, self.runtime.version, self.content.stats() if self.content is not None else None)

@@ -8,9 +8,12 @@ validates the config and exits.  Under systemd (``Type=notify``) it reports read
 has started.
 
 This module only wires: it builds the :class:`~distributor.core.DistributorCore`, the adapters
-(NFQUEUE, iptables, UDP sockets, netlink addresses and ARP, conntrack, raw sends, alerts, metrics)
-and the :class:`~distributor.runtime.Runtime` whose executor table maps each command to the adapter
-that carries it out.  Signal handlers only feed an event.
+(NFQUEUE, iptables, UDP sockets, netlink addresses and ARP, conntrack, raw sends, alerts, metrics,
+and with ``[administration]`` the blob store and the brokers' client) and the
+:class:`~distributor.runtime.Runtime` whose executor table maps each command to the adapter that
+carries it out.  Signal handlers only feed an event.  Two state files: the runtime state
+(``distributor.state_file``) and the administration state (``administration.state_file``: desired
+content, confirmed versions, task records), each written atomically and read back at start.
 """
 
 from __future__ import annotations
@@ -29,15 +32,18 @@ from backup.failover import (Announce, ArmFirstForward, ClaimAddresses, DrainQue
                              PeerDatagram, ReleaseAddresses, ReleaseNewSyns, RemoveRules)
 from backup.takeover import AddressOwner
 from common.keyfile import load_keys
-from common.realtime import set_realtime
+from common.realtime import set_nice, set_realtime
 from common.systemd import JournalFormatter, notify, under_journal, watchdog_interval
 from common.sansio import Alert, Level, Log, Send, StopRequested
 from common.wire import Keys, KeysError
 
 from . import __version__
 from .admin import AdminReply, RuntimeState, SaveState
+from .adminclient import NodeAdministrator
 from .alerts import Alerts
 from .api import ControlApi, EventLog
+from .blobstore import BlobStore
+from .contentcore import CollectBlobs, ContentCore, FetchTask, RunTask, SaveAdministration, SyncNode
 from .config import Config, ConfigError, load
 from .conntrack import Conntrack
 from .core import ConntrackAnswered, CountHalfOpen, DistributorCore, HalfOpenCounted, Reconfigure, SetConntrackLiberal
@@ -83,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         keys, failover_keys, tokens = load_secrets(config)
+        admin_keys = load_admin_keys(config)
     except (ConfigError, KeysError) as exc:
         print(f"distributor: config error: {exc}", file=sys.stderr)
         return 2
@@ -93,13 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                   "gratuitous ARP need CAP_NET_RAW): run it as root, or under systemd with "
                   "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW", " and ".join(missing))
         return 1
-    problem = set_realtime(config.realtime_priority)
+    if config.realtime_priority:
+        problem = set_realtime(config.realtime_priority)
+        setting, how = "realtime_priority = 0", f"SCHED_FIFO priority {config.realtime_priority}"
+    else:
+        problem = set_nice(config.nice)
+        setting, how = "nice = 0", f"nice {config.nice}"
     if problem:
-        log.warning("%s; timers may wait behind load (set distributor.realtime_priority = 0 to silence this)", problem)
-    elif config.realtime_priority:
-        log.info("running at SCHED_FIFO priority %d", config.realtime_priority)
+        log.warning("%s; timers may wait behind load (set distributor.%s to silence this)", problem, setting)
+    elif config.realtime_priority or config.nice:
+        log.info("running at %s", how)
     try:
-        asyncio.run(serve(config, keys, failover_keys, tokens, args.config))
+        asyncio.run(serve(config, keys, failover_keys, tokens, args.config, admin_keys))
     except (RulesError, QueueError, OSError) as exc:
         log.error("%s", exc)
         return 1
@@ -121,13 +133,19 @@ def load_secrets(config: Config) -> tuple[Keys | None, Keys | None, list]:
     return keys, failover_keys, tokens
 
 
+def load_admin_keys(config: Config) -> Keys | None:
+    """The keys that sign requests to the node brokers ([administration] keys_file), or None when it is off."""
+    return load_keys(config.administration.keys_file) if config.administration is not None else None
+
+
 def files_missing(config: Config) -> list[str]:
     """What --check reports without failing: files the config names that this host does not have (yet)."""
     problems = []
-    try:
-        load_secrets(config)
-    except (ConfigError, KeysError) as exc:
-        problems.append(str(exc))
+    for load_them in (load_secrets, load_admin_keys):
+        try:
+            load_them(config)
+        except (ConfigError, KeysError) as exc:
+            problems.append(str(exc))
     return problems
 
 
@@ -212,11 +230,17 @@ def describe(config: Config) -> str:
                      f"{', '.join(f.peers)}, takes over after {f.settings.dead_seconds:.2f} s of silence; floating: {addresses}")
     else:
         lines.append("  failover: off (no [failover] section): this distributor serves alone")
+    if config.administration:
+        a = config.administration
+        lines.append(f"  administration: brokers on port {a.options.broker_port} as {a.sender!r}, blobs in {a.blob_dir}, "
+                     f"state {a.state_file or 'in memory only'}, checks every {a.options.check_interval:g} s")
+    else:
+        lines.append("  administration: off (no [administration] section): no content or task management")
     return "\n".join(lines)
 
 
 def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None,
-               saved: RuntimeState | None = None) -> DistributorCore:
+               saved: RuntimeState | None = None, saved_administration: str | None = None) -> DistributorCore:
     return DistributorCore(
         config.name, config.mode, config.services, config.capacity, config.timeouts,
         health=config.health.options(config.nodes) if config.health is not None and keys is not None else None,
@@ -225,6 +249,8 @@ def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None,
         failover_keys=failover_keys,
         saved_state=saved,
         syn_auth=config.syn_auth(os.urandom(32)),
+        administration=config.administration.options if config.administration is not None else None,
+        saved_administration=saved_administration,
     )
 
 
@@ -251,6 +277,59 @@ def read_state(path: str | None) -> RuntimeState | None:
     return state
 
 
+def read_administration(config: Config) -> str | None:
+    """The administration state a previous run left, checked; an unreadable one is kept aside (``.bad``)."""
+    if config.administration is None or not config.administration.state_file:
+        return None
+    path = config.administration.state_file
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.error("cannot read the administration state %s (%s): starting with no desired content", path, exc.strerror)
+        return None
+    try:
+        restored = ContentCore.restore(text, config.administration.options)
+    except ValueError as exc:
+        aside = f"{path}.bad"
+        os.replace(path, aside)
+        log.error("the administration state %s is unreadable (%s): kept as %s; starting with no desired content",
+                  path, exc, aside)
+        return None
+    log.info("administration state restored from %s: content version %d, %d task request(s)", path,
+             restored.desired.version, len(restored.tasks))
+    return text
+
+
+class LatestWriter:
+    """Writes the newest text it was given to a file, atomically, in a worker thread; a text that a newer one
+    replaced before its turn is skipped (the administration state can be large and change often)."""
+
+    def __init__(self, path: str, what: str):
+        self.path = path
+        self.what = what
+        self._latest: str | None = None
+        self._task: asyncio.Task | None = None
+
+    def save(self, text: str) -> None:
+        self._latest = text
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._write(), name=f"write {self.what}")
+
+    async def _write(self) -> None:
+        while self._latest is not None:
+            text, self._latest = self._latest, None
+            try:
+                await asyncio.to_thread(write_state, self.path, text)
+            except OSError as exc:
+                log.error("cannot write the %s %s: %s; it is not kept across a restart", self.what, self.path, exc)
+
+    async def flush(self) -> None:
+        if self._task is not None:
+            await asyncio.wait({self._task}, timeout=10.0)
+
+
 def write_state(path: str, text: str) -> None:
     """Atomically: a crash leaves the old file or the new one, never half of one."""
     target = Path(path)
@@ -272,6 +351,8 @@ def reload_refusal(running: Config, new: Config) -> str | None:
         return "a [health] or [failover] section was added or removed"
     if running.failover is not None and running.failover != new.failover:
         return "the [failover] section changed"
+    if running.administration != new.administration:
+        return "the [administration] section changed"
     # The core keeps its services (their queue rules and VIPs are set up at start); refusing here
     # keeps the running config and the core in agreement, and says so as a refusal.
     added = [s.name for s in new.services if s.name not in {r.name for r in running.services}]
@@ -281,10 +362,10 @@ def reload_refusal(running: Config, new: Config) -> str | None:
 
 
 async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | None = None, tokens: list | None = None,
-                config_path: str | None = None) -> None:
+                config_path: str | None = None, admin_keys: Keys | None = None) -> None:
     loop = asyncio.get_running_loop()
     clock, wall_clock = time.monotonic, time.time
-    core = build_core(config, keys, failover_keys, read_state(config.state_file))
+    core = build_core(config, keys, failover_keys, read_state(config.state_file), read_administration(config))
     runtime = Runtime(core, {}, clock, wall_clock)
     runtime.attach(loop)
     alerts = Alerts(config.name, config.alert_log, config.smtp)
@@ -298,12 +379,29 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     endpoints: list[DatagramEndpoint] = []
     peers: DatagramEndpoint | None = None
     events = EventLog()
+    administration = config.administration
+    blobs: BlobStore | None = None
+    administrator: NodeAdministrator | None = None
+    admin_writer: LatestWriter | None = None
+    if administration is not None:
+        if admin_keys is None:
+            admin_keys = load_admin_keys(config)
+        blobs = await asyncio.to_thread(BlobStore, administration.blob_dir)
+        # Requests leave from this distributor's cluster-LAN address: the brokers pin its name to it, and the
+        # active one also holds the internal gateway address on that interface.
+        local = str(config.failover.address) if config.failover is not None else None
+        administrator = NodeAdministrator(admin_keys, administration.sender, blobs, runtime.feed, clock, wall_clock,
+                                          local, administration.connect_timeout, administration.timeout)
+        if administration.state_file:
+            admin_writer = LatestWriter(administration.state_file, "administration state")
 
     def role() -> str:
         return core.stats(clock()).role
 
     api = ControlApi(core, runtime.feed, tokens or [], events, clock, wall_clock, role, config.mode.value,
-                     config.name) if config.api is not None else None
+                     config.name, blobs=blobs,
+                     max_upload=administration.max_upload if administration is not None else 0) \
+        if config.api is not None else None
 
     def alert(command: Alert) -> None:
         alerts.notify(command.subject, command.old, command.new, command.reason, int(command.level))
@@ -402,6 +500,15 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         ForgetHandshakes: forget_handshakes,
         CountHalfOpen: count_half_open,
     })
+    if administrator is not None:
+        # Plain functions that start a task each: a 100 MiB sync never holds up the runtime's slow lane.
+        runtime.register({
+            SyncNode: administrator.sync,
+            RunTask: administrator.run_task,
+            FetchTask: administrator.fetch_task,
+            CollectBlobs: administrator.collect_blobs,
+            SaveAdministration: (lambda c: admin_writer.save(c.text)) if admin_writer is not None else (lambda c: None),
+        })
 
     stop = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -488,6 +595,10 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             task.cancel()
         if api is not None:
             await api.stop()
+        if administrator is not None:
+            await administrator.close()
+        if admin_writer is not None:
+            await admin_writer.flush()
         runtime.feed(StopRequested(clock(), wall_clock()))
         await runtime.settle()
         runtime.close()

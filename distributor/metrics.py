@@ -52,12 +52,14 @@ from common.wire import Kind, Reject
 
 from . import __version__
 from .admin import AdminState
+from .contentcore import REFUSAL_REASONS, SYNC_RESULTS
 from .heartbeat import HealthStats, NodeState, node_moves
 from .reroute import Mode, Reason
 from .rules import GUARD_TAG, UNKNOWN_REPLY_TAG
 
 if TYPE_CHECKING:
     from .alerts import Alerts
+    from .contentcore import ContentStats
     from .core import DistributorCore, DistributorStats
     from .datapath import PacketQueue
     from .runtime import Runtime
@@ -226,6 +228,8 @@ class DistributorCollector:
             yield from self._health(stats.health)
         if stats.failover is not None:
             yield from self._failover(stats.failover, now)
+        if stats.content is not None:
+            yield from self._content(stats.content)
         yield from self._adapters()
 
     # -- families --------------------------------------------------------------------------------
@@ -308,13 +312,44 @@ class DistributorCollector:
         """The operator's state of each node (HAProxy's READY / DRAIN / MAINT), and whether it serves."""
         admin = GaugeMetricFamily("distributor_node_admin_state", "1 for the administrative state an operator set "
                                   "(ready, drain, maint)", labels=["node", "state"])
-        serving = GaugeMetricFamily("distributor_node_serving", "1 while the node may take new connections: healthy "
-                                    "and ready", labels=["node"])
+        serving = GaugeMetricFamily("distributor_node_serving", "1 while the node may take new connections: healthy, "
+                                    "ready and (with content management) not held out for its content", labels=["node"])
         for node in stats.nodes:
             for candidate in AdminState:
                 admin.add_metric([node.node, candidate.value], 1 if node.admin is candidate else 0)
             serving.add_metric([node.node], 1 if node.serving else 0)
         yield from (admin, serving)
+
+    def _content(self, content: "ContentStats") -> Iterator:
+        """Content on the nodes ([administration]).  Per-node series only on the active distributor: a standby
+        checks no node, and DistributorContentMismatch takes the max over every scraped distributor."""
+        yield GaugeMetricFamily("distributor_content_version", "The desired content's version (grows with every "
+                                "change)", value=content.version)
+        yield GaugeMetricFamily("distributor_content_paths", "Managed paths in the desired content",
+                                value=content.paths)
+        yield GaugeMetricFamily("distributor_content_bytes", "Bytes of the desired content", value=content.bytes)
+        mismatch = GaugeMetricFamily("distributor_node_content_mismatch", "1 while the node is not confirmed to hold "
+                                     "the desired content (behind, updating or ahead)", labels=["node"])
+        held = GaugeMetricFamily("distributor_node_content_held_out", "1 while the node takes no new connections "
+                                 "because its content is behind", labels=["node"])
+        confirmed = GaugeMetricFamily("distributor_node_content_version", "The content version the node was last "
+                                      "confirmed to hold (-1: never)", labels=["node"])
+        if content.active:
+            for node in content.nodes:
+                mismatch.add_metric([node.node], 1 if node.mismatch else 0)
+                held.add_metric([node.node], 1 if node.held_out else 0)
+                confirmed.add_metric([node.node], -1 if node.confirmed is None else node.confirmed)
+        yield from (mismatch, held, confirmed)
+        syncs = CounterMetricFamily("distributor_content_syncs", "Node syncs and checks by result", labels=["result"])
+        for result in SYNC_RESULTS:
+            syncs.add_metric([result], content.syncs.get(result, 0))
+        yield syncs
+        refusals = CounterMetricFamily("distributor_content_refusals", "Operator content and task requests the "
+                                       "distributor refused, by reason", labels=["reason"])
+        for reason in REFUSAL_REASONS:
+            refusals.add_metric([reason], content.refusals.get(reason, 0))
+        yield refusals
+        yield GaugeMetricFamily("distributor_tasks_kept", "Task requests this distributor keeps", value=content.tasks)
 
     def _health(self, health: HealthStats) -> Iterator:
         node = ["node"]

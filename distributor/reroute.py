@@ -425,7 +425,7 @@ class Interposer:
         # Kernel mode cannot see handshakes complete: conntrack's count of unreplied connections,
         # read now and then (SynAuth's trigger there).
         self.half_open_hint = 0
-        self.syns_placed = 0  # new connections placed: kernel mode asks conntrack again after a burst
+        self.syns_placed = 0  # new connections placed (counted for observers)
         self.table = table
         self.mode = mode
         self._kernel = mode is Mode.KERNEL

@@ -73,6 +73,7 @@ class Options:
     # The distributors' configs name only web1..webN (None: every web node); the others run nginx and
     # an agent but are unknown until a config naming them is reloaded (set_configured_nodes + SIGHUP).
     configured_nodes: int | None = None
+    persistence: float = 0.0  # services.persistence: seconds a client's new connections follow its last one (0: off)
 
 
 def check_project(name: str) -> str:
@@ -663,8 +664,11 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
         smtp=smtp,
         state_file=directory / "state.json",
         api=API_CONF.format(address=host.address_on("int"), port=API_PORT, tokens=api_tokens) if api_tokens else "",
+        administration=ADMINISTRATION_CONF.format(port=BROKER_PORT, blobs=directory / "blobs",
+                                                  state=directory / "administration.json"),
         failover_extra="" if options.garp_refresh is None else f"garp_refresh = {options.garp_refresh:g}\n",
         health_extra="" if options.flap_suppress is None else f"flap_suppress = {options.flap_suppress:g}\n",
+        service_extra=f"persistence = {options.persistence:g}\n" if options.persistence else "",
     )
 
 
@@ -757,7 +761,7 @@ name = "http"
 vip = "{vip}"
 port = {port}
 policy = "{policy}"
-backends = [{backends}]
+{service_extra}backends = [{backends}]
 
 [health]
 listen = "0.0.0.0:{heartbeat_port}"
@@ -779,7 +783,16 @@ peers = {{ {peers} }}
 
 [alerts]
 log_file = "{alert_log}"
-{smtp}{api}"""
+{smtp}{api}{administration}"""
+
+# Content and tasks on the nodes: the agents' [broker] (BROKER_CONF) knows each distributor by its name
+# and LAN address, and signs with the heartbeat keys, the defaults here too.
+ADMINISTRATION_CONF = """
+[administration]
+broker_port = {port}
+blob_dir = "{blobs}"
+state_file = "{state}"
+"""
 
 API_CONF = """
 [api]

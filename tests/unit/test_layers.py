@@ -23,7 +23,8 @@ CORE = {
     "distributor.synauth",
     "backup.roles", "backup.sync", "backup.failover",
     # administration (docs/administration.md)
-    "common.adminauth", "common.paths", "distributor.content", "node.tasks", "node.logscan",
+    "common.adminauth", "common.paths", "distributor.content", "distributor.contentcore", "node.tasks",
+    "node.logscan",
 }
 ADAPTERS = {
     "common.keyfile", "common.realtime", "common.systemd",
