@@ -11,7 +11,7 @@ from common.wire import Keys
 from distributor.admin import AdminOp, AdminReply, AdminRequest, AdminState, RuntimeState, SaveState
 from distributor.balancer import Policy
 from distributor.core import DistributorCore
-from distributor.reroute import ConnectionEnded, Mode, Reason, SendPacket
+from distributor.reroute import Mode, SendPacket
 from tests.packets import CLIENT, VIP, WEB, tcp
 from tests.playbook import Playbook
 from tests.unit.test_reroute import service_spec
@@ -50,14 +50,19 @@ class Pair:
         for name in DISTRIBUTORS:
             self.start(name)
 
-    def start(self, name: str) -> DistributorCore:
+    @staticmethod
+    def failover_options(name: str) -> FailoverOptions:
+        """``name``'s failover settings: its priority, the other one as its peer, the LAN's broadcast."""
         address, priority = DISTRIBUTORS[name]
         (peer, (peer_address, _)), = ((n, a) for n, a in DISTRIBUTORS.items() if n != name)
-        options = FailoverOptions(name, ipaddress.IPv4Address(address),
-                                  FailoverSettings(priority=priority, interval=INTERVAL, warning=3, dead=6),
-                                  BROADCAST, {peer: ipaddress.IPv4Address(peer_address)}, BROADCAST[1],
-                                  address_lifetime=0.0)
-        core = DistributorCore(name, Mode.REWRITE, [service_spec()], 100, failover=options, failover_keys=KEYS)
+        return FailoverOptions(name, ipaddress.IPv4Address(address),
+                               FailoverSettings(priority=priority, interval=INTERVAL, warning=3, dead=6),
+                               BROADCAST, {peer: ipaddress.IPv4Address(peer_address)}, BROADCAST[1],
+                               address_lifetime=0.0)
+
+    def start(self, name: str) -> DistributorCore:
+        core = DistributorCore(name, Mode.REWRITE, [service_spec()], 100, failover=self.failover_options(name),
+                               failover_keys=KEYS)
         self.cores[name] = core
         self.down.discard(name)
         self._run(name, core.start(self.now, WALL + self.now))
