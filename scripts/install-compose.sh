@@ -2,7 +2,8 @@
 # Installs what the compose testbed needs on Debian 12 with podman, as root (the compose
 # end-to-end test runs it; so can you): the project's own setup (install.sh), Debian's podman,
 # runc and debootstrap (only those missing), podman-compose in .venv, and the local base image
-# the Dockerfile starts from (debootstrap + podman import: no image registry is needed).
+# the Dockerfile starts from (debootstrap + podman import: no image registry is needed; the
+# monitor profile's base is made the same way by testbed.compose_cluster when that profile is built).
 # Leaves /etc alone: podman's settings are given through CONTAINERS_CONF=testbed/image/containers.conf.
 # Docker users need none of this: Docker Compose v2 and an engine, then the README's commands.
 set -euo pipefail

@@ -20,29 +20,49 @@ section, and ``testbed.compose_cluster``, which drives either):
 * the heartbeat key made by the first container that starts, on the
   ``keys`` volume: each run that starts from an empty volume gets its own
   secret, and there is no public default; the control-API tokens likewise
-  (made by the first distributor; ``testbed.container``);
+  (made by the first distributor; ``testbed.container``), and the operator
+  key that signs task bundles, which every agent trusts (by the first web node);
 * each distributor's metrics and control API on its cluster-LAN address
   (:data:`LAN_PORTS`).  The distributor's guard lets the engine's host address
   on that bridge (:func:`host_address`, when the engine gives the host one)
   reach both ports (``[metrics] allow``, ``[api] allow``); on engines that give
   the host no address there (podman), ``exec`` in a distributor reaches them;
+* every node agent's broker on its cluster-LAN address (:data:`BROKER_PORT`),
+  configured as the namespace runner configures it (``testbed.container``):
+  the active distributor pushes content and bundles and runs tasks there
+  (``distributorctl content ...``, ``task ...`` in a distributor); the
+  requests leave from the distributor's LAN address, the one each broker pins
+  to its name, and the answers come back from node addresses, which the
+  distributor's guard lets through (its rules match the service port only);
 * both networks ``internal``: nothing in the cluster routes to the outside.
 
-:data:`PROFILE_SERVICES` renders optional services under compose profiles.  It is
-empty: a ``monitor`` profile from the same image would need Debian's
-prometheus and prometheus-alertmanager in the base image, about 370 MB
-installed with their dependencies (apt-cache, bookworm), for every run.
+:data:`PROFILE_SERVICES` renders optional services under compose profiles, each
+with its own image so that the runtime image of every run stays as it is:
+
+* ``monitor`` (``--profile monitor``): Debian's prometheus and
+  prometheus-alertmanager with deploy/prometheus's files
+  (``testbed/image/Dockerfile.monitor``, packages in
+  ``testbed/image/monitor-packages.txt``), at :data:`MONITOR_ADDRESS` on the
+  cluster LAN (the namespace testbed's monitor address, outside the hosts' and
+  the reserved ones), scraping the distributors (:data:`LAN_PORTS`) and the
+  node agents (:data:`AGENT_METRICS_PORT`, which every web node serves on its
+  LAN address) at the targets :func:`monitor_targets` renders from the
+  topology; the distributors' guard lets that address reach the metrics port
+  (``[metrics] allow``, ``testbed.container``), nothing else.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import sys
 from typing import Callable
 
-from .runner import API_PORT, METRICS_PORT
-from .topology import Host, Topology, build
+from .monitoring import AGENT_METRICS_PORT, ALERTMANAGER_PORT, PROMETHEUS_PORT
+# BROKER_PORT: every node agent's broker (node/broker.py) listens there on its cluster-LAN address.
+from .runner import API_PORT, BROKER_PORT, METRICS_PORT
+from .topology import MONITOR, Host, Topology, build
 
 IMAGE = "distributor-testbed"
 KEYS_VOLUME = "keys"
@@ -55,9 +75,19 @@ BASE_IMAGE_VARIABLE = "DISTRIBUTOR_BASE_IMAGE"
 # cluster's containers.  testbed.container configures both there.
 LAN_PORTS: dict[str, int] = {"metrics": METRICS_PORT, "api": API_PORT}
 
-# Functions rendering optional services (each returns YAML text indented as a service
-# under `services:`, with its own `profiles: [...]`).  Empty: see the module's docstring.
-PROFILE_SERVICES: list[Callable[[Topology], str]] = []
+# The monitor profile's service: its own image (Debian's prometheus and alertmanager stay out of
+# IMAGE), from the same base as IMAGE (DISTRIBUTOR_MONITOR_BASE_IMAGE on podman: a local base
+# with its packages, testbed.compose_cluster), at the namespace testbed's monitor address.
+MONITOR_PROFILE = "monitor"
+MONITOR_IMAGE = "distributor-testbed-monitor"
+MONITOR_DOCKERFILE = "testbed/image/Dockerfile.monitor"
+MONITOR_BASE_VARIABLE = "DISTRIBUTOR_MONITOR_BASE_IMAGE"
+MONITOR_ADDRESS = MONITOR.ip
+MONITOR_PORTS: dict[str, int] = {"prometheus": PROMETHEUS_PORT, "alertmanager": ALERTMANAGER_PORT}
+# The monitor's entrypoint (testbed/image/monitor-entrypoint.sh) writes each variable's JSON to
+# the file_sd file of deploy/prometheus/prometheus.yml named here.
+MONITOR_TARGET_FILES: dict[str, str] = {"DISTRIBUTOR_TARGETS": "distributors.json",
+                                        "NODE_AGENT_TARGETS": "node-agents.json"}
 
 # A container's /proc/sys is read-only, so sysctls the programs would write themselves
 # are set by the engine when it creates the container.  Kernel mode makes conntrack
@@ -76,8 +106,48 @@ HEADER = """\
 #   docker compose exec client curl -si http://203.0.113.1/
 #   docker compose exec dist1 distributorctl --url http://198.51.100.2:8410 --token-file /run/testbed-keys/admin-token nodes
 #   docker compose down -v                                # -v also drops this run's key
-# podman: bash scripts/install-compose.sh, then .venv/bin/python -m testbed.compose_cluster up
+# Prometheus and Alertmanager too (198.51.100.9:9090, :9093): --profile monitor after `compose`, in `up` and `down`.
+# podman: bash scripts/install-compose.sh, then .venv/bin/python -m testbed.compose_cluster [--profile monitor] up
 """
+
+
+def monitor_targets(topology: Topology) -> dict[str, list[dict]]:
+    """The monitor's scrape targets, {variable: file_sd list}: both distributors' metrics on their
+    LAN addresses, labelled ``distributor``, and every node agent's, labelled ``node`` (the labels
+    deploy/prometheus's rules use; testbed.monitoring writes the same for the namespace testbed)."""
+    return {
+        "DISTRIBUTOR_TARGETS": [{"targets": [f"{h.address_on('int')}:{LAN_PORTS['metrics']}"],
+                                 "labels": {"distributor": h.name}} for h in topology.by_role("distributor")],
+        "NODE_AGENT_TARGETS": [{"targets": [f"{h.address_on('int')}:{AGENT_METRICS_PORT}"], "labels": {"node": h.name}}
+                               for h in topology.web_nodes],
+    }
+
+
+def monitor_service(topology: Topology) -> str:
+    out = [
+        f"  {MONITOR_PROFILE}:\n",
+        f"    image: {MONITOR_IMAGE}\n",
+        "    build:\n      context: .\n",
+        f"      dockerfile: {MONITOR_DOCKERFILE}\n",
+        "      args:\n",
+        f'        BASE_IMAGE: "${{{MONITOR_BASE_VARIABLE}:-debian:12}}"\n',
+        f'    profiles: ["{MONITOR_PROFILE}"]\n',
+        f"    hostname: {MONITOR_PROFILE}\n",
+        "    environment:\n",
+    ]
+    # Single-quoted YAML: JSON has no single quote, and no `$` for compose to interpolate.
+    out += [f"      {variable}: '{json.dumps(targets)}'\n" for variable, targets in monitor_targets(topology).items()]
+    out.append("    healthcheck:\n")
+    out.append('      test: ["CMD", "testbed-monitor", "--health"]\n')
+    out += [f"      {key}: {value}\n" for key, value in HEALTH.items()]
+    out.append(f"    networks:\n      int:\n        ipv4_address: {MONITOR_ADDRESS}\n")
+    return "".join(out)
+
+
+# Functions rendering optional services (each returns YAML text indented as a service
+# under `services:`, with its own `profiles: [...]`), and the profiles they make.
+PROFILE_SERVICES: list[Callable[[Topology], str]] = [monitor_service]
+PROFILES = (MONITOR_PROFILE,)
 
 
 def host_address(network: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
@@ -148,7 +218,8 @@ def render(topology: Topology) -> str:
     )
     out.append("services:\n")
     for host in topology.hosts:
-        out.append(_service(topology, host))
+        if host.role != "monitor":  # a topology built with monitor=True: the profile renders it
+            out.append(_service(topology, host))
     for profile_service in PROFILE_SERVICES:
         out.append(profile_service(topology))
     out.append("networks:\n")

@@ -15,11 +15,17 @@ Contract
   ``testbed/image/debian-packages.txt`` included, imported as
   ``localhost/distributor-base:bookworm-<key>``; the key hashes that list, so
   the image is made again only when it changes (older keys are removed).
-* :class:`ComposeCluster` is one compose project (``-p NAME``): ``build``,
-  ``up`` (returns when every service is healthy and the VIP answers from the
-  client), ``down`` (containers, networks and the key volume of that project
-  only), ``exec``/``popen``/``kill``/``logs`` on a service, and the
-  distributors' metrics and roles.  Podman is given
+  The ``monitor`` profile's image starts from a second base made the same way
+  from ``testbed/image/monitor-packages.txt`` (Debian's prometheus and
+  prometheus-alertmanager), ``localhost/distributor-monitor-base:bookworm-<key>``,
+  made only when a cluster with that profile is built.
+* :class:`ComposeCluster` is one compose project (``-p NAME``), with the
+  compose profiles it runs (``profiles=("monitor",)``: the monitor service and
+  its image too): ``build``, ``up`` (returns when every service is healthy and
+  the VIP answers from the client), ``down`` (containers, networks and the key
+  volume of that project only, of every profile), ``exec``/``popen``/``kill``/
+  ``logs`` on a service, the distributors' metrics and roles, and the monitor's
+  Prometheus API (``prometheus``).  Podman is given
   ``testbed/image/containers.conf`` through ``CONTAINERS_CONF`` unless the
   caller set one.
 * ``python -m testbed.compose_cluster [-p NAME] [--engine E] VERB`` offers the
@@ -39,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -50,20 +57,41 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compose import BASE_IMAGE_VARIABLE, IMAGE, LAN_PORTS, MODE_VARIABLE, start_order
+from .compose import (BASE_IMAGE_VARIABLE, IMAGE, LAN_PORTS, MODE_VARIABLE, MONITOR_BASE_VARIABLE, MONITOR_DOCKERFILE,
+                      MONITOR_IMAGE, MONITOR_PORTS, MONITOR_PROFILE, PROFILES, start_order)
 from .runner import TestbedError, wait_until
 from .topology import Topology, build
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 PACKAGES_FILE = ROOT / "testbed" / "image" / "debian-packages.txt"
+MONITOR_PACKAGES_FILE = ROOT / "testbed" / "image" / "monitor-packages.txt"
 CONTAINERS_CONF = ROOT / "testbed" / "image" / "containers.conf"
 WHEELS = ROOT / ".compose" / "wheels"
 CACHE = Path(os.environ.get("DISTRIBUTOR_COMPOSE_CACHE", "/var/cache/distributor-compose"))
 BASE_REPOSITORY = "localhost/distributor-base"
+MONITOR_BASE_REPOSITORY = "localhost/distributor-monitor-base"
 CNI_IPAM_STATE = Path("/var/lib/cni/networks")
 SUITE = "bookworm"
 IMAGE_PYTHON = (3, 11)  # Debian 12's python3, which runs the wheels in the image
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """An image the compose file builds, and the local base (podman) it starts from."""
+    image: str
+    dockerfile: Path
+    packages_file: Path
+    base_repository: str
+    base_variable: str  # the compose file's build argument for the base
+
+
+RUNTIME = Flavour(IMAGE, ROOT / "Dockerfile", PACKAGES_FILE, BASE_REPOSITORY, BASE_IMAGE_VARIABLE)
+MONITOR = Flavour(MONITOR_IMAGE, ROOT / MONITOR_DOCKERFILE, MONITOR_PACKAGES_FILE, MONITOR_BASE_REPOSITORY,
+                  MONITOR_BASE_VARIABLE)
+FLAVOURS = {"runtime": RUNTIME, MONITOR_PROFILE: MONITOR}  # by profile, "runtime" for the image of every run
+
+
 def _source_parts() -> tuple[str, ...]:
     """What the project's wheel is built from: the packages pyproject.toml includes, and its metadata files."""
     find = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
@@ -148,15 +176,16 @@ def build_wheels(log=_say) -> Path:
 
 # -- the base image (podman, no registry) --------------------------------------------
 
-def image_packages(text: str | None = None) -> list[str]:
-    text = PACKAGES_FILE.read_text() if text is None else text
+def image_packages(text: str | None = None, path: Path = PACKAGES_FILE) -> list[str]:
+    text = path.read_text() if text is None else text
     return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
 
 
-def base_image_name(packages: list[str] | None = None) -> str:
-    packages = image_packages() if packages is None else packages
+def base_image_name(packages: list[str] | None = None, flavour: Flavour = RUNTIME) -> str:
+    """``REPOSITORY:bookworm-<key>``; the key hashes the package list, so a changed list makes a new base."""
+    packages = image_packages(path=flavour.packages_file) if packages is None else packages
     digest = hashlib.sha256(f"{SUITE} minbase {' '.join(sorted(packages))}".encode()).hexdigest()[:12]
-    return f"{BASE_REPOSITORY}:{SUITE}-{digest}"
+    return f"{flavour.base_repository}:{SUITE}-{digest}"
 
 
 def apt_mirror(sources: list[Path] | None = None) -> str:
@@ -179,16 +208,17 @@ def apt_mirror(sources: list[Path] | None = None) -> str:
     return "http://deb.debian.org/debian"
 
 
-def ensure_base_image(env: dict[str, str], log=_say) -> str:
-    """The local base image, made with debootstrap when it is missing; returns its name."""
-    name = base_image_name()
+def ensure_base_image(env: dict[str, str], log=_say, flavour: Flavour = RUNTIME) -> str:
+    """The local base image of ``flavour``, made with debootstrap when it is missing; returns its name."""
+    name = base_image_name(flavour=flavour)
     if _run(["podman", "image", "exists", name], env=env, check=False).returncode == 0:
         return name
     mirror = apt_mirror()
+    packages = image_packages(path=flavour.packages_file)
     log(f"making the base image {name} with debootstrap from {mirror}")
     with tempfile.TemporaryDirectory(prefix="distributor-base-", dir="/var/tmp") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        _run(["debootstrap", "--variant=minbase", f"--include={','.join(image_packages())}", SUITE, str(rootfs), mirror],
+        _run(["debootstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE, str(rootfs), mirror],
              timeout=1200)
         for cache in ("var/cache/apt/archives", "var/lib/apt/lists"):
             for entry in (rootfs / cache).glob("*"):
@@ -196,12 +226,13 @@ def ensure_base_image(env: dict[str, str], log=_say) -> str:
                     entry.unlink()
         tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
         try:
-            _run(["podman", "import", "--message", f"debootstrap {SUITE} minbase + {PACKAGES_FILE.name}", "-", name],
-                 env=env, stdin=tar.stdout)
+            _run(["podman", "import", "--message", f"debootstrap {SUITE} minbase + {flavour.packages_file.name}", "-",
+                  name], env=env, stdin=tar.stdout)
         finally:
             tar.stdout.close()
             tar.wait()
-    for line in _run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", BASE_REPOSITORY], env=env).stdout.split():
+    listing = _run(["podman", "images", "--format", "{{.Repository}}:{{.Tag}}", flavour.base_repository], env=env)
+    for line in listing.stdout.split():
         if line != name:
             _run(["podman", "rmi", line], env=env, check=False)  # an older key: still used by an image? then it stays
     return name
@@ -209,13 +240,17 @@ def ensure_base_image(env: dict[str, str], log=_say) -> str:
 
 # -- engines -------------------------------------------------------------------------
 
-def engine_environment(engine: str, mode: str = "rewrite", base: str | None = None) -> dict[str, str]:
+def engine_environment(engine: str, mode: str = "rewrite", base: str | None = None,
+                       bases: dict[str, str] | None = None) -> dict[str, str]:
+    """The engine's environment: the mode, and on podman its config and the local bases ({build argument
+    variable: image}; ``base`` is the runtime image's)."""
     env = dict(os.environ)
     env[MODE_VARIABLE] = mode
     if engine == "podman":
         env.setdefault("CONTAINERS_CONF", str(CONTAINERS_CONF))
         if base:
             env[BASE_IMAGE_VARIABLE] = base
+        env.update(bases or {})
     return env
 
 
@@ -259,6 +294,7 @@ class ComposeCluster:
     engine: str = "podman"
     mode: str = "rewrite"
     nodes: int = 3
+    profiles: tuple[str, ...] = ()  # compose profiles to run too: "monitor"
     topology: Topology = field(init=False)
     _containers: dict[str, str] = field(init=False, default_factory=dict)
 
@@ -270,41 +306,57 @@ class ComposeCluster:
             raise ComposeError(f"engine {self.engine!r} is not valid; expected one of {', '.join(ENGINES)}")
         if self.mode not in MODES:
             raise ComposeError(f"mode {self.mode!r} is not valid; expected one of {', '.join(MODES)}")
-        self.topology = build(self.nodes)
+        self.profiles = tuple(dict.fromkeys(self.profiles))
+        for profile in self.profiles:
+            if profile not in PROFILES:
+                raise ComposeError(f"profile {profile!r} is not valid; expected one of {', '.join(PROFILES)}")
+        self.topology = build(self.nodes, monitor=MONITOR_PROFILE in self.profiles)
+        self.flavours = [RUNTIME, *(FLAVOURS[profile] for profile in self.profiles)]
         self.base = base_image_name() if self.engine == "podman" else None
-        self.env = engine_environment(self.engine, self.mode, self.base)
+        bases = {f.base_variable: base_image_name(flavour=f) for f in self.flavours[1:]}
+        self.env = engine_environment(self.engine, self.mode, self.base, bases if self.engine == "podman" else None)
 
     @property
     def vip(self) -> str:
         return str(self.topology.vip)
 
     # -- commands --------------------------------------------------------------------
-    def compose_argv(self, *args: str) -> list[str]:
+    def compose_argv(self, *args: str, profiles: tuple[str, ...] | None = None) -> list[str]:
+        """The compose command for this project, with this cluster's profiles (or ``profiles``)."""
+        chosen = [f"--profile={profile}" for profile in (self.profiles if profiles is None else profiles)]
         if self.engine == "docker":
-            return [*(docker_compose() or ["docker", "compose"]), "-p", self.project, "-f", str(COMPOSE_FILE), *args]
-        return [podman_compose() or "podman-compose", "-p", self.project, "-f", str(COMPOSE_FILE), *args]
+            command = docker_compose() or ["docker", "compose"]
+        else:
+            command = [podman_compose() or "podman-compose"]
+        return [*command, *chosen, "-p", self.project, "-f", str(COMPOSE_FILE), *args]
 
-    def compose(self, *args: str, check: bool = True, timeout: float | None = 600) -> subprocess.CompletedProcess:
-        return _run(self.compose_argv(*args), env=self.env, check=check, timeout=timeout)
+    def compose(self, *args: str, check: bool = True, timeout: float | None = 600,
+                profiles: tuple[str, ...] | None = None) -> subprocess.CompletedProcess:
+        return _run(self.compose_argv(*args, profiles=profiles), env=self.env, check=check, timeout=timeout)
 
     def cli(self, *args: str, check: bool = True, timeout: float | None = 120, **kwargs) -> subprocess.CompletedProcess:
         return _run([self.engine, *args], env=self.env, check=check, timeout=timeout, **kwargs)
 
     # -- lifecycle -------------------------------------------------------------------
     def build(self, log=_say) -> None:
-        """The wheels, then the image (podman: offline, from the local base)."""
+        """The wheels, then the images: the runtime one and those of this cluster's profiles (podman: offline,
+        each from its local base)."""
         build_wheels(log)
-        previous = self.cli("image", "inspect", "-f", "{{.Id}}", IMAGE, check=False).stdout.strip()
+        previous = {f.image: self._image_id(f.image) for f in self.flavours}
         if self.engine == "podman":
-            ensure_base_image(self.env, log)
-            self.cli("build", "--network=none", "--build-arg", f"BASE_IMAGE={self.base}", "-t", IMAGE, "-f",
-                     str(ROOT / "Dockerfile"), str(ROOT), timeout=1200)
+            for flavour in self.flavours:
+                base = ensure_base_image(self.env, log, flavour)
+                self.cli("build", "--network=none", "--build-arg", f"BASE_IMAGE={base}", "-t", flavour.image, "-f",
+                         str(flavour.dockerfile), str(ROOT), timeout=1200)
         else:
             self.compose("build", timeout=1800)
-        current = self.cli("image", "inspect", "-f", "{{.Id}}", IMAGE, check=False).stdout.strip()
-        if previous and previous != current:
-            # The image this build replaced; its layers stay cached under the new one.
-            self.cli("rmi", previous, check=False)
+        for image, before in previous.items():
+            if before and before != self._image_id(image):
+                # The image this build replaced; its layers stay cached under the new one.
+                self.cli("rmi", before, check=False)
+
+    def _image_id(self, image: str) -> str:
+        return self.cli("image", "inspect", "-f", "{{.Id}}", image, check=False).stdout.strip()
 
     def up(self, timeout: float = 180.0) -> None:
         """Start the project (removing what an earlier run of it left) and wait until the VIP answers."""
@@ -338,9 +390,10 @@ class ComposeCluster:
         return order
 
     def down(self) -> None:
-        """Remove the project's containers, networks and key volume; nothing of any other project."""
+        """Remove the project's containers (of every profile, whichever this cluster runs), networks and key
+        volume; nothing of any other project."""
         if self.engine == "podman" or self.containers():
-            self.compose("down", "-v", "-t", "3", check=False, timeout=300)
+            self.compose("down", "-v", "-t", "3", check=False, timeout=300, profiles=PROFILES)
         for name in self.containers().values():
             self.cli("rm", "-f", "-t", "0", name, check=False)
         for kind in ("network", "volume"):
@@ -369,7 +422,8 @@ class ComposeCluster:
         return found
 
     def container(self, service: str) -> str:
-        self.topology.host(service)  # raises for an unknown service
+        if service not in PROFILES:
+            self.topology.host(service)  # raises for an unknown service
         if service not in self._containers:
             self._containers = self.containers()
         try:
@@ -442,50 +496,79 @@ class ComposeCluster:
 
         return wait_until(check, timeout, "one active distributor and one caught-up backup", interval=0.3)  # type: ignore[return-value]
 
+    def prometheus(self, path: str, **params: str):
+        """``GET /api/v1/PATH`` of the monitor's Prometheus, from inside its container; returns the answer's data."""
+        argv = ["curl", "-sS", "-m", "10", "--get", f"http://127.0.0.1:{MONITOR_PORTS['prometheus']}/api/v1/{path}"]
+        for key, value in params.items():
+            argv += ["--data-urlencode", f"{key}={value}"]
+        body = self.exec(MONITOR_PROFILE, argv, check=False)
+        try:
+            answer = json.loads(body.stdout)
+        except json.JSONDecodeError:
+            output = (body.stdout + body.stderr).strip()[-500:]
+            raise ComposeError(f"Prometheus did not answer /api/v1/{path}: {output}") from None
+        if answer.get("status") != "success":
+            raise ComposeError(f"Prometheus answered /api/v1/{path} {params}: {answer.get('error', answer)}")
+        return answer["data"]
+
     def owns_vip(self, service: str) -> bool:
         out = self.exec(service, ["ip", "-4", "-o", "addr", "show", "dev", "ext0"], check=False).stdout
         return f"{self.vip}/32" in out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m testbed.compose_cluster", description=__doc__.split("\n\n")[0])
+    # --profile before or after the verb (`--profile monitor up` or `up --profile monitor`).
+    profile = argparse.ArgumentParser(add_help=False)
+    profile.add_argument("--profile", action="append", choices=PROFILES, default=argparse.SUPPRESS,
+                         help="run this compose profile too (monitor: Prometheus and Alertmanager, their own image)")
+    parser = argparse.ArgumentParser(prog="python -m testbed.compose_cluster", description=__doc__.split("\n\n")[0],
+                                     parents=[profile])
     parser.add_argument("-p", "--project", default=DEFAULT_PROJECT)
     parser.add_argument("--engine", choices=("auto", *ENGINES), default="auto")
     parser.add_argument("--mode", choices=MODES, default=os.environ.get(MODE_VARIABLE, "rewrite"))
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("wheels", help="build the wheels the image installs (.compose/wheels)")
-    verbs.add_parser("base", help="podman: make the local base image with debootstrap if it is missing")
-    verbs.add_parser("build", help="wheels, then the image")
-    up = verbs.add_parser("up", help="build, start, wait until every service is healthy and the VIP answers")
+    base = verbs.add_parser("base", help="podman: make a local base image with debootstrap if it is missing")
+    base.add_argument("flavour", nargs="?", choices=tuple(FLAVOURS), default="runtime",
+                      help="the runtime image's base (default) or the monitor profile's")
+    verbs.add_parser("build", parents=[profile], help="wheels, then the image (and the profiles' images)")
+    up = verbs.add_parser("up", parents=[profile],
+                          help="build, start, wait until every service is healthy and the VIP answers")
     up.add_argument("--no-build", action="store_true", help="use the image as it is")
-    verbs.add_parser("down", help="remove the project's containers, networks and key volume")
-    verbs.add_parser("ps", help="the project's containers")
+    verbs.add_parser("down", parents=[profile],
+                     help="remove the project's containers (of every profile), networks and key volume")
+    verbs.add_parser("ps", parents=[profile], help="the project's containers")
     for verb in ("kill", "logs"):
-        verbs.add_parser(verb).add_argument("service")
-    run = verbs.add_parser("exec", help="run a command in a service: exec SERVICE -- CMD...")
+        verbs.add_parser(verb, parents=[profile]).add_argument("service")
+    run = verbs.add_parser("exec", parents=[profile], help="run a command in a service: exec SERVICE -- CMD...")
     run.add_argument("service")
     run.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    profiles = tuple(getattr(args, "profile", ()))
     try:
         if args.verb == "wheels":
             print(build_wheels())
             return 0
         engine = detect_engine(args.engine)
         if args.verb == "base":
-            print(ensure_base_image(engine_environment("podman")))
+            print(ensure_base_image(engine_environment("podman"), flavour=FLAVOURS[args.flavour]))
             return 0
-        cluster = ComposeCluster(args.project, engine, args.mode)
-        if args.verb == "build":
+        cluster = ComposeCluster(args.project, engine, args.mode, profiles=profiles)
+        if args.verb == "build" or (args.verb == "up" and not args.no_build):
+            started = time.monotonic()
             cluster.build()
-        elif args.verb == "up":
-            if not args.no_build:
-                cluster.build()
+            _say(f"built {', '.join(f.image for f in cluster.flavours)} in {time.monotonic() - started:.1f} s")
+        if args.verb == "up":
             started = time.monotonic()
             cluster.up()
             print(f"{args.project} is up on {engine} ({args.mode} mode) after {time.monotonic() - started:.1f} s; "
                   f"the VIP {cluster.vip} answers from the client")
             for service, name in sorted(cluster.containers().items()):
                 print(f"  {service:8} {name}")
+            if MONITOR_PROFILE in profiles:
+                address = cluster.topology.host(MONITOR_PROFILE).address_on("int")
+                print(f"  Prometheus http://{address}:{MONITOR_PORTS['prometheus']}, Alertmanager "
+                      f"http://{address}:{MONITOR_PORTS['alertmanager']} (cluster LAN: exec monitor -- curl)")
         elif args.verb == "down":
             cluster.down()
         elif args.verb == "ps":

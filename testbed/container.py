@@ -18,7 +18,20 @@ and then runs the host's services in the foreground:
   their metrics and their control API on their cluster-LAN address
   (``testbed.compose.LAN_PORTS``); the guard lets the engine's host address on
   the cluster LAN (``testbed.compose.host_address``) reach both ports
-  (``[metrics] allow``, ``[api] allow``);
+  (``[metrics] allow``, ``[api] allow``), and the ``monitor`` profile's address
+  (``testbed.compose.MONITOR_ADDRESS``) the metrics port only;
+* node agents serve their metrics on their cluster-LAN address
+  (``testbed.compose.AGENT_METRICS_PORT``), for the ``monitor`` profile,
+  and run their broker there (``[broker]`` as the namespace runner renders it,
+  on ``testbed.compose.BROKER_PORT``), for the distributors' ``[administration]``:
+  the distributors by name and LAN address as senders, the heartbeat key on
+  the keys volume as the brokers' key, content in the nginx root;
+* the run's operator key (signs task bundles) comes from the keys volume too,
+  made like the heartbeat key by the first web node: ``operator.key`` (0600)
+  and ``operator.key.pub``, which every agent trusts (``[broker.bundles]``),
+  so ``distributor-sign sign --key /run/testbed-keys/operator.key`` in a
+  container signs a bundle the nodes run.  A testbed's shortcut: a real
+  operator key stays off the cluster;
 * before it starts, a host waits (at most ``TESTBED_START_WAIT`` seconds,
   default 60) for the hosts it depends on to be healthy, the same order the
   compose file's ``depends_on`` gives, for engines that ignore its conditions;
@@ -45,11 +58,13 @@ import sys
 import time
 from pathlib import Path
 
-from .compose import KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, host_address, start_order
+from .compose import (AGENT_METRICS_PORT, KEYS_MOUNT, LAN_PORTS, MODE_VARIABLE, MONITOR_ADDRESS, host_address,
+                      start_order)
 from .runner import Options, render_agent_config, render_distributor_config, write_web_files
 from .topology import Host, Topology, build
 
 STATE = Path("/run/testbed")
+OPERATOR_KEY = "operator.key"  # on the keys volume, with OPERATOR_KEY.pub beside it
 API_TOKENS = "api-tokens"  # on the keys volume: "ROLE NAME TOKEN" lines, the distributors' [api] tokens_file
 API_ROLES = {"admin": "operator", "viewer": "watcher"}  # role: the token's name (as the namespace runner names them)
 MODES = ("rewrite", "kernel")
@@ -78,12 +93,15 @@ def mode_from_environment(environ: dict[str, str]) -> str:
 
 def distributor_config(topology: Topology, host: Host, mode: str, keys: Path, directory: Path, api_tokens: Path) -> str:
     """The runner's distributor config (its control API on the cluster-LAN address, with ``api_tokens``), with
-    metrics on the cluster-LAN address instead of loopback; both open to the engine's host address there."""
+    metrics on the cluster-LAN address instead of loopback; both open to the engine's host address there, and
+    the metrics to the monitor profile's address (whether or not the profile runs: nothing else takes it)."""
     text = render_distributor_config(topology, Options(nodes=len(topology.web_nodes), mode=mode), host, keys, directory,
                                      api_tokens)
     lan = host.address_on("int")
     allow = host_address(topology.bridges["int"])
-    text, replaced = _METRICS_LISTEN.subn(lambda m: f'{m.group(1)}"{lan}:{LAN_PORTS["metrics"]}"\nallow = ["{allow}"]', text)
+    scrapers = ", ".join(f'"{address}"' for address in (allow, MONITOR_ADDRESS))
+    text, replaced = _METRICS_LISTEN.subn(lambda m: f'{m.group(1)}"{lan}:{LAN_PORTS["metrics"]}"\nallow = [{scrapers}]',
+                                          text)
     if replaced != 1:
         raise RuntimeError("testbed.container: the runner's distributor config has no `[metrics] listen = \"127.0.0.1:PORT\"` to move")
     api = _API_LISTEN.search(text)
@@ -91,6 +109,14 @@ def distributor_config(topology: Topology, host: Host, mode: str, keys: Path, di
         raise RuntimeError(f"testbed.container: the runner's distributor config has no `[api] listen = \"{lan}:"
                            f"{LAN_PORTS['api']}\"` (testbed.compose.LAN_PORTS)")
     return f'{text[:api.end()]}\nallow = ["{allow}"]{text[api.end():]}'
+
+
+def agent_config(topology: Topology, host: Host, keys: Path, directory: Path, operator_public: str) -> str:
+    """The runner's agent config with its broker (the runner's [broker]: on the cluster-LAN address, the distributors
+    as senders, content in ``directory``/www, trusting ``operator_public``), and the agent's metrics on its
+    cluster-LAN address (the monitor scrapes them)."""
+    return (f'{render_agent_config(topology, host, keys, directory, operator_public)}\n[metrics]\n'
+            f'listen = "{host.address_on("int")}:{AGENT_METRICS_PORT}"\n')
 
 
 def _publish(path: Path, text: str, host: str) -> bool:
@@ -118,6 +144,19 @@ def ensure_key(directory: Path, host: str) -> Path:
     if _publish(keys, f"# heartbeat keys of this compose run, made by {host}\n1 {secrets.token_hex(32)}\n", host):
         log(f"made this run's heartbeat key in {keys}")
     return keys
+
+
+def ensure_operator_key(directory: Path, host: str) -> str:
+    """The run's operator public key (``ed25519:...``), its key pair on the shared volume made here if no container
+    made it yet: ``operator.key`` (PEM, 0600) and ``operator.key.pub``, derived from whichever key was linked first."""
+    from common import bundle
+
+    private = directory / OPERATOR_KEY
+    if _publish(private, bundle.private_key_pem(bundle.generate_private_key()).decode(), host):
+        log(f"made this run's operator key (signs task bundles) in {private}")
+    public = bundle.public_key_text(bundle.load_private_key(private.read_bytes()))
+    _publish(directory / f"{OPERATOR_KEY}.pub", public + "\n", host)
+    return public
 
 
 def read_api_token(tokens: Path, role: str) -> str:
@@ -236,12 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     if host.role == "client":
         _idle()
     keys = ensure_key(Path(KEYS_MOUNT), host.name)
+    operator = ensure_operator_key(Path(KEYS_MOUNT), host.name) if "agent" in host.services else None
     wait_for_dependencies(topology, host, float(os.environ.get("TESTBED_START_WAIT", "60")))
+    if "nginx" in host.services:
+        write_web_files(topology, host, directory)  # before the agent: its broker manages this document root
     if "agent" in host.services:
-        (directory / "agent.toml").write_text(render_agent_config(topology, host, keys))
+        assert operator is not None
+        (directory / "agent.toml").write_text(agent_config(topology, host, keys, directory, operator))
         subprocess.Popen([sys.executable, "-m", "node.agent", "--config", str(directory / "agent.toml")])
     if "nginx" in host.services:
-        write_web_files(topology, host, directory)
         os.execvp("nginx", ["nginx", "-c", str(directory / "nginx.conf"), "-p", str(directory), "-e", "/dev/stderr"])
     if "distributor" in host.services:
         config = directory / "distributor.toml"

@@ -98,6 +98,8 @@ def programs_the_image_runs() -> dict[str, set[str]]:
                 found.setdefault(program, set()).add(str(path.relative_to(ROOT)))
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     for service in compose["services"].values():
+        if "profiles" in service:
+            continue  # a profile's service runs its own image (test_the_monitor_image_has_what_its_entrypoint_runs)
         found.setdefault(service["command"][0], set()).add("docker-compose.yml")
         found.setdefault(service["healthcheck"]["test"][1], set()).add("docker-compose.yml")
     return found
@@ -139,3 +141,38 @@ def test_the_libraries_loaded_from_the_system_have_their_packages_in_the_image()
     assert "netfilterqueue" in needed  # the dependency is still read
     missing = {name: package for name, package in needed.items() if package not in packages}
     assert not missing, f"add to testbed/image/debian-packages.txt: {missing}"
+
+
+# The monitor profile's image (testbed/image/Dockerfile.monitor): program -> its Debian 12 package.
+MONITOR_PROGRAMS = {
+    "prometheus": "prometheus",
+    "prometheus-alertmanager": "prometheus-alertmanager",
+    "curl": "curl",
+    "python3": "python3",
+}
+# bash's keywords and builtins, the entrypoint's own functions, and coreutils (essential in every Debian image).
+SHELL_WORDS = {"set", "if", "then", "fi", "else", "echo", "exit", "printf", "for", "do", "done", "kill", "wait", "trap",
+               "stop", "ready", "write_targets", "}", "{", "local", "mkdir"}
+
+
+def test_the_monitor_image_has_what_its_entrypoint_runs():
+    entrypoint = (ROOT / "testbed" / "image" / "monitor-entrypoint.sh").read_text()
+    commands = set()
+    for line in entrypoint.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or "=" in line.split()[0]:
+            continue  # a comment, an assignment, or an option continuing the line before
+        word = line.split()[0]
+        if word.endswith("()"):
+            continue  # a function's definition
+        commands.add(word)
+    programs = commands - SHELL_WORDS
+    assert {"prometheus", "prometheus-alertmanager", "python3"} <= programs, programs
+    unmapped = programs - set(MONITOR_PROGRAMS)
+    assert not unmapped, f"programs the monitor's entrypoint runs with no package in MONITOR_PROGRAMS: {unmapped}"
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert compose["services"]["monitor"]["healthcheck"]["test"][1] == "testbed-monitor"  # the entrypoint itself
+    assert "curl" in entrypoint  # its healthcheck
+    packages = set(compose_cluster.image_packages(path=compose_cluster.MONITOR_PACKAGES_FILE))
+    missing = {p: MONITOR_PROGRAMS[p] for p in programs | {"curl"} if MONITOR_PROGRAMS[p] not in packages}
+    assert not missing, f"add to testbed/image/monitor-packages.txt (program: package): {missing}"
