@@ -17,10 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -133,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
               f" plain HTTP of the same bytes {_summary(raw[size], 's')}; push/raw {statistics.median(ratios):.2f}x")
     print(f"  high task (disk-usage): request->start {_summary(task_start, 'ms', 1)}; "
           f"request->result on 3 nodes {_summary(task_result, 'ms', 0)}")
-    print(f"  agents' peak RSS (VmHWM): " + ", ".join(f"{n} {kib / 1024:.1f} MiB" for n, kib in peaks.items()))
+    print("  agents' peak RSS (VmHWM): " + ", ".join(f"{n} {kib / 1024:.1f} MiB" for n, kib in peaks.items()))
     print(f"  node state changes during the run: {len(left)} {left[:3] if left else ''}")
     return 0
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Iterable
 
 __all__ = ["Priority", "State", "LoadSample", "Gate", "TaskRecord", "Scheduler", "FINISHED"]
