@@ -209,7 +209,7 @@ class Backend:
         "to_backend_ip_delta",
         "to_backend_tcp_delta",
         "bytes_in",
-        "syn_answered_at",
+        "alive_at",
     )
 
     def __init__(self, index: int, spec: BackendSpec, vip_bytes: bytes, vport_bytes: bytes, mark: int = 0):
@@ -233,10 +233,11 @@ class Backend:
         # IPVS counts them (whole packets, headers included).  Node -> client bytes never reach
         # user space (the nft return path rewrites them): its rules count them (rules.py).
         self.bytes_in = 0
-        # Passive health, rewrite mode: when this node last answered a client's SYN (its SYN-ACK
-        # was seen).  A node that answered others after a SYN it left unanswered is alive: that
-        # SYN was lost or damaged on its way (a bad checksum), which is no evidence against it.
-        self.syn_answered_at = float("-inf")
+        # Passive health: when this node last showed life on the data path (its SYN-ACK seen, in
+        # rewrite mode, or a FIN it sent, in both).  A node that did so after a SYN it left
+        # unanswered is alive: that SYN was lost, damaged on its way (a bad checksum) or slowed by
+        # load, which is no evidence against the node (kernel mode never sees a SYN-ACK).
+        self.alive_at = float("-inf")
 
     def __repr__(self) -> str:
         return f"Backend({self.name}, {self.address}:{self.port})"
@@ -508,6 +509,8 @@ class Interposer:
                 return Reason.SYN_VERIFIED, None, None
             if conn is not None and conn.key == key and flags & FIN and self.syn_auth is not None:
                 self.syn_auth.verify(key[0:4], now)  # a client that closes a connection was real
+            if conn is not None and conn.key != key and flags & FIN:
+                conn.backend.alive_at = now  # it finished a connection: alive (passive health)
             if (conn is not None and conn.key != key and flags & RST and flags & ACK and conn.is_open
                     and _acknowledges_syn(packet, conn.isn)):
                 verdict = self._refused(conn, now)
@@ -552,12 +555,14 @@ class Interposer:
         # kernel mode: conntrack NAT), so the packet goes on unchanged and keeps its offloads.
         if conn.reset_by_us:
             return Reason.RESET_CONNECTION, None, None
+        if flags & FIN:
+            conn.backend.alive_at = now  # it finished a connection: alive (passive health)
         failure = None
         if conn.state is TcpState.SYN_SEEN and not conn.answered:
             if flags & SYN:
                 conn.answered = True
                 conn.syn = None
-                conn.backend.syn_answered_at = now
+                conn.backend.alive_at = now
             elif flags & RST and flags & ACK and _acknowledges_syn(packet, conn.isn):
                 # RFC 793 section 3.4: the RST a closed port answers a SYN with acknowledges exactly the SYN.
                 verdict = self._refused(conn, now)
@@ -604,18 +609,20 @@ class Interposer:
         afresh.  (Conntrack queues the retransmission at all because a connection whose reply
         direction was never seen is still NEW to it; a SYN with a bad checksum is INVALID there and
         never reaches us.)  When no other node can take it, the retransmission goes to the same node
-        (TO_BACKEND) and the failure is still reported.  In rewrite mode a node that answered other
-        clients' SYNs since this one was sent is alive, and nothing is reported against it.
+        (TO_BACKEND) and the failure is still reported.  A node that showed life since this SYN was
+        sent (a SYN-ACK in rewrite mode, a FIN in both) is alive: the connection moves, but nothing is
+        reported against the node (under saturation a slow handshake is load, not a dead node).
         """
         key, failed = conn.key, conn.backend
+        alive = failed.alive_at > conn.last_seen
         if self._kernel:
             if not self._spare(conn):
-                return Reason.TO_BACKEND, None, (PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, False),)
+                return Reason.TO_BACKEND, None, () if alive else (PassiveFailure(failed.name, PassiveKind.UNANSWERED,
+                                                                                    key, False),)
             ended = self._drop_entry(conn)
-            failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True)
-            effects = (failure, ForgetInConntrack((key,), ()))
+            effects = (ForgetInConntrack((key,), ()),) if alive else (
+                PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True), ForgetInConntrack((key,), ()))
             return Reason.SYN_UNANSWERED, None, (*effects, ended) if ended is not None else effects
-        alive = failed.syn_answered_at > conn.last_seen
         moved = self._redispatch(conn, now)
         if moved is None:
             return Reason.TO_BACKEND, None, () if alive else (PassiveFailure(failed.name, PassiveKind.UNANSWERED, key,

@@ -298,3 +298,25 @@ def test_failures_a_kept_node_keeps_having_are_logged_once_in_a_while_with_their
                   if isinstance(c, Log)]
     assert health.board.state("web1") is NodeState.UP
     assert len(lines) == 2 and "19 more" in lines[1].message  # at 0 s and at 10 s: 15 s of failures
+
+
+def test_kernel_mode_blames_no_node_that_finished_connections_since_the_syn_was_sent():
+    # Under saturation a handshake can take longer than the client's RTO: the node is slow, not dead.
+    # Kernel mode never sees a SYN-ACK, but it sees the first FIN of every connection.
+    ip = make(Mode.KERNEL)
+    ip.decide(syn(), 0.0)  # to web1
+    ip.decide(syn(sport=40001), 0.1)  # web2
+    ip.decide(syn(sport=40002), 0.2)  # web1, which finishes that connection
+    ip.decide(tcp(WEB["web1"], CLIENT, 80, 40002, "FA", seq=9, ack=ISN + 1), 0.5)
+    reason, out, effects = ip.decide(syn(), 1.0)
+    assert reason is Reason.SYN_UNANSWERED and of(effects, ForgetInConntrack) == [ForgetInConntrack((KEY,), ())]
+    assert not of(effects, PassiveFailure)
+
+
+def test_a_node_silent_since_the_syn_is_still_blamed_in_kernel_mode():
+    ip = make(Mode.KERNEL)
+    ip.decide(tcp(WEB["web1"], CLIENT, 80, 39999, "FA"), 0.0)  # an old sign of life, before the SYN
+    ip.decide(syn(), 0.1)
+    reason, _, effects = ip.decide(syn(), 1.1)
+    assert reason is Reason.SYN_UNANSWERED
+    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True)]
