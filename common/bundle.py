@@ -54,6 +54,7 @@ __all__ = [
     "MAX_BUNDLE_BYTES",
     "BundleRefused",
     "BundleManifest",
+    "check_manifest",
     "Bundle",
     "generate_private_key",
     "private_key_pem",
@@ -168,7 +169,8 @@ def _canonical(manifest: Mapping[str, Any]) -> bytes:
     return _TAG + json.dumps(manifest, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
 
 
-def _check_manifest(data: Any) -> BundleManifest:
+def check_manifest(data: Any) -> BundleManifest:
+    """A bundle's manifest, checked as a node checks it (BundleRefused "bad_bundle" naming what is wrong)."""
     def refuse(message: str) -> BundleRefused:
         return BundleRefused("bad_bundle", f"bundle manifest: {message}")
 
@@ -219,7 +221,7 @@ def make_bundle(private_key, name: str, version: int, priority: str, time_limit:
         "files": {n: {"sha256": hashlib.sha256(data).hexdigest(), "executable": n in executable}
                   for n, data in sorted(files.items())},
     }
-    _check_manifest(manifest)
+    check_manifest(manifest)
     signature = private_key.sign(_canonical(manifest))
     document = {
         "format": FORMAT,
@@ -258,7 +260,7 @@ def open_bundle(data: bytes, trusted: Iterable[bytes]) -> Bundle:
         ed25519.Ed25519PublicKey.from_public_bytes(keys[key_id]).verify(raw_signature, _canonical(manifest_data))
     except (binascii.Error, InvalidSignature, ValueError):
         raise BundleRefused("bad_signature", f"bundle signature does not verify with key {key_id}") from None
-    manifest = _check_manifest(manifest_data)
+    manifest = check_manifest(manifest_data)
     files = {}
     if set(encoded) != set(manifest.files):
         raise BundleRefused("bad_bundle", "bundle files differ from the ones its manifest lists")

@@ -694,7 +694,7 @@ def inspect_bundle(data: bytes) -> tuple[bundles.BundleManifest, str]:
     if len(raw) != 64:
         raise refuse("bundle signature is not an Ed25519 signature (base64 of 64 bytes)")
     # The nodes' own manifest rules (common.bundle's), so the distributor takes nothing every node would refuse.
-    manifest = bundles._check_manifest(manifest_data)
+    manifest = bundles.check_manifest(manifest_data)
     if set(encoded) != set(manifest.files):
         raise refuse("bundle files differ from the ones its manifest lists")
     for name, meta in manifest.files.items():
