@@ -13,20 +13,21 @@ tick, long enough for the backup to take over).  keepalived offers the same for 
 (``vrrp_rt_priority``).  The kernel's real-time throttling (``sched_rt_runtime_us``, 95 % by
 default) keeps a runaway real-time task from starving the machine.
 
-Why the distributor daemon uses nice -20 and not SCHED_FIFO by default, measured in the testbed
-(2 cores, kernel-assisted mode, wrk opening a connection per request, 2026-12-07): at SCHED_FIFO
-the daemon preempts the packet's producers at every packet and handles them one wake-up each,
-3,000-3,800 connections/s; at nice -20, 8,000-8,500/s, as at nice 0.  Under a 60 s saturation run
-(wrk at full rate plus 2,000 malformed frames/s) nice -20 kept its heartbeats' worst gap at
-97 ms (dead window 350 ms) with no takeover.  SCHED_FIFO stays available for a machine where
-that is not enough.
+What SCHED_FIFO costs, and how the daemon pays less, measured in the testbed (2 cores,
+kernel-assisted mode, wrk opening a connection per request, 2026-12-07): at SCHED_FIFO the daemon
+preempts the packets' producers at every packet and handles them one wake-up each, 3,000-4,300
+connections/s; at nice -20 (the normal policy) 8,100/s, but under saturation its heartbeats reached
+a 349 ms gap (dead window 350 ms) in kernel mode and nodes' heartbeats fell late.  So the daemon
+stays at SCHED_FIFO and its queue coalesces instead (``distributor.datapath.COALESCE_BELOW``):
+7,500-7,900/s, and a worst heartbeat gap of 101 ms under saturation.  ``nice`` is for a machine
+where real-time scheduling is not wanted.
 """
 
 from __future__ import annotations
 
 import os
 
-__all__ = ["set_realtime", "set_nice"]
+__all__ = ["set_realtime", "set_nice", "realtime_scheduling"]
 
 _RESET_ON_FORK = getattr(os, "SCHED_RESET_ON_FORK", 0x40000000)
 
@@ -60,3 +61,8 @@ def set_nice(nice: int) -> str | None:
     except OSError as exc:
         return f"cannot run at nice {nice}: {exc.strerror}"
     return None
+
+
+def realtime_scheduling() -> bool:
+    """Whether the calling thread runs at a real-time policy (SCHED_FIFO or SCHED_RR)."""
+    return os.sched_getscheduler(0) & ~_RESET_ON_FORK in (os.SCHED_FIFO, os.SCHED_RR)

@@ -124,8 +124,8 @@ class Config:
     metrics_listen: tuple[str, int] | None
     log_level: str
     guard: bool = True  # refuse the outside the control ports and the cluster's own addresses
-    realtime_priority: int = 0  # SCHED_FIFO priority of the daemon's loop; 0: the normal policy (at ``nice``)
-    nice: int = -20  # the daemon loop's nice value under the normal policy (common/realtime.py says why)
+    realtime_priority: int = 10  # SCHED_FIFO priority of the daemon's loop; 0: the normal policy (at ``nice``)
+    nice: int = -20  # the daemon loop's nice value when realtime_priority is 0 (common/realtime.py says why)
     health: HealthConfig | None = None
     alert_log: str | None = None
     smtp: SmtpSettings | None = None
@@ -160,7 +160,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
     guard = dist.boolean("guard", True)
-    realtime_priority = dist.integer("realtime_priority", 0, 0, 99)
+    realtime_priority = dist.integer("realtime_priority", 10, 0, 99)
     nice = dist.integer("nice", -20, -20, 19)
     state_file = dist.get("state_file", "/var/lib/distributor/state.json")
     if not isinstance(state_file, str):

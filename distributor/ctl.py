@@ -150,6 +150,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _wait_arguments(parser, until: str) -> None:
+    parser.add_argument("--wait", action="store_true", help=until)
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default: 600)")
+
+
+def _json_argument(parser) -> None:
+    # SUPPRESS: a subcommand's default must not undo "distributorctl --json content status".
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+
+
 def _content_parser(verbs) -> None:
     content = verbs.add_parser("content", help="content on every node's document root: push, delete, status")
     actions = content.add_subparsers(dest="content_verb", required=True, metavar="ACTION")
@@ -157,15 +167,12 @@ def _content_parser(verbs) -> None:
     push.add_argument("path", help="a file, or a directory (every regular file under it)")
     push.add_argument("--as", dest="dest", help="where, relative to the document root (default: the file's or the "
                       "directory's own name; for a directory \"/\" is the root itself)")
-    push.add_argument("--wait", action="store_true", help="return once every live node holds it")
-    push.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default: 600)")
+    _wait_arguments(push, "return once every live node holds it")
     delete = actions.add_parser("delete", help="delete a managed path (or everything managed under it) everywhere")
     delete.add_argument("dest")
-    delete.add_argument("--wait", action="store_true", help="return once every live node has it deleted")
-    delete.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default: 600)")
+    _wait_arguments(delete, "return once every live node has it deleted")
     status = actions.add_parser("status", help="per node: content version, every managed path's digest, what differs")
-    # SUPPRESS: a subcommand's default must not undo "distributorctl --json content status".
-    status.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    _json_argument(status)
 
 
 def _task_parser(verbs) -> None:
@@ -177,25 +184,22 @@ def _task_parser(verbs) -> None:
     run.add_argument("--nodes", help="comma-separated node names (default: every node)")
     run.add_argument("--priority", choices=["high", "normal", "low"], help="default: the task's own")
     run.add_argument("--arg", action="append", default=[], metavar="KEY=VALUE", help="an argument (repeatable)")
-    run.add_argument("--wait", action="store_true", help="return when every node finished it")
-    run.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default: 600)")
+    _wait_arguments(run, "return when every node finished it")
     listing = actions.add_parser("list", help="recent task requests and their state on each node")
     listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    _json_argument(listing)
     show = actions.add_parser("show", help="one request: each node's state, exit status, duration and output")
     show.add_argument("id")
-    show.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    _json_argument(show)
     add = actions.add_parser("add", help="add a signed task bundle (made by distributor-sign sign) to every node; "
                              "a node runs it only if it trusts the key that signed it")
     add.add_argument("bundle", metavar="BUNDLE_FILE")
-    add.add_argument("--wait", action="store_true", help="return once every live node holds it")
-    add.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default: 600)")
+    _wait_arguments(add, "return once every live node holds it")
     remove = actions.add_parser("remove", help="remove a bundle from every node")
     remove.add_argument("name")
-    remove.add_argument("--wait", action="store_true", help="return once every live node has it removed")
-    remove.add_argument("--timeout", type=float, default=600.0, help="seconds --wait waits at most (default: 600)")
+    _wait_arguments(remove, "return once every live node has it removed")
     listed = actions.add_parser("bundles", help="the bundles every node must hold, and each node's bundles version")
-    listed.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="print JSON")
+    _json_argument(listed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,7 +32,7 @@ from backup.failover import (Announce, ArmFirstForward, ClaimAddresses, DrainQue
                              PeerDatagram, ReleaseAddresses, ReleaseNewSyns, RemoveRules)
 from backup.takeover import AddressOwner
 from common.keyfile import load_keys
-from common.realtime import set_nice, set_realtime
+from common.realtime import realtime_scheduling, set_nice, set_realtime
 from common.systemd import JournalFormatter, notify, under_journal, watchdog_interval
 from common.sansio import Alert, Level, Log, Send, StopRequested
 from common.wire import Keys, KeysError
@@ -47,7 +47,7 @@ from .contentcore import CollectBlobs, ContentCore, FetchTask, RunTask, SaveAdmi
 from .config import Config, ConfigError, load
 from .conntrack import Conntrack
 from .core import ConntrackAnswered, CountHalfOpen, DistributorCore, HalfOpenCounted, Reconfigure, SetConntrackLiberal
-from .datapath import PacketQueue, QueueError, RawSender
+from .datapath import COALESCE_PAUSE, PacketQueue, QueueError, RawSender
 from .heartbeat import NodeDatagram
 from .metrics import start_metrics_server
 from .reroute import ConfirmWithConntrack, ForgetHandshakes, ForgetInConntrack, Mode, SendPacket
@@ -373,8 +373,9 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     rules = Rules(config.queue, config.mode)
     guard: Guard | None = None
     conntrack = Conntrack() if config.mode is Mode.KERNEL else None
+    # At SCHED_FIFO the queue coalesces (datapath.COALESCE_BELOW says why); at the normal policy it need not.
     queue = PacketQueue(config.queue, core.interposer.decide, runtime.feed, config.mode, config.queue_length, clock,
-                        wall_clock)
+                        wall_clock, coalesce=COALESCE_PAUSE if realtime_scheduling() else 0.0)
     owner = AddressOwner(list(config.failover.addresses), config.failover.garp_count) if config.failover else None
     endpoints: list[DatagramEndpoint] = []
     peers: DatagramEndpoint | None = None

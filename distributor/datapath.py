@@ -43,6 +43,16 @@ class QueueError(RuntimeError):
 # Packets handled per wake-up before the event loop gets its turn (timers, heartbeats).
 DRAIN_BATCH = 256
 
+# Coalescing (only when asked: the daemon asks at SCHED_FIFO).  A real-time daemon is woken at every
+# packet, ahead of the processes producing them, and handles one packet per wake-up: measured on two
+# cores in kernel mode, 3,000-4,300 new connections/s where the normal policy gives 8,100.  After a
+# small drain that began soon after the previous one (the queue is busy), it pauses, so that the
+# producers run and the next wake-up finds a batch: 7,500-7,900/s, heartbeats still as punctual as
+# at SCHED_FIFO (worst gap 101 ms in a 90 s saturation run).  An idle queue is never paused.
+COALESCE_BELOW = 32  # packets: a drain that read fewer is small
+COALESCE_BUSY = 0.001  # s: a drain that begins this soon after the previous one began means a busy queue
+COALESCE_PAUSE = 0.0002  # s: the pause (a few packets' worth at the rates above)
+
 # Kernel mode decides on headers only: IPv4 (20) + TCP with options (60) fit.
 KERNEL_MODE_COPY = 128
 
@@ -64,11 +74,13 @@ class PacketQueue:
 
     def __init__(self, queue: int, decide: Decider, deliver: Callable[[object], None], mode: Mode = Mode.REWRITE,
                  max_len: int = 4096, clock: Callable[[], float] = time.monotonic,
-                 wall_clock: Callable[[], float] = time.time, *, binding: Callable[..., NfQueue] = NfQueue):
+                 wall_clock: Callable[[], float] = time.time, *, binding: Callable[..., NfQueue] = NfQueue,
+                 coalesce: float = 0.0, sleep: Callable[[float], None] = time.sleep):
         """``decide(bytes, now)`` is the interposer's; ``deliver(event)`` feeds the core.
 
         ``binding`` opens the queue (:class:`~distributor.nfqueue.NfQueue`'s signature and methods:
         ``read``, ``verdict``, ``flush``, ``fileno``, ``stats``, ``close``); tests pass a double.
+        ``coalesce``: seconds to pause after a small drain of a busy queue (see COALESCE_BELOW); 0: never.
         """
         self.queue = queue
         self.marks = mode is Mode.KERNEL
@@ -92,6 +104,10 @@ class PacketQueue:
         self._forwarded_at: float | None = None
         self._arrived_at: float | None = None  # when the packet timed by ArmFirstForward was read
         self._last_error_log = 0.0
+        self.coalesce = coalesce
+        self._sleep = sleep
+        self._last_drain = float("-inf")  # when the previous drain began (its clock reading)
+        self.pauses = 0  # coalescing pauses taken
         try:
             self._nfq = binding(queue, fail_open=False, gso=False,
                                 copy_range=KERNEL_MODE_COPY if self.marks else COPY_WHOLE,
@@ -190,6 +206,10 @@ class PacketQueue:
         if self._forwarded_at is not None:
             at, self._forwarded_at = self._forwarded_at, None
             self._deliver(FirstForward(at, self._arrived_at))
+        busy, self._last_drain = now - self._last_drain < COALESCE_BUSY, now
+        if self.coalesce and busy and 0 < len(packets) < COALESCE_BELOW:
+            self.pauses += 1
+            self._sleep(self.coalesce)
 
     def close(self) -> None:
         self.release_held()

@@ -170,12 +170,11 @@ def test_the_api_listens_on_the_cluster_lan_address_or_loopback():
         assert config.api.listen == (listen.split(":")[0], 8410)
 
 
-def test_the_daemon_runs_at_nice_minus_20_by_default_and_sched_fifo_only_when_asked():
-    # SCHED_FIFO halved kernel-mode new connections/s on two cores (common/realtime.py): opt-in only.
+def test_the_daemon_runs_at_sched_fifo_by_default_and_at_a_nice_value_when_asked():
     config = parse(MINIMAL)
-    assert (config.nice, config.realtime_priority) == (-20, 0)
-    fifo = parse(MINIMAL + '[distributor]\nrealtime_priority = 10\nnice = 0\n')
-    assert (fifo.nice, fifo.realtime_priority) == (0, 10)
+    assert (config.realtime_priority, config.nice) == (10, -20)  # nice applies only without FIFO
+    normal = parse(MINIMAL + '[distributor]\nrealtime_priority = 0\nnice = -5\n')
+    assert (normal.realtime_priority, normal.nice) == (0, -5)
     with pytest.raises(ConfigError, match=r"distributor\.nice: -21"):
         parse(MINIMAL + '[distributor]\nnice = -21\n')
 

@@ -390,3 +390,54 @@ def test_arming_again_times_the_next_packet_afresh():
     fake.queue_packets(syn(40001))
     queue.drain()
     assert [e for e in events if isinstance(e, FirstForward)] == [FirstForward(30.0, 30.0), FirstForward(40.0, 40.0)]
+
+
+# -- coalescing (the daemon asks for it at SCHED_FIFO) ----------------------------------------------------------
+def coalescing(clock):
+    pauses: list[float] = []
+    fakes: list[FakeQueue] = []
+
+    def binding(*args, **kwargs):
+        fakes.append(FakeQueue(*args, **kwargs))
+        return fakes[-1]
+
+    queue = PacketQueue(3, interposer().decide, lambda event: None, Mode.REWRITE, 512, clock, lambda: 1.7e9,
+                        binding=binding, coalesce=0.0002, sleep=pauses.append)
+    return queue, fakes[0], pauses
+
+
+def test_a_busy_queue_pauses_after_a_small_drain_so_the_next_wake_up_finds_a_batch():
+    clock = Clock()
+    queue, fake, pauses = coalescing(clock)
+    fake.queue_packets(syn(40000))
+    queue.drain()  # the first drain: nothing says the queue is busy yet
+    clock.now += 0.0003
+    fake.queue_packets(syn(40001), syn(40002))
+    queue.drain()  # 0.3 ms after the previous one, two packets: busy and small
+    assert pauses == [0.0002] and queue.pauses == 1
+    assert [given[1] for given in fake.given] == [ACCEPT] * 3  # the pause delays, it decides nothing
+
+
+def test_an_idle_queue_a_large_drain_and_an_empty_one_are_never_paused():
+    clock = Clock()
+    queue, fake, pauses = coalescing(clock)
+    for step in range(3):  # one packet every 10 ms: idle
+        clock.now += 0.01
+        fake.queue_packets(syn(41000 + step))
+        queue.drain()
+    clock.now += 0.0003
+    fake.queue_packets(*(syn(42000 + i) for i in range(40)))  # busy, but a batch already
+    queue.drain()
+    clock.now += 0.0003
+    queue.drain()  # busy, and nothing to read
+    assert pauses == []
+
+
+def test_without_coalescing_nothing_pauses():
+    clock = Clock()
+    queue, fake, _ = make(interposer().decide, clock=clock)
+    for step in range(5):
+        clock.now += 0.0001
+        fake.queue_packets(syn(43000 + step))
+        queue.drain()
+    assert queue.pauses == 0
