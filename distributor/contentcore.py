@@ -620,34 +620,10 @@ class ContentCore:
     def handle(self, event) -> list[Command]:
         self._now = getattr(event, "now", self._now)
         self._wall = getattr(event, "wall", self._wall)
-        if isinstance(event, Tick):
-            commands = self._tick(event.now, event.wall)
-        elif isinstance(event, ContentPut):
-            commands = self._put(event)
-        elif isinstance(event, ContentDelete):
-            commands = self._delete(event)
-        elif isinstance(event, BundleAdd):
-            commands = self._bundle_add(event)
-        elif isinstance(event, BundleRemove):
-            commands = self._bundle_remove(event)
-        elif isinstance(event, ContentRefused):
-            commands = self._refused(event.reason, event.detail, event.who, event.what)
-        elif isinstance(event, TaskRequested):
-            commands = self._task_requested(event)
-        elif isinstance(event, SyncReported):
-            commands = self._sync_reported(event)
-        elif isinstance(event, TaskReported):
-            commands = self._task_reported(event)
-        elif isinstance(event, NodesChanged):
-            commands = self._nodes_changed(event)
-        elif isinstance(event, NodeLiveness):
-            commands = self._liveness(event)
-        elif isinstance(event, ActiveChanged):
-            commands = self._active_changed(event)
-        elif isinstance(event, DesiredReplicated):
-            commands = self._replicated(event)
-        else:
+        handler = self._HANDLERS.get(type(event))
+        if handler is None:
             raise TypeError(f"the content core takes no {type(event).__name__} event")
+        commands = handler(self, event)
         return self._finish(commands)
 
     def _finish(self, commands: list[Command]) -> list[Command]:
@@ -1259,3 +1235,19 @@ def _record_fields(record: Mapping[str, Any] | None) -> dict:
     return fields
 
 
+# Each event's handler (ContentCore.handle dispatches by the event's type).
+ContentCore._HANDLERS = {
+    Tick: lambda core, e: core._tick(e.now, e.wall),
+    ContentPut: ContentCore._put,
+    ContentDelete: ContentCore._delete,
+    BundleAdd: ContentCore._bundle_add,
+    BundleRemove: ContentCore._bundle_remove,
+    ContentRefused: lambda core, e: core._refused(e.reason, e.detail, e.who, e.what),
+    TaskRequested: ContentCore._task_requested,
+    SyncReported: ContentCore._sync_reported,
+    TaskReported: ContentCore._task_reported,
+    NodesChanged: ContentCore._nodes_changed,
+    NodeLiveness: ContentCore._liveness,
+    ActiveChanged: ContentCore._active_changed,
+    DesiredReplicated: ContentCore._replicated,
+}

@@ -444,6 +444,15 @@ def wait_for_version(client: Client, version: int, timeout: float, args: argpars
         time.sleep(0.2)
 
 
+def _node_columns(node: dict) -> tuple[str, str | None, str, object]:
+    """A node's row in the content and bundle status: (what differs, its problem, when checked, its version)."""
+    differs = ", ".join(f"{d['kind']} {d['path']}" for d in node["differs"][:4])
+    if len(node["differs"]) > 4:
+        differs += f" and {len(node['differs']) - 4} more"
+    checked = "-" if node["checked_ago"] is None else f"{node['checked_ago']:.0f}s ago"
+    return differs, node.get("conflict") or node.get("error"), checked, "-" if node["version"] is None else node["version"]
+
+
 def format_status(status: dict) -> str:
     paths = status["paths"]
     total = sum(entry["size"] for entry in paths.values())
@@ -451,12 +460,7 @@ def format_status(status: dict) -> str:
              + ("" if status.get("active", True) else " (this distributor is not the active one: not checking)")]
     lines.append(f"{'NODE':10} {'STATE':9} {'VERSION':>7} {'SERVING':8} {'CHECKED':>8}  DIFFERS")
     for node in status["nodes"]:
-        differs = ", ".join(f"{d['kind']} {d['path']}" for d in node["differs"][:4])
-        if len(node["differs"]) > 4:
-            differs += f" and {len(node['differs']) - 4} more"
-        problem = node.get("conflict") or node.get("error")
-        checked = "-" if node["checked_ago"] is None else f"{node['checked_ago']:.0f}s ago"
-        version = "-" if node["version"] is None else node["version"]
+        differs, problem, checked, version = _node_columns(node)
         serving = "held out" if node["held_out"] else ("yes" if node["alive"] else "down")
         lines.append(f"{node['node']:10} {node['state']:9} {version!s:>7} {serving:8} {checked:>8}  "
                      f"{differs or '-'}{'  (' + problem + ')' if problem else ''}")
@@ -558,12 +562,7 @@ def format_bundles(status: dict) -> str:
                          f"{b.get('who', '-'):10} {b['sha256'][:12]}")
     lines.append(f"{'NODE':10} {'STATE':13} {'VERSION':>7} {'CHECKED':>8}  DIFFERS")
     for node in status["nodes"]:
-        differs = ", ".join(f"{d['kind']} {d['path']}" for d in node["differs"][:4])
-        if len(node["differs"]) > 4:
-            differs += f" and {len(node['differs']) - 4} more"
-        problem = node.get("conflict") or node.get("error")
-        checked = "-" if node["checked_ago"] is None else f"{node['checked_ago']:.0f}s ago"
-        version = "-" if node["version"] is None else node["version"]
+        differs, problem, checked, version = _node_columns(node)
         state = node["state"] if node["alive"] else f"{node['state']}, down"
         lines.append(f"{node['node']:10} {state:13} {version!s:>7} {checked:>8}  {differs or '-'}"
                      + (f"  ({problem})" if problem else ""))

@@ -8,6 +8,7 @@ web1 on 127.0.0.1, and what the broker answered comes back as events, as in the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import os
 import time
@@ -37,28 +38,40 @@ async def until(condition, timeout: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
+@contextlib.asynccontextmanager
+async def wired(tmp_path):
+    """A broker for web1 on loopback, and a distributor core wired to it as the daemon wires it:
+    ``(core, runtime, blobs, replies, saved)``, the AdminReplies and saved state texts collected."""
+    broker = Broker(broker_config(tmp_path), "web1", KEYS, max_load=1000.0, max_cpu=1.0, cpu=CpuSampler())
+    await broker.start()
+    spec = ServiceSpec("web", ipaddress.IPv4Address("203.0.113.1"), 80, Policy.ROUND_ROBIN,
+                       (BackendSpec("web1", ipaddress.IPv4Address("127.0.0.1"), 80),))
+    core = DistributorCore("dist1", Mode.REWRITE, [spec], 100,
+                           administration=AdministrationOptions(broker_port=broker.port, task_poll=0.1))
+    runtime = Runtime(core, {})
+    runtime.attach(asyncio.get_running_loop())
+    blobs = BlobStore(tmp_path / "blobs")
+    administrator = NodeAdministrator(KEYS, "dist1", blobs, runtime.feed)
+    replies: list[AdminReply] = []
+    saved: list[str] = []
+    runtime.register({Log: lambda c: None, Alert: lambda c: None, InstallRules: lambda c: None,
+                      AdminReply: replies.append, SaveAdministration: lambda c: saved.append(c.text),
+                      SyncNode: administrator.sync, RunTask: administrator.run_task,
+                      FetchTask: administrator.fetch_task, CollectBlobs: administrator.collect_blobs})
+    try:
+        yield core, runtime, blobs, replies, saved
+    finally:
+        await administrator.close()
+        runtime.close()
+        await broker.stop()
+
+
 def test_a_push_and_a_task_go_from_the_core_through_the_adapter_to_a_broker_and_back(tmp_path):
     data = os.urandom(2 << 20)
 
     async def main():
-        broker = Broker(broker_config(tmp_path), "web1", KEYS, max_load=1000.0, max_cpu=1.0, cpu=CpuSampler())
-        await broker.start()
-        spec = ServiceSpec("web", ipaddress.IPv4Address("203.0.113.1"), 80, Policy.ROUND_ROBIN,
-                           (BackendSpec("web1", ipaddress.IPv4Address("127.0.0.1"), 80),))
-        core = DistributorCore("dist1", Mode.REWRITE, [spec], 100,
-                               administration=AdministrationOptions(broker_port=broker.port, task_poll=0.1))
-        runtime = Runtime(core, {})
-        runtime.attach(asyncio.get_running_loop())
-        blobs = BlobStore(tmp_path / "blobs")
-        administrator = NodeAdministrator(KEYS, "dist1", blobs, runtime.feed)
-        replies: list[AdminReply] = []
-        saved: list[str] = []
-        runtime.register({Log: lambda c: None, Alert: lambda c: None, InstallRules: lambda c: None,
-                          AdminReply: replies.append, SaveAdministration: lambda c: saved.append(c.text),
-                          SyncNode: administrator.sync, RunTask: administrator.run_task,
-                          FetchTask: administrator.fetch_task, CollectBlobs: administrator.collect_blobs})
-        content = core.content
-        try:
+        async with wired(tmp_path) as (core, runtime, blobs, replies, saved):
+            content = core.content
             runtime.execute(core.start(time.monotonic(), time.time()))
             await until(lambda: content.nodes["web1"].confirmed == 0)  # the check at start
             writer = blobs.writer()
@@ -75,10 +88,6 @@ def test_a_push_and_a_task_go_from_the_core_through_the_adapter_to_a_broker_and_
             assert [r.status for r in replies] == [200, 200] and saved
             status = content.status(time.time())
             assert status["differing"] == [] and status["nodes"][0]["paths"]["docs/big.bin"]["sha256"] == sha256
-        finally:
-            await administrator.close()
-            runtime.close()
-            await broker.stop()
 
     asyncio.run(main())
 
@@ -87,24 +96,9 @@ def test_a_bundle_goes_to_the_brokers_bundle_area_before_the_task_that_runs_it_a
     data = signed_bundle("hello", priority="high")
 
     async def main():
-        broker = Broker(broker_config(tmp_path), "web1", KEYS, max_load=1000.0, max_cpu=1.0, cpu=CpuSampler())
-        await broker.start()
-        spec = ServiceSpec("web", ipaddress.IPv4Address("203.0.113.1"), 80, Policy.ROUND_ROBIN,
-                           (BackendSpec("web1", ipaddress.IPv4Address("127.0.0.1"), 80),))
-        core = DistributorCore("dist1", Mode.REWRITE, [spec], 100,
-                               administration=AdministrationOptions(broker_port=broker.port, task_poll=0.1))
-        runtime = Runtime(core, {})
-        runtime.attach(asyncio.get_running_loop())
-        blobs = BlobStore(tmp_path / "blobs")
-        administrator = NodeAdministrator(KEYS, "dist1", blobs, runtime.feed)
-        replies: list[AdminReply] = []
-        runtime.register({Log: lambda c: None, Alert: lambda c: None, InstallRules: lambda c: None,
-                          AdminReply: replies.append, SaveAdministration: lambda c: None,
-                          SyncNode: administrator.sync, RunTask: administrator.run_task,
-                          FetchTask: administrator.fetch_task, CollectBlobs: administrator.collect_blobs})
-        content = core.content
-        signed_file = tmp_path / "state" / "bundles" / "signed" / "hello"
-        try:
+        async with wired(tmp_path) as (core, runtime, blobs, replies, _):
+            content = core.content
+            signed_file = tmp_path / "state" / "bundles" / "signed" / "hello"
             runtime.execute(core.start(time.monotonic(), time.time()))
             await until(lambda: content.nodes["web1"].confirmed == 0)
             writer = blobs.writer()
@@ -127,9 +121,5 @@ def test_a_bundle_goes_to_the_brokers_bundle_area_before_the_task_that_runs_it_a
             assert not signed_file.exists()
             assert [r.status for r in replies] == [200, 200, 200]
             assert content.bundle_status(time.time())["differing"] == []
-        finally:
-            await administrator.close()
-            runtime.close()
-            await broker.stop()
 
     asyncio.run(main())
