@@ -424,7 +424,7 @@ class NodeAdministrator:
         error = None if result.matches or conflict or result.error == STILL_DIFFERS else result.error
         self.feed(SyncReported(command.node, command.target, result.report is not None, result.matches, result.report,
                                conflict, error, len(planned.operations) if planned is not None else 0,
-                               self.clock(), self.wall_clock(), command.area))
+                               self.clock(), self.wall_clock(), command.area, command.request))
 
     async def _task(self, command: RunTask | FetchTask, send: bool) -> None:
         client = self.client(command.node, command.address)

@@ -310,6 +310,9 @@ class SyncReported:
     now: float
     wall: float
     area: str = "content"  # or "bundles"
+    # The SyncNode.request it answers.  A report whose number is not the node's sync in flight (one
+    # from before the distributor became active again, a duplicate) is dropped; None: not tied to one.
+    request: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +366,7 @@ class SyncNode(Command):
     target: int
     desired: Mapping[str, Any] = dataclasses.field(compare=False, repr=False)
     area: str = "content"  # or "bundles" (paths are bundle names)
+    request: int = 0  # numbered by the core, echoed by SyncReported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -455,6 +459,7 @@ class _Sync:
     report: NodeReport | None = None
     checked_wall: float | None = None
     syncing: int | None = None
+    request: int = 0  # the number of the sync in flight (SyncNode.request)
     wanted: bool = True
     retry_at: float | None = None
     failures: int = 0
@@ -473,6 +478,7 @@ class _Node:
     checked_wall: float | None = None
     alive: bool = True
     syncing: int | None = None  # the target of the sync in flight
+    request: int = 0  # its number (SyncNode.request)
     wanted: bool = True  # a sync is due (now, or at retry_at)
     retry_at: float | None = None
     failures: int = 0
@@ -518,6 +524,7 @@ class _Task:
 class ContentCore:
     def __init__(self, options: AdministrationOptions | None = None):
         self.options = options or AdministrationOptions()
+        self._sync_requests = 0  # SyncNode commands numbered so far (their reports are matched by it)
         self.desired = DesiredContent()
         self.bundles = DesiredContent(check_bundle_name)  # the signed task bundles every node must hold
         self.bundle_meta: dict[str, dict] = {}  # name -> what its manifest says, who added it and when
@@ -808,7 +815,7 @@ class ContentCore:
         found = self.nodes.get(event.node)
         area = event.area if event.area in AREAS else "content"
         node = found if found is None or area == "content" else found.bundles
-        if node is None or node.syncing is None:
+        if node is None or node.syncing is None or event.request not in (None, node.request):
             return []  # removed meanwhile, or a report from before this distributor became active again
         desired, counts = (self.desired, self.syncs) if area == "content" else (self.bundles, self.bundle_syncs)
         node.syncing = None
@@ -1070,8 +1077,10 @@ class ContentCore:
                         snapshots[area] = desired.to_dict()
                     sync.wanted, sync.retry_at, sync.next_check = False, None, None
                     sync.syncing = desired.version
+                    self._sync_requests += 1
+                    sync.request = self._sync_requests
                     commands.append(SyncNode(name, f"{node.address}:{self.options.broker_port}", desired.version,
-                                             snapshots[area], area))
+                                             snapshots[area], area, sync.request))
         for task in self.tasks.values():
             bundle = task.name in self.bundles.entries
             for name, part in task.parts.items():

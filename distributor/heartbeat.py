@@ -491,6 +491,7 @@ class NodeHealth:
         self._feedback.pop(node, None)
         self.verifier.remove_sender(node)
         self._held_out.discard(node)
+        self._passive_log.pop(node, None)  # a node added again under this name starts afresh
 
     def passive_failure(self, node: str, reason: str, now: float, spare: bool = True) -> list[Command]:
         """The data path saw ``node`` fail a connection (``reason`` says how): exclude it until a later heartbeat.

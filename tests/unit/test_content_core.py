@@ -494,3 +494,24 @@ def test_the_state_file_and_the_standby_keep_the_bundles():
     assert standby.bundles.to_dict() == content.bundles.to_dict() and only((SaveAdministration,), out)
     assert not only((SyncNode,), out)  # a standby contacts no node
     assert bundle_syncs(standby.handle(ActiveChanged(True, 2.0))) == [("web1", 1), ("web2", 1), ("web3", 1)]
+
+
+def test_a_report_of_a_sync_that_is_no_longer_in_flight_is_dropped():
+    # Active, standby, active again: the first syncs' answers may still come back after the new ones left.
+    content = ContentCore(OPTIONS)
+    content.handle(NodesChanged({n: WEB[n] for n in NODES}, 0.0))
+    first = {c.node: c for c in only((SyncNode,), content.handle(ActiveChanged(True, 0.0)))}
+    content.handle(ActiveChanged(False, 0.5))
+    second = {c.node: c for c in only((SyncNode,), content.handle(ActiveChanged(True, 1.0)))}
+    assert first["web2"].request != second["web2"].request
+
+    def answer(command, now):
+        return content.handle(SyncReported(command.node, command.target, True, True, NodeReport(0, {}), None, None, 0,
+                                           now, WALL + now, command.area, command.request))
+
+    answer(first["web2"], 1.1)  # stale: its sync ended when this distributor stopped being active
+    assert content.nodes["web2"].syncing is not None
+    answer(second["web2"], 1.2)
+    assert content.nodes["web2"].syncing is None and content.nodes["web2"].state is ContentState.MATCHES
+    answer(second["web2"], 1.3)  # a duplicate changes nothing either
+    assert content.nodes["web2"].syncing is None
