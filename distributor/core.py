@@ -386,7 +386,7 @@ class DistributorCore:
                     if any(b.name == failure.node and not b.removed for b in s.backends)]
         spare = bool(services) and all(any(self._serving(b.name) for b in s.backends
                                            if b.name != failure.node and not b.removed) for s in services)
-        return self._route(self.health.passive_failure(failure.node, f"{what}; {moved}", now, spare), now)
+        return self._route(self.health.passive_failure(failure.node, f"{what}; {moved}", now, spare, failure.since), now)
 
     def _finish(self, commands: list[Command]) -> list[Command]:
         commands = [c for c in commands if not isinstance(c, WakeUpAt)]

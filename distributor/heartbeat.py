@@ -33,8 +33,10 @@ client's SYN, or leave it unanswered until the client retransmits, the node goes
 once, as if it had missed its heartbeats, instead of after the warning window.  Only a heartbeat
 whose probe began after that failure clears it (the agent probes the web server, then sends: the
 probe began the reported response time before the datagram arrived); one already on its way says
-nothing about the failure.  Its counter goes on meanwhile, so a node that has really died is
-declared dead on the usual schedule.  Like damping, passive health never takes out the last node
+nothing about the failure.  For the same reason a SYN left unanswered that was sent before the
+probe of a heartbeat already received excludes nothing: the web server answered since (a lost SYN,
+or a saturated node whose handshakes outlast the client's RTO).  Its counter goes on meanwhile, so
+a node that has really died is declared dead on the usual schedule.  Like damping, passive health never takes out the last node
 that could serve: that node's failures are counted and logged only.
 
 A heartbeat says when the next one is due (``interval_ms``: the agent slows its probes down when
@@ -183,7 +185,7 @@ class Transition:
 
 class _Node:
     __slots__ = ("name", "state", "counter", "rises", "slow_start_since", "heartbeats", "report", "last_heartbeat",
-                 "penalty", "penalty_at", "damped", "warning", "dead", "failed_at", "failures")
+                 "penalty", "penalty_at", "damped", "warning", "dead", "failed_at", "failures", "probed_at")
 
     def __init__(self, name: str, warning: int, dead: int):
         self.name = name
@@ -194,6 +196,7 @@ class _Node:
         self.heartbeats = 0
         self.report: NodeHeartbeat | None = None
         self.last_heartbeat: float | None = None
+        self.probed_at = float("-inf")  # when the probe of its latest heartbeat began
         self.penalty = 0.0  # flap penalty at penalty_at
         self.penalty_at = 0.0
         self.damped = False  # held out of service for flapping
@@ -266,20 +269,33 @@ class HealthBoard:
     def failures(self, node: str) -> int:
         return self._nodes[node].failures
 
-    def passive(self, node: str, now: float, reason: str, spare: bool = True) -> list[Transition]:
+    def passive(self, node: str, now: float, reason: str, spare: bool = True,
+                since: float | None = None) -> list[Transition]:
         """The data path saw ``node`` fail a connection: WARNING now, until a later heartbeat clears it.
 
         ``spare``: whether the caller, which knows the services and the nodes' administrative
-        states, sees another node that could take the failed node's new connections.
+        states, sees another node that could take the failed node's new connections.  ``since``:
+        when the failure began (the node was given the SYN it left unanswered; None: now); a
+        heartbeat whose probe began after that has already cleared it (see :meth:`served_since`).
         """
         entry = self._nodes[node]
         entry.failures += 1
+        if since is not None and entry.probed_at > since:
+            return []
         entry.failed_at = now
         if entry.state not in ELIGIBLE:
             return []
         if not spare or not any(other.state in ELIGIBLE and not other.damped for other in self._nodes.values() if other is not entry):
             return []  # the last node that could serve stays: excluding it would refuse every client
         return self._fire(entry, NodeEvent.FAILED, now, reason)
+
+    def served_since(self, node: str, since: float | None) -> bool:
+        """Whether a heartbeat whose probe began after ``since`` has arrived from ``node`` (None: now, never).
+
+        Its web server answered that probe: a SYN it was given at ``since`` and left unanswered
+        was lost or slowed by load (a saturated cluster), which is no reason to exclude it.
+        """
+        return since is not None and self._nodes[node].probed_at > since
 
     def heartbeat(self, node: str, now: float, report: NodeHeartbeat | None = None) -> list[Transition]:
         entry = self._nodes[node]
@@ -290,8 +306,9 @@ class HealthBoard:
         entry.last_heartbeat = now
         entry.warning, entry.dead = self.settings.allowance(report.interval_ms / 1000 if report is not None else 0.0)
         state = entry.state
+        probed_at = now - (report.response_ms / 1000 if report is not None else 0.0)
+        entry.probed_at = max(entry.probed_at, probed_at)
         if entry.failed_at is not None:
-            probed_at = now - (report.response_ms / 1000 if report is not None else 0.0)
             if probed_at <= entry.failed_at:
                 if state is NodeState.WARNING:
                     return self._fire(entry, NodeEvent.STALE, now, "heartbeat from a probe before the failed connection")
@@ -493,18 +510,22 @@ class NodeHealth:
         self._held_out.discard(node)
         self._passive_log.pop(node, None)  # a node added again under this name starts afresh
 
-    def passive_failure(self, node: str, reason: str, now: float, spare: bool = True) -> list[Command]:
+    def passive_failure(self, node: str, reason: str, now: float, spare: bool = True,
+                        since: float | None = None) -> list[Command]:
         """The data path saw ``node`` fail a connection (``reason`` says how): exclude it until a later heartbeat.
 
         ``spare`` says whether another node could take its new connections (the caller knows the
-        services and the administrative states); without one the node stays.  A failure the board
-        does not act on (the node is already out, or it is the last one that could serve) is
-        logged, at most once per node every ``PASSIVE_LOG_INTERVAL`` seconds with the count of
-        those not logged, so an operator sees a refusing node and a busy one floods no log.
+        services and the administrative states); without one the node stays.  ``since``: when the
+        failure began (an unanswered SYN's send time; None: now); a node that answered a heartbeat
+        probe after it stays.  A failure the board does not act on (the node is already out, it is the
+        last one that could serve, or it was serving since) is logged, at most once per node every
+        ``PASSIVE_LOG_INTERVAL`` seconds with the count of those not logged, so an operator sees a
+        refusing node and a busy one floods no log.
         """
         if node not in self.board:
             return []
-        changes = self.board.passive(node, now, reason, spare)
+        served = self.board.served_since(node, since)
+        changes = self.board.passive(node, now, reason, spare, since)
         if changes:
             return self._apply(changes)
         logged_at, quiet = self._passive_log.get(node, (float("-inf"), 0))
@@ -512,7 +533,8 @@ class NodeHealth:
             self._passive_log[node] = (logged_at, quiet + 1)
             return []
         self._passive_log[node] = (now, 0)
-        kept = "out of service" if not self.board.eligible(node) else "the last that can serve: kept"
+        kept = ("a heartbeat probe answered since: load or a lost packet, kept" if served
+                else "out of service" if not self.board.eligible(node) else "the last that can serve: kept")
         more = f"; {quiet} more since the last such message" if quiet else ""
         return [Log(Level.INFO, f"{node}: {reason} (node {self.board.state(node).value}, {kept}{more})")]
 

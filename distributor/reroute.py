@@ -309,6 +309,10 @@ class PassiveFailure:
     kind: PassiveKind
     key: bytes  # the connection's client -> VIP 4-tuple
     redispatched: bool
+    # UNANSWERED: when the node was given the SYN it failed (None: the failure is the moment it is
+    # reported, as a refusal is).  A node whose web server answered a heartbeat probe after that
+    # moment was serving meanwhile: the SYN was lost or slowed by load.
+    since: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -613,26 +617,26 @@ class Interposer:
         sent (a SYN-ACK in rewrite mode, a FIN in both) is alive: the connection moves, but nothing is
         reported against the node (under saturation a slow handshake is load, not a dead node).
         """
-        key, failed = conn.key, conn.backend
-        alive = failed.alive_at > conn.last_seen
+        key, failed, sent = conn.key, conn.backend, conn.last_seen
+        alive = failed.alive_at > sent
         if self._kernel:
             if not self._spare(conn):
                 return Reason.TO_BACKEND, None, () if alive else (PassiveFailure(failed.name, PassiveKind.UNANSWERED,
-                                                                                    key, False),)
+                                                                                    key, False, sent),)
             ended = self._drop_entry(conn)
             effects = (ForgetInConntrack((key,), ()),) if alive else (
-                PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True), ForgetInConntrack((key,), ()))
+                PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True, sent), ForgetInConntrack((key,), ()))
             return Reason.SYN_UNANSWERED, None, (*effects, ended) if ended is not None else effects
         moved = self._redispatch(conn, now)
         if moved is None:
             return Reason.TO_BACKEND, None, () if alive else (PassiveFailure(failed.name, PassiveKind.UNANSWERED, key,
-                                                                                False),)
+                                                                                False, sent),)
         backend, effects = moved
         backend.bytes_in += len(packet)
         if alive:
             # The connection moves all the same (cheap, and its client waits no longer); the node stays.
             return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), tuple(effects)
-        failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True)
+        failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True, sent)
         return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), (failure, *effects)
 
     @staticmethod

@@ -119,7 +119,7 @@ def test_a_retransmitted_syn_its_node_never_answered_goes_to_another_node():
     reason, out, effects = ip.decide(syn(), 1.0)  # the client's RTO: 1 s (RFC 6298)
     assert reason is Reason.SYN_REDISPATCHED and reason.verdict == ACCEPT
     assert out == tcp(CLIENT, WEB["web2"], 40000, 80, "S", seq=ISN, ack=0) and checksums_valid(out)
-    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True)]
+    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True, 0.0)]
     assert ip.services[0].balancer.outstanding(0) == 0 and ip.services[0].balancer.outstanding(1) == 1
 
 
@@ -156,7 +156,7 @@ def test_kernel_mode_drops_an_unanswered_retransmission_and_has_conntrack_forget
     reason, out, effects = ip.decide(syn(), 1.0)
     assert reason is Reason.SYN_UNANSWERED and reason.verdict == DROP
     assert of(effects, ForgetInConntrack) == [ForgetInConntrack((KEY,), ())]
-    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True)]
+    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True, 0.0)]
     assert len(ip.table) == 0
 
 
@@ -202,6 +202,21 @@ def test_a_node_that_stays_silent_after_its_failure_dies_on_the_usual_schedule()
     assert states.index(NodeState.DEAD) == SETTINGS.dead  # counter > dead, as without the failure
 
 
+def test_an_unanswered_syn_from_before_a_probe_the_node_answered_leaves_it_in_service():
+    # A saturated node's handshake can outlast the client's RTO while its web server still answers
+    # its agent: the SYN was sent at 0.10, the heartbeat's probe began at 0.60 - 0.05 = 0.55.
+    health = NodeHealth(SETTINGS, NODES, KEYS)
+    health.start(0.0, WALL)
+    health.handle(heartbeat("web1", 1, 0.60, 50.0))
+    commands = health.passive_failure("web1", "left a client's SYN unanswered", 1.10, since=0.10)
+    assert health.board.state("web1") is NodeState.UP and not any(isinstance(c, SetNodeEligible) for c in commands)
+    assert any(isinstance(c, Log) and "probe answered since" in c.message for c in commands)
+    assert health.stats(1.1).nodes[0].failed_connections == 1
+    # A SYN sent after that probe, and still unanswered a second later, does exclude it.
+    commands = health.passive_failure("web1", "left a client's SYN unanswered", 1.70, since=0.70)
+    assert SetNodeEligible("web1", False) in commands and health.board.state("web1") is NodeState.WARNING
+
+
 def test_the_last_node_that_could_serve_is_never_excluded_by_a_failure():
     health = NodeHealth(SETTINGS, NODES, KEYS)
     health.start(0.0, WALL)
@@ -228,6 +243,19 @@ def test_the_core_excludes_a_refusing_node_so_the_next_clients_go_elsewhere():
         assert out[16:20] == ipaddress.IPv4Address(WEB["web2"]).packed
 
 
+def test_the_core_keeps_a_node_whose_agent_probed_it_after_the_syn_it_left_unanswered():
+    core = DistributorCore("dist1", Mode.REWRITE, [service_spec()], 100, health=HealthOptions(SETTINGS, NODES),
+                           health_keys=KEYS)
+    core.start(0.0, WALL)
+    _, _, first = core.interposer.decide(syn(), 0.0)  # to web1, which never answers it
+    core.handle(heartbeat("web1", 1, 0.5, 5.0))  # its web server answered its agent at 0.495
+    reason, out, retried = core.interposer.decide(syn(), 1.0)
+    assert reason is Reason.SYN_REDISPATCHED and out[16:20] == ipaddress.IPv4Address(WEB["web2"]).packed
+    commands = core.handle(PacketsHandled(1.001, WALL + 1.001, tuple(first or ()) + tuple(retried or ())))
+    assert core.health.board.state("web1") is NodeState.UP
+    assert not any(isinstance(c, Alert) and c.subject == "web1" for c in commands)
+
+
 # -- what must not count against a node, and what must not hide a refusal ------------------------------------
 def test_kernel_mode_lets_the_refusal_through_when_no_other_node_could_take_the_connection():
     ip = make(Mode.KERNEL, nodes=("web1",))
@@ -242,7 +270,7 @@ def test_kernel_mode_sends_an_unanswered_retransmission_on_when_no_other_node_co
     ip.decide(syn(), 0.0)
     reason, out, effects = ip.decide(syn(), 1.0)
     assert reason is Reason.TO_BACKEND and out == ip.services[0].backends[0].mark
-    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, False)]
+    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, False, 0.0)]
     assert not of(effects, ForgetInConntrack) and len(ip.table) == 1
 
 
@@ -319,4 +347,4 @@ def test_a_node_silent_since_the_syn_is_still_blamed_in_kernel_mode():
     ip.decide(syn(), 0.1)
     reason, _, effects = ip.decide(syn(), 1.1)
     assert reason is Reason.SYN_UNANSWERED
-    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True)]
+    assert of(effects, PassiveFailure) == [PassiveFailure("web1", PassiveKind.UNANSWERED, KEY, True, 0.1)]
