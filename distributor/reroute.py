@@ -97,6 +97,11 @@ DROP = 0
 ACCEPT = 1
 
 _IPPROTO_TCP = 6
+_IPPROTO_ICMP = 1
+# ICMP errors (RFC 792) that quote the packet they are about: destination unreachable (code 4:
+# fragmentation needed, RFC 1191 path MTU discovery), time exceeded, parameter problem.
+_ICMP_UNREACHABLE, _ICMP_FRAG_NEEDED = 3, 4
+_ICMP_ERRORS = frozenset({_ICMP_UNREACHABLE, 11, 12})
 _ESTABLISHED = TcpState.ESTABLISHED
 _NOT_PLAIN = SYN | FIN | RST
 _IP_CHECKSUM = 10
@@ -130,6 +135,9 @@ class Reason(enum.IntEnum):
     NODE_REFUSED = 21  # a node reset a client's SYN: dropped; rewrite mode sends the SYN to another node
     SYN_REDISPATCHED = 22  # rewrite mode: a retransmitted SYN its node left unanswered, sent to another node
     SYN_UNANSWERED = 23  # kernel mode: a retransmitted SYN its node left unanswered: dropped, forgotten by conntrack
+    ICMP_TO_NODE = 24  # rewrite mode: an ICMP error about a segment the VIP sent a client, translated for its node
+    ICMP_TO_CLIENT = 25  # rewrite mode: "fragmentation needed" about a segment sent to a node, translated for the client
+    ICMP_UNKNOWN = 26  # rewrite mode: an ICMP error about no known connection, or about a node: dropped
 
     @property
     def verdict(self) -> int:
@@ -151,7 +159,7 @@ class Mode(enum.Enum):
 
 
 _ACCEPTED = frozenset({Reason.NEW_CONNECTION, Reason.TO_BACKEND, Reason.TO_CLIENT, Reason.NOT_SERVICE, Reason.NOT_TCP,
-                       Reason.CONNECTION_END, Reason.SYN_REDISPATCHED})
+                       Reason.CONNECTION_END, Reason.SYN_REDISPATCHED, Reason.ICMP_TO_NODE, Reason.ICMP_TO_CLIENT})
 
 _TO_BACKEND = Reason.TO_BACKEND
 _TO_CLIENT = Reason.TO_CLIENT
@@ -497,6 +505,8 @@ class Interposer:
     def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
         # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
         # would trim the packet to a shorter one); kernel mode copies the headers only.
+        if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP and not self._kernel:
+            return self._icmp(packet)
         invalid = _invalid(packet, whole=not self._kernel)
         if invalid is not None:
             return invalid, None, None
@@ -577,6 +587,64 @@ class Interposer:
         if failure is not None:
             return Reason.TO_CLIENT, None, (failure, self._ended(conn)) if done else (failure,)
         return Reason.TO_CLIENT, None, (self._ended(conn),) if done else None
+
+    # -- ICMP that belongs to a connection (rewrite mode) --------------------------------------------
+    def _icmp(self, packet: bytes) -> tuple[Reason, bytes | None, None]:
+        """An ICMP message: translate an error about a VIP connection for the host it concerns.
+
+        Rewrite mode keeps the VIP's segments out of conntrack, so the kernel cannot translate the
+        errors that belong to them, as conntrack does in kernel mode (and IPVS in its NAT mode): a
+        "fragmentation needed" a router on the client's side sends the VIP about a response would
+        never reach the node that sent it, and the node would resend full-size segments for ever
+        (a path MTU black hole, RFC 2923 section 2.1).  An error is matched to its connection by the
+        IP header and the first 8 bytes of TCP it quotes (RFC 792):
+
+        * quoting a segment from a VIP to a client (an error from the outside): its outer
+          destination, the quoted source address and port become the node's, and it goes on to
+          the node, whose TCP lowers its path MTU or notes the error;
+        * quoting a segment sent to a node in a client's name (an error from the cluster LAN, or
+          from the distributor's own stack): "fragmentation needed" goes to the client with the
+          VIP for the node, as its outer source too; every other error about a node is the
+          distributor's to act on (passive health moves a connection a node left unanswered),
+          and would make the client abort a connection that can still be moved: dropped;
+        * an error about neither a known connection nor a node is not ours: passed untouched.
+
+        Errors about no known connection of a VIP, or a node, are dropped and counted, so no ICMP
+        leaves toward the outside quoting a node's address.  Other ICMP (echo to the VIP, which
+        the distributor's own stack answers) passes untouched.
+        """
+        length = len(packet)
+        first = packet[0]
+        if first >> 4 != 4 or first & 0x0F < 5:
+            return Reason.BAD_IP_HEADER, None, None
+        if (packet[2] << 8 | packet[3]) != length:
+            return Reason.TRUNCATED, None, None
+        if packet[6] & 0x3F or packet[7]:
+            return Reason.FRAGMENT, None, None
+        icmp = (first & 0x0F) * 4
+        if length < icmp + 8 or packet[icmp] not in _ICMP_ERRORS:
+            return Reason.NOT_TCP, None, None
+        inner = icmp + 8
+        if length < inner + 20 or packet[inner] >> 4 != 4 or packet[inner + 9] != _IPPROTO_TCP:
+            return Reason.NOT_TCP, None, None  # not about a TCP segment: not a VIP connection's
+        quoted = inner + (packet[inner] & 0x0F) * 4
+        if packet[inner] & 0x0F < 5 or length < quoted + 8:
+            return Reason.TRUNCATED, None, None  # RFC 792: the header and 64 bits of data
+        source, destination = packet[inner + 12:inner + 16], packet[inner + 16:inner + 20]
+        sport, dport = packet[quoted:quoted + 2], packet[quoted + 2:quoted + 4]
+        if source + sport in self._by_vip:
+            key = destination + source + dport + sport  # the connection's client -> VIP key
+            conn = self._lookup(key)
+            if conn is None or conn.key != key or conn.reset_by_us:
+                return Reason.ICMP_UNKNOWN, None, None
+            return Reason.ICMP_TO_NODE, _icmp_to_node(packet, inner, quoted, conn.backend), None
+        if destination + dport in self._backend_sources:
+            conn = self._lookup(destination + source + dport + sport)  # the node -> client key
+            if (conn is None or conn.key[0:4] != source or conn.reset_by_us or packet[icmp] != _ICMP_UNREACHABLE
+                    or packet[icmp + 1] != _ICMP_FRAG_NEEDED):
+                return Reason.ICMP_UNKNOWN, None, None
+            return Reason.ICMP_TO_CLIENT, _icmp_to_client(packet, inner, quoted, conn.backend), None
+        return Reason.NOT_SERVICE, None, None
 
     # -- passive health: a node that fails a connection's handshake -----------------------------------
     def _refused(self, conn: Connection, now: float) -> tuple[Reason, None, tuple] | None:
@@ -1044,6 +1112,43 @@ def _invalid(packet: bytes, whole: bool) -> Reason | None:
     if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
         return Reason.BAD_FLAGS
     return None
+
+
+def _icmp_to_node(packet: bytes, inner: int, quoted: int, backend: Backend) -> bytes:
+    """An error about a VIP -> client segment, made about the node -> client segment it was."""
+    buf = bytearray(packet)
+    checksum.patch(buf, _IP_CHECKSUM, checksum.delta(packet[16:20], backend.addr_bytes))
+    buf[16:20] = backend.addr_bytes
+    buf[inner + 12:inner + 16] = backend.addr_bytes
+    checksum.patch(buf, inner + 10, backend.to_backend_ip_delta)
+    if backend.rewrites_port:
+        buf[quoted:quoted + 2] = backend.port_bytes
+    _icmp_finish(buf, inner, quoted, backend.to_backend_tcp_delta)
+    return bytes(buf)
+
+
+def _icmp_to_client(packet: bytes, inner: int, quoted: int, backend: Backend) -> bytes:
+    """An error about a client -> node segment, made about the client -> VIP segment it was, from the VIP."""
+    buf = bytearray(packet)
+    checksum.patch(buf, _IP_CHECKSUM, checksum.delta(packet[12:16], backend.vip_bytes))
+    buf[12:16] = backend.vip_bytes
+    buf[inner + 16:inner + 20] = backend.vip_bytes
+    ip_delta = checksum.delta(backend.addr_bytes, backend.vip_bytes)
+    checksum.patch(buf, inner + 10, ip_delta)
+    buf[quoted + 2:quoted + 4] = backend.vport_bytes
+    _icmp_finish(buf, inner, quoted, checksum.combine(ip_delta, checksum.delta(backend.port_bytes, backend.vport_bytes)))
+    return bytes(buf)
+
+
+def _icmp_finish(buf: bytearray, inner: int, quoted: int, tcp_delta: int) -> None:
+    """The quoted TCP checksum, when the error quotes it (RFC 792 asks for 8 bytes only; Linux and
+    RFC 1812 routers quote more), follows its pseudo-header and ports (RFC 1624); the ICMP
+    checksum covers the whole message and is recomputed (errors are rare and short)."""
+    if len(buf) >= quoted + 18:
+        checksum.patch(buf, quoted + 16, tcp_delta)
+    icmp = inner - 8
+    buf[icmp + 2:icmp + 4] = b"\0\0"
+    buf[icmp + 2:icmp + 4] = checksum.full(bytes(buf[icmp:])).to_bytes(2, "big")
 
 
 def _acknowledges_syn(packet: bytes, isn: bytes) -> bool:

@@ -40,6 +40,10 @@ __all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_
 
 log = logging.getLogger("distributor.rules")
 
+# ICMP errors that quote the segment they are about (RFC 792): destination unreachable, time
+# exceeded, parameter problem.  Rewrite mode queues them; kernel mode leaves them to conntrack.
+ICMP_ERROR_TYPES = (3, 11, 12)
+
 # Rules whose drops are counted by the kernel carry a --comment tag; Chains.counters() reads them back.
 GUARD_TAG = "dist-guard"
 UNKNOWN_REPLY_TAG = "dist:unknown_reply"  # kernel mode: a node's segment conntrack cannot tie to a NATed connection
@@ -98,6 +102,20 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
             match_backend = f"-s {backend.address}/32 -p tcp -m tcp --sport {backend.port}"
             raw.append(f"-A {chain_in} {match_backend} -j CT --notrack")
             mangle.append(f"-A {chain_out} {match_backend} -j NFQUEUE --queue-num {queue}")
+    # ICMP errors about VIP connections, which conntrack cannot translate (the connections are
+    # untracked): user space matches each to its connection by the segment it quotes
+    # (Interposer._icmp).  One from the outside is addressed to the VIP and rewritten before
+    # routing, so it is routed to the node; one toward a client (from the cluster LAN, or from this
+    # host's own stack) gets the VIP as its source, so only after routing (a local source before
+    # routing is a martian).  With --queue-bypass: while no daemon listens, errors pass untranslated
+    # rather than being dropped with this host's own.
+    for kind in ICMP_ERROR_TYPES:
+        match_icmp = f"-p icmp -m icmp --icmp-type {kind}"
+        for vip in dict.fromkeys(str(service.vip) for service in services):
+            raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} -j CT --notrack")
+            raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} -j NFQUEUE --queue-num {queue} --queue-bypass")
+        raw.append(f"-A {chain_in} -m addrtype ! --dst-type LOCAL {match_icmp} -j CT --notrack")
+        mangle.append(f"-A {chain_out} {match_icmp} -j NFQUEUE --queue-num {queue} --queue-bypass")
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True)}
 

@@ -47,7 +47,7 @@ FAILOVER_PORT = 8406
 API_PORT = 8410  # the control API and console, on each distributor's cluster-LAN address
 BROKER_PORT = 8407  # the node agents' administration endpoint (node/broker.py)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|monitor|sw)$")
+_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|monitor|far|sw)$")
 
 
 class TestbedError(RuntimeError):

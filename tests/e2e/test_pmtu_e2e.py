@@ -1,0 +1,97 @@
+"""Path MTU discovery through the VIP: a router with a smaller MTU between a client and the distributors.
+
+The testbed's client becomes that router: a far client (namespace ``<project>-far``, 192.0.2.10)
+sits behind it on a link of MTU 1,400 and advertises an MSS of 1,460 (``advmss``), so a node's
+full-size response segments reach the router too big for its next hop, and the router sends
+"fragmentation needed" (RFC 1191) to their source: the VIP.  The download completes only if that
+error reaches the node that sent the segments (rewrite mode translates it itself; kernel mode
+leaves it to conntrack).  A control run, in which the router drops those errors (an iptables rule
+of this test's own), shows the hang it prevents.  Everything the test adds (the namespace, the
+routes on the distributors) goes with the module, also when a test fails.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+
+import pytest
+
+from testbed import content, http
+from testbed.runner import wait_until
+from tests.e2e.conftest import MODES, counter
+
+FAR_NET = "192.0.2.0/24"  # TEST-NET-1 (RFC 5737): the far client's side of the router
+ROUTER_FAR = "192.0.2.1"
+FAR_CLIENT = "192.0.2.10"
+MTU = 1400
+DROP_FRAG_NEEDED = ["iptables", "-w", "-{}", "OUTPUT", "-p", "icmp", "-m", "icmp", "--icmp-type",
+                    "fragmentation-needed", "-j", "DROP"]
+
+
+def _ip(*argv: str) -> None:
+    subprocess.run(["ip", *argv], check=True, capture_output=True, text=True, timeout=10)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def bed(make_testbed, request):
+    bed = make_testbed(f"tpmtu{request.param[0]}", nodes=2, policy="round-robin", mode=request.param)
+    far, router = f"{bed.project}-far", bed.ns("client")
+    try:
+        _ip("netns", "add", far)
+        _ip("-n", far, "link", "set", "lo", "up")
+        _ip("-n", router, "link", "add", "far", "type", "veth", "peer", "name", "far0", "netns", far)
+        _ip("-n", router, "address", "add", f"{ROUTER_FAR}/24", "dev", "far")
+        _ip("-n", router, "link", "set", "far", "mtu", str(MTU), "up")
+        bed.run("client", ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        _ip("-n", far, "address", "add", f"{FAR_CLIENT}/24", "dev", "far0")
+        _ip("-n", far, "link", "set", "far0", "mtu", str(MTU), "up")
+        # The far client offers an MSS its own link cannot carry: the bottleneck is the router's.
+        _ip("-n", far, "route", "add", "default", "via", ROUTER_FAR, "advmss", "1460")
+        for dist in ("dist1", "dist2"):
+            _ip("-n", bed.ns(dist), "route", "add", FAR_NET, "via", str(bed.topology.host("client").address_on("ext")))
+        yield bed
+    finally:
+        subprocess.run(["ip", "netns", "del", far], capture_output=True, timeout=10)
+        for dist in ("dist1", "dist2"):
+            subprocess.run(["ip", "-n", bed.ns(dist), "route", "del", FAR_NET], capture_output=True, timeout=10)
+
+
+def node_path_mtu(bed, node: str) -> str:
+    """What the node's route to the far client says (``mtu 1400`` once path MTU discovery worked)."""
+    return bed.run(node, ["ip", "route", "get", FAR_CLIENT]).stdout
+
+
+def flush_route_caches(bed) -> None:
+    for node in ("web1", "web2"):
+        bed.run(node, ["ip", "route", "flush", "cache"])
+        assert f"mtu {MTU}" not in node_path_mtu(bed, node)
+
+
+def download(bed, path: str, timeout: float) -> http.Reply:
+    return http.get(f"{bed.project}-far", bed.vip, 80, path, timeout=timeout)
+
+
+def test_without_the_routers_icmp_a_large_response_hangs(bed):
+    flush_route_caches(bed)
+    bed.run("client", [part.format("A") for part in DROP_FRAG_NEEDED])
+    try:
+        with pytest.raises(OSError):
+            download(bed, "/1m.bin", timeout=4)
+        for node in ("web1", "web2"):
+            assert f"mtu {MTU}" not in node_path_mtu(bed, node), node_path_mtu(bed, node)
+        # Small answers fit whatever the MTU: the black hole hits only large responses.
+        assert download(bed, "/index.html", timeout=4).status == 200
+    finally:
+        bed.run("client", [part.format("D") for part in DROP_FRAG_NEEDED])
+
+
+@pytest.mark.parametrize("path", ["/1m.bin", "/4m.bin"])
+def test_a_large_download_through_a_smaller_mtu_completes_and_the_node_learns_the_path_mtu(bed, path):
+    flush_route_caches(bed)
+    reply = download(bed, path, timeout=20)
+    assert reply.status == 200 and hashlib.sha256(reply.body).hexdigest() == content.sha256(path)
+    assert f"mtu {MTU}" in node_path_mtu(bed, reply.node), node_path_mtu(bed, reply.node)
+    if bed.options.mode == "rewrite":
+        # The error went through the interposer (kernel mode: conntrack translates it).
+        wait_until(lambda: counter(bed, "icmp_to_node") >= 1, 5, "the translated ICMP error counted")
