@@ -55,7 +55,7 @@ from .admin import AdminState
 from .contentcore import REFUSAL_REASONS, SYNC_RESULTS
 from .heartbeat import HealthStats, NodeState, node_moves
 from .reroute import Mode, Reason
-from .rules import GUARD_TAG, UNKNOWN_REPLY_TAG
+from .rules import GUARD_TAG, ICMP_FLOOD_TAG, UNKNOWN_REPLY_TAG
 
 if TYPE_CHECKING:
     from .alerts import Alerts
@@ -82,6 +82,7 @@ NODE_MOVES = tuple(sorted({(old, new) for slow in (True, False) for (old, _), (n
                            if old is not new}, key=lambda move: (move[0].value, move[1].value)))
 ROLE_CHANGES = tuple(sorted({(old, new) for (old, _), (new, _) in ROLE_MOVES.items() if old is not new}))
 REFUSALS = (Reason.TABLE_FULL, Reason.NO_BACKEND)
+_KERNEL_DROPS = {Reason.UNKNOWN_REPLY: UNKNOWN_REPLY_TAG, Reason.ICMP_UNKNOWN: ICMP_FLOOD_TAG}
 
 
 def read_queue_stats(path: str = "/proc/net/netfilter/nfnetlink_queue") -> dict[int, dict[str, int]]:
@@ -250,8 +251,9 @@ class DistributorCollector:
                                       labels=["reason", "verdict"])
         for reason in Reason:
             verdict = "accept" if reason.verdict else "drop"
-            # Kernel mode drops unknown node replies in the kernel; its rule's counter is added here.
-            extra = kernel_counts.get(UNKNOWN_REPLY_TAG, 0) if reason is Reason.UNKNOWN_REPLY else 0
+            # Kernel mode drops unknown node replies in the kernel, and rewrite mode the ICMP errors
+            # past the queue's rate limit: their rules' counters are added here.
+            extra = kernel_counts.get(_KERNEL_DROPS.get(reason, ""), 0)
             packets.add_metric([reason.name.lower(), verdict], interposer.packets[reason] + extra)
         yield packets
         refused = CounterMetricFamily("distributor_connections_refused",

@@ -137,7 +137,7 @@ class Reason(enum.IntEnum):
     SYN_UNANSWERED = 23  # kernel mode: a retransmitted SYN its node left unanswered: dropped, forgotten by conntrack
     ICMP_TO_NODE = 24  # rewrite mode: an ICMP error about a segment the VIP sent a client, translated for its node
     ICMP_TO_CLIENT = 25  # rewrite mode: "fragmentation needed" about a segment sent to a node, translated for the client
-    ICMP_UNKNOWN = 26  # rewrite mode: an ICMP error about no known connection, or about a node: dropped
+    ICMP_UNKNOWN = 26  # rewrite mode: an ICMP error about no known connection, or about a node (or past the rules' rate limit): dropped
 
     @property
     def verdict(self) -> int:

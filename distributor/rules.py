@@ -36,13 +36,15 @@ from typing import Iterable
 from .reroute import END_MARK, MARK_MASK, Mode, RuleService
 
 __all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_return_path", "render_guard",
-           "chain_names", "UNKNOWN_REPLY_TAG"]
+           "chain_names", "UNKNOWN_REPLY_TAG", "ICMP_FLOOD_TAG"]
 
 log = logging.getLogger("distributor.rules")
 
 # ICMP errors that quote the segment they are about (RFC 792): destination unreachable, time
 # exceeded, parameter problem.  Rewrite mode queues them; kernel mode leaves them to conntrack.
 ICMP_ERROR_TYPES = (3, 11, 12)
+ICMP_QUEUE_LIMIT = 1000  # ICMP errors a second (per type and direction) user space translates; the rest are dropped
+ICMP_FLOOD_TAG = "dist:icmp_flood"
 
 # Rules whose drops are counted by the kernel carry a --comment tag; Chains.counters() reads them back.
 GUARD_TAG = "dist-guard"
@@ -108,14 +110,20 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
     # routing, so it is routed to the node; one toward a client (from the cluster LAN, or from this
     # host's own stack) gets the VIP as its source, so only after routing (a local source before
     # routing is a martian).  With --queue-bypass: while no daemon listens, errors pass untranslated
-    # rather than being dropped with this host's own.
+    # rather than being dropped with this host's own.  A flood of forged errors must not take the
+    # queue from the connections: past ICMP_QUEUE_LIMIT a second they are dropped (errors are
+    # advisory, and routers rate-limit their own, RFC 1812 section 4.3.2.8).
+    queue_icmp = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT} " \
+                 f"-j NFQUEUE --queue-num {queue} --queue-bypass"
     for kind in ICMP_ERROR_TYPES:
         match_icmp = f"-p icmp -m icmp --icmp-type {kind}"
         for vip in dict.fromkeys(str(service.vip) for service in services):
             raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} -j CT --notrack")
-            raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} -j NFQUEUE --queue-num {queue} --queue-bypass")
+            raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} {queue_icmp}")
+            raw.append(f'-A {chain_in} -d {vip}/32 {match_icmp} -m comment --comment "{ICMP_FLOOD_TAG}" -j DROP')
         raw.append(f"-A {chain_in} -m addrtype ! --dst-type LOCAL {match_icmp} -j CT --notrack")
-        mangle.append(f"-A {chain_out} {match_icmp} -j NFQUEUE --queue-num {queue} --queue-bypass")
+        mangle.append(f"-A {chain_out} {match_icmp} {queue_icmp}")
+        mangle.append(f'-A {chain_out} {match_icmp} -m comment --comment "{ICMP_FLOOD_TAG}" -j DROP')
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True)}
 

@@ -150,16 +150,23 @@ def test_kernel_mode_leaves_icmp_to_conntrack():
 
 def test_rewrite_rules_queue_the_icmp_errors_conntrack_cannot_translate_and_kernel_rules_none():
     from distributor.reroute import rule_layout_of
-    from distributor.rules import render_rules
+    from distributor.rules import ICMP_FLOOD_TAG, ICMP_QUEUE_LIMIT, render_rules
     from tests.unit.test_reroute import service_spec
 
     layout = rule_layout_of([service_spec()])
     rewrite = render_rules(0, layout, Mode.REWRITE)
     for kind in (3, 11, 12):
         match = f"-p icmp -m icmp --icmp-type {kind}"
-        # From the outside, to the VIP: untracked and queued before routing.
-        assert f"-A DIST0-IN -d {VIP}/32 {match} -j NFQUEUE --queue-num 0 --queue-bypass" in rewrite[("raw", "DIST0-IN")]
+        limit = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT}"
+        flood = f'-m comment --comment "{ICMP_FLOOD_TAG}" -j DROP'
+        # From the outside, to the VIP: untracked and queued before routing, a flood dropped.
+        raw = rewrite[("raw", "DIST0-IN")]
+        queued = raw.index(f"-A DIST0-IN -d {VIP}/32 {match} {limit} -j NFQUEUE --queue-num 0 --queue-bypass")
+        assert raw[queued - 1] == f"-A DIST0-IN -d {VIP}/32 {match} -j CT --notrack"
+        assert raw[queued + 1] == f"-A DIST0-IN -d {VIP}/32 {match} {flood}"
         # Toward a client: queued after routing, where the VIP may become its source.
-        assert f"-A DIST0-OUT {match} -j NFQUEUE --queue-num 0 --queue-bypass" in rewrite[("mangle", "DIST0-OUT")]
+        mangle = rewrite[("mangle", "DIST0-OUT")]
+        queued = mangle.index(f"-A DIST0-OUT {match} {limit} -j NFQUEUE --queue-num 0 --queue-bypass")
+        assert mangle[queued + 1] == f"-A DIST0-OUT {match} {flood}"
     kernel = render_rules(0, layout, Mode.KERNEL)
     assert not any("icmp" in line for lines in kernel.values() for line in lines)
