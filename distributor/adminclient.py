@@ -78,7 +78,6 @@ __all__ = [
 log = logging.getLogger("distributor.admin")
 
 CHUNK = 1 << 20
-STILL_DIFFERS = "node still differs after the plan"
 FINISHED_STATES = {"done", "failed", "timed_out", "expired", "interrupted"}
 
 
@@ -276,6 +275,9 @@ class SyncResult:
     node: str
     plan: Plan | None  # None: the manifest could not be read
     matches: bool
+    # Why the sync could not go on: the node unreachable, a refusal, a failed transfer.  None when the
+    # node answered throughout (whether it matches then, or holds a conflict, is ``matches`` and
+    # ``plan.conflict``: the content core decides what each means).
     error: str | None
     seconds: float
     report: NodeReport | None = None  # the node's manifest after the sync (or as first read, if it stopped there)
@@ -302,13 +304,11 @@ async def sync_node(client: AdminClient, desired: DesiredContent, blobs: BlobSto
         report = await client.manifest(area)
         planned = plan(desired, report)
         if planned.conflict:
-            return SyncResult(client.node, planned, False, planned.conflict, time.monotonic() - started, report)
+            return SyncResult(client.node, planned, False, None, time.monotonic() - started, report)
         if not planned.in_sync:
             await apply_plan(client, planned, blobs, area)
             report = await client.manifest(area)
-        now_matches = matches(desired, report)
-        return SyncResult(client.node, planned, now_matches, None if now_matches else STILL_DIFFERS,
-                          time.monotonic() - started, report)
+        return SyncResult(client.node, planned, matches(desired, report), None, time.monotonic() - started, report)
     except (AdminError, KeyError) as exc:
         return SyncResult(client.node, planned, False, str(exc), time.monotonic() - started, report)
 
@@ -421,9 +421,8 @@ class NodeAdministrator:
             result = SyncResult(command.node, None, False, f"{type(exc).__name__}: {exc}", 0.0)
         planned = result.plan
         conflict = planned.conflict if planned is not None else None
-        error = None if result.matches or conflict or result.error == STILL_DIFFERS else result.error
         self.feed(SyncReported(command.node, command.target, result.report is not None, result.matches, result.report,
-                               conflict, error, len(planned.operations) if planned is not None else 0,
+                               conflict, result.error, len(planned.operations) if planned is not None else 0,
                                self.clock(), self.wall_clock(), command.area, command.request))
 
     async def _task(self, command: RunTask | FetchTask, send: bool) -> None:
