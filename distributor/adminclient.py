@@ -443,4 +443,5 @@ class NodeAdministrator:
             error, refused = f"{exc.reason}: {exc.detail}", exc.signed
         except Exception as exc:
             error = str(exc) if isinstance(exc, AdminError) else f"{type(exc).__name__}: {exc}"
-        self.feed(TaskReported(command.task_id, command.node, record, error, refused, self.clock(), self.wall_clock()))
+        self.feed(TaskReported(command.task_id, command.node, record, error, refused, self.clock(), self.wall_clock(),
+                               command.request))

@@ -326,6 +326,9 @@ class TaskReported:
     refused: bool  # the node refused the request (signed): final; otherwise it is retried
     now: float
     wall: float
+    # The RunTask/FetchTask.request it answers.  A report whose number is not the part's request in
+    # flight (one from before a standby spell, a duplicate) is dropped; None: not tied to one.
+    request: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -378,6 +381,7 @@ class RunTask(Command):
     priority: str | None
     args: Mapping[str, Any] = dataclasses.field(compare=False)
     not_after: float | None = None
+    request: int = 0  # numbered by the core, echoed by TaskReported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -385,6 +389,7 @@ class FetchTask(Command):
     node: str
     address: str
     task_id: str
+    request: int = 0  # numbered by the core, echoed by TaskReported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,6 +502,7 @@ class _Part:
     error: str | None = None
     sends: int = 0
     busy: bool = False  # a RunTask or FetchTask is in flight
+    request: int = 0  # the number of the one in flight
     retry_at: float | None = None
     failures: int = 0
 
@@ -525,6 +531,7 @@ class ContentCore:
     def __init__(self, options: AdministrationOptions | None = None):
         self.options = options or AdministrationOptions()
         self._sync_requests = 0  # SyncNode commands numbered so far (their reports are matched by it)
+        self._task_requests = 0  # RunTask and FetchTask commands numbered so far (likewise)
         self.desired = DesiredContent()
         self.bundles = DesiredContent(check_bundle_name)  # the signed task bundles every node must hold
         self.bundle_meta: dict[str, dict] = {}  # name -> what its manifest says, who added it and when
@@ -869,8 +876,8 @@ class ContentCore:
     def _task_reported(self, event: TaskReported) -> list[Command]:
         task = self.tasks.get(event.task_id)
         part = task.parts.get(event.node) if task is not None else None
-        if part is None:
-            return []
+        if part is None or not part.busy or event.request not in (None, part.request):
+            return []  # not the answer to the request in flight: from before a standby spell, or a duplicate
         part.busy = False
         commands: list[Command] = []
         if event.record is not None:
@@ -1092,13 +1099,16 @@ class ContentCore:
                 if bundle and not part.delivered and self._bundle_pending(node):
                     continue  # sent once the bundle's sync has reached the node
                 address = f"{node.address}:{self.options.broker_port}"
+                self._task_requests += 1
+                part.request = self._task_requests
                 if not part.delivered:
                     part.state, part.busy, part.retry_at = "sending", True, None
                     part.sends += 1
-                    commands.append(RunTask(name, address, task.id, task.name, task.priority, task.args, task.not_after))
+                    commands.append(RunTask(name, address, task.id, task.name, task.priority, task.args, task.not_after,
+                                            part.request))
                 else:
                     part.busy, part.retry_at = True, None
-                    commands.append(FetchTask(name, address, task.id))
+                    commands.append(FetchTask(name, address, task.id, part.request))
         return commands
 
     def _bundle_pending(self, node: _Node) -> bool:

@@ -515,3 +515,26 @@ def test_a_report_of_a_sync_that_is_no_longer_in_flight_is_dropped():
     assert content.nodes["web2"].syncing is None and content.nodes["web2"].state is ContentState.MATCHES
     answer(second["web2"], 1.3)  # a duplicate changes nothing either
     assert content.nodes["web2"].syncing is None
+
+
+def test_a_task_report_that_answers_no_request_in_flight_is_dropped():
+    # Sent, then standby (the answer may still come), then active again and sent anew: only the
+    # answer to the request in flight counts, once.
+    cluster = Cluster()
+    settle_first_check(cluster)
+    first = {c.node: c for c in only((RunTask,), cluster.task(nodes=("web1",)))}["web1"]
+    content = cluster.core.content
+    content.handle(ActiveChanged(False, cluster.now))
+    second = {c.node: c for c in only((RunTask,), content.handle(ActiveChanged(True, cluster.now + 0.1)))}["web1"]
+    assert (first.task_id, first.request) != (second.task_id, second.request) and first.task_id == second.task_id
+
+    def answer(command, state):
+        return content.handle(TaskReported("t1", "web1", {"state": state}, None, False, cluster.now, WALL,
+                                           command.request))
+
+    answer(first, "done")  # stale: that request ended with the active spell
+    assert content.task_view("t1")["nodes"]["web1"]["state"] == "sending"
+    answer(second, "running")
+    assert content.task_view("t1")["nodes"]["web1"]["state"] == "running"
+    answer(second, "done")  # a duplicate of an answer already taken changes nothing
+    assert content.task_view("t1")["nodes"]["web1"]["state"] == "running"
