@@ -124,6 +124,7 @@ class Config:
     metrics_listen: tuple[str, int] | None
     log_level: str
     guard: bool = True  # refuse the outside the control ports and the cluster's own addresses
+    vip_echo: str = "answer"  # ICMP echo requests to a VIP: "answer" (this host's stack does) or "drop"
     realtime_priority: int = 10  # SCHED_FIFO priority of the daemon's loop; 0: the normal policy (at ``nice``)
     nice: int = -20  # the daemon loop's nice value when realtime_priority is 0 (common/realtime.py says why)
     health: HealthConfig | None = None
@@ -160,6 +161,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
     guard = dist.boolean("guard", True)
+    vip_echo = dist.string("vip_echo", "answer", ("answer", "drop"))
     realtime_priority = dist.integer("realtime_priority", 10, 0, 99)
     nice = dist.integer("nice", -20, -20, 19)
     state_file = dist.get("state_file", "/var/lib/distributor/state.json")
@@ -208,6 +210,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         metrics_listen=metrics_listen,
         log_level=log_level,
         guard=guard,
+        vip_echo=vip_echo,
         realtime_priority=realtime_priority,
         nice=nice,
         api=api,

@@ -343,7 +343,7 @@ def write_state(path: str, text: str) -> None:
 
 def reload_refusal(running: Config, new: Config) -> str | None:
     """Why a reloaded config cannot be applied without a restart, or None."""
-    for field in ("mode", "queue", "name"):
+    for field in ("mode", "queue", "name", "vip_echo"):
         if getattr(running, field) != getattr(new, field):
             return f"distributor.{field} changed ({getattr(running, field)!r} -> {getattr(new, field)!r})"
     if (running.failover is None) != (new.failover is None) or (running.health is None) != (new.health is None):
@@ -369,7 +369,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     runtime.attach(loop)
     alerts = Alerts(config.name, config.alert_log, config.smtp)
     raw = RawSender()
-    rules = Rules(config.queue, config.mode)
+    rules = Rules(config.queue, config.mode, answer_echo=config.vip_echo == "answer")
     guard: Guard | None = None
     conntrack = Conntrack() if config.mode is Mode.KERNEL else None
     # At SCHED_FIFO the queue coalesces (datapath.COALESCE_BELOW says why); at the normal policy it need not.

@@ -45,6 +45,7 @@ log = logging.getLogger("distributor.rules")
 ICMP_ERROR_TYPES = (3, 11, 12)
 ICMP_QUEUE_LIMIT = 1000  # ICMP errors a second (per type and direction) user space translates; the rest are dropped
 ICMP_FLOOD_TAG = "dist:icmp_flood"
+ECHO_REFUSED_TAG = "dist:echo_refused"  # [distributor] vip_echo = "drop"
 
 # Rules whose drops are counted by the kernel carry a --comment tag; Chains.counters() reads them back.
 GUARD_TAG = "dist-guard"
@@ -82,17 +83,23 @@ def _render_local(queue: int, services: tuple[RuleService, ...], to_nodes: bool 
     return lines
 
 
-def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.REWRITE) -> dict[tuple[str, str], list[str]]:
+def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.REWRITE,
+                 answer_echo: bool = True) -> dict[tuple[str, str], list[str]]:
     """The rule lines of every owned chain, keyed by (table, chain) (pure, for tests and install).
 
     ``services`` is the interposer's live layout (:meth:`~distributor.reroute.Interposer.rule_layout`):
-    nodes added at run time are in it, with their kernel-mode marks.
+    nodes added at run time are in it, with their kernel-mode marks.  ``answer_echo``: whether ICMP
+    echo requests to a VIP reach this host's stack, which answers them (they are never forwarded to a
+    node: no rule of either mode queues or NATs them); False drops them first in the IN chain.
     """
     services = tuple(services)
     if mode is Mode.KERNEL:
-        return _render_kernel(queue, services)
+        rendered = _render_kernel(queue, services)
+        if not answer_echo:
+            rendered[("mangle", f"DIST{queue}-IN")][:0] = _refuse_echo(f"DIST{queue}-IN", services)
+        return rendered
     chain_in, chain_out = chain_names(queue)
-    raw: list[str] = []
+    raw: list[str] = [] if answer_echo else _refuse_echo(chain_in, services)
     # A node's data segments never reach user space (the nft return path rewrites them); only its
     # SYN-ACK, FIN and RST are queued, for the connection's state and the node's health.
     mangle: list[str] = [f"-A {chain_out} -p tcp -m tcp --tcp-flags SYN,FIN,RST NONE -j RETURN"]
@@ -126,6 +133,11 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
         mangle.append(f'-A {chain_out} {match_icmp} -m comment --comment "{ICMP_FLOOD_TAG}" -j DROP')
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True)}
+
+
+def _refuse_echo(chain: str, services: tuple[RuleService, ...]) -> list[str]:
+    return [f'-A {chain} -d {vip}/32 -p icmp -m icmp --icmp-type 8 -m comment --comment "{ECHO_REFUSED_TAG}" -j DROP'
+            for vip in dict.fromkeys(str(service.vip) for service in services)]
 
 
 def nft_table(queue: int) -> str:
@@ -365,10 +377,12 @@ class _Chains:
 class Rules(_Chains):
     """The data path's chains of one queue number (``DIST<q>-*``), for a mode and a layout."""
 
-    def __init__(self, queue: int, mode: Mode = Mode.REWRITE, *, netns_exec: tuple[str, ...] = ()):
+    def __init__(self, queue: int, mode: Mode = Mode.REWRITE, *, netns_exec: tuple[str, ...] = (),
+                 answer_echo: bool = True):
         super().__init__(f"DIST{queue}-", _MODE_HOOKS[mode], netns_exec=netns_exec)
         self.queue = queue
         self.mode = mode
+        self.answer_echo = answer_echo
         self.layout: tuple[RuleService, ...] = ()
         self.known_absent = False  # True once remove() ran: no chain of ours is left
         self.installs = 0  # install_layout calls: the return path's counters restart at each
@@ -397,7 +411,7 @@ class Rules(_Chains):
         return removed
 
     def _lines(self) -> dict[tuple[str, str], list[str]]:
-        return render_rules(self.queue, self.layout, self.mode)
+        return render_rules(self.queue, self.layout, self.mode, self.answer_echo)
 
     def return_path_bytes(self) -> dict[tuple[str, str, int], int]:
         """Rewrite mode: node -> client bytes the return path rewrote since it was installed, per

@@ -6,6 +6,7 @@ incremental and recomputed checksums are checked against an independent computat
 
 from __future__ import annotations
 
+import pytest
 from scapy.layers.inet import ICMP, IP
 from scapy.packet import Raw
 
@@ -170,3 +171,25 @@ def test_rewrite_rules_queue_the_icmp_errors_conntrack_cannot_translate_and_kern
         assert mangle[queued + 1] == f"-A DIST0-OUT {match} {flood}"
     kernel = render_rules(0, layout, Mode.KERNEL)
     assert not any("icmp" in line for lines in kernel.values() for line in lines)
+
+
+def test_echo_to_the_vip_is_answered_by_default_and_dropped_first_when_configured():
+    from distributor.config import ConfigError, parse
+    from distributor.daemon import reload_refusal
+    from distributor.reroute import rule_layout_of
+    from distributor.rules import ECHO_REFUSED_TAG, render_rules
+    from tests.unit.test_config import MINIMAL
+    from tests.unit.test_reroute import service_spec
+
+    layout = rule_layout_of([service_spec()])
+    refuse = f'-d {VIP}/32 -p icmp -m icmp --icmp-type 8 -m comment --comment "{ECHO_REFUSED_TAG}" -j DROP'
+    for mode, table in ((Mode.REWRITE, "raw"), (Mode.KERNEL, "mangle")):
+        assert not any("--icmp-type 8" in line for lines in render_rules(0, layout, mode).values() for line in lines)
+        chain = render_rules(0, layout, mode, answer_echo=False)[(table, "DIST0-IN")]
+        assert chain[0] == f"-A DIST0-IN {refuse}", mode  # before anything could pass it on
+    assert parse(MINIMAL).vip_echo == "answer"
+    dropping = parse("[distributor]\nvip_echo = \"drop\"\n" + MINIMAL)
+    assert dropping.vip_echo == "drop"
+    assert reload_refusal(parse(MINIMAL), dropping) == "distributor.vip_echo changed ('answer' -> 'drop')"
+    with pytest.raises(ConfigError, match="vip_echo"):
+        parse("[distributor]\nvip_echo = \"refuse\"\n" + MINIMAL)
