@@ -6,17 +6,22 @@ full-size response segments reach the router too big for its next hop, and the r
 "fragmentation needed" (RFC 1191) to their source: the VIP.  The download completes only if that
 error reaches the node that sent the segments (rewrite mode translates it itself; kernel mode
 leaves it to conntrack).  A control run, in which the router drops those errors (an iptables rule
-of this test's own), shows the hang it prevents.  Everything the test adds (the namespace, the
+of this test's own), shows the hang it prevents.  The other direction: with the distributor's own
+link to the nodes at the smaller MTU, a client's upload completes only if the distributor's
+"fragmentation needed" reaches the client about the VIP.  Everything the test adds (the namespace, the
 routes on the distributors) goes with the module, also when a test fails.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import os
 import socket
+import struct
 import subprocess
+import termios
 import time
 
 import pytest
@@ -159,3 +164,39 @@ def test_a_flood_of_forged_icmp_errors_is_dropped_and_downloads_go_on(bed):
         # Each one dropped and counted: by user space, or past the rules' rate limit by the kernel.
         wait_until(lambda: counter(bed, "icmp_unknown") - before >= report.sent, 10,
                    f"{report.sent} forged errors counted as icmp_unknown")
+
+
+def upload(destination: str, size: int, timeout: float) -> tuple[int, bytes]:
+    """POST ``size`` bytes to the VIP on one connection (nginx reads and discards the body of a
+    POST to a static file, then answers 405): (bytes the node has not acknowledged when the
+    deadline passed or all were, the start of the answer).  A black-holed path MTU leaves the
+    full-size segments unacknowledged."""
+    with socket.create_connection((destination, 80), timeout=timeout) as sock:
+        sock.sendall(f"POST /index.html HTTP/1.1\r\nHost: vip\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n"
+                     .encode() + b"u" * size)
+        deadline = time.monotonic() + timeout
+        while True:  # SIOCOUTQ: bytes in the send queue, sent or not, that the peer has not acknowledged
+            unacknowledged = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+            if unacknowledged == 0 or time.monotonic() >= deadline:
+                break
+            time.sleep(0.05)
+        return unacknowledged, sock.recv(64) if unacknowledged == 0 else b""
+
+
+def test_an_upload_through_a_smaller_mtu_on_the_cluster_lan_completes_and_the_client_learns_it_about_the_vip(bed):
+    # The distributor's own link to the nodes gets the smaller MTU: its stack sends "fragmentation
+    # needed" about the client's segment, which it forwards to a node.  The client must hear it
+    # about the VIP, from the VIP (it never heard of the node), or its upload stalls.
+    dist, link = bed.ns("dist1"), bed.topology.host("dist1").links[1].ifname
+    assert bed.topology.host("dist1").links[1].bridge == "int"
+    bed.run("client", ["ip", "route", "flush", "cache"])
+    _ip("-n", dist, "link", "set", link, "mtu", str(MTU))
+    try:
+        unacknowledged, answer = netns.call_in(bed.ns("client"), upload, str(bed.vip), 900_000, 10)
+        assert unacknowledged == 0 and answer.startswith(b"HTTP/1.1 405"), (unacknowledged, answer)
+        route = bed.run("client", ["ip", "route", "get", str(bed.vip)]).stdout
+        assert f"mtu {MTU}" in route, route
+        if bed.options.mode == "rewrite":
+            wait_until(lambda: counter(bed, "icmp_to_client") >= 1, 5, "the translated ICMP error counted")
+    finally:
+        _ip("-n", dist, "link", "set", link, "mtu", "1500")
