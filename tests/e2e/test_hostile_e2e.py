@@ -642,6 +642,37 @@ def test_11_dropped_unknown_node_replies_are_counted_and_never_reach_the_client(
         f"(distributor_packets_total{{reason=\"unknown_reply\"}}) in {bed.options.mode} mode")
 
 
+def test_11_rsts_conntrack_cannot_place_cross_user_space_once_and_the_queue_empties(cluster):
+    # Kernel mode queues an RST to the VIP that conntrack calls INVALID (it may answer a SYN
+    # cookie) and sends it back with NF_REPEAT; it must not be queued again on that second walk of
+    # the hook (it was, for ever: a malformed flood's 2,000 frames/s filled the queue in a minute
+    # and new connections fell to a crawl).  Rewrite mode drops them (unknown_flow).
+    from scapy.layers.inet import IP, TCP
+
+    bed = cluster
+    rsts = [bytes(IP(src=CLIENT, dst=str(bed.vip)) / TCP(sport=65100 + i, dport=80, flags="R", seq=1000 + i))
+            for i in range(300)]
+
+    def verdicts() -> float:
+        return hostile.metric_sum(bed, "dist1", "distributor_packets_total")
+
+    before = verdicts()
+    sock, send = netns.call_in(bed.ns("client"), hostile.raw_ip_sender)
+    try:
+        for packet in rsts:
+            send(packet)
+    finally:
+        sock.close()
+    # Looping packets would keep the queue from ever emptying.
+    wait_until(lambda: verdicts() - before >= len(rsts)
+               and hostile.metric_sum(bed, "dist1", "distributor_nfqueue_waiting_packets") == 0, 5,
+               "every RST decided and the queue empty")
+    decided = verdicts() - before
+    assert decided < len(rsts) + 30, f"{decided:.0f} verdicts for {len(rsts)} RSTs: packets went round the queue"
+    reply = http.get(bed.ns("client"), str(bed.vip), 80, "/index.html", timeout=3)
+    assert reply.status == 200
+
+
 def test_11_intermittently_stalling_node_is_damped_to_a_few_alerts(cluster):
     bed = cluster
     active = active_of(bed)
