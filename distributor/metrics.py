@@ -213,6 +213,7 @@ class DistributorCollector:
         self.queue_stats = queue_stats
         self.takeovers = TakeoverHistogram()
         self.bytes_out = KernelCounters()  # rewrite mode's return path, per (service, address, port)
+        self._rule_counters = [KernelCounters() for _ in self.chains]  # per chains: packets per rule tag
 
     def describe(self) -> list:
         return []  # families are built at scrape time; registering must not take a snapshot
@@ -519,13 +520,16 @@ class DistributorCollector:
                     log.debug("cannot read the return path's counters: %s", exc)
 
     def _kernel_counters(self) -> dict[str, int]:
+        """Packets per rule tag, summed over the chains, monotonic: a rule's counter restarts at 0
+        when its chains are installed again (a takeover, a node added) or removed (stand-down)."""
         counts: dict[str, int] = {}
-        for chains in self.chains:
+        for chains, kept in zip(self.chains, self._rule_counters):
             try:
-                for tag, value in chains.counters().items():
-                    counts[tag] = counts.get(tag, 0) + value
+                kept.update(getattr(chains, "installs", 0), chains.counters())
             except Exception as exc:  # iptables unavailable for a moment: the scrape still answers
                 log.debug("cannot read rule counters: %s", exc)
+            for tag in kept.banked.keys() | kept.last.keys():
+                counts[tag] = counts.get(tag, 0) + kept.value(tag)
         return counts
 
 

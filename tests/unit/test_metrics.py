@@ -224,3 +224,31 @@ def test_kernel_counters_stay_monotonic_across_reinstalls_of_their_rules():
     counts.update(2, {key: 10})  # reinstalled between two readings without a generation change
     assert counts.value(key) == 190
     assert counts.value(("http", "198.51.100.12", 80)) == 0
+
+
+def test_rule_counters_added_to_packet_and_guard_counts_never_go_backwards():
+    # The kernel's counters of the ICMP-flood and guard rules restart at 0 when the chains are
+    # installed again (a takeover) and vanish when they are removed (stand-down).
+    class Chains:
+        installs = 1
+        now: dict[str, int] = {}
+
+        def counters(self) -> dict[str, int]:
+            return dict(self.now)
+
+    chains = Chains()
+    collector = DistributorCollector(FakeCore(snapshot()), chains=[chains], clock=lambda: 100.0,  # type: ignore[arg-type]
+                                     queue_stats=lambda: {})
+
+    def icmp_unknown_and_guard() -> tuple[float, float]:
+        collector.refresh_kernel_counts()
+        found = samples(render(collector))
+        return (value(found, "distributor_packets_total", reason="icmp_unknown", verdict="drop"),
+                value(found, "distributor_guard_dropped_packets_total", what="control_port"))
+
+    chains.now = {"dist:icmp_flood": 5000, "dist-guard:control_port": 7}
+    assert icmp_unknown_and_guard() == (5000, 7)
+    chains.now = {}  # removed
+    assert icmp_unknown_and_guard() == (5000, 7)
+    chains.installs, chains.now = 2, {"dist:icmp_flood": 20, "dist-guard:control_port": 1}  # installed again
+    assert icmp_unknown_and_guard() == (5020, 8)
