@@ -448,10 +448,14 @@ class Interposer:
         self._next_mark = max(marks.values(), default=MARK_BASE - 1) + 1
         self._by_vip: dict[bytes, Service] = {}
         self._backend_sources: set[bytes] = set()
+        self._vip_addresses: set[bytes] = set()
+        self._node_addresses: set[bytes] = set()
         for service in self.services:
             self._by_vip[service.vip_bytes + service.port_bytes] = service
+            self._vip_addresses.add(service.vip_bytes)
             for backend in service.backends:
                 self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
+                self._node_addresses.add(backend.addr_bytes)
         self.counts = [0] * len(Reason)
         self._lookup = table.get
         # Rewrite mode: connections that idled out, key -> (node address, node port, forget at).
@@ -610,21 +614,22 @@ class Interposer:
         * an error about neither a known connection nor a node is not ours: passed untouched.
 
         Errors about no known connection of a VIP, or a node, are dropped and counted, so no ICMP
-        leaves toward the outside quoting a node's address.  Other ICMP (echo to the VIP, which
-        the distributor's own stack answers) passes untouched.
+        leaves toward the outside quoting a node's address; so are errors with IP options (as on
+        the TCP path) and errors quoting a fragment past the first (no TCP header to match).  The
+        ICMP checksum is patched, not recomputed: a damaged error stays damaged.  Other ICMP (echo
+        to the VIP, which the distributor's own stack answers) passes untouched.
         """
         length = len(packet)
         first = packet[0]
-        if first >> 4 != 4 or first & 0x0F < 5:
-            return Reason.BAD_IP_HEADER, None, None
+        if first != 0x45:  # IP options (a source route) are refused here as on the TCP path
+            return (Reason.BAD_IP_HEADER if first >> 4 != 4 or first & 0x0F < 5 else Reason.IP_OPTIONS), None, None
         if (packet[2] << 8 | packet[3]) != length:
             return Reason.TRUNCATED, None, None
         if packet[6] & 0x3F or packet[7]:
             return Reason.FRAGMENT, None, None
-        icmp = (first & 0x0F) * 4
-        if length < icmp + 8 or packet[icmp] not in _ICMP_ERRORS:
+        if length < 28 or packet[20] not in _ICMP_ERRORS:
             return Reason.NOT_TCP, None, None
-        inner = icmp + 8
+        inner = 28
         if length < inner + 20 or packet[inner] >> 4 != 4 or packet[inner + 9] != _IPPROTO_TCP:
             return Reason.NOT_TCP, None, None  # not about a TCP segment: not a VIP connection's
         quoted = inner + (packet[inner] & 0x0F) * 4
@@ -632,18 +637,24 @@ class Interposer:
             return Reason.TRUNCATED, None, None  # RFC 792: the header and 64 bits of data
         source, destination = packet[inner + 12:inner + 16], packet[inner + 16:inner + 20]
         sport, dport = packet[quoted:quoted + 2], packet[quoted + 2:quoted + 4]
+        if packet[inner + 6] & 0x1F or packet[inner + 7]:
+            # A fragment past the first quotes no TCP header: its "ports" are data.  The distributor
+            # fragments no segment of a VIP connection (TCP sets DF): one that claims so is forged.
+            if source in self._vip_addresses or destination in self._node_addresses:
+                return Reason.ICMP_UNKNOWN, None, None
+            return Reason.NOT_SERVICE, None, None
         if source + sport in self._by_vip:
             key = destination + source + dport + sport  # the connection's client -> VIP key
             conn = self._lookup(key)
             if conn is None or conn.key != key or conn.reset_by_us:
                 return Reason.ICMP_UNKNOWN, None, None
-            return Reason.ICMP_TO_NODE, _icmp_to_node(packet, inner, quoted, conn.backend), None
+            return Reason.ICMP_TO_NODE, _icmp_to_node(packet, quoted, conn.backend), None
         if destination + dport in self._backend_sources:
             conn = self._lookup(destination + source + dport + sport)  # the node -> client key
-            if (conn is None or conn.key[0:4] != source or conn.reset_by_us or packet[icmp] != _ICMP_UNREACHABLE
-                    or packet[icmp + 1] != _ICMP_FRAG_NEEDED):
+            if (conn is None or conn.key[0:4] != source or conn.reset_by_us or packet[_ICMP] != _ICMP_UNREACHABLE
+                    or packet[_ICMP + 1] != _ICMP_FRAG_NEEDED):
                 return Reason.ICMP_UNKNOWN, None, None
-            return Reason.ICMP_TO_CLIENT, _icmp_to_client(packet, inner, quoted, conn.backend), None
+            return Reason.ICMP_TO_CLIENT, _icmp_to_client(packet, quoted, conn.backend), None
         return Reason.NOT_SERVICE, None, None
 
     # -- passive health: a node that fails a connection's handshake -----------------------------------
@@ -927,6 +938,7 @@ class Interposer:
         self._next_mark += 1
         service.backends.append(backend)
         self._backend_sources.add(backend.addr_bytes + backend.port_bytes)
+        self._node_addresses.add(backend.addr_bytes)
         return backend
 
     def remove_backend(self, service_name: str, node: str) -> Backend:
@@ -1114,41 +1126,53 @@ def _invalid(packet: bytes, whole: bool) -> Reason | None:
     return None
 
 
-def _icmp_to_node(packet: bytes, inner: int, quoted: int, backend: Backend) -> bytes:
+# Offsets in an ICMP error whose outer header has no options (Interposer._icmp refuses options).
+_ICMP = 20
+_QUOTED_IP = _ICMP + 8
+
+
+def _icmp_to_node(packet: bytes, quoted: int, backend: Backend) -> bytes:
     """An error about a VIP -> client segment, made about the node -> client segment it was."""
     buf = bytearray(packet)
     checksum.patch(buf, _IP_CHECKSUM, checksum.delta(packet[16:20], backend.addr_bytes))
     buf[16:20] = backend.addr_bytes
-    buf[inner + 12:inner + 16] = backend.addr_bytes
-    checksum.patch(buf, inner + 10, backend.to_backend_ip_delta)
+    buf[_QUOTED_IP + 12:_QUOTED_IP + 16] = backend.addr_bytes
+    checksum.patch(buf, _QUOTED_IP + 10, backend.to_backend_ip_delta)
     if backend.rewrites_port:
         buf[quoted:quoted + 2] = backend.port_bytes
-    _icmp_finish(buf, inner, quoted, backend.to_backend_tcp_delta)
+    _icmp_finish(buf, packet, quoted, backend.to_backend_tcp_delta, (_QUOTED_IP + 12, quoted))
     return bytes(buf)
 
 
-def _icmp_to_client(packet: bytes, inner: int, quoted: int, backend: Backend) -> bytes:
+def _icmp_to_client(packet: bytes, quoted: int, backend: Backend) -> bytes:
     """An error about a client -> node segment, made about the client -> VIP segment it was, from the VIP."""
     buf = bytearray(packet)
     checksum.patch(buf, _IP_CHECKSUM, checksum.delta(packet[12:16], backend.vip_bytes))
     buf[12:16] = backend.vip_bytes
-    buf[inner + 16:inner + 20] = backend.vip_bytes
+    buf[_QUOTED_IP + 16:_QUOTED_IP + 20] = backend.vip_bytes
     ip_delta = checksum.delta(backend.addr_bytes, backend.vip_bytes)
-    checksum.patch(buf, inner + 10, ip_delta)
+    checksum.patch(buf, _QUOTED_IP + 10, ip_delta)
     buf[quoted + 2:quoted + 4] = backend.vport_bytes
-    _icmp_finish(buf, inner, quoted, checksum.combine(ip_delta, checksum.delta(backend.port_bytes, backend.vport_bytes)))
+    tcp_delta = checksum.combine(ip_delta, checksum.delta(backend.port_bytes, backend.vport_bytes))
+    _icmp_finish(buf, packet, quoted, tcp_delta, (_QUOTED_IP + 16, quoted + 2))
     return bytes(buf)
 
 
-def _icmp_finish(buf: bytearray, inner: int, quoted: int, tcp_delta: int) -> None:
-    """The quoted TCP checksum, when the error quotes it (RFC 792 asks for 8 bytes only; Linux and
-    RFC 1812 routers quote more), follows its pseudo-header and ports (RFC 1624); the ICMP
-    checksum covers the whole message and is recomputed (errors are rare and short)."""
+def _icmp_finish(buf: bytearray, packet: bytes, quoted: int, tcp_delta: int, changed: tuple[int, int]) -> None:
+    """Patch the quoted TCP checksum, when the error quotes all of it (RFC 792 asks for 8 bytes only;
+    Linux and RFC 1812 routers quote more), by the pseudo-header's and ports' change (RFC 1624);
+    then the ICMP checksum by everything that changed inside the message, incrementally, so an
+    error that arrived with a bad checksum still has one (the host it reaches drops it).
+    ``changed``: the offsets of the quoted address and port that were replaced (4 and 2 bytes)."""
+    spans = [(_QUOTED_IP + 10, _QUOTED_IP + 12), (changed[0], changed[0] + 4), (changed[1], changed[1] + 2)]
     if len(buf) >= quoted + 18:
         checksum.patch(buf, quoted + 16, tcp_delta)
-    icmp = inner - 8
-    buf[icmp + 2:icmp + 4] = b"\0\0"
-    buf[icmp + 2:icmp + 4] = checksum.full(bytes(buf[icmp:])).to_bytes(2, "big")
+        spans.append((quoted + 16, quoted + 18))
+    # Every span starts at an even offset from the ICMP header (the quoted header's length is a
+    # multiple of 4), so the one's-complement sums of old and new line up word for word.
+    old = b"".join(packet[a:b] for a, b in spans)
+    new = b"".join(bytes(buf[a:b]) for a, b in spans)
+    checksum.patch(buf, _ICMP + 2, checksum.delta(old, new))
 
 
 def _acknowledges_syn(packet: bytes, isn: bytes) -> bool:

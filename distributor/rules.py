@@ -27,6 +27,7 @@ Kernel-assisted mode: see :func:`_render_kernel`.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import subprocess
@@ -43,7 +44,7 @@ log = logging.getLogger("distributor.rules")
 # ICMP errors that quote the segment they are about (RFC 792): destination unreachable, time
 # exceeded, parameter problem.  Rewrite mode queues them; kernel mode leaves them to conntrack.
 ICMP_ERROR_TYPES = (3, 11, 12)
-ICMP_QUEUE_LIMIT = 1000  # ICMP errors a second (per type and direction) user space translates; the rest are dropped
+ICMP_QUEUE_LIMIT = 1000  # ICMP errors a second (per VIP, and toward clients) user space translates; the rest are dropped
 ICMP_FLOOD_TAG = "dist:icmp_flood"
 ECHO_REFUSED_TAG = "dist:echo_refused"  # [distributor] vip_echo = "drop"
 
@@ -115,24 +116,44 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
     # untracked): user space matches each to its connection by the segment it quotes
     # (Interposer._icmp).  One from the outside is addressed to the VIP and rewritten before
     # routing, so it is routed to the node; one toward a client (from the cluster LAN, or from this
-    # host's own stack) gets the VIP as its source, so only after routing (a local source before
-    # routing is a martian).  With --queue-bypass: while no daemon listens, errors pass untranslated
-    # rather than being dropped with this host's own.  A flood of forged errors must not take the
-    # queue from the connections: past ICMP_QUEUE_LIMIT a second they are dropped (errors are
+    # host's own stack) quotes a segment sent to a node and gets the VIP as its source, so only
+    # after routing (a local source before routing is a martian).  Nothing else is queued: errors
+    # addressed to this host's own sockets, or about anyone else's traffic, stay the kernel's.
+    # With --queue-bypass: while no daemon listens, errors pass untranslated rather than being
+    # dropped with this host's own.  A flood of forged errors must not take the queue from the
+    # connections: past ICMP_QUEUE_LIMIT a second in each direction they are dropped (errors are
     # advisory, and routers rate-limit their own, RFC 1812 section 4.3.2.8).
+    errors_in, errors_out, errors_queue = (f"DIST{queue}-IERR", f"DIST{queue}-OERR", f"DIST{queue}-OQ")
     queue_icmp = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT} " \
                  f"-j NFQUEUE --queue-num {queue} --queue-bypass"
+    flood = f'-m comment --comment "{ICMP_FLOOD_TAG}" -j DROP'
     for kind in ICMP_ERROR_TYPES:
-        match_icmp = f"-p icmp -m icmp --icmp-type {kind}"
-        for vip in dict.fromkeys(str(service.vip) for service in services):
-            raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} -j CT --notrack")
-            raw.append(f"-A {chain_in} -d {vip}/32 {match_icmp} {queue_icmp}")
-            raw.append(f'-A {chain_in} -d {vip}/32 {match_icmp} -m comment --comment "{ICMP_FLOOD_TAG}" -j DROP')
-        raw.append(f"-A {chain_in} -m addrtype ! --dst-type LOCAL {match_icmp} -j CT --notrack")
-        mangle.append(f"-A {chain_out} {match_icmp} {queue_icmp}")
-        mangle.append(f'-A {chain_out} {match_icmp} -m comment --comment "{ICMP_FLOOD_TAG}" -j DROP')
+        raw.append(f"-A {chain_in} -p icmp -m icmp --icmp-type {kind} -j {errors_in}")
+        mangle.append(f"-A {chain_out} -p icmp -m icmp --icmp-type {kind} -j {errors_out}")
+    vips = list(dict.fromkeys(str(service.vip) for service in services))
+    raw_errors = [f"-A {errors_in} -d {vip}/32 -j CT --notrack" for vip in vips]
+    raw_errors += [f"-A {errors_in} -d {vip}/32 {queue_icmp}" for vip in vips]
+    raw_errors += [f"-A {errors_in} -d {vip}/32 {flood}" for vip in vips]
+    nodes = list(dict.fromkeys((str(b.address), b.port) for service in services for b in service.backends))
+    # Forwarded errors about a segment sent to a node are untracked like that segment.
+    raw_errors += [f'-A {errors_in} -m u32 --u32 "{_quotes(address, port)}" -j CT --notrack' for address, port in nodes]
+    out_errors = [f"-A {errors_out} -m addrtype --dst-type LOCAL -j RETURN"]
+    out_errors += [f'-A {errors_out} -m u32 --u32 "{_quotes(address, port)}" -j {errors_queue}' for address, port in nodes]
+    out_queue = [f"-A {errors_queue} {queue_icmp}", f"-A {errors_queue} {flood}"]
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
-            ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True)}
+            ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True),
+            ("raw", errors_in): raw_errors, ("mangle", errors_out): out_errors, ("mangle", errors_queue): out_queue}
+
+
+def _quotes(address: str, port: int) -> str:
+    """A u32 match (xt_u32) for an ICMP error quoting a TCP segment sent to ``address``:``port``.
+
+    ``0>>22&0x3C`` is the outer header's length; the quoted IP header starts 8 bytes after it (the
+    ICMP header), so its destination is at +24; its own length, read the same way at +8, leads to
+    the quoted TCP header, whose destination port is the low half of its first word.
+    """
+    packed = int.from_bytes(ipaddress.IPv4Address(address).packed, "big")
+    return f"0>>22&0x3C@24={packed:#x}&&0>>22&0x3C@8>>22&0x3C@8&0xFFFF={port}"
 
 
 def _refuse_echo(chain: str, services: tuple[RuleService, ...]) -> list[str]:

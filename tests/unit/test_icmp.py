@@ -11,7 +11,7 @@ from scapy.layers.inet import ICMP, IP
 from scapy.packet import Raw
 
 from distributor.reroute import ACCEPT, DROP, Mode, Reason
-from tests.packets import CLIENT, VIP, WEB, checksums_valid, rfc1071, tcp, udp
+from tests.packets import CLIENT, VIP, WEB, checksums_valid, record_route, rfc1071, tcp, udp
 from tests.unit.test_passive_health import make as make_in_mode
 from tests.unit.test_reroute import handshake, make
 
@@ -155,22 +155,55 @@ def test_rewrite_rules_queue_the_icmp_errors_conntrack_cannot_translate_and_kern
     from tests.unit.test_reroute import service_spec
 
     layout = rule_layout_of([service_spec()])
-    rewrite = render_rules(0, layout, Mode.REWRITE)
-    for kind in (3, 11, 12):
-        match = f"-p icmp -m icmp --icmp-type {kind}"
-        limit = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT}"
-        flood = f'-m comment --comment "{ICMP_FLOOD_TAG}" -j DROP'
-        # From the outside, to the VIP: untracked and queued before routing, a flood dropped.
-        raw = rewrite[("raw", "DIST0-IN")]
-        queued = raw.index(f"-A DIST0-IN -d {VIP}/32 {match} {limit} -j NFQUEUE --queue-num 0 --queue-bypass")
-        assert raw[queued - 1] == f"-A DIST0-IN -d {VIP}/32 {match} -j CT --notrack"
-        assert raw[queued + 1] == f"-A DIST0-IN -d {VIP}/32 {match} {flood}"
-        # Toward a client: queued after routing, where the VIP may become its source.
-        mangle = rewrite[("mangle", "DIST0-OUT")]
-        queued = mangle.index(f"-A DIST0-OUT {match} {limit} -j NFQUEUE --queue-num 0 --queue-bypass")
-        assert mangle[queued + 1] == f"-A DIST0-OUT {match} {flood}"
+    rules = render_rules(0, layout, Mode.REWRITE)
+    for kind in (3, 11, 12):  # the errors that quote a segment, and only those, go further
+        assert f"-A DIST0-IN -p icmp -m icmp --icmp-type {kind} -j DIST0-IERR" in rules[("raw", "DIST0-IN")]
+        assert f"-A DIST0-OUT -p icmp -m icmp --icmp-type {kind} -j DIST0-OERR" in rules[("mangle", "DIST0-OUT")]
+    queue = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT} " \
+            "-j NFQUEUE --queue-num 0 --queue-bypass"
+    flood = f'-m comment --comment "{ICMP_FLOOD_TAG}" -j DROP'
+    quotes = {node: f'-m u32 --u32 "0>>22&0x3C@24={int.from_bytes(bytes(map(int, WEB[node].split("."))), "big"):#x}'
+                    f'&&0>>22&0x3C@8>>22&0x3C@8&0xFFFF=80"' for node in ("web1", "web2")}
+    # From the outside, to the VIP: untracked and queued before routing, a flood dropped; errors
+    # forwarded from the cluster LAN about a segment sent to a node: untracked like that segment.
+    assert rules[("raw", "DIST0-IERR")] == [
+        f"-A DIST0-IERR -d {VIP}/32 -j CT --notrack", f"-A DIST0-IERR -d {VIP}/32 {queue}",
+        f"-A DIST0-IERR -d {VIP}/32 {flood}"] + [f"-A DIST0-IERR {quotes[n]} -j CT --notrack" for n in quotes]
+    # Toward a client, after routing: only errors quoting a segment sent to a node, never one
+    # addressed to this host's own sockets.
+    assert rules[("mangle", "DIST0-OERR")] == ["-A DIST0-OERR -m addrtype --dst-type LOCAL -j RETURN"] + [
+        f"-A DIST0-OERR {quotes[n]} -j DIST0-OQ" for n in quotes]
+    assert rules[("mangle", "DIST0-OQ")] == [f"-A DIST0-OQ {queue}", f"-A DIST0-OQ {flood}"]
     kernel = render_rules(0, layout, Mode.KERNEL)
     assert not any("icmp" in line for lines in kernel.values() for line in lines)
+
+
+def test_a_bad_icmp_checksum_stays_bad_and_the_rest_is_translated_all_the_same():
+    # Nothing checks a forwarded error's checksum before the queue: translating must not make a
+    # damaged (or forged) one valid.  The node's stack drops it.
+    ip = established()
+    packet = bytearray(icmp_error(ROUTER, VIP, response(VIP)))
+    packet[26] ^= 0x04  # the next-hop MTU's high byte, damaged on the way
+    reason, out, _ = ip.decide(bytes(packet), 1.0)
+    assert reason is Reason.ICMP_TO_NODE and rfc1071(out[:20]) == 0 and rfc1071(out[20:]) != 0
+    good = icmp_error(ROUTER, WEB["web1"], response(WEB["web1"]))
+    assert out[:26] == good[:26] and out[28:] == good[28:]
+
+
+def test_errors_that_quote_no_tcp_header_or_carry_options_are_not_translated():
+    ip = established()
+    fragment = bytearray(response(VIP))
+    fragment[6:8] = b"\x20\x64"  # a later fragment: its first bytes are data, not ports
+    fragment[20:24] = b"\x00\x50\x9c\x40"  # that happen to read 80 -> 40000
+    cases = [
+        ("a quoted fragment past the first", icmp_error(ROUTER, VIP, bytes(fragment), 11, 1), Reason.ICMP_UNKNOWN),
+        ("IP options on the error itself (a source route)",
+         bytes(IP(src=ROUTER, dst=VIP, options=record_route()) / ICMP(type=3, code=4) / Raw(response(VIP))),
+         Reason.IP_OPTIONS),
+    ]
+    for name, packet, expected in cases:
+        reason, out, _ = ip.decide(packet, 1.0)
+        assert (reason, reason.verdict, out) == (expected, DROP, None), name
 
 
 def test_echo_to_the_vip_is_answered_by_default_and_dropped_first_when_configured():
