@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import ipaddress
 import json
 from typing import Any, Mapping
 
@@ -87,11 +88,12 @@ class LayoutView:
     """What validation needs to know of the running layout (the core passes its own)."""
 
     def __init__(self, nodes: Mapping[str, str], services: Mapping[str, set[str]], policies: set[str],
-                 endpoints: Mapping[tuple[str, int], str]):
+                 endpoints: Mapping[tuple[str, int], str], vips: set[str] = frozenset()):
         self.nodes = nodes  # node -> address, every node currently known (config + added - removed)
         self.services = services  # service -> its node names
         self.policies = policies  # valid policy names
         self.endpoints = endpoints  # (address, port) -> the service it serves
+        self.vips = vips  # the services' VIPs (no node may have one)
 
 
 @dataclasses.dataclass
@@ -174,9 +176,9 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
     node = args.get("node")
     if op is AdminOp.SET_POLICY:
         service = args.get("service")
-        if service not in layout.services:
+        if not isinstance(service, str) or service not in layout.services:
             return 404, f"no service {service!r}; services: {', '.join(sorted(layout.services))}"
-        if args.get("policy") not in layout.policies:
+        if not isinstance(args.get("policy"), str) or args.get("policy") not in layout.policies:
             return 400, f"policy {args.get('policy')!r} is not valid; expected one of {', '.join(sorted(layout.policies))}"
         return None
     if not isinstance(node, str) or not node or len(node.encode()) > 16 or not node.isascii():
@@ -188,8 +190,12 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
         services = args.get("services")
         if not isinstance(address, str) or not _is_ipv4(address):
             return 400, f"address {address!r} is not valid; expected an IPv4 address such as \"198.51.100.14\""
+        unusable = _unusable_address(address, layout)
+        if unusable is not None:
+            return 400, f"address {address} is not valid: {unusable}; expected a node's unicast address"
         if not isinstance(services, Mapping) or not services:
             return 400, "services: expected {service: {port: P, weight: W}} with at least one service"
+        ports: dict[int, str] = {}
         for service, spec in services.items():
             if service not in layout.services:
                 return 404, f"no service {service!r}; services: {', '.join(sorted(layout.services))}"
@@ -200,9 +206,10 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
                 return 400, f"services.{service}.port: {port!r} is not valid; expected 1 to 65535"
             if not _integer(weight, 0, 10_000):
                 return 400, f"services.{service}.weight: {weight!r} is not valid; expected 0 to 10000"
-            owner = layout.endpoints.get((address, int(port)))
+            owner = layout.endpoints.get((address, int(port))) or ports.get(int(port))
             if owner is not None:
                 return 409, f"{address}:{port} already serves {owner}; give {node} another port"
+            ports[int(port)] = f"{node} in {service}"
         return None
     if node not in layout.nodes:
         return 404, f"no node {node!r}; nodes: {', '.join(sorted(layout.nodes))}"
@@ -211,7 +218,7 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
         if not _integer(weight, 0, 10_000):
             return 400, f"weight {weight!r} is not valid; expected an integer from 0 to 10000"
         service = args.get("service")
-        if service is not None and node not in layout.services.get(service, ()):
+        if service is not None and (not isinstance(service, str) or node not in layout.services.get(service, ())):
             return 404, f"{node} is not in service {service!r}"
     return None
 
@@ -221,6 +228,23 @@ def _integer(value: Any, low: int, high: int) -> bool:
 
 
 def _is_ipv4(text: str) -> bool:
+    """Dotted decimal, ASCII digits only (``str.isdigit`` takes any script's digits and superscripts)."""
     parts = text.split(".")
-    return len(parts) == 4 and all(p.isdigit() and 0 <= int(p) <= 255 and (p == "0" or not p.startswith("0"))
-                                   for p in parts)
+    return len(parts) == 4 and all(p and len(p) <= 3 and all("0" <= c <= "9" for c in p) and int(p) <= 255
+                                   and (p == "0" or not p.startswith("0")) for p in parts)
+
+
+def _unusable_address(text: str, layout: "LayoutView") -> str | None:
+    """Why a (well-formed) IPv4 address cannot be a node's, or None."""
+    address = ipaddress.IPv4Address(text)
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    if address.is_loopback:
+        return "a loopback address (that would be this distributor)"
+    if address.is_multicast:
+        return "a multicast address"
+    if text in layout.vips:
+        return "a service's VIP (its traffic would loop)"
+    return None

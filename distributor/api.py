@@ -247,13 +247,16 @@ class ControlApi:
             return await handler(request)
         except web.HTTPException:
             raise
+        except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+            # Not ``exc.args[0]`` (the codec's name): say which input was not valid text.
+            return _json({"error": f"the request is not valid UTF-8 text ({exc.reason} at byte {exc.start})"}, 400)
         except (KeyError, ValueError) as exc:
             return _json({"error": str(exc.args[0]) if exc.args else str(exc)}, 404 if isinstance(exc, KeyError) else 400)
 
     # -- who is asking ------------------------------------------------------------------------------------
     def _who(self, request: web.Request) -> ApiToken:
         header = request.headers.get("Authorization", "")
-        if header.startswith("Bearer "):
+        if header.startswith("Bearer ") and header.isascii():  # tokens are ASCII; anything else matches none
             token = self._match(header[7:].strip())
             if token is not None:
                 return token
@@ -349,7 +352,7 @@ class ControlApi:
     async def connections(self, request: web.Request) -> web.Response:
         self._who(request)
         node = request.query.get("node")
-        limit = min(int(request.query.get("limit", "100")), 10_000)
+        limit = min(_whole(request, "limit", 100), 10_000)
         return _json([{"client": conn.client, "vip": conn.vip, "service": conn.service, "node": conn.node,
                        "state": conn.state, "idle": round(conn.idle, 3)}
                       for conn in self.core.connections(self.clock(), node, limit)])
@@ -379,7 +382,7 @@ class ControlApi:
 
     async def event_list(self, request: web.Request) -> web.Response:
         self._who(request)
-        return _json(self.events.since(int(request.query.get("since", "0"))))
+        return _json(self.events.since(_whole(request, "since", 0)))
 
     async def event_stream(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: every event as it happens (``event``), and once a second the nodes, this
@@ -422,12 +425,13 @@ class ControlApi:
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
-        self.feed(make_event(request_id, self.clock(), self.wall_clock()))
         try:
+            self.feed(make_event(request_id, self.clock(), self.wall_clock()))
             reply: AdminReply = await asyncio.wait_for(future, REPLY_TIMEOUT)
         except asyncio.TimeoutError:
-            self._pending.pop(request_id, None)
             return _json({"error": "the core did not answer in time"}, 504)
+        finally:
+            self._pending.pop(request_id, None)  # answered, timed out, or the feed raised: never left behind
         if reply.status == 200:
             self.events.add("change", who=who.name, op=op, args=args)
         return _json(dict(reply.body), reply.status)
@@ -439,6 +443,8 @@ class ControlApi:
             body = await request.json()
         except json.JSONDecodeError as exc:
             raise ValueError(f"the body is not JSON: {exc}") from None
+        except RecursionError:
+            raise ValueError("the body is not JSON this API takes: nested too deeply") from None
         if not isinstance(body, dict):
             raise ValueError("the body must be a JSON object")
         return body
@@ -722,7 +728,7 @@ def _whole(request: web.Request, name: str, default: int) -> int:
     text = request.query.get(name)
     if text is None:
         return default
-    if not text.isdigit() or len(text) > 18:
+    if not text.isascii() or not text.isdigit() or len(text) > 18:  # ASCII: isdigit takes other scripts' digits
         raise ValueError(f"{name}={text[:40]!r} is not valid; expected a whole number >= 0")
     return int(text)
 

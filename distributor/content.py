@@ -113,6 +113,27 @@ class DesiredContent:
         self.deleted: dict[str, int] = {}  # path -> version of its delete (tells a node's delete its version)
         self._check = check
 
+    def conflict(self, paths: Iterable[str]) -> str | None:
+        """Why files at ``paths`` (one push) cannot all be managed content, or None: a file cannot be
+        where another needs a directory (``a`` and ``a/b``), among the managed paths and the new ones.
+        Linear in the paths' depth: a push of many files into a large tree stays cheap."""
+        new = sorted(set(paths))
+        taken = set(self.entries).union(new)
+        directories: dict[str, str] = {}  # every directory the paths need -> one path below it
+        for path in taken:
+            parts = path.split("/")
+            for depth in range(1, len(parts)):
+                directories.setdefault("/".join(parts[:depth]), path)
+        for path in new:
+            if path in directories:
+                return f"{path!r} would be a file where {directories[path]!r} needs a directory"
+            parts = path.split("/")
+            for depth in range(1, len(parts)):
+                parent = "/".join(parts[:depth])
+                if parent in taken:
+                    return f"{path!r} needs {parent!r} to be a directory, and {parent!r} is a managed file"
+        return None
+
     def put(self, path: str, size: int, sha256: str) -> Change:
         self._check(path)
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:

@@ -98,6 +98,7 @@ import re
 from collections import Counter, OrderedDict
 from typing import Any, Mapping
 
+from common.adminauth import is_sha256_hex
 from common.machine import TransitionTable
 from common.paths import PathRefused, check_bundle_name, check_path
 from common.sansio import Command, Level, Log, Tick, WakeUpAt
@@ -709,12 +710,17 @@ class ContentCore:
             return self._refused(exc.reason, str(exc), event.who, "content push", event.request_id)
         if len({spec.path for spec in event.files}) != len(event.files):
             return self._refused("bad_tree", "the push names a path twice", event.who, "content push", event.request_id)
+        conflict = self.desired.conflict(spec.path for spec in event.files)
+        if conflict is not None:  # no node could hold it: every sync would fail
+            return self._refused("not_file", conflict, event.who, "content push", event.request_id, 409)
+        for spec in event.files:  # all checked before any is applied: a push is applied whole or not at all
+            if isinstance(spec.size, bool) or not isinstance(spec.size, int) or spec.size < 0 \
+                    or not is_sha256_hex(spec.sha256):
+                return self._refused("bad_tree", f"{spec.path}: size {spec.size!r} or sha256 {spec.sha256!r} is not "
+                                                 "valid", event.who, "content push", event.request_id)
         first = self.desired.version + 1
-        try:
-            for spec in event.files:
-                self.desired.put(spec.path, spec.size, spec.sha256)
-        except ValueError as exc:  # checked above; a size or digest the API got wrong
-            return self._refused("bad_tree", str(exc), event.who, "content push", event.request_id)
+        for spec in event.files:
+            self.desired.put(spec.path, spec.size, spec.sha256)
         self._blobs_dirty = self._dirty = True
         what = (f"tree {event.tree or '/'} ({len(event.files)} files, {sum(s.size for s in event.files)} bytes)"
                 if event.tree is not None else f"{event.files[0].path} ({event.files[0].size} bytes, "

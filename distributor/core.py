@@ -542,7 +542,8 @@ class DistributorCore:
         services = {s.name: {b.name for b in s.backends if not b.removed} for s in self.interposer.services}
         endpoints = {(str(b.address), b.port): s.name for s in self.interposer.services for b in s.backends
                      if not b.removed}
-        return LayoutView(self.nodes(), services, {p.value for p in Policy}, endpoints)
+        return LayoutView(self.nodes(), services, {p.value for p in Policy}, endpoints,
+                          {str(s.vip) for s in self.interposer.services})
 
     def _admin(self, request: AdminRequest) -> list[Command]:
         refusal = self._admin_refusal()

@@ -124,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     weight.add_argument("node")
     weight.add_argument("weight", type=int)
     weight.add_argument("--service", help="only in this service (default: every service of the node)")
-    add = verbs.add_parser("add", help="add a node: add NODE ADDRESS SERVICE[:PORT[:WEIGHT]]...")
+    add = verbs.add_parser("add", help="add a node: add NODE ADDRESS SERVICE[:PORT[:WEIGHT]]... "
+                                       "(PORT defaults to 80, WEIGHT to 1)")
     add.add_argument("node")
     add.add_argument("address")
     add.add_argument("services", nargs="+", metavar="SERVICE[:PORT[:WEIGHT]]")
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs.add_parser("status", help="the distributor at a glance")
     link = verbs.add_parser("console-url", help="a one-time login link for the web console")
     link.add_argument("--role", choices=["viewer", "admin"], help="the console session's role (default: yours)")
+    for reader in ("nodes", "node", "services", "explain", "connections", "failover", "events", "status"):
+        _json_argument(verbs.choices[reader])  # "distributorctl nodes --json" as well as "distributorctl --json nodes"
     _content_parser(verbs)
     _task_parser(verbs)
     return parser
@@ -207,10 +210,22 @@ def main(argv: list[str] | None = None) -> int:
     token = args.token
     if args.token_file:
         try:
-            token = open(args.token_file).readline().strip()
+            with open(args.token_file, encoding="ascii") as f:
+                token = f.readline().strip()
         except OSError as exc:
             print(f"distributorctl: cannot read {args.token_file}: {exc.strerror}", file=sys.stderr)
             return 2
+        except UnicodeDecodeError:
+            print(f"distributorctl: {args.token_file} does not hold a token (expected one line of ASCII text)",
+                  file=sys.stderr)
+            return 2
+    if token is not None and (not token.isascii() or not token.isprintable() or " " in token):
+        print("distributorctl: the token is not valid: expected printable ASCII with no spaces", file=sys.stderr)
+        return 2
+    problem = _url_problem(args.url)
+    if problem is not None:
+        print(f"distributorctl: --url {args.url!r} is not valid: {problem}; expected e.g. {DEFAULT_URL}", file=sys.stderr)
+        return 2
     client = Client(args.url, token)
     try:
         return run(client, args)
@@ -225,6 +240,20 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except KeyboardInterrupt:
         return 0
+
+
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name the control API, or None."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port out of range or not a number
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "it must start with http:// or https://"
+    if not parts.hostname:
+        return "it names no host"
+    return None
 
 
 def run(client: Client, args: argparse.Namespace) -> int:
@@ -249,6 +278,8 @@ def run(client: Client, args: argparse.Namespace) -> int:
     if verb == "node":
         return _show(client.call("GET", f"/api/v1/nodes/{_q(args.node)}"), args)
     if verb == "drain":
+        if not 0 < args.timeout < float("inf"):  # checked before the drain: a refused command changes nothing
+            raise UsageError(f"--timeout {args.timeout:g} is not valid; expected seconds > 0")
         reply = client.call("POST", f"/api/v1/nodes/{_q(args.node)}/drain")
         if not args.wait:
             return _show(reply, args)
@@ -272,6 +303,10 @@ def run(client: Client, args: argparse.Namespace) -> int:
         for item in args.services:
             name, _, rest = item.partition(":")
             port, _, weight = rest.partition(":")
+            if name in services:
+                print(f"distributorctl: service {name!r} is named twice; a node has one port per service",
+                      file=sys.stderr)
+                return 2
             try:
                 services[name] = {"port": int(port) if port else 80, "weight": int(weight) if weight else 1}
             except ValueError:
