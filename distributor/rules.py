@@ -123,26 +123,32 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
     # dropped with this host's own.  A flood of forged errors must not take the queue from the
     # connections: past ICMP_QUEUE_LIMIT a second in each direction they are dropped (errors are
     # advisory, and routers rate-limit their own, RFC 1812 section 4.3.2.8).
-    errors_in, errors_out, errors_queue = (f"DIST{queue}-IERR", f"DIST{queue}-OERR", f"DIST{queue}-OQ")
+    errors_in, errors_in_typed = f"DIST{queue}-IERR", f"DIST{queue}-IQ"
+    errors_out, errors_queue = f"DIST{queue}-OERR", f"DIST{queue}-OQ"
     queue_icmp = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT} " \
                  f"-j NFQUEUE --queue-num {queue} --queue-bypass"
     flood = f'-m comment --comment "{ICMP_FLOOD_TAG}" -j DROP'
+    # Every packet of a connection walks DIST<q>-IN (its nodes' replies too, after their notrack):
+    # ICMP costs them one rule there, its types are told apart in DIST<q>-IERR.
+    raw.append(f"-A {chain_in} -p icmp -j {errors_in}")
+    raw_typed = [f"-A {errors_in} -p icmp -m icmp --icmp-type {kind} -g {errors_in_typed}" for kind in ICMP_ERROR_TYPES]
     for kind in ICMP_ERROR_TYPES:
-        raw.append(f"-A {chain_in} -p icmp -m icmp --icmp-type {kind} -j {errors_in}")
         mangle.append(f"-A {chain_out} -p icmp -m icmp --icmp-type {kind} -j {errors_out}")
     vips = list(dict.fromkeys(str(service.vip) for service in services))
-    raw_errors = [f"-A {errors_in} -d {vip}/32 -j CT --notrack" for vip in vips]
-    raw_errors += [f"-A {errors_in} -d {vip}/32 {queue_icmp}" for vip in vips]
-    raw_errors += [f"-A {errors_in} -d {vip}/32 {flood}" for vip in vips]
+    raw_errors = [f"-A {errors_in_typed} -d {vip}/32 -j CT --notrack" for vip in vips]
+    raw_errors += [f"-A {errors_in_typed} -d {vip}/32 {queue_icmp}" for vip in vips]
+    raw_errors += [f"-A {errors_in_typed} -d {vip}/32 {flood}" for vip in vips]
     nodes = list(dict.fromkeys((str(b.address), b.port) for service in services for b in service.backends))
     # Forwarded errors about a segment sent to a node are untracked like that segment.
-    raw_errors += [f'-A {errors_in} -m u32 --u32 "{_quotes(address, port)}" -j CT --notrack' for address, port in nodes]
+    raw_errors += [f'-A {errors_in_typed} -m u32 --u32 "{_quotes(address, port)}" -j CT --notrack'
+                   for address, port in nodes]
     out_errors = [f"-A {errors_out} -m addrtype --dst-type LOCAL -j RETURN"]
     out_errors += [f'-A {errors_out} -m u32 --u32 "{_quotes(address, port)}" -j {errors_queue}' for address, port in nodes]
     out_queue = [f"-A {errors_queue} {queue_icmp}", f"-A {errors_queue} {flood}"]
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True),
-            ("raw", errors_in): raw_errors, ("mangle", errors_out): out_errors, ("mangle", errors_queue): out_queue}
+            ("raw", errors_in): raw_typed, ("raw", errors_in_typed): raw_errors, ("mangle", errors_out): out_errors,
+            ("mangle", errors_queue): out_queue}
 
 
 def _quotes(address: str, port: int) -> str:

@@ -156,8 +156,12 @@ def test_rewrite_rules_queue_the_icmp_errors_conntrack_cannot_translate_and_kern
 
     layout = rule_layout_of([service_spec()])
     rules = render_rules(0, layout, Mode.REWRITE)
-    for kind in (3, 11, 12):  # the errors that quote a segment, and only those, go further
-        assert f"-A DIST0-IN -p icmp -m icmp --icmp-type {kind} -j DIST0-IERR" in rules[("raw", "DIST0-IN")]
+    # One rule for ICMP in DIST0-IN (every packet of a connection walks it); the errors that quote a
+    # segment, and only those, go further.
+    assert [line for line in rules[("raw", "DIST0-IN")] if "icmp" in line] == ["-A DIST0-IN -p icmp -j DIST0-IERR"]
+    assert rules[("raw", "DIST0-IERR")] == [f"-A DIST0-IERR -p icmp -m icmp --icmp-type {kind} -g DIST0-IQ"
+                                            for kind in (3, 11, 12)]
+    for kind in (3, 11, 12):
         assert f"-A DIST0-OUT -p icmp -m icmp --icmp-type {kind} -j DIST0-OERR" in rules[("mangle", "DIST0-OUT")]
     queue = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT} " \
             "-j NFQUEUE --queue-num 0 --queue-bypass"
@@ -166,9 +170,9 @@ def test_rewrite_rules_queue_the_icmp_errors_conntrack_cannot_translate_and_kern
                     f'&&0>>22&0x3C@8>>22&0x3C@8&0xFFFF=80"' for node in ("web1", "web2")}
     # From the outside, to the VIP: untracked and queued before routing, a flood dropped; errors
     # forwarded from the cluster LAN about a segment sent to a node: untracked like that segment.
-    assert rules[("raw", "DIST0-IERR")] == [
-        f"-A DIST0-IERR -d {VIP}/32 -j CT --notrack", f"-A DIST0-IERR -d {VIP}/32 {queue}",
-        f"-A DIST0-IERR -d {VIP}/32 {flood}"] + [f"-A DIST0-IERR {quotes[n]} -j CT --notrack" for n in quotes]
+    assert rules[("raw", "DIST0-IQ")] == [
+        f"-A DIST0-IQ -d {VIP}/32 -j CT --notrack", f"-A DIST0-IQ -d {VIP}/32 {queue}",
+        f"-A DIST0-IQ -d {VIP}/32 {flood}"] + [f"-A DIST0-IQ {quotes[n]} -j CT --notrack" for n in quotes]
     # Toward a client, after routing: only errors quoting a segment sent to a node, never one
     # addressed to this host's own sockets.
     assert rules[("mangle", "DIST0-OERR")] == ["-A DIST0-OERR -m addrtype --dst-type LOCAL -j RETURN"] + [
