@@ -61,6 +61,9 @@ class Policy(enum.Enum):
     LEAST_OUTSTANDING = "least-outstanding"
     WEIGHTED_LEAST_OUTSTANDING = "weighted-least-outstanding"
     FEEDBACK = "feedback"  # weighted least-outstanding, each weight scaled by what the node reports
+    # Consistent hashing of the connection's 4-tuple (distributor/maglev.py): every distributor
+    # given the same nodes picks the same one, with no shared state (for scale-out).
+    MAGLEV = "maglev"
 
     @classmethod
     def parse(cls, text: str) -> "Policy":
@@ -81,6 +84,8 @@ class Balancer:
     """Chooses a backend per new connection; see the module docstring."""
 
     def __init__(self, policy: Policy, weights: Sequence[int]):
+        if policy is Policy.MAGLEV:
+            raise ValueError("the maglev policy hashes flows: use distributor.maglev.MaglevBalancer")
         if not weights:
             raise ValueError("a balancer needs at least one backend")
         for index, weight in enumerate(weights):
@@ -110,8 +115,10 @@ class Balancer:
         for pos in range(size - 1, 0, -1):
             self._tree[pos] = self._winner(self._tree[2 * pos], self._tree[2 * pos + 1])
 
-    def add(self, weight: int) -> int:
-        """A new backend, available, with no connection; returns its index (the next one)."""
+    def add(self, weight: int, name: str | None = None) -> int:
+        """A new backend, available, with no connection; returns its index (the next one).
+
+        ``name`` is ignored here (MaglevBalancer needs it: its table is built from names)."""
         index = self._count
         _check_weight(index, weight)
         self._count += 1
@@ -131,12 +138,16 @@ class Balancer:
         """Change the policy at run time; open-connection counts and weights stay."""
         if policy is self.policy:
             return
+        if policy is Policy.MAGLEV:
+            raise ValueError("the maglev policy needs a MaglevBalancer (reroute.Service.set_policy swaps it in)")
         self.policy = policy
         self._pass = [0] * self._count
         self._build()
 
-    def peek(self) -> int | None:
-        """The backend the next acquire() would pick, without picking it (None: no candidate)."""
+    def peek(self, key: bytes | None = None) -> int | None:
+        """The backend the next acquire() would pick, without picking it (None: no candidate).
+
+        ``key`` is ignored here, as by :meth:`acquire`."""
         best = self._tree[1]
         if best == _NO_LEAF or self._keys[best][0] != _AVAILABLE:
             return None

@@ -705,7 +705,7 @@ class DistributorCore:
                 elif service.balancer.weight(current.index) != weight:
                     service.balancer.set_weight(current.index, weight)
             policy = Policy.parse(self.runtime.policies.get(service.name, self._base_policy(service.name)))
-            service.balancer.set_policy(policy)
+            service.set_policy(policy)
         if self._rules_installed:
             self._awaiting_rules |= added_now  # released by _rules_done when the InstallRules below is done
         nodes = self.nodes()
@@ -809,13 +809,13 @@ class DistributorCore:
                     continue
                 reason = self._exclusion(service, backend)
                 (excluded.append({"node": backend.name, "reason": reason}) if reason else candidates.append(backend.name))
-            pick = balancer.peek()
+            key = client_bytes + service.vip_bytes + port.to_bytes(2, "big") + service.port_bytes
+            pick = balancer.peek(key)
             why = self._why(balancer, service, pick)
             sticky = self.interposer.sticky_node(service, client_bytes, now)
             if sticky is not None:
                 pick = sticky.index
                 why = f"{sticky.name}: the node of this client's last connection (persistence {service.persistence:g} s)"
-            key = client_bytes + service.vip_bytes + port.to_bytes(2, "big") + service.port_bytes
             conn = self.interposer.table.get(key)
             existing = None
             if conn is not None and conn.key == key:
@@ -856,6 +856,8 @@ class DistributorCore:
                     f"({balancer.outstanding(pick)} open, factor {balancer.feedback(pick):.2f})")
         if policy in (Policy.LEAST_OUTSTANDING, Policy.WEIGHTED_LEAST_OUTSTANDING):
             return f"{name} has the fewest open connections for its weight ({balancer.outstanding(pick)} open)"
+        if policy is Policy.MAGLEV:
+            return f"{name} owns this connection's slot in the Maglev table (a hash of its address and port)"
         return f"{name} is next in the {policy.value} order"
 
     # -- observers -----------------------------------------------------------------------------------------

@@ -61,7 +61,7 @@ import math
 from array import array
 from typing import Sequence
 
-from distributor.balancer import MAX_WEIGHT
+from distributor.balancer import MAX_WEIGHT, Policy
 
 __all__ = [
     "TABLE_SIZE",
@@ -257,10 +257,10 @@ class MaglevBalancer:
     distributors would send a flow that the router moves to a different node.
     """
 
-    policy = "maglev"
+    policy = Policy.MAGLEV
 
     def __init__(self, names: Sequence[str], weights: Sequence[int], size: int = TABLE_SIZE,
-                 secret: bytes = b""):
+                 secret: bytes = b"", available: Sequence[bool] | None = None):
         if not names:
             raise ValueError("a balancer needs at least one backend")
         if len(names) != len(weights):
@@ -268,14 +268,15 @@ class MaglevBalancer:
         if len(secret) > 64:
             raise ValueError(f"flow hash secret of {len(secret)} bytes is too long; BLAKE2b keys are at most 64 bytes")
         self._names = list(names)
-        if len(set(self._names)) != len(self._names):
-            twice = sorted({n for n in self._names if self._names.count(n) > 1})
-            raise ValueError(f"backend names {twice!r} are given twice; names must be unique")
-        self._index_of = {name: i for i, name in enumerate(self._names)}
         self._count = len(self._names)
         self._weights = list(weights)
-        self._available = [True] * self._count
+        # A backend taken out of its service stays here, unavailable (indexes never move), so a
+        # name may repeat among the unavailable ones; the table is built from the available ones.
+        self._available = list(available) if available is not None else [True] * self._count
+        if len(self._available) != self._count:
+            raise ValueError(f"{len(self._available)} availability flags for {self._count} backends")
         self._ramp = [1.0] * self._count
+        self._feedback = [1.0] * self._count
         self._outstanding = [0] * self._count
         self.acquired = [0] * self._count  # connections ever given to each backend
         self._size = size
@@ -295,6 +296,17 @@ class MaglevBalancer:
     def weight(self, index: int) -> int:
         return self._weights[index]
 
+    def ramp(self, index: int) -> float:
+        return self._ramp[index]
+
+    def feedback(self, index: int) -> float:
+        return self._feedback[index]
+
+    def effective_weight(self, index: int) -> float:
+        """The weight the table gives the backend: its weight while eligible (ramps and feedback do
+        not reshape the table; see the class docstring)."""
+        return float(self._weights[index]) if self.eligible(index) else 0.0
+
     def is_available(self, index: int) -> bool:
         return self._available[index]
 
@@ -306,21 +318,44 @@ class MaglevBalancer:
     def table(self) -> MaglevTable:
         return self._table
 
-    def lookup(self, key: bytes) -> int | None:
-        """The backend index the table gives this flow key, without counting a connection."""
+    def lookup(self, key: bytes, avoid: int | None = None) -> int | None:
+        """The backend index the table gives this flow key, without counting a connection.
+
+        ``avoid``: a backend this flow must not go to (it failed the flow's handshake): the next
+        slots after the flow's own are tried in order, which every distributor does alike, so the
+        table need not be rebuilt for one flow.
+        """
         if len(key) != KEY_LENGTH:
             raise ValueError(f"flow key of {len(key)} bytes; expected {KEY_LENGTH} "
                              f"(client_ip vip client_port vip_port)")
-        return self._slot_backend[flow_slot(key, self._size, self._secret)]
+        slot = flow_slot(key, self._size, self._secret)
+        index = self._slot_backend[slot]
+        if avoid is None or index != avoid:
+            return index
+        slots = self._slot_backend
+        for step in range(1, self._size):
+            other = slots[(slot + step) % self._size]
+            if other is not None and other != avoid:
+                return other
+        return None  # the avoided backend is the only one in the table
+
+    def peek(self, key: bytes | None = None) -> int | None:
+        """The backend a new connection with this key would get (None without a key: no order to tell)."""
+        return self.lookup(key) if key is not None else None
 
     # -- decisions ---------------------------------------------------------
-    def acquire(self, key: bytes) -> int | None:
+    def acquire(self, key: bytes, avoid: int | None = None) -> int | None:
         """Count a new connection on the flow's backend and return its index; None when none is eligible."""
-        index = self.lookup(key)
+        index = self.lookup(key, avoid)
         if index is not None:
             self._outstanding[index] += 1
             self.acquired[index] += 1
         return index
+
+    def acquire_at(self, index: int) -> None:
+        """Count a new connection placed on ``index`` by the caller's choice (persistence)."""
+        self._outstanding[index] += 1
+        self.acquired[index] += 1
 
     def take(self, index: int) -> None:
         """Count an open connection placed on ``index`` by someone else (a replicated one)."""
@@ -330,6 +365,35 @@ class MaglevBalancer:
         if self._outstanding[index] <= 0:
             raise ValueError(f"backend {index} has no open connection to release")
         self._outstanding[index] -= 1
+
+    def add(self, weight: int, name: str | None = None) -> int:
+        """A new backend, available, with no connection; returns its index (the next one)."""
+        if not name:
+            raise ValueError("a Maglev backend needs its name: the table is built from names")
+        if not isinstance(weight, int) or isinstance(weight, bool) or not 0 <= weight <= MAX_WEIGHT:
+            raise ValueError(f"backend {self._count}: weight {weight!r} must be an integer from 0 to {MAX_WEIGHT}")
+        self._names.append(name)
+        self._weights.append(weight)
+        self._available.append(True)
+        self._ramp.append(1.0)
+        self._feedback.append(1.0)
+        self._outstanding.append(0)
+        self.acquired.append(0)
+        self._count += 1
+        try:
+            self._rebuild()
+        except ValueError:
+            for values in (self._names, self._weights, self._available, self._ramp, self._feedback,
+                           self._outstanding, self.acquired):
+                values.pop()
+            self._count -= 1
+            raise
+        return self._count - 1
+
+    def set_policy(self, policy: Policy) -> None:
+        if policy is not Policy.MAGLEV:
+            raise ValueError(f"a MaglevBalancer cannot balance by {policy.value} (reroute.Service.set_policy swaps "
+                             "the balancer)")
 
     def set_available(self, index: int, available: bool) -> None:
         """Gate a backend; a change rebuilds the table at once.
@@ -361,12 +425,20 @@ class MaglevBalancer:
             raise ValueError(f"ramp factor {factor!r} must be in (0, 1]")
         self._ramp[index] = factor
 
+    def set_feedback(self, index: int, factor: float) -> None:
+        """Recorded only, as a ramp: a node's reports differ between distributors' views of it."""
+        self._feedback[index] = factor
+
     # -- internals ---------------------------------------------------------
     def _rebuild(self) -> None:
         live = [(name, self._weights[i]) for i, name in enumerate(self._names) if self._available[i]]
+        index_of = {name: i for i, name in enumerate(self._names) if self._available[i]}
+        if len(index_of) != len(live):
+            twice = sorted({n for n, _ in live if sum(1 for m, _ in live if m == n) > 1})
+            raise ValueError(f"backend names {twice!r} are given twice; names must be unique")
         self._table = build_table(live, self._size)
         # Table positions are sorted names; map them to the caller's indexes once,
         # so a lookup is one hash and two list reads.
-        to_index = [self._index_of[name] for name in self._table.names]
+        to_index = [index_of[name] for name in self._table.names]
         self._slot_backend = [None if s == EMPTY else to_index[s] for s in self._table.slots]
         self.rebuilds += 1

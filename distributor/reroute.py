@@ -65,6 +65,7 @@ from common.sansio import Command
 
 from . import checksum
 from .balancer import Balancer, Policy
+from .maglev import MaglevBalancer
 from .conntable import ACK, FIN, RST, SYN, Connection, ConnectionTable, TcpState
 from .synauth import SynAuth
 
@@ -264,11 +265,33 @@ class Service:
         self.vip_bytes = spec.vip.packed
         self.port_bytes = spec.port.to_bytes(2, "big")
         self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes, marks[i]) for i, b in enumerate(spec.backends)]
-        self.balancer = Balancer(spec.policy, [b.weight for b in spec.backends])
+        self.balancer: Balancer | MaglevBalancer = _balancer(spec.policy, [b.name for b in spec.backends],
+                                                             [b.weight for b in spec.backends])
 
     @property
     def policy(self) -> Policy:
         return self.balancer.policy
+
+    def set_policy(self, policy: Policy) -> None:
+        """Change the policy at run time; weights, availability, ramps and open-connection counts stay.
+
+        To or from ``maglev`` the balancer itself is replaced (a hash table, not a pick order)."""
+        old = self.balancer
+        if policy is old.policy:
+            return
+        if Policy.MAGLEV not in (policy, old.policy):
+            old.set_policy(policy)
+            return
+        count = len(old)
+        new = _balancer(policy, [b.name for b in self.backends], [old.weight(i) for i in range(count)],
+                        [old.is_available(i) for i in range(count)])
+        for i in range(count):
+            new.set_ramp(i, old.ramp(i))
+            new.set_feedback(i, old.feedback(i))
+            for _ in range(old.outstanding(i)):
+                new.take(i)
+            new.acquired[i] = old.acquired[i]
+        self.balancer = new
 
     def find(self, node: str) -> "Backend | None":
         """The node's backend in this service: the one in service, else the last one removed."""
@@ -282,6 +305,16 @@ class Service:
 
     def __repr__(self) -> str:
         return f"Service({self.name}, {self.vip}:{self.port})"
+
+
+def _balancer(policy: Policy, names: Sequence[str], weights: Sequence[int],
+              available: Sequence[bool] | None = None) -> "Balancer | MaglevBalancer":
+    if policy is Policy.MAGLEV:
+        return MaglevBalancer(names, weights, available=available)
+    balancer = Balancer(policy, weights)
+    for index, up in enumerate(available or ()):
+        balancer.set_available(index, up)
+    return balancer
 
 
 # Not frozen: a frozen dataclass's __init__ costs several times more, and these are made per connection.
@@ -734,14 +767,22 @@ class Interposer:
             return None
         service, failed = conn.service, conn.backend
         balancer = service.balancer
-        hidden = balancer.is_available(failed.index)
-        if hidden:
-            balancer.set_available(failed.index, False)
-        try:
-            index = self._place(service, conn.key[0:4], now) if service.persistence else balancer.acquire()
-        finally:
+        if isinstance(balancer, MaglevBalancer):
+            # The flow's next slot whose node is another: the same on every distributor, and no
+            # table rebuilt for one connection (persistence keeps no client on a failed node either).
+            index = balancer.acquire(conn.key, avoid=failed.index)
+            if index is not None and service.persistence:
+                service.sticky[conn.key[0:4]] = (index, now + service.persistence)
+                service.sticky.move_to_end(conn.key[0:4])
+        else:
+            hidden = balancer.is_available(failed.index)
             if hidden:
-                balancer.set_available(failed.index, True)
+                balancer.set_available(failed.index, False)
+            try:
+                index = self._place(service, conn.key, now) if service.persistence else balancer.acquire(conn.key)
+            finally:
+                if hidden:
+                    balancer.set_available(failed.index, True)
         if index is None:
             return None
         effects: list = []
@@ -778,7 +819,7 @@ class Interposer:
         if auth is not None and not auth.admits(key[0:4], self.half_open_hint if self._kernel else self.table.half_open(),
                                                  now):
             return Reason.SYN_CHALLENGED, None, (*(before or ()), SendPacket(auth.challenge(packet, now)))
-        index = self._place(service, key[0:4], now) if service.persistence else service.balancer.acquire()
+        index = self._place(service, key, now) if service.persistence else service.balancer.acquire(key)
         if index is None:
             return Reason.NO_BACKEND, None, before
         self.syns_placed += 1
@@ -812,15 +853,16 @@ class Interposer:
             backend.bytes_in += len(packet)
         return Reason.NEW_CONNECTION, out, opened
 
-    def _place(self, service: Service, client: bytes, now: float) -> int | None:
+    def _place(self, service: Service, key: bytes, now: float) -> int | None:
         """Persistence: the client's node while its entry lives and the node may take it, else a new pick."""
+        client = key[0:4]
         entry = service.sticky.get(client)
         balancer = service.balancer
         if entry is not None and entry[1] > now and balancer.eligible(entry[0]):
             index = entry[0]
             balancer.acquire_at(index)
         else:
-            index = balancer.acquire()  # none yet, expired, or its node is out: the client moves
+            index = balancer.acquire(key)  # none yet, expired, or its node is out: the client moves
             if index is None:
                 return None
         service.sticky[client] = (index, now + service.persistence)
@@ -933,7 +975,7 @@ class Interposer:
             raise ValueError(f"{spec.address}:{spec.port} already serves {owner}; replies would be ambiguous")
         if self._next_mark > MARK_MASK:
             raise ValueError(f"no kernel-mode mark left for another backend (at most {MARK_MASK - MARK_BASE + 1})")
-        index = service.balancer.add(spec.weight)
+        index = service.balancer.add(spec.weight, spec.name)
         backend = Backend(index, spec, service.vip_bytes, service.port_bytes, self._next_mark)
         self._next_mark += 1
         service.backends.append(backend)

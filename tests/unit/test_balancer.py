@@ -112,7 +112,7 @@ def test_unknown_policy_names_the_valid_ones():
 
 @settings(max_examples=200, deadline=None)
 @given(
-    st.sampled_from(list(Policy)),
+    st.sampled_from([p for p in Policy if p is not Policy.MAGLEV]),  # a hash, not a pick order: test_maglev.py
     st.lists(st.integers(0, 5), min_size=1, max_size=9),
     st.lists(st.tuples(st.sampled_from("arxw"), st.integers(0, 8), st.booleans()), max_size=60),
 )
