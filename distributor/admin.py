@@ -26,6 +26,7 @@ import dataclasses
 import enum
 import ipaddress
 import json
+import re
 from typing import Any, Mapping
 
 from common.sansio import Command
@@ -181,6 +182,8 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
         if not isinstance(args.get("policy"), str) or args.get("policy") not in layout.policies:
             return 400, f"policy {args.get('policy')!r} is not valid; expected one of {', '.join(sorted(layout.policies))}"
         return None
+    if op is AdminOp.ADD_NODE and not is_node_name(node):  # other ops name a node that exists
+        return 400, f"node {node!r} is not valid; expected {NODE_NAME_RULE}"
     if not isinstance(node, str) or not node or len(node.encode()) > 16 or not node.isascii():
         return 400, f"node {node!r} is not valid; expected a name of 1 to 16 ASCII characters"
     if op is AdminOp.ADD_NODE:
@@ -221,6 +224,17 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
         if service is not None and (not isinstance(service, str) or node not in layout.services.get(service, ())):
             return 404, f"{node} is not in service {service!r}"
     return None
+
+
+# A node's name goes into logs, metrics labels, URLs (/api/v1/nodes/NAME) and the heartbeats' sender
+# id (16 bytes): no "/", no "..", no spaces or control characters (a terminal escape in
+# `distributorctl nodes`).
+_NODE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,15}")
+NODE_NAME_RULE = "1 to 16 letters, digits, '.', '_' or '-', starting with a letter or a digit"
+
+
+def is_node_name(name: Any) -> bool:
+    return isinstance(name, str) and _NODE_NAME.fullmatch(name) is not None and ".." not in name
 
 
 def _integer(value: Any, low: int, high: int) -> bool:

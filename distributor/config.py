@@ -18,6 +18,7 @@ from backup.roles import FailoverSettings
 from backup.takeover import FloatingAddress
 from common.tomlconfig import ConfigError, TableReader, loads, show
 
+from .admin import NODE_NAME_RULE, is_node_name
 from .alerts import SmtpSettings
 from .api import ApiToken, parse_token_file
 from .balancer import MAX_WEIGHT, Policy
@@ -537,6 +538,8 @@ def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:
         raise ConfigError("nodes: at least one node is required, e.g. [nodes.web1] address = \"198.51.100.11\"")
     nodes: dict[str, ipaddress.IPv4Address] = {}
     for node_name in nodes_table.data:
+        if not is_node_name(node_name):
+            raise ConfigError(f"nodes.{node_name}: the name {node_name!r} is not valid; expected {NODE_NAME_RULE}")
         node = nodes_table.table(node_name, required=True)
         nodes[node_name] = node.ipv4("address")
         node.done()

@@ -91,3 +91,29 @@ def test_distributorctl_reads_take_json_after_the_verb_and_refuses_contradiction
     assert "named twice" in capsys.readouterr().err
     assert ctl.main(["--url", "http://127.0.0.1:9", "drain", "web1", "--wait", "--timeout", "-5"]) == 2
     assert "--timeout -5 is not valid" in capsys.readouterr().err
+
+
+def test_node_names_that_would_break_a_url_a_log_line_or_a_terminal_are_refused(tmp_path):
+    from distributor.config import ConfigError, parse
+    from tests.unit.test_config import MINIMAL
+
+    bad = ["a/b", "..", "x..y", "x y", "web\n1", "\x1b[31mred", "-web", "w" * 17, ""]
+
+    async def scenario(s, base, core, blobs, commands):
+        for name in bad:
+            body = {"name": name, "address": "198.51.100.60", "services": {"web": {"port": 80}}}
+            async with s.post(base + "/api/v1/nodes", json=body, headers=AS_ADMIN) as r:
+                answer = await r.json()
+                assert r.status == 400 and "letters, digits" in answer["error"], (name, answer)
+        async with s.post(base + "/api/v1/nodes", json={"name": "web-9.a_b", "address": "198.51.100.60",
+                                                        "services": {"web": {"port": 80}}}, headers=AS_ADMIN) as r:
+            assert r.status == 200
+    serve(tmp_path, scenario)
+    for name in ("a/b", "x y"):
+        try:
+            parse(MINIMAL.replace("[nodes.web1]", f'[nodes."{name}"]').replace('backends = ["web1"]',
+                                                                             f'backends = ["{name}"]'))
+        except ConfigError as exc:
+            assert "letters, digits" in str(exc) and repr(name) in str(exc)
+        else:
+            raise AssertionError(f"the config took the node name {name!r}")
