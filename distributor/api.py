@@ -259,11 +259,13 @@ class ControlApi:
         if header.startswith("Bearer ") and header.isascii():  # tokens are ASCII; anything else matches none
             token = self._match(header[7:].strip())
             if token is not None:
+                request["authenticated_by"] = "token"
                 return token
         session = request.cookies.get(SESSION_COOKIE)
         if session:
             found = self._sessions.get(session)
             if found is not None and found[1] > self.clock():
+                request["authenticated_by"] = "session"
                 return found[0]
         raise web.HTTPUnauthorized(text=json.dumps({"error": "a valid bearer token is needed (Authorization: Bearer "
                                                              "TOKEN), or a console session"}),
@@ -280,9 +282,10 @@ class ControlApi:
         if who.role != "admin":
             raise web.HTTPForbidden(text=json.dumps({"error": f"{who.name} has the viewer role; changes need an "
                                                               "admin token"}), content_type="application/json")
-        if request.cookies.get(SESSION_COOKIE) and not request.headers.get("Authorization") \
+        if request.get("authenticated_by") == "session" \
                 and request.headers.get("X-Requested-With") != "distributor-console":
-            # A cookie alone must not be enough for a change: another site's form could send it.
+            # A cookie alone must not be enough for a change: another site's form could send it
+            # (whatever else the request carries: an Authorization header that matched no token too).
             raise web.HTTPForbidden(text=json.dumps({"error": "console changes need the console's header"}),
                                     content_type="application/json")
         return who

@@ -159,6 +159,8 @@ def test_console_changes_need_the_console_header_and_the_admin_role():
             await login(s, base, ADMIN)
             async with s.post(f"{base}/api/v1/nodes/web2/drain") as reply:
                 assert reply.status == 403  # the cookie alone: another site's form could send it
+            async with s.post(f"{base}/api/v1/nodes/web2/drain", headers={"Authorization": "x"}) as reply:
+                assert reply.status == 403  # nor the cookie with an Authorization header that matches no token
             assert core.node_view("web2", 0.0)["admin"] == "ready"
             async with s.post(f"{base}/api/v1/nodes/web2/drain", headers=CONSOLE_HEADER) as reply:
                 assert reply.status == 200
