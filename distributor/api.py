@@ -338,19 +338,22 @@ class ControlApi:
 
     async def explain(self, request: web.Request) -> web.Response:
         self._who(request)
-        client = request.query.get("client", "")
-        port = request.query.get("port")
+        given = request.query.get("client", "")
+        client, port = given, request.query.get("port")
         if client.count(":") == 1:
             client, port = client.split(":")
         try:
             ipaddress.IPv4Address(client)
-            number = int(port) if port is not None else 40000
-            if not 1 <= number <= 65535:
-                raise ValueError
         except ValueError:
-            raise ValueError(f"client {request.query.get('client')!r}: expected an IPv4 address, optionally with "
-                             ":PORT (1-65535)") from None
-        return _json(self.core.explain(client, number, request.query.get("service"), self.clock()))
+            raise ValueError(f"client {given!r}: expected an IPv4 address, optionally with :PORT (1-65535)") from None
+        # ASCII digits only: int() also takes "+80", "1_000", " 80" and other scripts' digits.
+        if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(f"port {port!r} is not valid; expected a number from 1 to 65535")
+        service = request.query.get("service")
+        names = [view.name for view in self.core.service_views()]
+        if service is not None and service not in names:
+            raise KeyError(f"no service {service!r}; services: {', '.join(names)}")
+        return _json(self.core.explain(client, int(port) if port is not None else 40000, service, self.clock()))
 
     async def connections(self, request: web.Request) -> web.Response:
         self._who(request)

@@ -117,3 +117,18 @@ def test_node_names_that_would_break_a_url_a_log_line_or_a_terminal_are_refused(
             assert "letters, digits" in str(exc) and repr(name) in str(exc)
         else:
             raise AssertionError(f"the config took the node name {name!r}")
+
+
+def test_explain_names_a_bad_port_apart_from_a_bad_client_and_lists_the_services(tmp_path):
+    async def scenario(s, base, core, blobs, commands):
+        for query, status, named in [("client=192.0.2.7:99999", 400, "port '99999'"),
+                                     ("client=192.0.2.7:%2B80", 400, "port '+80'"),
+                                     ("client=192.0.2.7&port=1_000", 400, "port '1_000'"),
+                                     ("client=example.org", 400, "client 'example.org'"),
+                                     ("client=192.0.2.7&service=nope", 404, "services: web")]:
+            async with s.get(base + "/api/v1/explain?" + query, headers=AS_ADMIN) as r:
+                answer = await r.json()
+                assert r.status == status and named in answer["error"], (query, answer)
+        async with s.get(base + "/api/v1/explain?client=192.0.2.7:8080", headers=AS_ADMIN) as r:
+            assert r.status == 200 and (await r.json())["client"] == "192.0.2.7:8080"
+    serve(tmp_path, scenario)
