@@ -255,18 +255,20 @@ class ControlApi:
 
     # -- who is asking ------------------------------------------------------------------------------------
     def _who(self, request: web.Request) -> ApiToken:
+        return self._authenticate(request)[0]
+
+    def _authenticate(self, request: web.Request) -> tuple[ApiToken, bool]:
+        """Who is asking, and whether the console's session cookie (not a token) said so."""
         header = request.headers.get("Authorization", "")
         if header.startswith("Bearer ") and header.isascii():  # tokens are ASCII; anything else matches none
             token = self._match(header[7:].strip())
             if token is not None:
-                request["authenticated_by"] = "token"
-                return token
+                return token, False
         session = request.cookies.get(SESSION_COOKIE)
         if session:
             found = self._sessions.get(session)
             if found is not None and found[1] > self.clock():
-                request["authenticated_by"] = "session"
-                return found[0]
+                return found[0], True
         raise web.HTTPUnauthorized(text=json.dumps({"error": "a valid bearer token is needed (Authorization: Bearer "
                                                              "TOKEN), or a console session"}),
                                    content_type="application/json", headers={"WWW-Authenticate": "Bearer"})
@@ -278,12 +280,11 @@ class ControlApi:
         return None
 
     def _admin(self, request: web.Request) -> ApiToken:
-        who = self._who(request)
+        who, by_session = self._authenticate(request)
         if who.role != "admin":
             raise web.HTTPForbidden(text=json.dumps({"error": f"{who.name} has the viewer role; changes need an "
                                                               "admin token"}), content_type="application/json")
-        if request.get("authenticated_by") == "session" \
-                and request.headers.get("X-Requested-With") != "distributor-console":
+        if by_session and request.headers.get("X-Requested-With") != "distributor-console":
             # A cookie alone must not be enough for a change: another site's form could send it
             # (whatever else the request carries: an Authorization header that matched no token too).
             raise web.HTTPForbidden(text=json.dumps({"error": "console changes need the console's header"}),
