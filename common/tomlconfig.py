@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 from typing import Any
 
@@ -68,13 +69,13 @@ class TableReader:
 
     def number(self, name: str, default: Any, low: float, inclusive: bool = False, high: float | None = None) -> float:
         value = self.get(name, default)
-        bad = isinstance(value, bool) or not isinstance(value, (int, float))
-        if not bad:
+        bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+        if not bad:  # TOML allows inf and nan: neither is a duration, a rate or a size
             bad = not (value >= low if inclusive else value > low) or (high is not None and value > high)
         if bad:
             bound = ">=" if inclusive else ">"
             upper = f" and <= {high}" if high is not None else ""
-            raise ConfigError(f"{self.key(name)}: {show(value)} is not valid; expected a number {bound} {low}{upper}")
+            raise ConfigError(f"{self.key(name)}: {show(value)} is not valid; expected a finite number {bound} {low}{upper}")
         return float(value)
 
     def string(self, name: str, default: Any = dataclasses.MISSING, choices: tuple[str, ...] | None = None) -> str:
@@ -127,6 +128,8 @@ def parse_endpoint(text: str) -> tuple[str, int] | None:
     host, sep, port = text.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
+    if not (port.isascii() and port.isdigit()):  # int() also takes "+80", "1_0" and other scripts' digits
+        return None
     try:
         ipaddress.ip_address(host)
         number = int(port)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import hmac
+import math
 import struct
 import zlib
 from dataclasses import dataclass
@@ -139,7 +140,7 @@ class Keys:
                 continue
             parts = line.split()
             try:
-                if len(parts) != 2:
+                if len(parts) != 2 or not (parts[0].isascii() and parts[0].isdigit()):  # not "1_0", "+1" or "١"
                     raise ValueError
                 key_id, secret = int(parts[0]), bytes.fromhex(parts[1])
             except ValueError:
@@ -147,7 +148,10 @@ class Keys:
             if key_id in secrets:
                 raise KeysError(f"{path}:{number}: key id {key_id} appears twice")
             secrets[key_id] = secret
-        return cls(secrets, signing_id)
+        try:
+            return cls(secrets, signing_id)
+        except KeysError as exc:
+            raise KeysError(f"{path}: {exc}") from None
 
 
 def _sender_field(sender: str) -> bytes:
@@ -250,9 +254,19 @@ class NodeHeartbeat:
 
     @classmethod
     def unpack(cls, payload: bytes) -> "NodeHeartbeat | None":
+        """The report, or None when it is not one an agent could send: floats must be finite and
+        not negative (a NaN would stay in every smoothed average it entered)."""
         if len(payload) != cls._FORMAT.size:
             return None
-        return cls(*cls._FORMAT.unpack(payload))
+        load1, cpu, response_ms, interval_ms = cls._FORMAT.unpack(payload)
+        if not all(math.isfinite(v) and v >= 0 for v in (load1, cpu, response_ms)):
+            return None
+        return cls(load1, cpu, response_ms, interval_ms)
+
+
+# Terms count elections (one per takeover): 2**63 is never reached honestly, and a peer that
+# claims more would leave no term for this distributor's next takeover (the field is 64 bits).
+MAX_TERM = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -280,6 +294,8 @@ class DistHeartbeat:
         if len(payload) != cls._FORMAT.size:
             return None
         role, flags, priority, term, address, batch, connections = cls._FORMAT.unpack(payload)
+        if term >= MAX_TERM:  # a term no election could reach; taking over after it could not be sent
+            return None
         return cls(role, priority, term, address, bool(flags & 1), bool(flags & 2), batch, connections)
 
 

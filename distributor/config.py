@@ -80,9 +80,13 @@ class ApiConfig:
         tokens = list(self.tokens)
         if self.tokens_file:
             try:
-                tokens += parse_token_file(Path(self.tokens_file).read_text(), self.tokens_file)
+                tokens += parse_token_file(Path(self.tokens_file).read_text(encoding="utf-8"), self.tokens_file)
+            except FileNotFoundError as exc:
+                raise TokensFileMissing(f"api.tokens_file: cannot read {self.tokens_file!r}: {exc.strerror}") from None
             except OSError as exc:
                 raise ConfigError(f"api.tokens_file: cannot read {self.tokens_file!r}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"api.tokens_file: {self.tokens_file!r} is not UTF-8 text (byte {exc.start})") from None
             except ValueError as exc:
                 raise ConfigError(f"api.tokens_file: {exc}") from None
         if not tokens:
@@ -140,16 +144,35 @@ class Config:
     administration: AdministrationConfig | None = None  # content and tasks on the nodes; None: off
 
 
+class TokensFileMissing(ConfigError):
+    """api.tokens_file is not there (yet): what a config check on another host may only warn about."""
+
+
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 _show = show
 
 
 def load(path: str | Path) -> Config:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"cannot read config file {str(path)!r}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     return parse(text, source=str(path))
+
+
+def unusable_address(address: ipaddress.IPv4Address) -> str | None:
+    """Why a VIP or a node cannot have ``address``, or None."""
+    if address.is_unspecified:
+        return "the unspecified address"
+    if address == ipaddress.IPv4Address("255.255.255.255"):
+        return "the broadcast address"
+    if address.is_loopback:
+        return "a loopback address"
+    if address.is_multicast:
+        return "a multicast address"
+    return None
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -196,6 +219,8 @@ def parse(text: str, source: str = "<config>") -> Config:
     health = _health(top)
     alert_log, smtp = _alerts(top)
     failover = _failover(top, name, health)
+    if failover is not None:
+        _check_failover_addresses(failover, nodes, services, health)
     api = _api(top, services, failover)
     administration = _administration(top, name, health)
     top.done()
@@ -289,7 +314,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         settings = FailoverSettings(
             priority=table.integer("priority", defaults.priority, 0, 65535),
             preempt=table.boolean("preempt", defaults.preempt),
-            interval=table.number("interval", defaults.interval, 0),
+            interval=table.number("interval", defaults.interval, 0.001, inclusive=True, high=60),
             warning=table.integer("warning", defaults.warning, 0, 10_000),
             dead=table.integer("dead", defaults.dead, 1, 10_000),
         )
@@ -314,7 +339,13 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         if peer == name:
             raise ConfigError(f"failover.peers.{peer}: that is this distributor's own name")
         peers[peer] = peers_table.ipv4(peer)
+        if peers[peer] == address:
+            # Datagrams from it would be taken for this distributor's own broadcasts and ignored: split brain.
+            raise ConfigError(f"failover.peers.{peer}: {address} is this distributor's own address (failover.address)")
     peers_table.done()
+    if destination[1] != (listen or ("0.0.0.0", 8406))[1]:
+        raise ConfigError(f"failover.destination: port {destination[1]} is not valid; the peers listen on "
+                          f"failover.listen's port, {(listen or ('0.0.0.0', 8406))[1]}")
     raw = table.get("addresses")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"failover.addresses: {_show(raw)} is not valid; expected "
@@ -431,8 +462,29 @@ def _interface(table: TableReader) -> str:
     return value
 
 
+def _check_failover_addresses(failover: FailoverConfig, nodes: dict[str, ipaddress.IPv4Address],
+                              services: tuple[ServiceSpec, ...], health: "HealthConfig | None") -> None:
+    """What only the whole config can tell: addresses the failover section shares with the rest."""
+    owner = next((n for n, a in nodes.items() if a == failover.address), None)
+    if owner is not None:
+        raise ConfigError(f"failover.address: {failover.address} is node {owner}'s address; expected this "
+                          "distributor's own address on the cluster LAN")
+    floating = {entry.address.ip for entry in failover.addresses}
+    for service in services:
+        if service.vip == failover.address:
+            raise ConfigError(f"failover.address: {failover.address} is service {service.name}'s VIP, which moves "
+                              "between the distributors; expected this distributor's own address")
+        if service.vip not in floating:
+            raise ConfigError(f"failover.addresses: service {service.name}'s VIP {service.vip} is not among them, so "
+                              f"a backup taking over would not hold it; add {{ address = \"{service.vip}/32\", "
+                              "interface = ... }")
+    if health is not None and health.listen[1] == failover.listen[1]:
+        raise ConfigError(f"failover.listen: port {failover.listen[1]} is health.listen's too; the heartbeats "
+                          "and the sync stream need a port each")
+
+
 def _lifetime(table: TableReader) -> float:
-    value = table.number("address_lifetime", 1.0, 0, inclusive=True)
+    value = table.number("address_lifetime", 1.0, 0, inclusive=True, high=86_400)
     if 0 < value < 1:
         raise ConfigError(f"failover.address_lifetime: {value!r} is not valid; expected 0 (permanent addresses) or "
                           ">= 1 second (the kernel counts address lifetimes in whole seconds)")
@@ -448,7 +500,7 @@ def _health(top: TableReader) -> HealthConfig | None:
     defaults = HealthSettings()
     try:
         settings = HealthSettings(
-            tick=health.number("tick", defaults.tick, 0),
+            tick=health.number("tick", defaults.tick, 0.001, inclusive=True, high=60),
             warning=health.integer("warning", defaults.warning, 0, 100_000),
             dead=health.integer("dead", defaults.dead, 1, 100_000),
             rise=health.integer("rise", defaults.rise, 1, 1000),
@@ -488,11 +540,18 @@ def _alerts(top: TableReader) -> tuple[str | None, SmtpSettings | None]:
             )
         password = table.get("password", "")
         password_file = table.get("password_file", "")
+        for key, value in (("password", password), ("password_file", password_file),
+                           ("username", table.get("username", ""))):
+            if not isinstance(value, str):
+                raise ConfigError(f"alerts.smtp.{key}: {_show(value)} is not valid; expected a string")
         if password_file:
             try:
-                password = Path(password_file).read_text().strip()
+                password = Path(password_file).read_text(encoding="utf-8").strip()
             except OSError as exc:
                 raise ConfigError(f"alerts.smtp.password_file: cannot read {password_file!r}: {exc.strerror}") from None
+            except UnicodeDecodeError as exc:
+                raise ConfigError(f"alerts.smtp.password_file: {password_file!r} is not UTF-8 text (byte "
+                                  f"{exc.start})") from None
         smtp = SmtpSettings(
             host=host,
             port=table.integer("port", 25, 1, 65535),
@@ -541,7 +600,14 @@ def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:
         if not is_node_name(node_name):
             raise ConfigError(f"nodes.{node_name}: the name {node_name!r} is not valid; expected {NODE_NAME_RULE}")
         node = nodes_table.table(node_name, required=True)
-        nodes[node_name] = node.ipv4("address")
+        address = node.ipv4("address")
+        problem = unusable_address(address)
+        if problem is not None:
+            raise ConfigError(f"nodes.{node_name}.address: {address} is {problem}; expected the node's unicast address")
+        twin = next((other for other, a in nodes.items() if a == address), None)
+        if twin is not None:
+            raise ConfigError(f"nodes.{node_name}.address: {address} is {twin}'s address too; each node has its own")
+        nodes[node_name] = address
         node.done()
     nodes_table.done()
     return nodes
@@ -557,7 +623,15 @@ def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tupl
     for i, item in enumerate(raw):
         svc = TableReader(item, f"services[{i}]")
         name = svc.string("name", f"service{i}")
+        if any(service.name == name for service in services):
+            raise ConfigError(f"{svc.key('name')}: {name!r} names another service too; service names are unique")
         vip = svc.ipv4("vip")
+        problem = unusable_address(vip)
+        if problem is not None:
+            raise ConfigError(f"{svc.key('vip')}: {vip} is {problem}; expected the address clients connect to")
+        node = next((n for n, a in nodes.items() if a == vip), None)
+        if node is not None:
+            raise ConfigError(f"{svc.key('vip')}: {vip} is node {node}'s address; a VIP is the distributor's own")
         port = svc.integer("port", 80, 1, 65535)
         policy_text = svc.string("policy", Policy.ROUND_ROBIN.value, tuple(p.value for p in Policy))
         persistence = svc.number("persistence", 0, 0, inclusive=True, high=86_400)
@@ -593,5 +667,8 @@ def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tupl
             backend_owner[(address, backend_port)] = f"{name}"
             backends.append(BackendSpec(node_name, address, backend_port, weight))
         svc.done()
+        if not any(b.weight for b in backends):
+            raise ConfigError(f"{svc.key('backends')}: every backend has weight 0, so no connection could be placed; "
+                              "give at least one a weight from 1")
         services.append(ServiceSpec(name, vip, port, Policy.parse(policy_text), tuple(backends), persistence))
     return tuple(services)

@@ -30,7 +30,7 @@ from pathlib import Path
 from backup.failover import (Announce, ArmFirstForward, ClaimAddresses, DrainQueue, HoldNewSyns, InstallRules,
                              PeerDatagram, ReleaseAddresses, ReleaseNewSyns, RemoveRules)
 from backup.takeover import AddressOwner
-from common.keyfile import load_keys
+from common.keyfile import KeysFileMissing, load_keys
 from common.realtime import realtime_scheduling, set_nice, set_realtime
 from common.systemd import JournalFormatter, notify, under_journal, watchdog_interval
 from common.sansio import Alert, Level, Log, Send, StopRequested
@@ -43,7 +43,7 @@ from .alerts import Alerts
 from .api import ControlApi, EventLog
 from .blobstore import BlobStore
 from .contentcore import CollectBlobs, ContentCore, FetchTask, RunTask, SaveAdministration, SyncNode
-from .config import Config, ConfigError, load
+from .config import Config, ConfigError, TokensFileMissing, load
 from .conntrack import Conntrack
 from .core import ConntrackAnswered, CountHalfOpen, DistributorCore, HalfOpenCounted, Reconfigure, SetConntrackLiberal
 from .datapath import COALESCE_PAUSE, PacketQueue, QueueError, RawSender
@@ -82,8 +82,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distributor: config error: {exc}", file=sys.stderr)
         return 2
     if args.check:
+        try:
+            missing = files_missing(config)
+        except (ConfigError, KeysError) as exc:
+            print(f"distributor: config error: {exc}", file=sys.stderr)
+            return 2
         print(describe(config))
-        for problem in files_missing(config):
+        for problem in missing:
             print(f"  warning: {problem} (the daemon needs it to start)")
         return 0
     try:
@@ -138,13 +143,17 @@ def load_admin_keys(config: Config) -> Keys | None:
 
 
 def files_missing(config: Config) -> list[str]:
-    """What --check reports without failing: files the config names that this host does not have (yet)."""
-    problems = []
+    """What --check reports without failing: files the config names that this host does not have (yet).
+
+    A file that is there but not valid is an error (KeysError, ConfigError), raised: the daemon
+    would not start with it."""
+    problems: list[str] = []
     for load_them in (load_secrets, load_admin_keys):
         try:
             load_them(config)
-        except (ConfigError, KeysError) as exc:
-            problems.append(str(exc))
+        except (KeysFileMissing, TokensFileMissing) as exc:
+            if str(exc) not in problems:  # one file named by two sections is one problem
+                problems.append(str(exc))
     return problems
 
 

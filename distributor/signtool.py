@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, bundles.BundleRefused) as exc:
         print(f"distributor-sign: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a bundle, key or directory that is missing or unreadable
+        print(f"distributor-sign: cannot read {exc.filename!r}: {exc.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -128,8 +128,9 @@ def parse_config(text: str, source: str = "<config>") -> AgentConfig:
         probe_url=probe_url,
         expect=agent.get("expect", "ok"),
         probe_timeout=agent.number("probe_timeout", 2.0, 0),
-        min_interval=agent.number("min_interval", 0.2, 0),
-        max_interval=agent.number("max_interval", 2.0, 0),
+        # At most an hour: the heartbeat carries the interval in milliseconds (32 bits).
+        min_interval=agent.number("min_interval", 0.2, 0, high=3600),
+        max_interval=agent.number("max_interval", 2.0, 0, high=3600),
         multiplier=agent.number("multiplier", 10.0, 0),
         max_response_time=agent.number("max_response_time", 1.0, 0),
         max_load=agent.number("max_load", 2.0 * (os.cpu_count() or 1), 0),
@@ -295,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="validate the config, warn of keys files this host cannot load, then exit")
     args = parser.parse_args(argv)
     try:
-        config = parse_config(Path(args.config).read_text(), args.config)
+        config = parse_config(Path(args.config).read_text(encoding="utf-8"), args.config)
     except OSError as exc:
         print(f"node-agent: cannot read config file {args.config!r}: {exc.strerror}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError as exc:
+        print(f"node-agent: config file {args.config!r} is not UTF-8 text (byte {exc.start})", file=sys.stderr)
         return 2
     except ConfigError as exc:
         print(f"node-agent: config error: {exc}", file=sys.stderr)
