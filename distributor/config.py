@@ -221,6 +221,11 @@ def parse(text: str, source: str = "<config>") -> Config:
     failover = _failover(top, name, health)
     if failover is not None:
         _check_failover_addresses(failover, nodes, services, health)
+    if metrics_listen is not None:
+        problem = _vip_side(ipaddress.ip_address(metrics_listen[0]), services, failover)
+        if problem is not None:
+            raise ConfigError(f"metrics.listen: {metrics_listen[0]} is not valid: {problem}; expected 127.0.0.1 or "
+                              "this distributor's own cluster-LAN address")
     api = _api(top, services, failover)
     administration = _administration(top, name, health)
     top.done()
@@ -442,7 +447,9 @@ def _api_allow(table: TableReader, listen: tuple[str, int] | None) -> tuple[ipad
 
 def _vip_side(address: ipaddress.IPv4Address | ipaddress.IPv6Address, services: tuple[ServiceSpec, ...],
               failover: FailoverConfig | None) -> str | None:
-    """Why the control API may not listen on ``address`` (it would answer on the clients' side), or None."""
+    """Why the control API or metrics may not listen on ``address`` (it would answer on the clients' side), or None."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:203.0.113.1 is the VIP all the same
     if address.is_unspecified:
         return "a wildcard listens on every address of the host, the VIPs included"
     for service in services:

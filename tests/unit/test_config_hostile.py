@@ -87,3 +87,15 @@ def test_heartbeats_that_no_agent_or_distributor_could_send_are_rejected():
     beat = DistHeartbeat(1, 100, 7, bytes(4), True, False, 0, 0)
     assert DistHeartbeat.unpack(beat.pack()) == beat
     assert DistHeartbeat.unpack(DistHeartbeat(1, 100, MAX_TERM, bytes(4), True, False, 0, 0).pack()) is None
+
+
+def test_metrics_and_the_api_never_listen_on_the_clients_side_however_the_address_is_written():
+    metrics = 'listen = "127.0.0.1:9110" #'
+    assert metrics in TEXT
+    for address in ("203.0.113.1", "0.0.0.0"):
+        with pytest.raises(ConfigError, match="metrics.listen"):
+            parse(TEXT.replace(metrics, f'listen = "{address}:9110" #'))
+    api = 'listen = "auto"           #'
+    assert api in TEXT
+    with pytest.raises(ConfigError, match="api.listen"):
+        parse(TEXT.replace(api, 'listen = "[::ffff:203.0.113.1]:8410" #'))
