@@ -171,7 +171,9 @@ def _parse(headers: Mapping[str, str]) -> tuple[_Parsed | None, str | None]:
         values[name] = value
     key, sequence, stamp = values[H_KEY], values[H_SEQUENCE], values[H_TIME]
     sender, body, mac = values[H_SENDER], values[H_BODY], values[H_MAC]
-    if not (key.isdigit() and len(key) <= 5 and sequence.isdigit() and len(sequence) <= 20):
+    # ASCII digits only: str.isdigit() also takes "²" and other scripts' digits, which int() refuses.
+    if not (key.isascii() and key.isdigit() and len(key) <= 5 and sequence.isascii() and sequence.isdigit()
+            and len(sequence) <= 20):
         return None, Refusal.BAD_HEADER
     if not (0 < len(sender) <= _MAX_SENDER and sender.isascii() and sender.isprintable() and " " not in sender):
         return None, Refusal.BAD_HEADER
@@ -239,7 +241,9 @@ class RequestVerifier:
         if not abs(now - parsed.timestamp) <= self.window:  # also refuses NaN
             return None, Refusal.STALE
         window = self.replay[parsed.sender]
-        if not window.fresh(parsed.sequence):
+        if parsed.sequence > (now + self.window) * 1_000_000 or not window.fresh(parsed.sequence):
+            # A sequence ahead of the sender's clock (SequenceCounter: wall-clock microseconds) would
+            # become the floor a restarted broker keeps: every honest request after it a "replay".
             return None, Refusal.REPLAY
         fields = [_TAG_REQUEST, method.upper(), raw_path, str(parsed.key_id), parsed.sender, str(parsed.sequence),
                   parsed.stamp, parsed.body_sha256]

@@ -217,6 +217,10 @@ class Verifier:
             return None, Reject.STALE
         if timestamp < self.not_before:
             return None, Reject.BEFORE_START
+        if sequence > (now + self.window) * 1_000_000:
+            # Sequences follow the sender's wall clock in microseconds (SequenceCounter): one from
+            # the future, once accepted, would make every honest datagram after it a "replay".
+            return None, Reject.REPLAY
         if sequence <= self.last_sequence.get(sender, -1):
             return None, Reject.REPLAY
         body = data[: HEADER_SIZE + length]

@@ -125,7 +125,7 @@ FINISHED = NODE_FINISHED | {"refused", "abandoned"}
 REFUSAL_REASONS = ("bad_path", "traversal", "absolute", "nul", "reserved", "not_file", "not_managed", "too_large",
                    "bad_tree", "bad_task", "bad_bundle")
 SYNC_RESULTS = ("matched", "repaired", "differs", "conflict", "failed")
-_TASK_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")  # what the broker accepts as a request id
+_TASK_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # what the broker accepts as a request id (whole)
 MAX_TASK_ARGS = 32
 AREAS = ("content", "bundles")  # the brokers' two managed areas (/v1/content, /v1/bundles)
 # The nodes' built-in tasks (node.broker.BUILTIN_TASKS, which this package may not import): a bundle may not take
@@ -938,8 +938,11 @@ class ContentCore:
         if not isinstance(event.args, Mapping) or len(event.args) > MAX_TASK_ARGS or \
                 not all(isinstance(k, str) for k in event.args):
             return refuse(f"args: expected an object of at most {MAX_TASK_ARGS} named values")
-        if not _TASK_ID.match(event.task_id) or event.task_id in self.tasks:
-            return refuse(f"task id {event.task_id!r} is not valid or not new", 409)
+        if not isinstance(event.task_id, str) or not _TASK_ID.fullmatch(event.task_id):
+            return refuse(f"task id {event.task_id!r} is not valid; expected 1 to 64 letters, digits, '.', '_', ':' "
+                          "or '-', starting with a letter or a digit")
+        if event.task_id in self.tasks:
+            return refuse(f"task id {event.task_id!r} is not new", 409)
         if event.nodes is not None:
             unknown = [n for n in event.nodes if n not in self.nodes]
             if unknown or not event.nodes:

@@ -82,7 +82,7 @@ CHUNK = 64 << 10
 MAX_JSON_BODY = 64 << 10
 # Where the middleware leaves who signed the request (aiohttp >= 3.11 wants a typed key).
 AUTH = web.RequestKey("auth", Authenticated) if hasattr(web, "RequestKey") else "auth"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")  # matched whole: "$" would let "t7\n" in
 
 # The HTTP status of each refusal reason (authenticated requests).
 _STATUS = {
@@ -141,7 +141,7 @@ def _address(text: str, key: str) -> tuple[str, int]:
         address = ipaddress.ip_address(host.strip("[]"))
     except ValueError:
         address = None
-    if address is None or not port.isdigit() or not 0 <= int(port) <= 65535:
+    if address is None or not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise ConfigError(f"{key}: {text!r} is not valid; expected \"ADDRESS:PORT\" with the node's cluster-LAN address")
     if address.is_unspecified:
         raise ConfigError(f"{key}: {text!r} listens on every address; give the node's cluster-LAN address "
@@ -273,7 +273,7 @@ class Refused(Exception):
 
 
 def _int_param(value: str | None, name: str) -> int:
-    if value is None or not value.isdigit() or len(value) > 19:
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 19:
         raise Refused("bad_request", f"query parameter {name}={value!r} is not valid; expected a non-negative integer")
     return int(value)
 
@@ -498,7 +498,7 @@ class Broker:
         data = await self._json(request)
         request_id, name = data.get("id"), data.get("name")
         priority, args, not_after = data.get("priority"), data.get("args", {}), data.get("not_after")
-        if not isinstance(request_id, str) or not _REQUEST_ID.match(request_id):
+        if not isinstance(request_id, str) or not _REQUEST_ID.fullmatch(request_id):
             raise Refused("bad_request", f"id {request_id!r} is not valid; expected 1-64 of A-Z a-z 0-9 . _ : -")
         if not isinstance(name, str) or not 0 < len(name) <= 64:
             raise Refused("bad_request", f"name {name!r} is not valid; expected a task name")

@@ -151,12 +151,15 @@ class ContentStore:
         except PathRefused as exc:
             raise StoreRefused(exc.reason, str(exc)) from None
 
-    def _open_parent(self, path: str, create: bool) -> tuple[int, str]:
-        """A descriptor of ``path``'s directory, walked from the root without following links."""
+    def _open_parent(self, path: str, create: bool, created: list[str] | None = None) -> tuple[int, str]:
+        """A descriptor of ``path``'s directory, walked from the root without following links.
+
+        ``created`` collects the directories this call made (relative paths, outermost first), so
+        an upload that is refused can take them away again (:meth:`_remove_empty`)."""
         *parents, name = path.split("/")
         fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            for component in parents:
+            for depth, component in enumerate(parents, 1):
                 try:
                     child = os.open(component, _DIR_FLAGS, dir_fd=fd)
                 except FileNotFoundError:
@@ -165,6 +168,8 @@ class ContentStore:
                     try:
                         os.mkdir(component, 0o755, dir_fd=fd)
                         os.fsync(fd)  # the new directory entry is durable before anything goes in it
+                        if created is not None:
+                            created.append("/".join(parents[:depth]))
                     except FileExistsError:  # another upload made it meanwhile
                         pass
                     child = os.open(component, _DIR_FLAGS, dir_fd=fd)
@@ -221,19 +226,21 @@ class ContentStore:
             free = vfs.f_bavail * vfs.f_frsize
             if free < size + self.min_free:
                 raise StoreRefused("no_space", f"{self.area}: {free} bytes free, {size} needed plus a reserve of {self.min_free}")
-            dir_fd, name = self._open_parent(path, create=True)
+            created: list[str] = []
+            dir_fd, name = self._open_parent(path, create=True, created=created)
             try:
                 self._check_target(path, dir_fd, name)
                 temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
                 fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
             except BaseException:
                 os.close(dir_fd)
+                self._remove_empty(created)
                 raise
         except BaseException:
             with self._lock:
                 self._uploading.discard(path)
             raise
-        return Upload(self, path, version, size, sha256, dir_fd, name, temp, fd)
+        return Upload(self, path, version, size, sha256, dir_fd, name, temp, fd, created)
 
     def delete(self, path: object, version: int) -> bool:
         """Remove a managed path; False when it was not there (already deleted: nothing to do)."""
@@ -290,13 +297,24 @@ class ContentStore:
         with self._lock:
             self._uploading.discard(path)
 
+    def _remove_empty(self, directories: list[str]) -> None:
+        """Take away directories a refused upload made, innermost first, each only while empty
+        (another upload may have put something in one meanwhile: rmdir then fails and it stays)."""
+        for relative in reversed(directories):
+            try:
+                os.rmdir(os.path.join(self.root, relative))
+            except OSError:
+                return  # not empty (or gone): its parents are not empty either
+
 
 class Upload:
     """One file being received: :meth:`write` the chunks, then :meth:`finish` or :meth:`abort`."""
 
     def __init__(self, store: ContentStore, path: str, version: int, size: int, sha256: str,
-                 dir_fd: int, name: str, temp: str, fd: int):
+                 dir_fd: int, name: str, temp: str, fd: int, created: list[str] | None = None):
         self.store = store
+        self._created = created or []  # directories begin_put made for it: taken away if it is refused
+        self._ended = False  # finished or aborted: the path's "busy" mark is released once, by this upload
         self.path = path
         self.version = version
         self.size = size
@@ -342,9 +360,15 @@ class Upload:
             self.abort()
             raise
         self._close()
+        self._ended = True
         self.store._published(self.path, self.version, self.size, self.sha256)
 
     def abort(self) -> None:
+        """Drop the upload; idempotent (a second call, e.g. by the broker after a failed finish, must
+        not release the "busy" mark a newer upload of the same path holds by then)."""
+        if self._ended:
+            return
+        self._ended = True
         if self._temp:
             try:
                 os.unlink(self._temp, dir_fd=self._dir_fd)
@@ -352,6 +376,7 @@ class Upload:
                 pass
             self._temp = ""
         self._close()
+        self.store._remove_empty(self._created)
         self.store._released(self.path)
 
     def _close(self) -> None:

@@ -139,3 +139,16 @@ def test_a_response_mac_never_passes_as_a_request_mac():
 def test_no_headers_crash_the_verifier(headers, path):
     auth, refusal = verifier().check("GET", path, headers, "198.51.100.2", NOW)
     assert auth is None and refusal is not None
+
+
+def test_digits_of_other_scripts_and_sequences_from_the_future_are_refused_never_raised():
+    # "²".isdigit() is True but int("²") raises: an unsigned request must get a refusal, not a 500.
+    for header in (H_SEQUENCE, H_KEY):
+        headers = signed()
+        headers[header] = "\u00b2"
+        assert verifier().check("PUT", PATH, headers, "198.51.100.2", NOW) == (None, Refusal.BAD_HEADER)
+    # A sequence far ahead of the sender's clock (wall-clock microseconds) would become the floor a
+    # restarted broker keeps, refusing every honest request after it as a replay.
+    future = signed(seq=10 ** 19)
+    assert verifier().check("PUT", PATH, future, "198.51.100.2", NOW) == (None, Refusal.REPLAY)
+    assert verifier().check("PUT", PATH, signed(seq=int(NOW * 1_000_000)), "198.51.100.2", NOW)[1] is None

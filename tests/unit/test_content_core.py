@@ -538,3 +538,10 @@ def test_a_task_report_that_answers_no_request_in_flight_is_dropped():
     assert content.task_view("t1")["nodes"]["web1"]["state"] == "running"
     answer(second, "done")  # a duplicate of an answer already taken changes nothing
     assert content.task_view("t1")["nodes"]["web1"]["state"] == "running"
+
+
+def test_a_task_id_must_match_whole_a_trailing_newline_is_not_an_id():
+    cluster = Cluster()
+    settle_first_check(cluster)
+    reply = only((AdminReply,), cluster.task(task_id="t7\n"))[0]
+    assert reply.status == 400 and not only((RunTask,), cluster.run(1.0))

@@ -151,3 +151,22 @@ def test_size_limit_and_leftovers(store):
 def test_not_enough_space_is_refused(store):
     greedy = ContentStore("content", store.root, store.manifest_file, min_free=1 << 62)
     refused("no_space", greedy.begin_put, "a.bin", 1, 1, SHA)
+
+
+def test_a_refused_upload_leaves_no_directory_it_made_and_a_second_abort_frees_nobody_elses_path(store):
+    upload = store.begin_put("new/sub/x.txt", 1, len(DATA), "0" * 64)
+    upload.write(DATA)
+    refused("bad_digest", upload.finish)
+    assert not (store.root / "new").exists()  # the directories were made for it alone
+    (store.root / "kept").mkdir()
+    upload = store.begin_put("kept/deeper/y.txt", 1, 3, SHA)
+    upload.abort()
+    assert (store.root / "kept").is_dir() and not (store.root / "kept" / "deeper").exists()
+    # The broker aborts again after a failed finish: that must not release a newer upload's mark.
+    first = store.begin_put("page.html", 1, len(DATA), "0" * 64)
+    first.write(DATA)
+    refused("bad_digest", first.finish)
+    second = store.begin_put("page.html", 1, len(DATA), SHA)
+    first.abort()
+    refused("busy", store.begin_put, "page.html", 1, len(DATA), SHA)
+    second.abort()

@@ -119,3 +119,10 @@ def test_any_single_byte_change_is_rejected(offset, xor):
 def test_node_heartbeat_payload_length_is_checked():
     assert NodeHeartbeat.unpack(b"short") is None
     assert len(NodeHeartbeat(1, 0, 0, 0).pack()) == struct.calcsize("!fffI")
+
+
+def test_a_sequence_from_the_future_is_rejected_and_leaves_the_sender_working():
+    v = verifier()
+    message, reject = v.verify(good(seq=10 ** 19), "198.51.100.11", NOW)
+    assert message is None and reject is Reject.REPLAY
+    assert v.verify(good(seq=int(NOW * 1_000_000)), "198.51.100.11", NOW)[0] is not None
