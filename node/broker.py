@@ -48,6 +48,7 @@ import hashlib
 import ipaddress
 import json
 import logging
+import math
 import os
 import pwd
 import re
@@ -384,7 +385,11 @@ class Broker:
                                             time.time())
         if refusal is not None:
             self._count_refusal(request, refusal, "authentication failed")
-            return web.json_response({"error": refusal, "detail": "authentication failed"}, status=401)
+            response = web.json_response({"error": refusal, "detail": "authentication failed"}, status=401)
+            # Close the connection instead of reading and discarding whatever body an
+            # unauthenticated sender declared (aiohttp would otherwise drain it for up to 10 s).
+            response.force_close()
+            return response
         request[AUTH] = auth
         async with self._marks_lock:  # one writer at a time, each writing the latest marks
             await asyncio.get_running_loop().run_in_executor(
@@ -436,7 +441,7 @@ class Broker:
             raise StoreRefused(exc.reason, f"bundle {upload.path!r}: {exc}") from None
         if bundle.manifest.name != upload.path:
             raise StoreRefused("bad_bundle", f"bundle is named {bundle.manifest.name!r} but was sent as {upload.path!r}")
-        if bundle.manifest.name in self.config.allow:
+        if bundle.manifest.name in BUILTIN_TASKS:  # every built-in, allowed on this node or not
             raise StoreRefused("reserved", f"bundle {upload.path!r} has the name of a built-in task")
         try:
             installed = open_bundle((self.stores["bundles"].root / upload.path).read_bytes(), self.config.trusted_keys)
@@ -506,7 +511,8 @@ class Broker:
             raise Refused("bad_request", f"priority {priority!r} is not valid; expected high, normal or low")
         if not isinstance(args, dict):
             raise Refused("bad_request", f"args {args!r} is not valid; expected a JSON object")
-        if not_after is not None and (isinstance(not_after, bool) or not isinstance(not_after, (int, float))):
+        if not_after is not None and (isinstance(not_after, bool) or not isinstance(not_after, (int, float))
+                                      or not math.isfinite(not_after)):
             raise Refused("bad_request", f"not_after {not_after!r} is not valid; expected a wall time in seconds")
         record, new = await self.tasks.submit(request_id, name, priority, args, request[AUTH].sender, not_after)
         if new:

@@ -375,3 +375,17 @@ def test_the_stats_report_the_event_loops_lag(tmp_path):
 
     lag = run(tmp_path, scenario)
     assert lag["over_200ms"] >= 1 and lag["max_ms"] >= 200
+
+
+def test_a_bundle_may_not_take_a_built_in_tasks_name_even_one_this_node_does_not_allow(tmp_path):
+    # Allowed here or not, "rotate-logs" means the built-in on every node: a bundle of that name
+    # would run in its stead wherever an operator later allows it.
+    reserved = write(tmp_path / "reserved", signed_bundle(name="rotate-logs"))
+
+    async def scenario(broker, client):
+        with pytest.raises(AdminRefused) as caught:
+            await client.put_file("rotate-logs", 1, *reserved, area="bundles")
+        return caught.value.reason, await client.manifest("bundles")
+
+    reason, manifest = run(tmp_path, scenario, allow=["disk-usage"])
+    assert reason == "reserved" and not manifest.entries
