@@ -193,7 +193,7 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
         services = args.get("services")
         if not isinstance(address, str) or not _is_ipv4(address):
             return 400, f"address {address!r} is not valid; expected an IPv4 address such as \"198.51.100.14\""
-        unusable = _unusable_address(address, layout)
+        unusable = _unusable_node_address(address, layout)
         if unusable is not None:
             return 400, f"address {address} is not valid: {unusable}; expected a node's unicast address"
         if not isinstance(services, Mapping) or not services:
@@ -248,9 +248,8 @@ def _is_ipv4(text: str) -> bool:
                                    and (p == "0" or not p.startswith("0")) for p in parts)
 
 
-def _unusable_address(text: str, layout: "LayoutView") -> str | None:
-    """Why a (well-formed) IPv4 address cannot be a node's, or None."""
-    address = ipaddress.IPv4Address(text)
+def unusable_address(address: ipaddress.IPv4Address) -> str | None:
+    """Why a VIP or a node cannot have ``address``, or None (the config and run-time adds alike)."""
     if address.is_unspecified:
         return "the unspecified address"
     if address == ipaddress.IPv4Address("255.255.255.255"):
@@ -259,6 +258,11 @@ def _unusable_address(text: str, layout: "LayoutView") -> str | None:
         return "a loopback address (that would be this distributor)"
     if address.is_multicast:
         return "a multicast address"
+    return None
+
+
+def _unusable_node_address(text: str, layout: "LayoutView") -> str | None:
+    """Why a (well-formed) IPv4 address cannot be a node added at run time, or None."""
     if text in layout.vips:
         return "a service's VIP (its traffic would loop)"
-    return None
+    return unusable_address(ipaddress.IPv4Address(text))

@@ -18,7 +18,7 @@ from backup.roles import FailoverSettings
 from backup.takeover import FloatingAddress
 from common.tomlconfig import ConfigError, TableReader, loads, show
 
-from .admin import NODE_NAME_RULE, is_node_name
+from .admin import NODE_NAME_RULE, is_node_name, unusable_address
 from .alerts import SmtpSettings
 from .api import ApiToken, parse_token_file
 from .balancer import MAX_WEIGHT, Policy
@@ -161,18 +161,6 @@ def load(path: str | Path) -> Config:
         raise ConfigError(f"config file {str(path)!r} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     return parse(text, source=str(path))
 
-
-def unusable_address(address: ipaddress.IPv4Address) -> str | None:
-    """Why a VIP or a node cannot have ``address``, or None."""
-    if address.is_unspecified:
-        return "the unspecified address"
-    if address == ipaddress.IPv4Address("255.255.255.255"):
-        return "the broadcast address"
-    if address.is_loopback:
-        return "a loopback address"
-    if address.is_multicast:
-        return "a multicast address"
-    return None
 
 
 def parse(text: str, source: str = "<config>") -> Config:

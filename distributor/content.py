@@ -116,7 +116,8 @@ class DesiredContent:
     def conflict(self, paths: Iterable[str]) -> str | None:
         """Why files at ``paths`` (one push) cannot all be managed content, or None: a file cannot be
         where another needs a directory (``a`` and ``a/b``), among the managed paths and the new ones.
-        Linear in the paths' depth: a push of many files into a large tree stays cheap."""
+        Linear in the size of the tree (every path's depth, once): a push of many files into a large
+        tree stays cheap."""
         new = sorted(set(paths))
         taken = set(self.entries).union(new)
         directories: dict[str, str] = {}  # every directory the paths need -> one path below it

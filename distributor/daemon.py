@@ -147,13 +147,15 @@ def files_missing(config: Config) -> list[str]:
 
     A file that is there but not valid is an error (KeysError, ConfigError), raised: the daemon
     would not start with it."""
+    loaders = [lambda: config.api.all_tokens() if config.api else None]
+    loaders += [lambda path=path: load_keys(path) for path in dict.fromkeys(  # one file named twice is read once
+        section.keys_file for section in (config.health, config.failover, config.administration) if section)]
     problems: list[str] = []
-    for load_them in (load_secrets, load_admin_keys):
+    for read in loaders:  # each on its own: a missing file must not hide an invalid one
         try:
-            load_them(config)
+            read()
         except (KeysFileMissing, TokensFileMissing) as exc:
-            if str(exc) not in problems:  # one file named by two sections is one problem
-                problems.append(str(exc))
+            problems.append(str(exc))
     return problems
 
 

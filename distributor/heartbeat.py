@@ -36,8 +36,8 @@ probe began the reported response time before the datagram arrived); one already
 nothing about the failure.  For the same reason a SYN left unanswered that was sent before the
 probe of a heartbeat already received excludes nothing: the web server answered since (a lost SYN,
 or a saturated node whose handshakes outlast the client's RTO).  Its counter goes on meanwhile, so
-a node that has really died is declared dead on the usual schedule.  Like damping, passive health never takes out the last node
-that could serve: that node's failures are counted and logged only.
+a node that has really died is declared dead on the usual schedule.  Like damping, passive health
+never takes out the last node that could serve: that node's failures are counted and logged only.
 
 A heartbeat says when the next one is due (``interval_ms``: the agent slows its probes down when
 its web server answers slowly).  A node is not late before that interval has passed, plus one tick,

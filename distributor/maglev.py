@@ -427,6 +427,8 @@ class MaglevBalancer:
 
     def set_feedback(self, index: int, factor: float) -> None:
         """Recorded only, as a ramp: a node's reports differ between distributors' views of it."""
+        if not 0.0 < factor <= 1.0:
+            raise ValueError(f"feedback factor {factor!r} must be in (0, 1]")
         self._feedback[index] = factor
 
     # -- internals ---------------------------------------------------------

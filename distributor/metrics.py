@@ -55,7 +55,7 @@ from .admin import AdminState
 from .contentcore import REFUSAL_REASONS, SYNC_RESULTS
 from .heartbeat import HealthStats, NodeState, node_moves
 from .reroute import Mode, Reason
-from .rules import GUARD_TAG, ICMP_FLOOD_TAG, UNKNOWN_REPLY_TAG
+from .rules import ECHO_REFUSED_TAG, GUARD_TAG, ICMP_FLOOD_TAG, UNKNOWN_REPLY_TAG
 
 if TYPE_CHECKING:
     from .alerts import Alerts
@@ -268,6 +268,8 @@ class DistributorCollector:
         for what in ("control_port", "cluster_address", "spoofed_source"):
             guard.add_metric([what], kernel_counts.get(f"{GUARD_TAG}:{what}", 0))
         yield guard
+        yield CounterMetricFamily("distributor_echo_refused_packets", "ICMP echo requests to a VIP dropped "
+                                  "([distributor] vip_echo = \"drop\")", value=kernel_counts.get(ECHO_REFUSED_TAG, 0))
 
     def _table(self, stats: "DistributorStats") -> Iterator:
         interposer = stats.interposer

@@ -47,9 +47,13 @@ Deliberate drops (TCP retransmits, so a drop costs a delay, never data):
   address (a traceroute towards the VIP reveals nothing of the cluster);
 * rewrite mode: a segment of a connection that idled out of the table: the
   client gets an RST at once (rather than retransmitting into nothing), and
-  the node too, so neither end waits for its own timeout.
+  the node too, so neither end waits for its own timeout;
+* rewrite mode: an ICMP error about no known connection, or about a segment
+  sent to a node other than "fragmentation needed" (see ``_icmp``; the errors
+  that belong to a connection are translated for the host they concern).
 
-Only IHL = 5 headers are rewritten, so a connection's 4-tuple is always
+Only IHL = 5 headers are rewritten (of an ICMP error, the outer one; the
+quoted header may carry options), so a connection's 4-tuple is always
 ``packet[12:24]`` (source, destination, source port, destination port).
 """
 
@@ -102,7 +106,8 @@ _IPPROTO_ICMP = 1
 # ICMP errors (RFC 792) that quote the packet they are about: destination unreachable (code 4:
 # fragmentation needed, RFC 1191 path MTU discovery), time exceeded, parameter problem.
 _ICMP_UNREACHABLE, _ICMP_FRAG_NEEDED = 3, 4
-_ICMP_ERRORS = frozenset({_ICMP_UNREACHABLE, 11, 12})
+ICMP_ERROR_TYPES = (_ICMP_UNREACHABLE, 11, 12)  # what rewrite mode's rules queue (rules.py)
+_ICMP_ERRORS = frozenset(ICMP_ERROR_TYPES)
 _ESTABLISHED = TcpState.ESTABLISHED
 _NOT_PLAIN = SYN | FIN | RST
 _IP_CHECKSUM = 10
@@ -540,10 +545,10 @@ class Interposer:
         return reason.verdict, out
 
     def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
-        # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
-        # would trim the packet to a shorter one); kernel mode copies the headers only.
         if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP and not self._kernel:
             return self._icmp(packet)
+        # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
+        # would trim the packet to a shorter one); kernel mode copies the headers only.
         invalid = _invalid(packet, whole=not self._kernel)
         if invalid is not None:
             return invalid, None, None

@@ -18,9 +18,11 @@ martian and dropped -- statelessly, by an nft payload statement
 and keeps its GSO packets whole; user space sees only a node's SYN-ACK, FIN and
 RST (mangle POSTROUTING, queued unchanged).  Both directions are marked ``CT --notrack``: conntrack
 would otherwise track the pre-rewrite tuple and mismatch the reply.  No
-``--queue-bypass``: while the daemon is down but its rules are in place,
-packets for the VIP are dropped and clients retransmit, rather than reaching
-the gateway's own stack and being reset.
+``--queue-bypass`` (but for ICMP errors addressed to a VIP, which then reach
+this host's own stack and are ignored there): while the daemon is down but its
+rules are in place, packets for the VIP are dropped and clients retransmit,
+rather than reaching the gateway's own stack and being reset; an ICMP error
+toward a client that quotes a node is dropped rather than leaving untranslated.
 
 Kernel-assisted mode: see :func:`_render_kernel`.
 """
@@ -34,16 +36,15 @@ import subprocess
 from dataclasses import dataclass
 from typing import Iterable
 
-from .reroute import END_MARK, MARK_MASK, Mode, RuleService
+from .reroute import END_MARK, ICMP_ERROR_TYPES, MARK_MASK, Mode, RuleService
 
 __all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_return_path", "render_guard",
-           "chain_names", "UNKNOWN_REPLY_TAG", "ICMP_FLOOD_TAG"]
+           "chain_names", "UNKNOWN_REPLY_TAG", "ICMP_FLOOD_TAG", "ECHO_REFUSED_TAG"]
 
 log = logging.getLogger("distributor.rules")
 
-# ICMP errors that quote the segment they are about (RFC 792): destination unreachable, time
-# exceeded, parameter problem.  Rewrite mode queues them; kernel mode leaves them to conntrack.
-ICMP_ERROR_TYPES = (3, 11, 12)
+# Rewrite mode queues the ICMP errors that quote a segment (reroute.ICMP_ERROR_TYPES); kernel mode
+# leaves them to conntrack.
 ICMP_QUEUE_LIMIT = 1000  # ICMP errors a second (per VIP, and toward clients) user space translates; the rest are dropped
 ICMP_FLOOD_TAG = "dist:icmp_flood"
 ECHO_REFUSED_TAG = "dist:echo_refused"  # [distributor] vip_echo = "drop"
@@ -119,14 +120,16 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
     # host's own stack) quotes a segment sent to a node and gets the VIP as its source, so only
     # after routing (a local source before routing is a martian).  Nothing else is queued: errors
     # addressed to this host's own sockets, or about anyone else's traffic, stay the kernel's.
-    # With --queue-bypass: while no daemon listens, errors pass untranslated rather than being
-    # dropped with this host's own.  A flood of forged errors must not take the queue from the
-    # connections: past ICMP_QUEUE_LIMIT a second in each direction they are dropped (errors are
-    # advisory, and routers rate-limit their own, RFC 1812 section 4.3.2.8).
+    # While no daemon listens, an error to a VIP passes (--queue-bypass: this host's stack ignores
+    # it), and one toward a client is dropped (it would leave quoting a node).  A flood of forged
+    # errors must not take the queue from the connections: past ICMP_QUEUE_LIMIT a second in each
+    # direction they are dropped (errors are advisory, and routers rate-limit their own, RFC 1812
+    # section 4.3.2.8).
     errors_in, errors_in_typed = f"DIST{queue}-IERR", f"DIST{queue}-IQ"
     errors_out, errors_queue = f"DIST{queue}-OERR", f"DIST{queue}-OQ"
-    queue_icmp = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT} " \
-                 f"-j NFQUEUE --queue-num {queue} --queue-bypass"
+    limit = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT}"
+    queue_icmp = f"{limit} -j NFQUEUE --queue-num {queue} --queue-bypass"
+    queue_icmp_out = f"{limit} -j NFQUEUE --queue-num {queue}"
     flood = f'-m comment --comment "{ICMP_FLOOD_TAG}" -j DROP'
     # Every packet of a connection walks DIST<q>-IN (its nodes' replies too, after their notrack):
     # ICMP costs them one rule there, its types are told apart in DIST<q>-IERR.
@@ -144,7 +147,7 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
                    for address, port in nodes]
     out_errors = [f"-A {errors_out} -m addrtype --dst-type LOCAL -j RETURN"]
     out_errors += [f'-A {errors_out} -m u32 --u32 "{_quotes(address, port)}" -j {errors_queue}' for address, port in nodes]
-    out_queue = [f"-A {errors_queue} {queue_icmp}", f"-A {errors_queue} {flood}"]
+    out_queue = [f"-A {errors_queue} {queue_icmp_out}", f"-A {errors_queue} {flood}"]
     return {("raw", chain_in): raw, ("mangle", chain_out): mangle,
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True),
             ("raw", errors_in): raw_typed, ("raw", errors_in_typed): raw_errors, ("mangle", errors_out): out_errors,

@@ -653,8 +653,10 @@ def test_11_rsts_conntrack_cannot_place_cross_user_space_once_and_the_queue_empt
     rsts = [bytes(IP(src=CLIENT, dst=str(bed.vip)) / TCP(sport=65100 + i, dport=80, flags="R", seq=1000 + i))
             for i in range(300)]
 
+    active = active_of(bed)
+
     def verdicts() -> float:
-        return hostile.metric_sum(bed, "dist1", "distributor_packets_total")
+        return hostile.metric_sum(bed, active, "distributor_packets_total")
 
     before = verdicts()
     sock, send = netns.call_in(bed.ns("client"), hostile.raw_ip_sender)
@@ -665,7 +667,7 @@ def test_11_rsts_conntrack_cannot_place_cross_user_space_once_and_the_queue_empt
         sock.close()
     # Looping packets would keep the queue from ever emptying.
     wait_until(lambda: verdicts() - before >= len(rsts)
-               and hostile.metric_sum(bed, "dist1", "distributor_nfqueue_waiting_packets") == 0, 5,
+               and hostile.metric_sum(bed, active, "distributor_nfqueue_waiting_packets") == 0, 5,
                "every RST decided and the queue empty")
     decided = verdicts() - before
     assert decided < len(rsts) + 30, f"{decided:.0f} verdicts for {len(rsts)} RSTs: packets went round the queue"

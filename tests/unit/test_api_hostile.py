@@ -20,9 +20,6 @@ def test_a_policy_or_service_of_the_wrong_json_type_and_bodies_that_are_no_json_
             async with s.request(method, base + path, json=body, headers=AS_ADMIN) as r:
                 answer = await r.json()
                 assert r.status == status and named in answer["error"], (body, r.status, answer)
-        async with s.post(base + "/api/v1/nodes/web1/drain", data="[" * 100_000,
-                          headers={**AS_ADMIN, "Content-Type": "application/json"}) as r:
-            assert r.status in (200, 400)  # drain takes no body; a JSON route must not answer 500
         async with s.post(base + "/api/v1/nodes", data="[" * 100_000,
                           headers={**AS_ADMIN, "Content-Type": "application/json"}) as r:
             assert r.status == 400 and "nested" in (await r.json())["error"]
@@ -31,7 +28,7 @@ def test_a_policy_or_service_of_the_wrong_json_type_and_bodies_that_are_no_json_
             assert r.status == 400 and "UTF-8" in (await r.json())["error"]
         async with s.get(base + "/api/v1/nodes", headers={"Authorization": "Bearer caf\u00e9".encode().decode("latin-1")}) as r:
             assert r.status == 401
-        assert core.runtime.version <= version + 1  # only the drain, if it was taken
+        assert core.runtime.version == version  # nothing refused changed anything
     serve(tmp_path, scenario)
 
 

@@ -65,7 +65,7 @@ def test_a_refused_syn_goes_to_the_flows_next_node_without_rebuilding_the_table(
     assert [e.packet for e in again if type(e).__name__ == "SendPacket"] == [moved[0].packet]
 
 
-def test_switching_to_and_from_maglev_at_run_time_keeps_counts_and_the_node_set():
+def test_switching_to_and_from_maglev_at_run_time_keeps_the_open_counts():
     core = DistributorCore("dist1", Mode.REWRITE, [service_spec(Policy.LEAST_OUTSTANDING, nodes=NODES)], 100)
     core.start(0.0, 0.0)
     for port in range(41000, 41006):
