@@ -109,8 +109,17 @@ class RuntimeState:
     def admin_state(self, node: str) -> AdminState:
         return self.admin.get(node, AdminState.READY)
 
-    def apply(self, request: AdminRequest) -> None:
-        """Record a request :func:`validate` accepted; the version grows by one."""
+    def apply(self, request: AdminRequest) -> bool:
+        """Record a request :func:`validate` accepted: True, and the version grows by one, when it
+        changed something; False for a repeat (a drain of a draining node), which changes nothing."""
+        before = self.to_json()
+        self._apply(request)
+        if self.to_json() == before:
+            return False
+        self.version += 1
+        return True
+
+    def _apply(self, request: AdminRequest) -> None:
         op, args = request.op, request.args
         node = args.get("node")
         if op in (AdminOp.DRAIN, AdminOp.MAINT, AdminOp.READY):
@@ -136,7 +145,6 @@ class RuntimeState:
             self.weights.pop(node, None)
         elif op is AdminOp.SET_POLICY:
             self.policies[args["service"]] = str(args["policy"])
-        self.version += 1
 
     # -- the file and the replica --------------------------------------------------------------------
     def to_json(self) -> str:

@@ -439,7 +439,7 @@ class ControlApi:
             return _json({"error": "the core did not answer in time"}, 504)
         finally:
             self._pending.pop(request_id, None)  # answered, timed out, or the feed raised: never left behind
-        if reply.status == 200:
+        if reply.status == 200 and not reply.body.get("unchanged"):
             self.events.add("change", who=who.name, op=op, args=args)
         return _json(dict(reply.body), reply.status)
 

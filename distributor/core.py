@@ -563,7 +563,14 @@ class DistributorCore:
             return [AdminReply(request.request_id, status, {"error": message}),
                     Log(Level.WARNING, f"refused {request.op.value} by {request.who}: {message}")]
         before = {node: self.runtime.admin_state(node) for node in self.nodes()}
-        self.runtime.apply(request)
+        if not self.runtime.apply(request):
+            # A repeat (a drain of a draining node): answered like the first, and nothing is saved,
+            # replicated or logged as a change.
+            body = {"ok": True, "version": self.runtime.version, "unchanged": True}
+            node = request.args.get("node")
+            if isinstance(node, str):
+                body["node"] = self.node_view(node, request.now)
+            return [AdminReply(request.request_id, 200, body)]
         commands = self._apply_runtime(request.now, before)
         description = ", ".join(f"{k}={v}" for k, v in sorted(request.args.items()))
         commands.append(Log(Level.INFO, f"{request.op.value} ({description}) by {request.who}; runtime state "

@@ -249,3 +249,16 @@ def test_a_change_is_refused_on_a_standby_naming_the_active_and_allowed_without_
     core, play = make()
     play(request(AdminOp.DRAIN, node="web2"))
     assert play.of(AdminReply)[0].status == 200
+
+
+def test_a_repeated_drain_changes_nothing_saves_nothing_and_keeps_the_drains_start():
+    core, play = make()
+    open_conn(core, 40000)
+    open_conn(core, 40001)  # web2
+    play(request(AdminOp.DRAIN, node="web2", now=1.0))
+    version = core.runtime.version
+    play(request(AdminOp.DRAIN, node="web2", now=2.0))
+    reply = play.of(AdminReply)[0]
+    assert reply.status == 200 and reply.body["unchanged"] and reply.body["node"]["state"] == "drain"
+    assert core.runtime.version == version and not play.of(SaveState) and not play.of(Alert)
+    assert core.node_view("web2", 3.0)["drain"]["started_ago"] == 2.0  # the drain began at 1.0, not at 2.0
