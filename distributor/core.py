@@ -43,6 +43,8 @@ the adapters.  The desired content rides along with the runtime state to the sta
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import hmac
 import ipaddress
 import json
 from typing import Iterable, Mapping
@@ -186,6 +188,15 @@ def event_wall(event) -> float | None:
     return getattr(event, "wall", None)
 
 
+def flow_hash_secret(keys: Keys | None) -> bytes:
+    """The key of the maglev policy's flow hash: derived from the keys file every distributor of the
+    cluster holds (its lowest key id), so their tables agree and an outsider cannot aim flows at one
+    node by choosing source ports.  None given (no [health], no [failover]): no key (b"")."""
+    if keys is None:
+        return b""
+    return hmac.new(keys.secrets[min(keys.secrets)], b"distributor maglev flow hash v1", hashlib.sha256).digest()
+
+
 class DistributorCore:
     def __init__(self, name: str, mode: Mode, services: Iterable[ServiceSpec], capacity: int,
                  timeouts: Timeouts | None = None, health: HealthOptions | None = None, health_keys: Keys | None = None,
@@ -197,7 +208,8 @@ class DistributorCore:
         self.name = name
         self.mode = mode
         self.base_services = tuple(services)  # the configuration; runtime changes are a difference to it
-        self.interposer = Interposer(self.base_services, ConnectionTable(capacity, timeouts), mode, syn_auth)
+        self.interposer = Interposer(self.base_services, ConnectionTable(capacity, timeouts), mode, syn_auth,
+                                     flow_hash_secret(failover_keys or health_keys))
         self.health: NodeHealth | None = None
         if health is not None:
             if health_keys is None:

@@ -258,9 +258,10 @@ class Backend:
 
 
 class Service:
-    __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends", "persistence", "sticky")
+    __slots__ = ("name", "vip", "port", "vip_bytes", "port_bytes", "balancer", "backends", "persistence", "sticky",
+                 "flow_secret")
 
-    def __init__(self, spec: ServiceSpec, marks: Sequence[int]):
+    def __init__(self, spec: ServiceSpec, marks: Sequence[int], flow_secret: bytes = b""):
         self.persistence = spec.persistence
         # Persistence (as IPVS's -p and HAProxy's stick tables): client address -> (backend index, until).
         self.sticky: collections.OrderedDict[bytes, tuple[int, float]] = collections.OrderedDict()
@@ -270,8 +271,9 @@ class Service:
         self.vip_bytes = spec.vip.packed
         self.port_bytes = spec.port.to_bytes(2, "big")
         self.backends = [Backend(i, b, self.vip_bytes, self.port_bytes, marks[i]) for i, b in enumerate(spec.backends)]
+        self.flow_secret = flow_secret  # keys the maglev policy's flow hash (the same on every distributor)
         self.balancer: Balancer | MaglevBalancer = _balancer(spec.policy, [b.name for b in spec.backends],
-                                                             [b.weight for b in spec.backends])
+                                                             [b.weight for b in spec.backends], secret=flow_secret)
 
     @property
     def policy(self) -> Policy:
@@ -289,7 +291,7 @@ class Service:
             return
         count = len(old)
         new = _balancer(policy, [b.name for b in self.backends], [old.weight(i) for i in range(count)],
-                        [old.is_available(i) for i in range(count)])
+                        [old.is_available(i) for i in range(count)], self.flow_secret)
         for i in range(count):
             new.set_ramp(i, old.ramp(i))
             new.set_feedback(i, old.feedback(i))
@@ -313,9 +315,9 @@ class Service:
 
 
 def _balancer(policy: Policy, names: Sequence[str], weights: Sequence[int],
-              available: Sequence[bool] | None = None) -> "Balancer | MaglevBalancer":
+              available: Sequence[bool] | None = None, secret: bytes = b"") -> "Balancer | MaglevBalancer":
     if policy is Policy.MAGLEV:
-        return MaglevBalancer(names, weights, available=available)
+        return MaglevBalancer(names, weights, available=available, secret=secret)
     balancer = Balancer(policy, weights)
     for index, up in enumerate(available or ()):
         balancer.set_available(index, up)
@@ -469,7 +471,7 @@ class Interposer:
     """Decides and rewrites every queued packet; see the module docstring."""
 
     def __init__(self, services: Sequence[ServiceSpec], table: ConnectionTable, mode: Mode = Mode.REWRITE,
-                 syn_auth: "SynAuth | None" = None):
+                 syn_auth: "SynAuth | None" = None, flow_secret: bytes = b""):
         if not services:
             raise ValueError("the interposer needs at least one service")
         self.syn_auth = syn_auth
@@ -482,7 +484,8 @@ class Interposer:
         self._kernel = mode is Mode.KERNEL
         table.evict_half_open = not self._kernel  # kernel mode never sees a handshake complete
         marks = backend_marks(services)
-        self.services = [Service(spec, [marks[(spec.name, i)] for i in range(len(spec.backends))]) for spec in services]
+        self.services = [Service(spec, [marks[(spec.name, i)] for i in range(len(spec.backends))], flow_secret)
+                         for spec in services]
         self._next_mark = max(marks.values(), default=MARK_BASE - 1) + 1
         self._by_vip: dict[bytes, Service] = {}
         self._backend_sources: set[bytes] = set()

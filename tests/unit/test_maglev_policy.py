@@ -95,3 +95,19 @@ def test_a_node_added_at_run_time_joins_the_table():
 def test_the_config_takes_maglev_as_a_policy():
     config = parse(MINIMAL.replace('backends = ["web1"]', 'backends = ["web1"]\npolicy = "maglev"'))
     assert config.services[0].policy is Policy.MAGLEV
+
+
+def test_the_flow_hash_is_keyed_by_the_clusters_keys_file_so_outsiders_cannot_aim_flows():
+    from common.wire import Keys
+    from distributor.core import flow_hash_secret
+
+    ours, theirs = Keys({1: b"k" * 32, 2: b"n" * 32}), Keys({1: b"x" * 32})
+    assert flow_hash_secret(ours) == flow_hash_secret(Keys({1: b"k" * 32, 2: b"n" * 32}))  # every distributor alike
+    assert flow_hash_secret(None) == b"" and len(flow_hash_secret(ours)) == 32
+    picks = {}
+    for name, keys in (("ours", ours), ("again", ours), ("theirs", theirs), ("none", None)):
+        ip = Interposer([service_spec(Policy.MAGLEV, nodes=NODES)], ConnectionTable(10_000),
+                        flow_secret=flow_hash_secret(keys))
+        picks[name] = [node_of(ip.decide(tcp(c, VIP, p, 80, "S"), 0.0)[1]) for c, p in syns(300)]
+    assert picks["ours"] == picks["again"]
+    assert picks["ours"] != picks["theirs"] and picks["ours"] != picks["none"]  # the key changes the table's use
