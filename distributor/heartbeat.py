@@ -280,7 +280,7 @@ class HealthBoard:
         """
         entry = self._nodes[node]
         entry.failures += 1
-        if since is not None and entry.probed_at > since:
+        if self.served_since(node, since):
             return []
         entry.failed_at = now
         if entry.state not in ELIGIBLE:
