@@ -816,7 +816,8 @@ class DistributorCore:
         """Which node a new connection from ``client:port`` would reach, and why (for the control API)."""
         services = [s for s in self.interposer.services if service_name in (None, s.name)]
         if not services:
-            raise KeyError(f"no service {service_name!r}")
+            raise KeyError(f"no service {service_name!r}; services: "
+                           f"{', '.join(s.name for s in self.interposer.services)}")
         answers = []
         client_bytes = ipaddress.IPv4Address(client).packed
         for service in services:
