@@ -109,6 +109,18 @@ class AdministrationConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AnnounceConfig:
+    """``[announce]``: active-active (docs/scale-out.md).  The daemon puts ``VIP/32 dev lo`` in ``table``
+    while the VIP can be served and takes it out otherwise; the BIRD it runs (``bird_config``, dying
+    with the daemon) exports that table's routes to the router over BGP."""
+
+    table: int
+    bird_config: str | None  # None: BIRD is the operator's to run (and a crashed daemon's route stays announced)
+    bird_socket: str
+    bird_binary: str
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     def syn_auth(self, secret: bytes) -> SynAuth | None:
         """The SYN authentication the configuration asks for (``secret``: fresh random bytes)."""
@@ -142,6 +154,7 @@ class Config:
     state_file: str | None = "/var/lib/distributor/state.json"  # runtime changes kept across restarts; None: off
     metrics_allow: tuple[ipaddress.IPv4Address, ...] = ()  # may scrape the metrics port through the guard
     administration: AdministrationConfig | None = None  # content and tasks on the nodes; None: off
+    announce: AnnounceConfig | None = None  # active-active: the VIPs announced to the router by BIRD; None: off
 
 
 class TokensFileMissing(ConfigError):
@@ -173,7 +186,11 @@ def parse(text: str, source: str = "<config>") -> Config:
     queue_length = dist.integer("queue_length", 4096, 16, 1_048_576)
     log_level = dist.string("log_level", "info", _LOG_LEVELS)
     guard = dist.boolean("guard", True)
-    vip_echo = dist.string("vip_echo", "answer", ("answer", "drop"))
+    # A dsr distributor does not hold its VIPs, so it cannot answer their echo requests.
+    vip_echo = dist.string("vip_echo", "drop" if mode is Mode.DSR else "answer", ("answer", "drop"))
+    if mode is Mode.DSR and vip_echo == "answer":
+        raise ConfigError("distributor.vip_echo: \"answer\" is not valid in dsr mode (the nodes hold the VIP, this "
+                          "host does not); expected \"drop\"")
     realtime_priority = dist.integer("realtime_priority", 10, 0, 99)
     nice = dist.integer("nice", -20, -20, 19)
     state_file = dist.get("state_file", "/var/lib/distributor/state.json")
@@ -216,6 +233,8 @@ def parse(text: str, source: str = "<config>") -> Config:
                               "this distributor's own cluster-LAN address")
     api = _api(top, services, failover)
     administration = _administration(top, name, health)
+    announce = _announce(top, name)
+    _check_dsr(mode, services, failover, announce)
     top.done()
     return Config(
         name=name,
@@ -242,7 +261,54 @@ def parse(text: str, source: str = "<config>") -> Config:
         failover=failover,
         metrics_allow=metrics_allow,
         administration=administration,
+        announce=announce,
     )
+
+
+# Kernel routing tables an operator may not give [announce] (0: unspecified; 253-255: default, main, local).
+_RESERVED_TABLES = (0, 253, 254, 255)
+
+
+def _announce(top: TableReader, name: str) -> AnnounceConfig | None:
+    if not top.has("announce"):
+        return None
+    table = top.table("announce")
+    number = table.integer("table", 100, 1, 0xFFFFFFFF)
+    if number in _RESERVED_TABLES:
+        raise ConfigError(f"announce.table: {number} is not valid; expected a table of its own, not one of the "
+                          "kernel's (253 default, 254 main, 255 local)")
+    bird_config = table.get("bird_config", "")
+    if not isinstance(bird_config, str):
+        raise ConfigError(f"announce.bird_config: {show(bird_config)} is not valid; expected the path of the BIRD "
+                          "configuration the daemon runs BIRD with, or \"\" when BIRD is run by the operator")
+    socket = table.string("bird_socket", f"/run/distributor-bird-{name}.ctl")
+    binary = table.string("bird_binary", "bird")
+    if not socket or not binary:
+        raise ConfigError("announce.bird_socket and announce.bird_binary: \"\" is not valid; expected a path "
+                          "(defaults: /run/distributor-bird-<name>.ctl and bird)")
+    table.done()
+    return AnnounceConfig(number, bird_config or None, socket, binary)
+
+
+def _check_dsr(mode: Mode, services: tuple[ServiceSpec, ...], failover: FailoverConfig | None,
+               announce: AnnounceConfig | None) -> None:
+    """Direct server return and active-active go together (docs/scale-out.md says why)."""
+    if announce is not None and mode is not Mode.DSR:
+        raise ConfigError(f"[announce]: active-active needs distributor.mode = \"dsr\" (not {mode.value!r}): every "
+                          "distributor forwards, and the nodes answer the clients themselves")
+    if mode is not Mode.DSR:
+        return
+    if failover is not None:
+        raise ConfigError("[failover]: not valid in dsr mode: dsr distributors are all active ([announce]); "
+                          "primary-backup uses mode \"rewrite\" or \"kernel\"")
+    for i, service in enumerate(services):
+        if service.policy is not Policy.MAGLEV:
+            raise ConfigError(f"services[{i}].policy: {service.policy.value!r} is not valid in dsr mode; expected "
+                              "\"maglev\": the connection table is a cache there, and a flow it does not know must "
+                              "reach the node every distributor chose for it")
+        if service.persistence:
+            raise ConfigError(f"services[{i}].persistence: not valid in dsr mode (each distributor would remember "
+                              "its own clients); expected 0")
 
 
 def _administration(top: TableReader, name: str, health: HealthConfig | None) -> AdministrationConfig | None:

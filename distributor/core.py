@@ -55,6 +55,7 @@ from backup.roles import Role
 from common.sansio import Alert, Command, CommandDone, Level, Log, StopRequested, Tick, WakeUpAt
 from common.wire import Keys
 
+from .announce import AnnounceCore, ServingChanged
 from .admin import AdminOp, AdminReply, AdminRequest, AdminState, LayoutView, RuntimeState, SaveState, validate
 from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
@@ -149,6 +150,7 @@ class DistributorStats:
     nodes: tuple[NodeAdminStats, ...] = ()
     state_version: int = 0
     content: ContentStats | None = None  # content management ([administration]); None when off
+    announced: tuple[tuple[str, bool], ...] | None = None  # active-active: (VIP, announced) each; None when off
 
     @property
     def role(self) -> str:
@@ -202,9 +204,11 @@ class DistributorCore:
                  timeouts: Timeouts | None = None, health: HealthOptions | None = None, health_keys: Keys | None = None,
                  failover: FailoverOptions | None = None, failover_keys: Keys | None = None,
                  saved_state: RuntimeState | None = None, syn_auth: SynAuth | None = None,
-                 administration: AdministrationOptions | None = None, saved_administration: str | None = None):
+                 administration: AdministrationOptions | None = None, saved_administration: str | None = None,
+                 announce: bool = False):
         """``administration``: manage content and tasks on the nodes (the content core); ``saved_administration``:
-        its state file's text (ValueError when it is not one)."""
+        its state file's text (ValueError when it is not one).  ``announce``: active-active, the VIPs are
+        announced to the router while they can be served (the announce core; no failover then)."""
         self.name = name
         self.mode = mode
         self.base_services = tuple(services)  # the configuration; runtime changes are a difference to it
@@ -220,6 +224,13 @@ class DistributorCore:
             if failover_keys is None:
                 raise ValueError("failover needs the distributors' keys")
             self.failover = FailoverCore(failover, failover_keys, self.interposer)
+        self.announce: AnnounceCore | None = None
+        if announce:
+            if failover is not None:
+                raise ValueError("an active-active distributor announces its VIPs; it has no failover")
+            self.announce = AnnounceCore(dict.fromkeys(str(s.vip) for s in self.base_services))
+        self._rules_ok = False  # the data path's rules are installed (the last InstallRules succeeded)
+        self._last_now = 0.0  # the latest event's time (the announce core's transitions are stamped with it)
         self._next_housekeeping: float | None = None
         self._reported = list(self.interposer.counts)
         self.base_nodes: dict[str, str] = {b.name: str(b.address) for svc in self.base_services for b in svc.backends}
@@ -246,10 +257,13 @@ class DistributorCore:
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, now: float, wall: float) -> list[Command]:
+        self._last_now = now
         self._next_housekeeping = now + HOUSEKEEPING
         for node in list(self._drains):
             self._drains[node] = (now, None)  # a drain kept in the state file goes on from now
         commands: list[Command] = []
+        if self.announce is not None:
+            commands += self.announce.start()
         if self.mode is Mode.KERNEL:
             commands.append(SetConntrackLiberal())
         if self.health is not None:
@@ -266,6 +280,7 @@ class DistributorCore:
         return self._finish(commands)
 
     def handle(self, event) -> list[Command]:
+        self._last_now = max(self._last_now, event_now(event))
         if isinstance(event, PacketsHandled):
             commands = self._route(event.effects, event.now) + self._burst_check(event.now)
             if self.failover is not None:
@@ -307,10 +322,18 @@ class DistributorCore:
             return self._finish(self._route(self.interposer.confirmed(event.alive, event.gone, event.now)))
         if isinstance(event, StopRequested):
             commands = self._route(self.failover.handle(event), event.now) if self.failover is not None else []
+            if self.announce is not None:
+                commands += self.announce.handle(event)  # the router stops sending before the rules go
             # Whatever the role was, the rules go, and what was queued before they went gets its verdict.
             return commands + [RemoveRules(), DrainQueue()]
         if isinstance(event, (PeerDatagram, CommandDone, FirstForward)):
-            commands = self._rules_done(event) if isinstance(event, CommandDone) else []
+            commands: list[Command] = []
+            if isinstance(event, CommandDone):
+                if isinstance(event.command, InstallRules):
+                    self._rules_ok = event.error is None
+                elif isinstance(event.command, RemoveRules):
+                    self._rules_ok = False
+                commands = self._rules_done(event)
             if self.failover is not None:
                 commands += self._route(self.failover.handle(event), event_now(event), event_wall(event))
                 commands += self._content_role(event_now(event))
@@ -402,9 +425,37 @@ class DistributorCore:
 
     def _finish(self, commands: list[Command]) -> list[Command]:
         commands = [c for c in commands if not isinstance(c, WakeUpAt)]
+        if self.announce is not None:
+            commands += self._announcements()
         wake = self.next_wakeup
         if wake is not None:
             commands.append(WakeUpAt(wake))
+        return commands
+
+    def _announcements(self) -> list[Command]:
+        """Active-active: tell the announce core which VIPs can be served now (it acts on changes only)."""
+        assert self.announce is not None
+        serving: dict[str, str] = {}  # VIP -> why it cannot be served ("" when it can)
+        # A node counts once its agent was heard: the health core keeps an unheard node in service (a
+        # restarted distributor must not drop the traffic it has), but a distributor that joins the
+        # router's paths must not draw flows before it knows that any node answers them.
+        board = self.health.board if self.health is not None else None
+        for service in self.interposer.services:
+            vip = str(service.vip)
+            if serving.get(vip) == "":
+                continue
+            balancer = service.balancer
+            if not self._rules_ok:
+                serving[vip] = "the data path's rules are not installed"
+            elif any(balancer.eligible(b.index) and (board is None or b.name not in board or board.heartbeats(b.name) > 0)
+                     for b in service.backends if not b.removed):
+                serving[vip] = ""
+            else:
+                serving[vip] = "no node of its services may take a new connection"
+        commands: list[Command] = []
+        for vip, why in serving.items():
+            if self.announce.announced(vip) != (why == ""):
+                commands += self.announce.handle(ServingChanged(vip, why == "", self._last_now, why))
         return commands
 
     # -- housekeeping ------------------------------------------------------------------------------------
@@ -554,7 +605,9 @@ class DistributorCore:
         services = {s.name: {b.name for b in s.backends if not b.removed} for s in self.interposer.services}
         endpoints = {(str(b.address), b.port): s.name for s in self.interposer.services for b in s.backends
                      if not b.removed}
-        return LayoutView(self.nodes(), services, {p.value for p in Policy}, endpoints,
+        # dsr mode's table is a cache: a flow it does not know goes where the flow hash says, so maglev stays.
+        policies = {Policy.MAGLEV.value} if self.mode is Mode.DSR else {p.value for p in Policy}
+        return LayoutView(self.nodes(), services, policies, endpoints,
                           {str(s.vip) for s in self.interposer.services})
 
     def _admin(self, request: AdminRequest) -> list[Command]:
@@ -912,4 +965,6 @@ class DistributorCore:
         return DistributorStats(self.name, self.interposer.stats(),
                                 self.health.stats(now) if self.health is not None else None,
                                 self.failover.stats() if self.failover is not None else None,
-                                nodes, self.runtime.version, self.content.stats() if self.content is not None else None)
+                                nodes, self.runtime.version, self.content.stats() if self.content is not None else None,
+                                tuple((vip, self.announce.announced(vip)) for vip in self.announce.states)
+                                if self.announce is not None else None)

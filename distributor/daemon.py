@@ -40,6 +40,8 @@ from . import __version__
 from .admin import AdminReply, RuntimeState, SaveState
 from .adminclient import NodeAdministrator
 from .alerts import Alerts
+from .announce import AnnounceRoute, WithdrawRoute
+from .announcer import AnnounceError, BirdProcess, RouteTable
 from .api import ControlApi, EventLog
 from .blobstore import BlobStore
 from .contentcore import CollectBlobs, ContentCore, FetchTask, RunTask, SaveAdministration, SyncNode
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("running at %s", how)
     try:
         asyncio.run(serve(config, keys, failover_keys, tokens, args.config, admin_keys))
-    except (RulesError, QueueError, OSError) as exc:
+    except (RulesError, QueueError, AnnounceError, OSError) as exc:
         log.error("%s", exc)
         return 1
     return 0
@@ -233,12 +235,17 @@ def describe(config: Config) -> str:
                      f"slow start {h.slow_start:g} s, dead node's connections: {config.health.on_dead.value}")
     else:
         lines.append("  health: off (no [health] section): every node is always a candidate")
+    if config.announce:
+        a = config.announce
+        bird = f"BIRD run with {a.bird_config}" if a.bird_config else "BIRD run by the operator"
+        lines.append(f"  active-active: the VIPs announced through table {a.table} ({bird}, control socket "
+                     f"{a.bird_socket})")
     if config.failover:
         f = config.failover
         addresses = ", ".join(f"{a.address} on {a.interface}" for a in f.addresses)
         lines.append(f"  failover: priority {f.settings.priority}{', preempts' if f.settings.preempt else ''}, peers "
                      f"{', '.join(f.peers)}, takes over after {f.settings.dead_seconds:.2f} s of silence; floating: {addresses}")
-    else:
+    elif not config.announce:
         lines.append("  failover: off (no [failover] section): this distributor serves alone")
     if config.administration:
         a = config.administration
@@ -261,6 +268,7 @@ def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None,
         syn_auth=config.syn_auth(os.urandom(32)),
         administration=config.administration.options if config.administration is not None else None,
         saved_administration=saved_administration,
+        announce=config.announce is not None,
     )
 
 
@@ -361,6 +369,8 @@ def reload_refusal(running: Config, new: Config) -> str | None:
         return "a [health] or [failover] section was added or removed"
     if running.failover is not None and running.failover != new.failover:
         return "the [failover] section changed"
+    if running.announce != new.announce:
+        return "the [announce] section changed"
     if running.administration != new.administration:
         return "the [administration] section changed"
     # The core keeps its services (their queue rules and VIPs are set up at start); refusing here
@@ -387,6 +397,11 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     queue = PacketQueue(config.queue, core.interposer.decide, runtime.feed, config.mode, config.queue_length, clock,
                         wall_clock, coalesce=COALESCE_PAUSE if realtime_scheduling() else 0.0)
     owner = AddressOwner(list(config.failover.addresses), config.failover.garp_count) if config.failover else None
+    routes = RouteTable(config.announce.table) if config.announce is not None else None
+    bird: BirdProcess | None = None
+    if config.announce is not None and config.announce.bird_config:
+        bird = BirdProcess(config.announce.bird_binary, config.announce.bird_config, config.announce.bird_socket)
+        await asyncio.to_thread(bird.check)  # a mistake in BIRD's config is said before anything changes
     endpoints: list[DatagramEndpoint] = []
     peers: DatagramEndpoint | None = None
     events = EventLog()
@@ -481,6 +496,14 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     async def remove_rules(_command: RemoveRules) -> None:
         await asyncio.to_thread(rules.remove)
 
+    async def announce_route(command: AnnounceRoute) -> None:
+        assert routes is not None
+        await asyncio.to_thread(routes.announce, command.vip)
+
+    async def withdraw_route(command: WithdrawRoute) -> None:
+        assert routes is not None
+        await asyncio.to_thread(routes.withdraw, command.vip)
+
     async def claim(command: ClaimAddresses) -> None:
         assert owner is not None
         await owner.claim(command.lifetime)
@@ -504,6 +527,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         SetConntrackLiberal: lambda c: Conntrack.be_liberal(),
         InstallRules: install_rules,
         RemoveRules: remove_rules,
+        AnnounceRoute: announce_route,
+        WithdrawRoute: withdraw_route,
         ClaimAddresses: claim,
         ReleaseAddresses: release,
         ConfirmWithConntrack: confirm,
@@ -571,6 +596,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         # The core starts before any socket can feed it: what a crashed run left goes first.
         runtime.execute(core.start(clock(), wall_clock()))
         await runtime.settle()
+        if bird is not None:
+            bird.start()  # after the leftover routes were withdrawn: it announces only what can be served
         await refresh_guard()  # nodes the state file added
         if config.health is not None and keys is not None:
             host, port = config.health.listen
@@ -613,6 +640,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         runtime.feed(StopRequested(clock(), wall_clock()))
         await runtime.settle()
         runtime.close()
+        if bird is not None:
+            await bird.stop()  # after the withdrawal: the router moves the flows before the session ends
         loop.remove_reader(queue.fileno())
         queue.drain()  # packets queued before the rules went away still need a verdict
         queue.close()

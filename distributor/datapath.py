@@ -83,7 +83,7 @@ class PacketQueue:
         ``coalesce``: seconds to pause after a small drain of a busy queue (see COALESCE_BELOW); 0: never.
         """
         self.queue = queue
-        self.marks = mode is Mode.KERNEL
+        self.marks = mode.marks
         self.decide = decide
         self._deliver = deliver
         self._clock = clock
@@ -91,7 +91,7 @@ class PacketQueue:
         self._now = clock()
         # Kernel mode's end of a connection is repeated through the hook rather than accepted.
         self._verdicts = list(_VERDICTS)
-        if self.marks:
+        if mode.repeats_end:
             self._verdicts[Reason.CONNECTION_END] = REPEAT
         self.errors = 0
         self.batch = DRAIN_BATCH

@@ -232,6 +232,12 @@ class DistributorCollector:
             yield from self._failover(stats.failover, now)
         if stats.content is not None:
             yield from self._content(stats.content)
+        if stats.announced is not None:
+            announced = GaugeMetricFamily("distributor_vip_announced", "Active-active: 1 while this distributor "
+                                          "announces the VIP to the router (it can serve it)", labels=["vip"])
+            for vip, on in stats.announced:
+                announced.add_metric([vip], 1 if on else 0)
+            yield announced
         yield from self._adapters()
 
     # -- families --------------------------------------------------------------------------------

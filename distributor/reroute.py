@@ -10,7 +10,8 @@ extra)``, the only way out of the interposer:
   (:data:`ACCEPT` or :data:`DROP`), and is counted (:meth:`Interposer.stats`);
 * ``out`` is what to hand back with the verdict: the rewritten bytes in
   :attr:`Mode.REWRITE`, the mark that selects the node's DNAT rule in
-  :attr:`Mode.KERNEL`, or ``None`` when the packet goes on unchanged;
+  :attr:`Mode.KERNEL` or the node's route in :attr:`Mode.DSR`, or ``None``
+  when the packet goes on unchanged;
 * ``extra`` is ``None`` or a tuple of effects the packet caused:
   :class:`ConnectionOpened` / :class:`ConnectionEnded` (the distributor's core
   replicates them) and :class:`SendPacket` (a crafted RST to send).
@@ -51,6 +52,15 @@ Deliberate drops (TCP retransmits, so a drop costs a delay, never data):
 * rewrite mode: an ICMP error about no known connection, or about a segment
   sent to a node other than "fragmentation needed" (see ``_icmp``; the errors
   that belong to a connection are translated for the host they concern).
+
+Direct server return (:attr:`Mode.DSR`, the active-active data path, docs/scale-out.md): every
+client packet to a VIP:port is queued, decided on its headers and handed back unchanged with the
+mark of its node's route (the kernel forwards it to the node's MAC; the node holds the VIP on its
+loopback and answers the client itself, so no reply crosses the distributor).  The connection
+table is a cache there: a mid-stream segment of a connection this distributor does not know
+(another distributor had it until the router moved the flow, or its entry idled out) goes to the
+node the service's Maglev table names for the flow (``ADOPTED_FLOW``), which is the node every
+distributor chose for it; a connection ends at the client's FIN or RST (its node's are never seen).
 
 Only IHL = 5 headers are rewritten (of an ICMP error, the outer one; the
 quoted header may carry options), so a connection's 4-tuple is always
@@ -144,6 +154,7 @@ class Reason(enum.IntEnum):
     ICMP_TO_NODE = 24  # rewrite mode: an ICMP error about a segment the VIP sent a client, translated for its node
     ICMP_TO_CLIENT = 25  # rewrite mode: "fragmentation needed" about a segment sent to a node, translated for the client
     ICMP_UNKNOWN = 26  # rewrite mode: an ICMP error about no known connection, or about a node (or past the rules' rate limit): dropped
+    ADOPTED_FLOW = 27  # dsr mode: a mid-stream segment of a connection not in the table, sent to the node its flow hash names
 
     @property
     def verdict(self) -> int:
@@ -155,6 +166,19 @@ class Mode(enum.Enum):
 
     REWRITE = "rewrite"  # every packet of a VIP connection; user space rewrites it
     KERNEL = "kernel"  # a connection's first packet and first FIN/RST; a mark selects the node's DNAT rule
+    DSR = "dsr"  # direct server return: every client packet, unchanged; a mark selects the node's route
+
+    @property
+    def marks(self) -> bool:
+        """The verdict carries a mark (the packet goes on unchanged) rather than new bytes, so a copy of
+        the headers is enough."""
+        return self is not Mode.REWRITE
+
+    @property
+    def repeats_end(self) -> bool:
+        """A connection's first FIN or RST is sent through the hook again (NF_REPEAT) with END_MARK, so
+        the rules stop queueing the connection (kernel mode: its later segments are conntrack's)."""
+        return self is Mode.KERNEL
 
     @classmethod
     def parse(cls, text: str) -> "Mode":
@@ -165,7 +189,8 @@ class Mode(enum.Enum):
 
 
 _ACCEPTED = frozenset({Reason.NEW_CONNECTION, Reason.TO_BACKEND, Reason.TO_CLIENT, Reason.NOT_SERVICE, Reason.NOT_TCP,
-                       Reason.CONNECTION_END, Reason.SYN_REDISPATCHED, Reason.ICMP_TO_NODE, Reason.ICMP_TO_CLIENT})
+                       Reason.CONNECTION_END, Reason.SYN_REDISPATCHED, Reason.ICMP_TO_NODE, Reason.ICMP_TO_CLIENT,
+                       Reason.ADOPTED_FLOW})
 
 _TO_BACKEND = Reason.TO_BACKEND
 _TO_CLIENT = Reason.TO_CLIENT
@@ -482,6 +507,8 @@ class Interposer:
         self.table = table
         self.mode = mode
         self._kernel = mode is Mode.KERNEL
+        self._dsr = mode is Mode.DSR
+        self._rewrite = mode is Mode.REWRITE
         table.evict_half_open = not self._kernel  # kernel mode never sees a handshake complete
         marks = backend_marks(services)
         self.services = [Service(spec, [marks[(spec.name, i)] for i in range(len(spec.backends))], flow_secret)
@@ -515,7 +542,7 @@ class Interposer:
         length = len(packet)
         if (length >= 40 and packet[0] == 0x45 and packet[9] == _IPPROTO_TCP and not (packet[6] & 0x3F or packet[7])
                 and (packet[2] << 8 | packet[3]) == length and 80 <= packet[32] and (packet[32] >> 4) * 4 + 20 <= length
-                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK and packet[8] > 1 and not self._kernel):
+                and packet[33] & _NOT_PLAIN == 0 and packet[33] & ACK and packet[8] > 1 and self._rewrite):
             key = packet[12:24]
             conn = self._lookup(key)
             if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us and conn.key == key:
@@ -538,6 +565,19 @@ class Interposer:
                 buf[37] = tcp_sum & 0xFF
                 self.counts[_TO_BACKEND] += 1
                 return _TO_BACKEND, bytes(buf), None
+        elif (self._dsr and length >= 40 and packet[0] == 0x45 and packet[9] == _IPPROTO_TCP
+              and not (packet[6] & 0x3F or packet[7]) and 80 <= packet[32] and packet[33] & _NOT_PLAIN == 0
+              and packet[33] & ACK and packet[8] > 1):
+            # dsr mode's most common packet: the same, handed back unchanged with its node's mark.
+            key = packet[12:24]
+            conn = self._lookup(key)
+            if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us and conn.key == key:
+                conn.last_seen = now
+                conn.client_ack = packet[28:32]
+                backend = conn.backend
+                backend.bytes_in += packet[2] << 8 | packet[3]
+                self.counts[_TO_BACKEND] += 1
+                return _TO_BACKEND, backend.mark, None
         verdict = self._decide(packet, now)
         self.counts[verdict[0]] += 1
         return verdict
@@ -548,6 +588,8 @@ class Interposer:
         return reason.verdict, out
 
     def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
+        if self._dsr:
+            return self._decide_dsr(packet, now)
         if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP and not self._kernel:
             return self._icmp(packet)
         # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
@@ -632,6 +674,93 @@ class Interposer:
         if failure is not None:
             return Reason.TO_CLIENT, None, (failure, self._ended(conn)) if done else (failure,)
         return Reason.TO_CLIENT, None, (self._ended(conn),) if done else None
+
+    # -- direct server return (dsr mode) -------------------------------------------------------------
+    def _decide_dsr(self, packet: bytes, now: float) -> tuple[Reason, int | None, tuple | None]:
+        """A client segment to a VIP (the rules queue nothing else): the mark of its node's route.
+
+        The packet is never changed, so only its headers were copied.  Passive health works from the
+        client's side alone: a retransmitted SYN is a SYN-ACK that never reached the client, whoever
+        lost it, and moves the connection to the flow's next node (``_unanswered``); a node's RST
+        goes to the client directly and cannot be hidden.
+        """
+        invalid = _invalid(packet, whole=False)
+        if invalid is not None:
+            return invalid, None, None
+        service = self._by_vip.get(packet[16:20] + packet[22:24])
+        if service is None:
+            return Reason.NOT_SERVICE, None, None
+        if packet[8] <= 1:
+            return Reason.TTL_EXPIRED, None, None
+        flags = packet[33]
+        key = packet[12:24]
+        conn = self.table.get(key)
+        ended: ConnectionEnded | None = None
+        if conn is not None and flags & (SYN | ACK) == SYN and _starts_over(conn):
+            ended = self._drop_entry(conn)
+            conn = None
+        if conn is None:
+            if flags & (SYN | ACK) == SYN:
+                return self._unknown(packet, key, flags, now, ended)
+            return self._adopt(service, key, flags, packet[2] << 8 | packet[3], now, ended)
+        if conn.reset_by_us:
+            if flags & ACK and not flags & RST:
+                return Reason.RESET_CONNECTION, None, (SendPacket(_reset_for(packet, conn.backend)),)
+            return Reason.RESET_CONNECTION, None, None
+        if flags & ACK:
+            conn.client_ack = packet[28:32]  # the node's next sequence number: what an RST to the client needs
+            if conn.state is TcpState.SYN_SEEN and not flags & SYN:
+                conn.backend.alive_at = now  # the client acknowledges the node's SYN-ACK: the node answered
+                if self.syn_auth is not None:
+                    self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
+        failure = None
+        if (flags & SYN and conn.state is TcpState.SYN_SEEN and packet[24:28] == conn.isn
+                and now - conn.last_seen >= SYN_RETRY_MIN):
+            verdict = self._unanswered(packet, conn, now)
+            if verdict[0] is not Reason.TO_BACKEND:
+                return verdict
+            failure = verdict[2] or None
+        if flags & (FIN | RST):
+            # The node's FIN never passes here: the client's FIN or RST ends the connection (as IPVS's
+            # direct routing does); its last ACKs follow the CLOSED entry, or the flow hash after it.
+            done = self.table.close(conn, now)
+        else:
+            done = self.table.advance(conn, flags, True, now)
+        backend = conn.backend
+        backend.bytes_in += packet[2] << 8 | packet[3]  # the whole packet's length: only its headers were copied
+        if failure is not None:
+            return Reason.TO_BACKEND, backend.mark, failure
+        return Reason.TO_BACKEND, backend.mark, (self._ended(conn),) if done else None
+
+    def _adopt(self, service: Service, key: bytes, flags: int, length: int, now: float,
+               ended: "ConnectionEnded | None") -> tuple[Reason, int | None, tuple | None]:
+        """A mid-stream segment of a connection this distributor does not know: the flow hash's node.
+
+        Every distributor computes the same node for the flow (the service's Maglev table, the same
+        secret), so a flow that the router moved here keeps its node.  Its entry is opened as
+        established (the cache), but for a closing segment, which is sent on and not remembered.
+        """
+        before = (ended,) if ended is not None else None
+        balancer = service.balancer
+        if flags & (FIN | RST):
+            index = balancer.peek(key)
+            if index is None:
+                return Reason.NO_BACKEND, None, before
+            return Reason.ADOPTED_FLOW, service.backends[index].mark, before
+        index = balancer.acquire(key)
+        if index is None:
+            return Reason.NO_BACKEND, None, before
+        backend = service.backends[index]
+        effects: list = [] if ended is None else [ended]
+        conn = self._open(service, backend, key, now, effects)
+        if conn is None:
+            balancer.release(index)
+            return Reason.TABLE_FULL, None, tuple(effects) or None
+        self.table.advance(conn, ACK, True, now)  # past its handshake: established
+        conn.answered = True
+        backend.bytes_in += length
+        effects.append(ConnectionOpened(conn))
+        return Reason.ADOPTED_FLOW, backend.mark, tuple(effects)
 
     # -- ICMP that belongs to a connection (rewrite mode) --------------------------------------------
     def _icmp(self, packet: bytes) -> tuple[Reason, bytes | None, None]:
@@ -753,11 +882,12 @@ class Interposer:
                                                                                 False, sent),)
         backend, effects = moved
         backend.bytes_in += len(packet)
+        out = backend.mark if self._dsr else _to_backend(packet, backend)
         if alive:
             # The connection moves all the same (cheap, and its client waits no longer); the node stays.
-            return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), tuple(effects)
+            return Reason.SYN_REDISPATCHED, out, tuple(effects)
         failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True, sent)
-        return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), (failure, *effects)
+        return Reason.SYN_REDISPATCHED, out, (failure, *effects)
 
     @staticmethod
     def _spare(conn: Connection) -> bool:
@@ -855,6 +985,9 @@ class Interposer:
         conn.isn = packet[24:28]
         if self._kernel:
             out = backend.mark
+        elif self._dsr:
+            out = backend.mark
+            backend.bytes_in += packet[2] << 8 | packet[3]
         else:
             conn.syn = packet  # until the node answers: sent to another node if this one refuses it
             out = _to_backend(packet, backend)
@@ -914,7 +1047,7 @@ class Interposer:
         effects: list = []
         for conn in self.table.expire(now, budget, suspects):
             effects.append(self._ended(conn))
-            if not self._kernel and conn.client_ack:  # it was past its handshake
+            if self._rewrite and conn.client_ack:  # it was past its handshake (dsr mode adopts late segments)
                 self._remember_expired(conn, now)
         if suspects:
             effects.append(ConfirmWithConntrack(tuple(conn.key for conn in suspects)))

@@ -25,6 +25,9 @@ rather than reaching the gateway's own stack and being reset; an ICMP error
 toward a client that quotes a node is dropped rather than leaving untranslated.
 
 Kernel-assisted mode: see :func:`_render_kernel`.
+
+Direct server return (dsr mode): see :func:`_render_dsr` and :class:`DsrRoutes` (the per-node
+routes its marks select).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Iterable
 from .reroute import END_MARK, ICMP_ERROR_TYPES, MARK_MASK, Mode, RuleService
 
 __all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_return_path", "render_guard",
+           "DsrRoutes", "render_dsr_routes", "dsr_rule_pref", "dsr_table",
            "chain_names", "UNKNOWN_REPLY_TAG", "ICMP_FLOOD_TAG", "ECHO_REFUSED_TAG"]
 
 log = logging.getLogger("distributor.rules")
@@ -66,6 +70,7 @@ def chain_names(queue: int) -> tuple[str, str]:
 _MODE_HOOKS = {
     Mode.REWRITE: (("raw", "PREROUTING", "IN"), ("mangle", "POSTROUTING", "OUT"), ("raw", "OUTPUT", "LOCAL")),
     Mode.KERNEL: (("mangle", "PREROUTING", "IN"), ("nat", "PREROUTING", "NAT"), ("raw", "OUTPUT", "LOCAL")),
+    Mode.DSR: (("raw", "PREROUTING", "IN"), ("raw", "OUTPUT", "LOCAL")),
 }
 _TABLES = ("raw", "mangle", "nat")
 _BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")
@@ -95,6 +100,8 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
     node: no rule of either mode queues or NATs them); False drops them first in the IN chain.
     """
     services = tuple(services)
+    if mode is Mode.DSR:
+        return _render_dsr(queue, services, answer_echo)
     if mode is Mode.KERNEL:
         rendered = _render_kernel(queue, services)
         if not answer_echo:
@@ -152,6 +159,139 @@ def render_rules(queue: int, services: Iterable[RuleService], mode: Mode = Mode.
             ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services, to_nodes=True),
             ("raw", errors_in): raw_typed, ("raw", errors_in_typed): raw_errors, ("mangle", errors_out): out_errors,
             ("mangle", errors_queue): out_queue}
+
+
+def _render_dsr(queue: int, services: tuple[RuleService, ...], answer_echo: bool) -> dict[tuple[str, str], list[str]]:
+    """Direct server return: every client segment to a VIP:port is queued, untracked, before routing.
+
+    The verdict's mark then selects the node's route (:class:`DsrRoutes`), so the unchanged packet
+    is forwarded to the node's MAC; the node answers the client itself, and nothing of the reply
+    direction reaches this host.  Untracked: this host sees one direction only, and a flow that a
+    router moves here mid-stream would be INVALID to conntrack.  No ``--queue-bypass``: while the
+    daemon is down, the VIP's segments wait and are dropped (BIRD, which dies with the daemon, has
+    withdrawn the VIP by then).  This host does not hold the VIP, so it cannot answer an echo
+    (``answer_echo`` is refused by the config).
+    """
+    chain_in, _ = chain_names(queue)
+    raw: list[str] = [] if answer_echo else _refuse_echo(chain_in, services)
+    for service in services:
+        match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
+        raw.append(f"-A {chain_in} {match_vip} -j CT --notrack")
+        raw.append(f"-A {chain_in} {match_vip} -j NFQUEUE --queue-num {queue}")
+    return {("raw", chain_in): raw, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+
+
+def dsr_rule_pref(queue: int) -> int:
+    """The priority of a dsr queue's mark rules; its VIPs' blackhole rule has the next one.  Both come
+    before the main table's rule (32766), and no two queues below 10,000 share them."""
+    return 10000 + 2 * (queue % 10000)
+
+
+def dsr_table(queue: int, mark: int) -> int:
+    """The routing table a dsr mark selects: above the 16-bit ids people number their own tables with."""
+    return (queue % 0x8000 + 1) << 16 | mark
+
+
+def render_dsr_routes(queue: int, services: Iterable[RuleService]) -> tuple[list[str], list[str]]:
+    """``(rules, routes)``: the ``ip`` policy rules and routes of a dsr layout, as ``ip -batch`` lines (pure).
+
+    Each node's mark selects a table whose default route goes via the node (``ip rule fwmark``):
+    the kernel forwards the client's unchanged segment to the node's MAC (the node must share a
+    link with this host).  A VIP's packet that no verdict marked (another port, ICMP, a packet queued
+    while the node's route was missing) meets a blackhole rule: it must not follow the default
+    route back to the router, which would send it here again until its TTL ran out.
+    """
+    pref = dsr_rule_pref(queue)
+    rules: list[str] = []
+    routes: list[str] = []
+    vips: list[str] = []
+    for service in services:
+        if str(service.vip) not in vips:
+            vips.append(str(service.vip))
+        for backend in service.backends:
+            table = dsr_table(queue, backend.mark)
+            rules.append(f"rule add pref {pref} fwmark {backend.mark:#x}/{MARK_MASK:#x} lookup {table}")
+            routes.append(f"route replace default via {backend.address} table {table}")
+    rules += [f"rule add pref {pref + 1} to {vip}/32 blackhole" for vip in vips]
+    return rules, routes
+
+
+class DsrRoutes:
+    """Installs and removes a dsr queue's policy rules and node routes (see :func:`render_dsr_routes`).
+
+    An install adds what is missing and deletes what is no longer wanted, so a layout change never
+    leaves a VIP's packets without their rules for a moment.  Everything this adapter owns is
+    known by its rule priorities, so a crashed run's leftovers are found and replaced too.
+    """
+
+    def __init__(self, queue: int, *, netns_exec: tuple[str, ...] = ()):
+        self.queue = queue
+        self._prefix = netns_exec
+
+    def install(self, services: Iterable[RuleService]) -> None:
+        wanted_rules, routes = render_dsr_routes(self.queue, services)
+        existing = self._existing()
+        wanted = {self._rule_key(line): line for line in wanted_rules}
+        # Routes first, so a new mark's rule never points at an empty table.
+        script = list(routes)
+        script += [line for key, line in wanted.items() if key not in existing]
+        stale = [key for key in existing if key not in wanted]
+        script += [f"rule del {existing[key]}" for key in stale]
+        wanted_tables = {key[2] for key in wanted if key[1] == "lookup"}
+        script += [f"route flush table {key[2]}" for key in stale if key[1] == "lookup" and key[2] not in wanted_tables]
+        self._batch(script)
+        log.info("installed %d dsr rule(s) and %d node route(s) (priority %d)", len(wanted), len(routes),
+                 dsr_rule_pref(self.queue))
+
+    def remove(self) -> bool:
+        existing = self._existing()
+        if not existing:
+            return False
+        script = [f"rule del {spec}" for spec in existing.values()]
+        script += [f"route flush table {key[2]}" for key in existing if key[1] == "lookup"]
+        self._batch(script)
+        log.info("removed the dsr rules and node routes (priority %d)", dsr_rule_pref(self.queue))
+        return True
+
+    @staticmethod
+    def _rule_key(line: str) -> tuple[int, str, str, str]:
+        """(priority, "lookup" or "blackhole", table or "", fwmark or destination) of a rendered rule line."""
+        words = line.split()
+        pref = int(words[words.index("pref") + 1])
+        if "blackhole" in words:
+            return pref, "blackhole", "", words[words.index("to") + 1].removesuffix("/32")
+        return pref, "lookup", words[words.index("lookup") + 1], words[words.index("fwmark") + 1].split("/")[0]
+
+    def _existing(self) -> dict[tuple[int, str, str, str], str]:
+        """Our rules in the kernel: key (as :meth:`_rule_key`) -> the spec that deletes it."""
+        pref = dsr_rule_pref(self.queue)
+        listing = json.loads(self._run(["ip", "-j", "rule", "show"]).stdout or "[]")
+        found: dict[tuple[int, str, str, str], str] = {}
+        for rule in listing:
+            priority = rule.get("priority")
+            if priority not in (pref, pref + 1):
+                continue
+            if rule.get("action") == "blackhole" and "dst" in rule:
+                key = (priority, "blackhole", "", rule["dst"])
+                found[key] = f"pref {priority} to {rule['dst']}/{rule.get('dstlen', 32)} blackhole"
+            elif "fwmark" in rule and "table" in rule:
+                mark = f"{int(rule['fwmark'], 16):#x}"
+                key = (priority, "lookup", str(rule["table"]), mark)
+                found[key] = f"pref {priority} fwmark {mark}/{rule.get('fwmask', hex(MARK_MASK))} lookup {rule['table']}"
+        return found
+
+    def _batch(self, lines: list[str]) -> None:
+        if lines:
+            self._run(["ip", "-batch", "-"], "\n".join(lines) + "\n")
+
+    def _run(self, argv: list[str], stdin: str | None = None) -> subprocess.CompletedProcess:
+        try:
+            result = subprocess.run([*self._prefix, *argv], input=stdin, capture_output=True, text=True, timeout=30)
+        except FileNotFoundError:
+            raise RulesError(f"{argv[0]} is not installed (Debian package: iproute2)") from None
+        if result.returncode != 0:
+            raise RulesError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr.strip()}")
+        return result
 
 
 def _quotes(address: str, port: int) -> str:
@@ -422,6 +562,7 @@ class Rules(_Chains):
         self.layout: tuple[RuleService, ...] = ()
         self.known_absent = False  # True once remove() ran: no chain of ours is left
         self.installs = 0  # install_layout calls: the return path's counters restart at each
+        self.routes = DsrRoutes(queue, netns_exec=netns_exec) if mode is Mode.DSR else None
 
     def install_layout(self, layout: Iterable[RuleService]) -> None:
         """Install (or replace) the rules for a layout.  When this adapter removed them itself last, it
@@ -434,11 +575,15 @@ class Rules(_Chains):
             # Declaring, deleting and defining in one transaction replaces whatever was there.
             self._run(["nft", "-f", "-"], f"table ip {table} {{}}\ndelete table ip {table}\n"
                                           + render_return_path(self.queue, self.layout))
+        if self.routes is not None:
+            self.routes.install(self.layout)  # before the queue rules: a marked packet always finds its route
         self.install(known_absent=self.known_absent)
         self.known_absent = False
 
     def remove(self) -> bool:
         removed = super().remove()
+        if self.routes is not None:
+            removed = self.routes.remove() or removed
         if self.mode is Mode.REWRITE:
             table = nft_table(self.queue)
             # Queue rules first (above), then the return path: no SYN-ACK ever leaves unrewritten.

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(iproute2 iptables nftables procps curl wrk nginx libnginx-mod-http-echo haproxy
-          prometheus prometheus-alertmanager
+          prometheus prometheus-alertmanager bird2
           libnetfilter-queue-dev python3-venv python3-dev gcc chromium)
 missing=()
 for p in "${packages[@]}"; do

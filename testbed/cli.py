@@ -15,14 +15,14 @@ import sys
 from distributor.balancer import Policy
 
 from .runner import DEFAULT_PROJECT, Options, Testbed, TestbedError
-from .topology import MAX_NODES
+from .topology import MAX_ACTIVE_ACTIVE, MAX_NODES
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cluster-testbed",
-        description="Run the distributor's cluster (client, dist1, dist2, web1..N) in network namespaces on this "
-        "machine. Needs root. Verbs mirror docker compose.",
+        description="Run the distributor's cluster (client, dist1, dist2, web1..N; with up --active-active N: client, "
+        "router, dist1..N, web1..N) in network namespaces on this machine. Needs root. Verbs mirror docker compose.",
     )
     parser.add_argument("-p", "--project", default=DEFAULT_PROJECT,
                         help=f"name of the run; prefixes every namespace (default: {DEFAULT_PROJECT})")
@@ -30,16 +30,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = verbs.add_parser("up", help="build the cluster, start every service, return when the VIP answers")
     up.add_argument("--nodes", type=int, default=3, help=f"number of web nodes, 1 to {MAX_NODES} (default: 3)")
-    up.add_argument("--policy", default="round-robin",
+    # --policy and --mode default to None, so that --active-active can tell a default from an explicit choice.
+    up.add_argument("--policy", default=None,
                     choices=[p.value for p in Policy],
-                    help="balancing policy of the distributor (default: round-robin)")
+                    help="balancing policy of the distributor (default: round-robin; with --active-active: maglev, "
+                         "the only one allowed)")
     up.add_argument("--capacity", type=int, default=262_144, help="connection table capacity (default: 262144)")
-    up.add_argument("--mode", choices=["rewrite", "kernel"], default="rewrite",
-                    help="the distributors' data path: rewrite every packet in user space, or kernel-assisted (default: rewrite)")
+    up.add_argument("--mode", choices=["rewrite", "kernel", "dsr"], default=None,
+                    help="the distributors' data path: rewrite every packet in user space, kernel-assisted, or dsr "
+                         "(direct server return: the node answers the client itself; only with --active-active, "
+                         "where it is the default and the only choice) (default: rewrite)")
+    up.add_argument("--active-active", type=int, default=0, metavar="N",
+                    help=f"N distributors (2 to {MAX_ACTIVE_ACTIVE}), all active behind a BGP router (BIRD) that "
+                         "spreads the VIP's flows over them by ECMP, instead of a primary and a backup; "
+                         "mode dsr, policy maglev")
     up.add_argument("--preempt", action="store_true", help="a returning dist1 takes the addresses back once caught up")
     up.add_argument("--monitor", action="store_true",
                     help="add a monitor host (198.51.100.9) running Prometheus (9090) and Alertmanager (9093) with "
-                         "deploy/prometheus's files, scraping both distributors and every node agent")
+                         "deploy/prometheus's files, scraping both distributors and every node agent "
+                         "(not with --active-active)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the VIP (default: 60)")
 
     verbs.add_parser("down", help="stop everything and remove every namespace and file of the run")
@@ -53,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("start", "bring a host's links up and start its services"),
     ):
         verbs.add_parser(verb, help=text).add_argument("host")
-    ctl = verbs.add_parser("ctl", help="distributorctl against the active distributor with this run's admin token: "
+    ctl = verbs.add_parser("ctl", help="distributorctl against the active distributor (with --active-active: dist1) "
+                                       "with this run's admin token: "
                                        "ctl [--host DIST] [--viewer] ARGS... (e.g. ctl nodes --json, ctl console-url)")
     ctl.add_argument("--host", help="a distributor other than the active one")
     ctl.add_argument("--viewer", action="store_true", help="use the run's viewer token instead of the admin one")
@@ -64,8 +74,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_up_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in --mode and --policy, and refuse what --active-active does not run (exits 2, like argparse)."""
+    count = args.active_active
+    if not count:
+        if args.mode == "dsr":
+            parser.error("--mode dsr needs --active-active N: a primary and a backup run rewrite or kernel")
+        args.mode = args.mode or "rewrite"
+        args.policy = args.policy or "round-robin"
+        return
+    if not 2 <= count <= MAX_ACTIVE_ACTIVE:
+        parser.error(f"--active-active {count}: use 2 to {MAX_ACTIVE_ACTIVE} distributors")
+    if args.mode not in (None, "dsr"):
+        parser.error(f"--mode {args.mode} cannot be used with --active-active: its distributors run dsr only "
+                     "(the nodes answer the client directly)")
+    if args.policy not in (None, "maglev"):
+        parser.error(f"--policy {args.policy} cannot be used with --active-active: its distributors run maglev only "
+                     "(every distributor must pick the same node for a flow)")
+    if args.monitor:
+        parser.error("--monitor is not supported with --active-active yet")
+    if args.preempt:
+        parser.error("--preempt is a failover option; --active-active has no primary to take addresses back")
+    args.mode, args.policy = "dsr", "maglev"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb == "up":
+        check_up_arguments(parser, args)
     logging.basicConfig(level=logging.INFO, format="cluster-testbed: %(message)s")
     if os.geteuid() != 0:
         print("cluster-testbed: needs root (network namespaces, iptables)", file=sys.stderr)
@@ -84,12 +121,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "up":
         try:
             options = Options(nodes=args.nodes, policy=args.policy, capacity=args.capacity, mode=args.mode,
-                              preempt=args.preempt, monitor=args.monitor)
+                              preempt=args.preempt, monitor=args.monitor, active_active=args.active_active)
             bed = Testbed(args.project, options)
         except ValueError as exc:
             raise TestbedError(str(exc)) from None
         bed.up(timeout=args.timeout)
-        print(f"{args.project}: up with {args.nodes} web node(s); VIP http://{bed.vip}/ answers")
+        if args.active_active:
+            print(f"{args.project}: up with {args.active_active} active distributor(s) and {args.nodes} web node(s); "
+                  f"the router has {args.active_active} paths to the VIP, and http://{bed.vip}/ answers")
+        else:
+            print(f"{args.project}: up with {args.nodes} web node(s); VIP http://{bed.vip}/ answers")
         if args.monitor:
             print(f"{args.project}: Prometheus on the monitor host: cluster-testbed -p {args.project} exec monitor -- "
                   "curl -s localhost:9090/api/v1/alerts")

@@ -16,6 +16,11 @@ Contract
   namesakes: kill sends SIGKILL to everything in the host and takes its links
   down (a dead host answers nothing); stop does the same politely; start
   brings the links up and starts the host's services again.
+* ``Options(active_active=N)`` builds the active-active topology instead
+  (testbed.topology): a BGP router running BIRD (service ``bird``) in front of
+  N distributors in mode ``dsr``, each of which starts its own BIRD from the
+  ``bird.conf`` written in its host directory.  ``up`` then also waits until
+  the router's route to the VIP has N paths (:meth:`Testbed.wait_paths`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import content, http, monitoring, netns
-from .topology import Host, Topology, build
+from .topology import ANNOUNCE_TABLE, MAX_ACTIVE_ACTIVE, ROUTER_AS, Host, Link, Topology, build
 
 log = logging.getLogger("testbed")
 
@@ -47,7 +52,7 @@ FAILOVER_PORT = 8406
 API_PORT = 8410  # the control API and console, on each distributor's cluster-LAN address
 BROKER_PORT = 8407  # the node agents' administration endpoint (node/broker.py)
 _PROJECT_RE = re.compile(r"^[a-z][a-z0-9]{0,11}$")
-_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|monitor|far|sw)$")
+_HOST_RE = re.compile(r"^(client|dist\d+|web\d+|monitor|router|far|sw)$")
 
 
 class TestbedError(RuntimeError):
@@ -74,6 +79,29 @@ class Options:
     # an agent but are unknown until a config naming them is reloaded (set_configured_nodes + SIGHUP).
     configured_nodes: int | None = None
     persistence: float = 0.0  # services.persistence: seconds a client's new connections follow its last one (0: off)
+    # Distributors all active behind a BGP router (2 to topology.MAX_ACTIVE_ACTIVE), in mode "dsr" with the
+    # maglev policy; 0: a primary and a backup.
+    active_active: int = 0
+
+
+def check_options(options: Options) -> None:
+    """Refuse a combination the chosen topology cannot run (ValueError naming it and what is valid)."""
+    if not options.active_active:
+        if options.mode == "dsr":
+            raise ValueError(f"mode 'dsr' needs the active-active testbed (active_active 2 to {MAX_ACTIVE_ACTIVE}); "
+                             "a primary and a backup run mode 'rewrite' or 'kernel'")
+        return
+    if options.mode != "dsr":
+        raise ValueError(f"mode {options.mode!r}: the active-active testbed runs mode 'dsr' only "
+                         "(its nodes answer the client directly)")
+    if options.policy != "maglev":
+        raise ValueError(f"policy {options.policy!r}: the active-active testbed runs policy 'maglev' only "
+                         "(every distributor must pick the same node for a flow)")
+    if options.persistence:
+        raise ValueError(f"persistence {options.persistence:g}: refused in mode 'dsr' (use 0)")
+    if options.garp_refresh is not None:
+        raise ValueError(f"garp_refresh {options.garp_refresh:g}: the active-active testbed has no [failover] "
+                         "section (use None)")
 
 
 def check_project(name: str) -> str:
@@ -112,7 +140,9 @@ class Testbed:
     def __init__(self, project: str = DEFAULT_PROJECT, options: Options | None = None):
         self.project = check_project(project)
         self.options = options or Options()
-        self.topology: Topology = build(self.options.nodes, monitor=self.options.monitor)
+        check_options(self.options)
+        self.topology: Topology = build(self.options.nodes, monitor=self.options.monitor,
+                                        active_active=self.options.active_active)
         self.state_dir = STATE_ROOT / project
         self._children: dict[int, subprocess.Popen] = {}
 
@@ -155,21 +185,29 @@ class Testbed:
         try:
             self._build_network()
             self._write_files()
-            # Web nodes first, so the distributor hears heartbeats from its first tick.
-            for host in sorted(self.topology.hosts, key=lambda h: h.role != "web"):
+            for host in self.start_order():
                 for service in host.services:
                     self._start_service(host, service)
+            if self.options.active_active:
+                self.wait_paths(self.options.active_active, timeout)
             self.wait_vip(timeout)
             if self.options.monitor:
                 self.wait_monitor(timeout)
         except TestbedError as exc:
             tails = "\n".join(f"--- {h.name}/{s} ---\n{self.log_tail(h.name, s, 15)}"
-                              for h in self.topology.by_role("distributor") for s in h.services)
+                              for h in self.topology.by_role("router") + self.topology.by_role("distributor")
+                              for s in h.services)
             self.down()
             raise TestbedError(f"{exc}\n{tails}") from None
         except BaseException:
             self.down()
             raise
+
+    def start_order(self) -> list[Host]:
+        """Web nodes first, so a distributor hears heartbeats from its first tick; then the router, so a
+        distributor's BGP session finds its peer; then the rest in the topology's order."""
+        rank = {"web": 0, "router": 1}
+        return sorted(self.topology.hosts, key=lambda h: rank.get(h.role, 2))
 
     def down(self) -> list[str]:
         """Remove every namespace, process and file of this project; returns the namespaces removed."""
@@ -197,16 +235,27 @@ class Testbed:
             ns = self.ns(host.name)
             _run(["ip", "netns", "add", ns])
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
+            # An interface's own values wait until it exists; the rest go first, because a new interface
+            # copies the "default" ones (rp_filter).
+            per_link = tuple(f"net.ipv4.conf.{link.ifname}." for link in host.links)
             for key, value in host.sysctls:
-                _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
+                if not key.startswith(per_link):
+                    _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
             for link in host.links:
                 port = f"{host.name}-{link.bridge}"
                 _run(["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", link.ifname, "netns", ns])
                 _run(["ip", "-n", sw, "link", "set", port, "master", link.bridge, "up"])
                 _run(["ip", "-n", ns, "addr", "add", str(link.address), "dev", link.ifname])
                 _run(["ip", "-n", ns, "link", "set", link.ifname, "up"])
+            for key, value in host.sysctls:
+                if key.startswith(per_link):
+                    _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
+            for address in host.loopback:
+                _run(["ip", "-n", ns, "addr", "add", str(address), "dev", "lo"])
             if host.default_gateway is not None:
                 _run(["ip", "-n", ns, "route", "add", "default", "via", str(host.default_gateway)])
+            for route in host.routes:
+                _run(["ip", "-n", ns, "route", "add", str(route.destination), "via", str(route.via)])
 
     @property
     def keys_file(self) -> Path:
@@ -249,10 +298,15 @@ class Testbed:
                 monitoring.write_monitor_files(self.topology, directory)
             if "distributor" in host.services:
                 (directory / "distributor.toml").write_text(self.distributor_config(host))
+            if "bird" in host.services:
+                (directory / "bird.conf").write_text(render_router_bird_config(self.topology, host))
+            elif host.role == "distributor" and self.topology.active_active:
+                # The distributor daemon starts this BIRD itself ([announce] of its config).
+                (directory / "bird.conf").write_text(render_distributor_bird_config(self.topology, host))
 
     def distributor_config(self, host: Host) -> str:
-        text = render_distributor_config(self.topology, self.options, host, self.keys_file, self.host_dir(host.name),
-                                         self.api_tokens_file)
+        render = render_active_active_config if self.topology.active_active else render_distributor_config
+        text = render(self.topology, self.options, host, self.keys_file, self.host_dir(host.name), self.api_tokens_file)
         if self.options.monitor:
             # Scraped from the monitor: metrics on the LAN address (never the VIP or the outside
             # one), and the guard lets the monitor reach that port.
@@ -290,8 +344,12 @@ class Testbed:
 
     def ctl(self, args: list[str], host: str | None = None, role: str = "admin", check: bool = False,
             timeout: float = 120) -> subprocess.CompletedProcess:
-        """Run distributorctl against a distributor (default: the active one) with this run's token."""
-        host = host or self.active_distributor()
+        """Run distributorctl against a distributor (default: the active one; active-active: dist1) with this
+        run's token."""
+        if host is None:
+            # Active-active: every distributor is active, and answers alike.
+            active_active = self.topology.active_active
+            host = self.topology.by_role("distributor")[0].name if active_active else self.active_distributor()
         argv = [sys.executable, "-m", "distributor.ctl", "--url", self.api_url(host), f"--token={self.api_token(role)}",
                 *args]
         return self.run(host, argv, check=check, timeout=timeout)
@@ -309,6 +367,7 @@ class Testbed:
 
     def set_mode(self, mode: str) -> None:
         """Rewrite the distributors' configs for another data path; takes effect when they (re)start."""
+        check_options(Options(**{**self.options.__dict__, "mode": mode}))
         self.options.mode = mode
         self._save()
         for host in self.topology.by_role("distributor"):
@@ -342,6 +401,10 @@ class Testbed:
             return [sys.executable, "-m", "distributor.daemon", "--config", str(directory / "distributor.toml")]
         if service == "agent":
             return [sys.executable, "-m", "node.agent", "--config", str(directory / "agent.toml")]
+        if service == "bird":
+            # In the foreground, so the runner's pid is BIRD's (its -P file then holds the pid the runner records).
+            return ["bird", "-f", "-c", str(directory / "bird.conf"), "-s", str(directory / "bird.ctl"),
+                    "-P", str(directory / "bird.pid")]
         if host.role == "monitor":
             return monitoring.service_argv(service, directory)
         raise TestbedError(f"unknown service {service!r} on {host.name}")
@@ -377,6 +440,9 @@ class Testbed:
                 return "ready" in new_log()
             if service == "agent":
                 return "sending heartbeats" in new_log()
+            if service == "bird":
+                status = ["birdc", "-s", str(self.host_dir(host.name) / "bird.ctl"), "show", "status"]
+                return self.run(host.name, status, check=False, timeout=5).returncode == 0
             if host.role == "monitor":
                 return monitoring.ready(self.ns(host.name), service)
             return True
@@ -401,6 +467,40 @@ class Testbed:
             return http.get(self.ns("client"), self.vip, self.topology.vip_port, "/health", timeout=1).status == 200
 
         wait_until(answers, timeout, f"the VIP {self.vip}:{self.topology.vip_port} to answer")
+
+    def router_paths(self) -> list[str]:
+        """The next hops (distributor uplink addresses) of the router's kernel route to the VIP, in its order."""
+        result = _run(["ip", "-n", self.ns("router"), "-j", "route", "show", self.vip])
+        paths = []
+        for route in json.loads(result.stdout or "[]"):
+            # One path: "gateway" in the route; several (BIRD's "merge paths"): a list of "nexthops".
+            for hop in route.get("nexthops", [route]):
+                if "gateway" in hop:
+                    paths.append(hop["gateway"])
+        return paths
+
+    def bfd_up(self) -> list[str]:
+        """The distributors' uplink addresses whose BFD session with the router is Up (``birdc show bfd sessions``)."""
+        socket = self.host_dir("router") / "bird.ctl"
+        result = _run(["ip", "netns", "exec", self.ns("router"), "birdc", "-s", str(socket), "show", "bfd", "sessions"],
+                      check=False)
+        return [words[0] for words in map(str.split, result.stdout.splitlines()) if len(words) > 2 and words[2] == "Up"]
+
+    def wait_paths(self, count: int, timeout: float = 30.0) -> list[str]:
+        """Wait until the router's route to the VIP has ``count`` paths (every distributor announces it), each
+        watched by an Up BFD session: until its session is Up (about a second after BGP's, RFC 5880 sends
+        slowly until then), a distributor that dies silently is noticed by the BGP hold timer (3 s), not BFD."""
+        deadline = time.monotonic() + timeout
+        while True:
+            paths = self.router_paths()
+            watched = set(self.bfd_up()) if len(paths) == count else set()
+            if len(paths) == count and watched >= set(paths):
+                return paths
+            if time.monotonic() >= deadline:
+                raise TestbedError(f"timed out after {timeout:.0f} s waiting for the router's route to {self.vip} to "
+                                   f"have {count} paths with BFD up; it has {len(paths)}: "
+                                   f"{', '.join(paths) or 'no route'} (BFD up: {', '.join(sorted(watched)) or 'none'})")
+            time.sleep(0.1)
 
     def wait_monitor(self, timeout: float = 30.0) -> None:
         """Wait until the monitor's Prometheus has scraped every target once (a later rate sees all traffic)."""
@@ -443,6 +543,9 @@ class Testbed:
         if state == "up" and spec.default_gateway is not None:
             # Taking a link down deletes the routes through it; bring the default route back.
             _run(["ip", "-n", self.ns(host), "route", "replace", "default", "via", str(spec.default_gateway)])
+        if state == "up":
+            for route in spec.routes:
+                _run(["ip", "-n", self.ns(host), "route", "replace", str(route.destination), "via", str(route.via)])
 
     def exec_argv(self, host: str, argv: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns(host), *argv]
@@ -605,9 +708,11 @@ def write_web_files(topology: Topology, host: Host, directory: Path, health_dela
         (directory / "tmp").mkdir(exist_ok=True)
     # The echo module's echo_sleep delays the answer without blocking the worker.
     health = f"location = /health {{ echo_sleep {health_delay:g}; echo ok; }}" if health_delay > 0 else ""
+    # A DSR node also listens on the VIP it holds on lo: the distributor hands it the client's packet unchanged.
+    listen = "\n        ".join(f"listen {address}:{topology.vip_port} backlog=4096;"
+                                for address in [host.address_on("int"), *(a.ip for a in host.loopback)])
     (directory / "nginx.conf").write_text(
-        NGINX_CONF.format(dir=directory, root=root, address=host.address_on("int"), port=topology.vip_port,
-                          node=host.name, health=health,
+        NGINX_CONF.format(dir=directory, root=root, listen=listen, node=host.name, health=health,
                           access_log=f"{directory}/access.log combined" if access_log else "off")
     )
 
@@ -626,20 +731,43 @@ def render_agent_config(topology: Topology, host: Host, keys_file: Path, directo
                                      trusted=trusted)
 
 
-def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
-                              api_tokens: Path | None = None) -> str:
+def _distributor_fields(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
+                        api_tokens: Path | None) -> dict[str, object]:
+    """The values both distributor templates (primary-backup and active-active) fill in."""
     configured = topology.web_nodes[:options.configured_nodes]  # [:None] is every node
-    nodes = "".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in configured)
-    backends = ", ".join(f'"{web.name}"' for web in configured)
     smtp = ""
     if options.smtp:
         smtp_host, _, smtp_port = options.smtp.rpartition(":")
         smtp = SMTP_CONF.format(host=smtp_host, port=smtp_port, name=host.name)
-    peers = ", ".join(f'{d.name} = "{d.address_on("int")}"' for d in topology.by_role("distributor") if d.name != host.name)
-    return DISTRIBUTOR_CONF.format(
+    return dict(
         name=host.name,
         mode=options.mode,
         established=options.established_timeout,
+        capacity=options.capacity,
+        metrics_port=METRICS_PORT,
+        nodes="".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in configured),
+        vip=topology.vip,
+        port=topology.vip_port,
+        policy=options.policy,
+        backends=", ".join(f'"{web.name}"' for web in configured),
+        keys=keys_file,
+        heartbeat_port=HEARTBEAT_PORT,
+        on_dead=options.on_dead,
+        alert_log=directory / "alerts.log",
+        smtp=smtp,
+        state_file=directory / "state.json",
+        api=API_CONF.format(address=host.address_on("int"), port=API_PORT, tokens=api_tokens) if api_tokens else "",
+        administration=ADMINISTRATION_CONF.format(port=BROKER_PORT, blobs=directory / "blobs",
+                                                  state=directory / "administration.json"),
+        health_extra="" if options.flap_suppress is None else f"flap_suppress = {options.flap_suppress:g}\n",
+    )
+
+
+def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
+                              api_tokens: Path | None = None) -> str:
+    peers = ", ".join(f'{d.name} = "{d.address_on("int")}"' for d in topology.by_role("distributor") if d.name != host.name)
+    return DISTRIBUTOR_CONF.format(
+        **_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
         priority=topology.priorities[host.name],
         preempt="true" if options.preempt else "false",
         lan_address=host.address_on("int"),
@@ -650,26 +778,45 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
         int=_ifname(host, "int"),
         gateway=topology.gateway,
         gateway_prefix=topology.bridges["int"].prefixlen,
-        capacity=options.capacity,
-        metrics_port=METRICS_PORT,
-        nodes=nodes,
-        vip=topology.vip,
-        port=topology.vip_port,
-        policy=options.policy,
-        backends=backends,
-        keys=keys_file,
-        heartbeat_port=HEARTBEAT_PORT,
-        on_dead=options.on_dead,
-        alert_log=directory / "alerts.log",
-        smtp=smtp,
-        state_file=directory / "state.json",
-        api=API_CONF.format(address=host.address_on("int"), port=API_PORT, tokens=api_tokens) if api_tokens else "",
-        administration=ADMINISTRATION_CONF.format(port=BROKER_PORT, blobs=directory / "blobs",
-                                                  state=directory / "administration.json"),
         failover_extra="" if options.garp_refresh is None else f"garp_refresh = {options.garp_refresh:g}\n",
-        health_extra="" if options.flap_suppress is None else f"flap_suppress = {options.flap_suppress:g}\n",
         service_extra=f"persistence = {options.persistence:g}\n" if options.persistence else "",
     )
+
+
+def render_active_active_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
+                                api_tokens: Path | None = None) -> str:
+    """An active-active distributor's config: no [failover] (every distributor is active); [announce] names the
+    BIRD the daemon starts (its config from :func:`render_distributor_bird_config`, in ``directory``)."""
+    check_options(options)
+    return ACTIVE_ACTIVE_CONF.format(
+        **_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
+        bird_config=directory / "bird.conf",
+        bird_socket=directory / "bird.ctl",
+        table=ANNOUNCE_TABLE,
+    )
+
+
+def render_router_bird_config(topology: Topology, host: Host) -> str:
+    """The router's BIRD: an eBGP session (with BFD) to every distributor, and the VIP's equal paths merged
+    into one multipath kernel route (docs/scale-out.md, "Routing")."""
+    neighbors = "".join(
+        f"protocol bgp {d.name} from dist {{ neighbor {_uplink(d).address.ip} as {ROUTER_AS + i}; }}\n"
+        for i, d in enumerate(topology.by_role("distributor"), start=1)
+    )
+    # BFD on the router's uplinks (named after their bridges, up1..upN) only: not towards the client or the nodes.
+    return ROUTER_BIRD_CONF.format(name=host.name, router_id=host.address_on("ext"), vip=topology.vip,
+                                   bfd_interfaces="up*", local_as=ROUTER_AS, neighbors=neighbors)
+
+
+def render_distributor_bird_config(topology: Topology, host: Host) -> str:
+    """Distributor ``dist<i>``'s BIRD: announces the VIP to the router while the daemon keeps
+    "VIP dev lo" in kernel table :data:`ANNOUNCE_TABLE`."""
+    index = int(host.name.removeprefix("dist"))
+    uplink = _uplink(host)
+    router = topology.host("router").address_on(uplink.bridge)
+    return DISTRIBUTOR_BIRD_CONF.format(name=host.name, router_id=uplink.address.ip, vip=topology.vip,
+                                        table=ANNOUNCE_TABLE, uplink=uplink.ifname, local_as=ROUTER_AS + index,
+                                        router=router, router_as=ROUTER_AS)
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -693,6 +840,14 @@ def _ifname(host: Host, bridge: str) -> str:
         if link.bridge == bridge:
             return link.ifname
     raise KeyError(bridge)
+
+
+def _uplink(distributor: Host) -> Link:
+    """An active-active distributor's link to the router (bridge "up<i>")."""
+    for link in distributor.links:
+        if link.bridge.startswith("up"):
+            return link
+    raise KeyError(f"{distributor.name} has no uplink to a router (not an active-active distributor)")
 
 
 def _addresses(ns: str) -> list[str]:
@@ -731,7 +886,7 @@ http {{
     types {{ text/html html; application/octet-stream bin; text/plain txt; }}
     default_type text/plain;
     server {{
-        listen {address}:{port} backlog=4096;
+        {listen}
         root {root};
         add_header X-Node {node} always;
         location / {{ }}
@@ -784,6 +939,90 @@ peers = {{ {peers} }}
 [alerts]
 log_file = "{alert_log}"
 {smtp}{api}{administration}"""
+
+# Active-active (Options.active_active): the same but for [failover], which gives way to [announce].
+ACTIVE_ACTIVE_CONF = """\
+# Written by cluster-testbed for {name}.
+[distributor]
+name = "{name}"
+mode = "{mode}"
+queue = 0
+state_file = "{state_file}"
+
+[table]
+capacity = {capacity}
+timeouts = {{ established = {established} }}
+
+[metrics]
+listen = "127.0.0.1:{metrics_port}"
+
+{nodes}
+[[services]]
+name = "http"
+vip = "{vip}"
+port = {port}
+policy = "{policy}"
+backends = [{backends}]
+
+[health]
+listen = "0.0.0.0:{heartbeat_port}"
+keys_file = "{keys}"
+on_dead = "{on_dead}"
+{health_extra}
+
+[announce]
+bird_config = "{bird_config}"
+bird_socket = "{bird_socket}"
+table = {table}
+
+[alerts]
+log_file = "{alert_log}"
+{smtp}{api}{administration}"""
+
+# BIRD 2 (Debian's bird2), as tested in docs/scale-out.md. Both log to stderr: the runner's (or the
+# daemon's) log of the service.
+ROUTER_BIRD_CONF = """\
+# Written by cluster-testbed for {name}.
+log stderr all;
+router id {router_id};
+define VIP = {vip}/32;
+filter vip_only {{ if net = VIP then accept; reject; }}
+protocol device {{ scan time 10; }}
+protocol kernel {{
+  ipv4 {{ import none; export filter vip_only; }};
+  merge paths on;                 # every equal best BGP path -> one multipath kernel route
+}}
+protocol bfd {{
+  interface "{bfd_interfaces}" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }};
+}}
+template bgp dist {{
+  local as {local_as};
+  hold time 3; keepalive time 1;  # RFC 4271's smallest hold time
+  connect retry time 1; error wait time 1, 5;   # defaults (120 s, 60..300 s) delay a comeback
+  bfd on;
+  ipv4 {{ import filter vip_only; export none; }};
+}}
+{neighbors}"""
+
+DISTRIBUTOR_BIRD_CONF = """\
+# Written by cluster-testbed for {name}; the distributor daemon starts BIRD with it.
+log stderr all;
+router id {router_id};
+define VIP = {vip}/32;
+filter vip_only {{ if net = VIP then accept; reject; }}
+protocol device {{ scan time 10; }}
+protocol kernel announce {{        # the daemon adds/deletes "VIP dev lo table {table}"
+  kernel table {table}; learn; scan time 10;
+  ipv4 {{ import filter vip_only; export none; }};
+}}
+protocol bfd {{ interface "{uplink}" {{ min rx interval 100 ms; min tx interval 100 ms; multiplier 3; }}; }}
+protocol bgp uplink {{             # "router" is a keyword in BIRD's grammar
+  local as {local_as}; neighbor {router} as {router_as};
+  hold time 3; keepalive time 1; connect retry time 1; error wait time 1, 5;
+  bfd on;
+  ipv4 {{ import none; export filter vip_only; next hop self; }};
+}}
+"""
 
 # Content and tasks on the nodes: the agents' [broker] (BROKER_CONF) knows each distributor by its name
 # and LAN address, and signs with the heartbeat keys, the defaults here too.

@@ -64,6 +64,9 @@ def parse(output: str) -> WrkResult:
     result.non_2xx = int(match.group(1)) if match else 0
     for pct, value, unit in re.findall(r"^\s+(\d+(?:\.\d+)?)%\s+([\d.]+)(us|ms|s|m)\s*$", output, re.M):
         result.latency_ms[f"p{pct.rstrip('0').rstrip('.') if '.' in pct else pct}"] = float(value) * _UNITS[unit]
+    match = re.search(r"^\s+Latency\s+\S+?\s+\S+?\s+([\d.]+)(us|ms|s|m)\s", output, re.M)
+    if match:
+        result.latency_ms["max"] = float(match.group(1)) * _UNITS[match.group(2)]
     for node, count in re.findall(r"^node (\S+) (\d+)$", output, re.M):
         result.nodes[node] = int(count)
     return result

@@ -20,6 +20,7 @@ CORE = {
     "common.machine", "common.sansio", "common.wire", "common.tomlconfig",
     "distributor.checksum", "distributor.balancer", "distributor.conntable", "distributor.reroute",
     "distributor.heartbeat", "distributor.core", "distributor.partialsum", "distributor.maglev", "distributor.admin",
+    "distributor.announce",
     "distributor.synauth",
     "backup.roles", "backup.sync", "backup.failover",
     # administration (docs/administration.md)
@@ -29,6 +30,7 @@ CORE = {
 ADAPTERS = {
     "common.keyfile", "common.realtime", "common.systemd",
     "distributor.datapath", "distributor.rules", "distributor.conntrack", "distributor.udp", "distributor.alerts",
+    "distributor.announcer",
     "distributor.metrics", "distributor.runtime", "distributor.netif", "distributor.nfqueue", "distributor.api",
     "backup.takeover", "node.metrics",
     # administration: common.bundle binds OpenSSL (cryptography) and draws new keys from the kernel's random source

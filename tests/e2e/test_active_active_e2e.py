@@ -1,0 +1,113 @@
+"""Active-active end to end: three distributors behind a router's ECMP route, announced by BIRD (root).
+
+The testbed (``cluster-testbed up --active-active 3``): a router running BIRD learns the VIP from
+each distributor over BGP (BFD 100 ms x 3) and spreads flows over them by layer-4 hash; every
+distributor runs the dsr data path with the maglev policy, and the nodes answer the clients
+themselves (the VIP on their loopback), through the router.  What an operator would check:
+
+* every distributor carries flows, and every node serves;
+* killing one distributor under wrk load, keep-alive and one connection per request, fails no
+  request: the survivors' flows go on, and the dead one's flows continue through the others to the
+  same node (the flow hash), delayed by the router's withdrawal and a TCP retransmission;
+* the router's route loses the dead distributor's path, and gets it back when it returns;
+* a distributor that can serve no node withdraws the VIP itself.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from testbed import wrk
+from testbed.runner import wait_until
+
+DISTRIBUTORS = ("dist1", "dist2", "dist3")
+VICTIM = "dist2"
+
+
+@pytest.fixture(scope="module")
+def bed(make_testbed):
+    return make_testbed("aae", nodes=3, active_active=3, mode="dsr", policy="maglev")
+
+
+def metric(bed, host: str, name: str, **labels) -> float:
+    return sum(value for (metric_name, found), value in bed.metrics(host).items()
+               if metric_name == name and all(dict(found).get(k) == v for k, v in labels.items()))
+
+
+def carried(bed, host: str) -> float:
+    """Packets the distributor sent to nodes (new, known and adopted connections)."""
+    return sum(metric(bed, host, "distributor_packets_total", reason=reason)
+               for reason in ("new_connection", "to_backend", "adopted_flow"))
+
+
+def router_has_every_path(bed) -> None:
+    bed.wait_paths(len(DISTRIBUTORS), 30)
+
+
+def test_every_distributor_carries_flows_and_every_node_serves(bed):
+    router_has_every_path(bed)
+    before = {host: carried(bed, host) for host in DISTRIBUTORS}
+    result = wrk.run(bed, f"http://{bed.vip}/1k.bin", count_nodes=True, duration=3, connections=24, close=True)
+    assert result.errors == 0 and result.requests > 300, result.output
+    assert set(result.nodes) == {"web1", "web2", "web3"}, result.nodes
+    for host in DISTRIBUTORS:
+        assert carried(bed, host) - before[host] > 100, f"{host} carried no flows: the router's ECMP skips it"
+        assert metric(bed, host, "distributor_vip_announced", vip=bed.vip) == 1
+
+
+def kill_under_load(bed, close: bool, duration: float = 8.0) -> tuple[wrk.WrkResult, float]:
+    """Run wrk, kill the victim in its middle; (wrk's result, seconds until the router dropped its path)."""
+    router_has_every_path(bed)
+    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=duration, connections=24, close=close,
+                                           timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        start = carried(bed, VICTIM)
+        wait_until(lambda: carried(bed, VICTIM) - start > 500, 10, f"wrk's flows through {VICTIM}")
+        killed = time.monotonic()
+        bed.kill(VICTIM)
+        wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {VICTIM}")
+        withdrawn = time.monotonic() - killed
+    finally:
+        output = load.communicate(timeout=duration + 60)[0]
+    return wrk.parse(output), withdrawn
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "new-connections"])
+def test_killing_a_distributor_under_load_fails_no_request(bed, close):
+    survivors = [h for h in DISTRIBUTORS if h != VICTIM]
+    adopted = {host: metric(bed, host, "distributor_packets_total", reason="adopted_flow") for host in survivors}
+    try:
+        result, withdrawn = kill_under_load(bed, close)
+        assert result.requests > 2000, result.output
+        assert result.errors == 0, f"{result.output}\n" + "\n".join(
+            f"--- {h} ---\n{bed.log_tail(h, 'distributor', 20)}" for h in survivors)
+        # The router noticed within BFD's detection time (or at once: the killed BIRD's session closed).
+        assert withdrawn < 1.5, withdrawn
+        # A request caught on the dead path waited for the withdrawal and a retransmission, not for a timeout.
+        assert result.latency_ms["max"] < 2500, result.output
+        if not close:
+            # The dead one's keep-alive connections went on through the survivors: adopted, not reset.
+            assert sum(metric(bed, h, "distributor_packets_total", reason="adopted_flow") - adopted[h]
+                       for h in survivors) > 0
+    finally:
+        bed.start(VICTIM)
+    router_has_every_path(bed)  # it comes back, announced again
+
+
+def test_a_distributor_whose_nodes_are_all_out_withdraws_and_the_others_serve(bed):
+    router_has_every_path(bed)
+    host = "dist3"
+    try:
+        for node in ("web1", "web2", "web3"):
+            bed.ctl(["maint", node], host=host, check=True)
+        wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"{host} to withdraw the VIP")
+        assert metric(bed, host, "distributor_vip_announced", vip=bed.vip) == 0
+        result = wrk.run(bed, f"http://{bed.vip}/1k.bin", duration=2, connections=16, close=True)
+        assert result.errors == 0 and result.requests > 200, result.output
+    finally:
+        for node in ("web1", "web2", "web3"):
+            bed.ctl(["ready", node], host=host)
+    router_has_every_path(bed)

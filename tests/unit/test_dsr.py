@@ -1,0 +1,294 @@
+"""Direct server return and active-active (no root): the interposer's dsr verdicts, its rules and
+routes as rendered, the config's rules for the mode, and when a distributor announces its VIPs.
+
+The end-to-end proof, with BIRD, a router and three distributors of which one is killed under
+load, is tests/e2e/test_active_active_e2e.py.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from common.sansio import CommandDone, StopRequested
+from backup.failover import InstallRules, RemoveRules
+from distributor.admin import AdminOp
+from distributor.announce import (AnnounceCore, AnnounceRoute, AnnounceState, ServingChanged, TRANSITIONS,
+                                  WithdrawRoute)
+from distributor.balancer import Policy
+from distributor.config import ConfigError, parse
+from distributor.conntable import ConnectionTable
+from distributor.core import DistributorCore
+from distributor.reroute import (ConnectionEnded, ConnectionOpened, Interposer, MARK_BASE, Mode, PassiveFailure,
+                                 Reason)
+from distributor.rules import DsrRoutes, dsr_rule_pref, dsr_table, render_dsr_routes, render_rules
+from tests.packets import CLIENT, VIP, tcp
+from tests.unit.test_admin_core import request
+from tests.unit.test_reroute import service_spec
+
+NODES = ("web1", "web2", "web3")
+MARKS = {MARK_BASE + i: name for i, name in enumerate(NODES)}
+
+
+def dsr(secret: bytes = b"shared", nodes=NODES) -> Interposer:
+    return Interposer([service_spec(Policy.MAGLEV, nodes=nodes)], ConnectionTable(10_000), Mode.DSR,
+                      flow_secret=secret)
+
+
+def flows(count: int, seed: int = 3) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [(f"192.0.2.{rng.randrange(1, 255)}", rng.randrange(1024, 65536)) for _ in range(count)]
+
+
+# -- the interposer ------------------------------------------------------------------------------------
+def test_a_connection_is_marked_for_its_node_and_never_rewritten():
+    ip = dsr()
+    reason, out, effects = ip.decide(tcp(CLIENT, VIP, 40000, 80, "S", seq=1), 0.0)
+    assert reason is Reason.NEW_CONNECTION and out in MARKS
+    assert [type(e) for e in effects] == [ConnectionOpened]
+    for flags in ("A", "PA", "A"):
+        assert ip.decide(tcp(CLIENT, VIP, 40000, 80, flags, payload=b"GET /"), 0.01) == (Reason.TO_BACKEND, out, None)
+    assert ip.decide(tcp(CLIENT, VIP, 40000, 80, "FA"), 0.02)[1] == out  # the FIN goes to the node too
+
+
+def test_a_flow_the_router_moves_keeps_its_node_on_the_other_distributor():
+    first, second = dsr(), dsr()
+    for client, port in flows(500):
+        _, node, _ = first.decide(tcp(client, VIP, port, 80, "S", seq=1), 0.0)
+        reason, out, effects = second.decide(tcp(client, VIP, port, 80, "PA", payload=b"x"), 1.0)
+        assert reason is Reason.ADOPTED_FLOW and out == node
+        assert [type(e) for e in effects] == [ConnectionOpened]
+    # Adopted flows are cached: their next segments are plain traffic of a known connection.
+    client, port = flows(1)[0]
+    assert second.decide(tcp(client, VIP, port, 80, "A"), 1.1)[0] is Reason.TO_BACKEND
+    assert len(second) == 500
+
+
+def test_distributors_with_another_secret_disagree_so_the_secret_must_be_shared():
+    first, other = dsr(b"one"), dsr(b"two")
+    same = sum(first.decide(tcp(c, VIP, p, 80, "S", seq=1), 0.0)[1] == other.decide(tcp(c, VIP, p, 80, "S", seq=1),
+                                                                                     0.0)[1]
+               for c, p in flows(300))
+    assert same < 200  # about a third agree by chance
+
+
+def test_a_closing_segment_of_an_unknown_flow_is_sent_on_but_not_remembered():
+    ip = dsr()
+    reason, out, effects = ip.decide(tcp(CLIENT, VIP, 40001, 80, "FA"), 0.0)
+    assert reason is Reason.ADOPTED_FLOW and out in MARKS and effects is None
+    assert len(ip) == 0
+
+
+def test_the_clients_fin_ends_the_connection_and_its_last_acks_still_reach_the_node():
+    ip = dsr()
+    _, node, _ = ip.decide(tcp(CLIENT, VIP, 40002, 80, "S", seq=1), 0.0)
+    ip.decide(tcp(CLIENT, VIP, 40002, 80, "A"), 0.01)
+    reason, out, effects = ip.decide(tcp(CLIENT, VIP, 40002, 80, "FA"), 0.02)
+    assert (reason, out) == (Reason.TO_BACKEND, node) and [type(e) for e in effects] == [ConnectionEnded]
+    assert ip.services[0].balancer.outstanding(NODES.index(MARKS[node])) == 0
+    assert ip.decide(tcp(CLIENT, VIP, 40002, 80, "A"), 0.03)[:2] == (Reason.TO_BACKEND, node)
+
+
+def test_a_syn_retransmitted_before_the_client_acknowledged_moves_to_the_flows_next_node():
+    ip = dsr()
+    syn = tcp(CLIENT, VIP, 40003, 80, "S", seq=77)
+    _, first, _ = ip.decide(syn, 0.0)
+    reason, out, effects = ip.decide(syn, 1.0)  # the client's RTO: no SYN-ACK reached it
+    assert reason is Reason.SYN_REDISPATCHED and out in MARKS and out != first
+    failures = [e for e in effects if isinstance(e, PassiveFailure)]
+    assert [f.node for f in failures] == [MARKS[first]]
+    # Every distributor computes the same next node for the flow.
+    other = dsr()
+    other.decide(syn, 0.0)
+    assert other.decide(syn, 1.0)[1] == out
+
+
+def test_a_handshake_the_client_completed_proves_the_node_alive():
+    ip = dsr()
+    _, node, _ = ip.decide(tcp(CLIENT, VIP, 40004, 80, "S", seq=5), 0.0)
+    ip.decide(tcp(CLIENT, VIP, 40004, 80, "A", seq=6), 0.2)
+    backend = ip.services[0].backends[NODES.index(MARKS[node])]
+    assert backend.alive_at == 0.2
+
+
+def test_a_packet_that_is_not_for_a_service_or_malformed_gets_no_mark():
+    ip = dsr()
+    assert ip.decide(tcp(CLIENT, VIP, 40005, 443, "S"), 0.0)[:2] == (Reason.NOT_SERVICE, None)
+    assert ip.decide(b"\x45\x00", 0.0)[1] is None
+    assert ip.decide(tcp(CLIENT, VIP, 40006, 80, "SF"), 0.0)[1] is None
+
+
+def test_an_unknown_flow_with_every_node_out_is_dropped():
+    ip = dsr()
+    for name in NODES:
+        ip.set_node_available(name, False)
+    assert ip.decide(tcp(CLIENT, VIP, 40007, 80, "A"), 0.0)[:2] == (Reason.NO_BACKEND, None)
+
+
+# -- rules and routes --------------------------------------------------------------------------------------
+def test_dsr_rules_queue_the_vips_segments_untracked_and_nothing_else():
+    ip = dsr()
+    rules = render_rules(0, ip.rule_layout(), Mode.DSR, answer_echo=False)
+    chain = rules[("raw", "DIST0-IN")]
+    assert chain[-2:] == [f"-A DIST0-IN -d {VIP}/32 -p tcp -m tcp --dport 80 -j CT --notrack",
+                          f"-A DIST0-IN -d {VIP}/32 -p tcp -m tcp --dport 80 -j NFQUEUE --queue-num 0"]
+    assert any("--icmp-type 8" in line and "DROP" in line for line in chain)  # counted, never answered
+    assert set(rules) == {("raw", "DIST0-IN"), ("raw", "DIST0-LOCAL")}  # no NAT, no return path
+
+
+def test_each_nodes_mark_selects_a_table_routing_via_the_node_and_unmarked_vip_packets_are_blackholed():
+    ip = dsr()
+    rules, routes = render_dsr_routes(3, ip.rule_layout())
+    pref = dsr_rule_pref(3)
+    assert pref < 32766  # before the main table's rule
+    for i, backend in enumerate(ip.services[0].backends):
+        table = dsr_table(3, MARK_BASE + i)
+        assert table > 0xFFFF
+        assert f"rule add pref {pref} fwmark {MARK_BASE + i:#x}/0xffff lookup {table}" in rules
+        assert f"route replace default via {backend.address} table {table}" in routes
+    assert rules[-1] == f"rule add pref {pref + 1} to {VIP}/32 blackhole"
+    assert all(DsrRoutes._rule_key(line)[0] in (pref, pref + 1) for line in rules)
+
+
+# -- configuration ---------------------------------------------------------------------------------------
+DSR_CONFIG = """
+[distributor]
+mode = "dsr"
+[nodes.web1]
+address = "198.51.100.11"
+[[services]]
+vip = "203.0.113.1"
+policy = "maglev"
+backends = ["web1"]
+[announce]
+bird_config = "/etc/bird/dist1.conf"
+"""
+
+
+def test_a_dsr_config_with_announce_is_valid_and_drops_echo_by_default():
+    config = parse(DSR_CONFIG)
+    assert config.mode is Mode.DSR and config.vip_echo == "drop"
+    assert config.announce.table == 100 and config.announce.bird_config == "/etc/bird/dist1.conf"
+    assert config.announce.bird_socket.endswith(".ctl") and config.announce.bird_binary == "bird"
+
+
+@pytest.mark.parametrize("change, words", [
+    (('policy = "maglev"', 'policy = "least-outstanding"'), "expected \"maglev\""),
+    (('mode = "dsr"', 'mode = "rewrite"'), "needs distributor.mode = \"dsr\""),
+    (('mode = "dsr"', 'mode = "dsr"\nvip_echo = "answer"'), "not valid in dsr mode"),
+    (('backends = ["web1"]', 'backends = ["web1"]\npersistence = 60'), "persistence"),
+    (("[announce]", "[announce]\ntable = 254"), "253 default, 254 main"),
+    (("[announce]", "[announce]\ntable = 0"), "from 1 to"),
+    (('bird_config = "/etc/bird/dist1.conf"', "bird_config = 5"), "announce.bird_config"),
+])
+def test_what_dsr_and_announce_refuse_is_said(change, words):
+    with pytest.raises(ConfigError, match=None) as caught:
+        parse(DSR_CONFIG.replace(*change))
+    assert words in str(caught.value)
+
+
+def test_dsr_refuses_failover():
+    text = DSR_CONFIG + """
+[health]
+keys_file = "/etc/distributor/keys"
+[failover]
+address = "198.51.100.2"
+destination = "198.51.100.255:8406"
+peers = { dist2 = "198.51.100.3" }
+addresses = [{ address = "203.0.113.1/32", interface = "eth0" }]
+"""
+    with pytest.raises(ConfigError, match="not valid in dsr mode"):
+        parse(text.replace("[announce]\nbird_config = \"/etc/bird/dist1.conf\"\n", ""))
+
+
+# -- the announce core -------------------------------------------------------------------------------------
+def test_the_announce_table_announces_only_what_can_be_served_and_never_after_stop():
+    core = AnnounceCore(["203.0.113.1"])
+    assert core.start() == [WithdrawRoute("203.0.113.1")]  # a crashed run's route goes first
+    assert core.handle(ServingChanged("203.0.113.1", False, 0.0)) == []
+    commands = core.handle(ServingChanged("203.0.113.1", True, 1.0))
+    assert commands[0] == AnnounceRoute("203.0.113.1")
+    assert core.handle(ServingChanged("203.0.113.1", True, 1.5)) == []  # no change, no command
+    commands = core.handle(ServingChanged("203.0.113.1", False, 2.0, "no node"))
+    assert commands[0] == WithdrawRoute("203.0.113.1") and "no node" in commands[1].message
+    core.handle(ServingChanged("203.0.113.1", True, 3.0))
+    assert core.handle(StopRequested(4.0, 4.0))[0] == WithdrawRoute("203.0.113.1")
+    assert core.handle(ServingChanged("203.0.113.1", True, 5.0)) == []
+    assert core.states["203.0.113.1"] is AnnounceState.STOPPED
+    assert core.counts[(AnnounceState.WITHDRAWN, AnnounceState.ANNOUNCED)] == 2
+    assert all(isinstance(state, AnnounceState) for pair in TRANSITIONS for state in (pair[0], TRANSITIONS[pair]))
+    with pytest.raises(ValueError, match="not announced here"):
+        core.handle(ServingChanged("203.0.113.9", True, 6.0))
+
+
+def active_active_core() -> DistributorCore:
+    return DistributorCore("dist1", Mode.DSR, [service_spec(Policy.MAGLEV, nodes=NODES)], 100, announce=True)
+
+
+def of(commands, kind):
+    return [c for c in commands if isinstance(c, kind)]
+
+
+def test_a_distributor_announces_once_its_rules_are_in_and_withdraws_when_no_node_can_serve():
+    core = active_active_core()
+    started = core.start(0.0, 0.0)
+    install = of(started, InstallRules)[0]
+    assert of(started, WithdrawRoute) and not of(started, AnnounceRoute)
+    assert started.index(of(started, WithdrawRoute)[0]) < started.index(install)
+    assert of(core.handle(CommandDone(install, 0.1, "iptables-restore failed")), AnnounceRoute) == []
+    assert of(core.handle(CommandDone(install, 0.2)), AnnounceRoute) == [AnnounceRoute(VIP)]
+    assert core.stats(0.2).announced == ((VIP, True),)
+    commands = []
+    for i, node in enumerate(NODES):
+        commands += core.handle(request(AdminOp.MAINT, now=1.0 + i, node=node))
+    assert of(commands, WithdrawRoute) == [WithdrawRoute(VIP)]  # after the last node, not before
+    assert of(core.handle(request(AdminOp.READY, now=5.0, node="web2")), AnnounceRoute) == [AnnounceRoute(VIP)]
+
+
+def test_a_failed_rules_install_withdraws_and_a_stop_withdraws_before_the_rules_go():
+    core = active_active_core()
+    install = of(core.start(0.0, 0.0), InstallRules)[0]
+    core.handle(CommandDone(install, 0.1))
+    assert of(core.handle(CommandDone(install, 0.5, "nft failed")), WithdrawRoute) == [WithdrawRoute(VIP)]
+    core.handle(CommandDone(install, 0.6))
+    stop = core.handle(StopRequested(1.0, 1.0))
+    assert stop.index(WithdrawRoute(VIP)) < stop.index(of(stop, RemoveRules)[0])
+
+
+def test_a_dsr_service_keeps_the_maglev_policy_at_run_time():
+    core = active_active_core()
+    core.start(0.0, 0.0)
+    replies = [c for c in core.handle(request(AdminOp.SET_POLICY, service="web", policy="round-robin"))
+               if type(c).__name__ == "AdminReply"]
+    assert replies[0].status == 400 and "maglev" in replies[0].body["error"]
+
+
+def test_an_active_active_core_has_no_failover():
+    from tests.unit.test_admin_core import KEYS, Pair
+    with pytest.raises(ValueError, match="no failover"):
+        DistributorCore("dist1", Mode.DSR, [service_spec(Policy.MAGLEV)], 100, announce=True,
+                        failover=Pair.failover_options("dist1"), failover_keys=KEYS)
+
+
+def test_with_health_checking_nothing_is_announced_before_a_node_is_heard_and_dead_nodes_withdraw():
+    from common.sansio import Tick
+    from common.wire import Keys, Kind, NodeHeartbeat, seal
+    from distributor.core import HealthOptions
+    from distributor.heartbeat import HealthSettings, NodeDatagram
+    from tests.packets import WEB
+
+    keys, wall = Keys({1: b"k" * 32}), 1_800_000_000.0
+    settings = HealthSettings(tick=0.25, warning=3, dead=8, rise=2, slow_start=0.0)
+    core = DistributorCore("dist1", Mode.DSR, [service_spec(Policy.MAGLEV, nodes=NODES)], 100, announce=True,
+                           health=HealthOptions(settings, {n: WEB[n] for n in NODES}), health_keys=keys)
+    install = of(core.start(0.0, wall), InstallRules)[0]
+    assert of(core.handle(CommandDone(install, 0.1)), AnnounceRoute) == []  # rules in, but no node heard yet
+    report = NodeHeartbeat(0.1, 0.1, 2.0, 250).pack()
+    data = seal(keys, Kind.NODE_HEARTBEAT, "web2", 1, wall + 0.2, report)
+    assert of(core.handle(NodeDatagram(data, WEB["web2"], 0.2, wall + 0.2)), AnnounceRoute) == [AnnounceRoute(VIP)]
+    withdrawn = []
+    for step in range(1, 40):  # web2 falls silent, web1 and web3 were never heard: nothing can serve
+        now = 0.2 + step * settings.tick
+        withdrawn += of(core.handle(Tick(now, wall + now)), WithdrawRoute)
+    assert withdrawn == [WithdrawRoute(VIP)]
