@@ -49,19 +49,26 @@ def announcing(bed: Testbed, count: int) -> None:
 
 def scaling(bed: Testbed, rounds: int, seconds: float) -> dict:
     results: dict[str, dict[int, list[float]]] = {load: {n: [] for n in (3, 2, 1)} for load in LOADS}
+    shares: dict[str, list[float]] = {host: [] for host in DISTRIBUTORS}  # of the packets, with all 3 announcing
     errors = 0
     for round_number in range(1, rounds + 1):
         for count in (3, 2, 1):
             announcing(bed, count)
             for load, close in LOADS.items():
+                before = {host: carried(bed, host) for host in DISTRIBUTORS[:count]}
                 result = wrk.run(bed, f"http://{bed.vip}/1k.bin", duration=seconds, connections=32, close=close)
                 errors += result.errors
                 results[load][count].append(result.rps)
+                spread = {host: carried(bed, host) - before[host] for host in before}
+                if count == 3:
+                    for host, packets in spread.items():
+                        shares[host].append(packets / max(1.0, sum(spread.values())))
                 print(f"round {round_number}/{rounds}: {count} distributor(s), {load}: {result.rps:,.0f} req/s, "
-                      f"{result.errors} errors", flush=True)
+                      f"{result.errors} errors, packets per distributor {spread}", flush=True)
     announcing(bed, 3)
     return {"requests_per_second": {load: {n: statistics.median(v) for n, v in by_count.items()}
                                     for load, by_count in results.items()},
+            "packet_share_of_3": {host: round(statistics.median(v), 3) for host, v in shares.items() if v},
             "errors": errors}
 
 

@@ -684,6 +684,8 @@ class Interposer:
         lost it, and moves the connection to the flow's next node (``_unanswered``); a node's RST
         goes to the client directly and cannot be hidden.
         """
+        if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP:
+            return self._icmp_dsr(packet)
         invalid = _invalid(packet, whole=False)
         if invalid is not None:
             return invalid, None, None
@@ -731,6 +733,46 @@ class Interposer:
         if failure is not None:
             return Reason.TO_BACKEND, backend.mark, failure
         return Reason.TO_BACKEND, backend.mark, (self._ended(conn),) if done else None
+
+    def _icmp_dsr(self, packet: bytes) -> tuple[Reason, int | None, None]:
+        """An ICMP error addressed to a VIP (the rules queue no other ICMP): the mark of the node it concerns.
+
+        The node sent the quoted segment from the VIP, which it holds, so the error needs no
+        translation: it goes on unchanged to that node (the connection's, or the flow hash's for a
+        flow this distributor does not know), whose TCP lowers its path MTU or notes the error.
+        Without this a router's "fragmentation needed" about a response would meet the VIP's
+        blackhole rule here: a path MTU black hole (RFC 2923 section 2.1).  Errors about no VIP
+        connection, quoting a later fragment, or with IP options are dropped and counted.
+        """
+        length = len(packet)
+        first = packet[0]
+        if first != 0x45:
+            return (Reason.BAD_IP_HEADER if first >> 4 != 4 or first & 0x0F < 5 else Reason.IP_OPTIONS), None, None
+        if packet[6] & 0x3F or packet[7]:
+            return Reason.FRAGMENT, None, None
+        if length < 28 or packet[20] not in _ICMP_ERRORS:
+            return Reason.ICMP_UNKNOWN, None, None
+        inner = 28
+        if length < inner + 20 or packet[inner] >> 4 != 4 or packet[inner + 9] != _IPPROTO_TCP:
+            return Reason.ICMP_UNKNOWN, None, None
+        quoted = inner + (packet[inner] & 0x0F) * 4
+        if packet[inner] & 0x0F < 5 or length < quoted + 8:
+            return Reason.TRUNCATED, None, None  # RFC 792: the header and 64 bits of data
+        if packet[inner + 6] & 0x1F or packet[inner + 7]:
+            return Reason.ICMP_UNKNOWN, None, None  # a later fragment quotes no ports; the nodes' segments carry DF
+        source, destination = packet[inner + 12:inner + 16], packet[inner + 16:inner + 20]
+        sport, dport = packet[quoted:quoted + 2], packet[quoted + 2:quoted + 4]
+        service = self._by_vip.get(source + sport)
+        if service is None:
+            return Reason.ICMP_UNKNOWN, None, None
+        key = destination + source + dport + sport  # the connection's client -> VIP key
+        conn = self._lookup(key)
+        if conn is not None and conn.key == key and not conn.reset_by_us:
+            return Reason.ICMP_TO_NODE, conn.backend.mark, None
+        index = service.balancer.peek(key)
+        if index is None:
+            return Reason.ICMP_UNKNOWN, None, None
+        return Reason.ICMP_TO_NODE, service.backends[index].mark, None
 
     def _adopt(self, service: Service, key: bytes, flags: int, length: int, now: float,
                ended: "ConnectionEnded | None") -> tuple[Reason, int | None, tuple | None]:

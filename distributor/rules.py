@@ -178,7 +178,17 @@ def _render_dsr(queue: int, services: tuple[RuleService, ...], answer_echo: bool
         match_vip = f"-d {service.vip}/32 -p tcp -m tcp --dport {service.port}"
         raw.append(f"-A {chain_in} {match_vip} -j CT --notrack")
         raw.append(f"-A {chain_in} {match_vip} -j NFQUEUE --queue-num {queue}")
-    return {("raw", chain_in): raw, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services)}
+    # ICMP errors to a VIP go to the node that sent the quoted segment (Interposer._icmp_dsr), at most
+    # ICMP_QUEUE_LIMIT a second (a flood of forged errors must not take the queue from the connections).
+    errors_in, errors_queue = f"DIST{queue}-IERR", f"DIST{queue}-IQ"
+    vips = list(dict.fromkeys(str(service.vip) for service in services))
+    raw += [f"-A {chain_in} -d {vip}/32 -p icmp -j {errors_in}" for vip in vips]
+    typed = [f"-A {errors_in} -p icmp -m icmp --icmp-type {kind} -g {errors_queue}" for kind in ICMP_ERROR_TYPES]
+    limit = f"-m limit --limit {ICMP_QUEUE_LIMIT}/second --limit-burst {ICMP_QUEUE_LIMIT}"
+    queued = [f"-A {errors_queue} -j CT --notrack", f"-A {errors_queue} {limit} -j NFQUEUE --queue-num {queue}",
+              f'-A {errors_queue} -m comment --comment "{ICMP_FLOOD_TAG}" -j DROP']
+    return {("raw", chain_in): raw, ("raw", f"DIST{queue}-LOCAL"): _render_local(queue, services),
+            ("raw", errors_in): typed, ("raw", errors_queue): queued}
 
 
 def dsr_rule_pref(queue: int) -> int:

@@ -10,17 +10,21 @@ themselves (the VIP on their loopback), through the router.  What an operator wo
   request: the survivors' flows go on, and the dead one's flows continue through the others to the
   same node (the flow hash), delayed by the router's withdrawal and a TCP retransmission;
 * the router's route loses the dead distributor's path, and gets it back when it returns;
-* a distributor that can serve no node withdraws the VIP itself.
+* a distributor that can serve no node withdraws the VIP itself;
+* a "fragmentation needed" the router sends the VIP about a response reaches the node that sent it
+  (through whichever distributor the router picks), so a large download through a smaller MTU
+  completes, and the node's route shows the lowered path MTU; without that ICMP it hangs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import time
 
 import pytest
 
-from testbed import wrk
+from testbed import content, http, wrk
 from testbed.runner import wait_until
 
 DISTRIBUTORS = ("dist1", "dist2", "dist3")
@@ -111,3 +115,49 @@ def test_a_distributor_whose_nodes_are_all_out_withdraws_and_the_others_serve(be
         for node in ("web1", "web2", "web3"):
             bed.ctl(["ready", node], host=host)
     router_has_every_path(bed)
+
+
+MTU = 1400
+CLIENT = "203.0.113.10"
+DROP_FRAG_NEEDED = ["iptables", "-{}", "OUTPUT", "-p", "icmp", "--icmp-type", "fragmentation-needed", "-j", "DROP"]
+
+
+@pytest.fixture
+def small_mtu(bed):
+    """The router's link to the client carries 1,400 bytes; the nodes' cached path MTUs are flushed."""
+    def flush() -> None:
+        for node in ("web1", "web2", "web3"):
+            bed.run(node, ["ip", "route", "flush", "cache"])
+            assert f"mtu {MTU}" not in node_path_mtu(bed, node)
+
+    bed.run("router", ["ip", "link", "set", "ext0", "mtu", str(MTU)])
+    try:
+        flush()
+        yield flush
+    finally:
+        bed.run("router", ["ip", "link", "set", "ext0", "mtu", "1500"])
+        for node in ("web1", "web2", "web3"):
+            bed.run(node, ["ip", "route", "flush", "cache"])
+
+
+def node_path_mtu(bed, node: str) -> str:
+    return bed.run(node, ["ip", "route", "get", CLIENT]).stdout
+
+
+def test_without_the_routers_icmp_a_large_response_hangs(bed, small_mtu):
+    bed.run("router", [part.format("A") for part in DROP_FRAG_NEEDED])
+    try:
+        with pytest.raises(OSError):
+            http.get(bed.ns("client"), bed.vip, 80, "/1m.bin", timeout=4)
+        assert all(f"mtu {MTU}" not in node_path_mtu(bed, n) for n in ("web1", "web2", "web3"))
+    finally:
+        bed.run("router", [part.format("D") for part in DROP_FRAG_NEEDED])
+
+
+@pytest.mark.parametrize("path", ["/1m.bin", "/4m.bin"])
+def test_a_large_download_through_a_smaller_mtu_completes_and_the_node_learns_the_path_mtu(bed, small_mtu, path):
+    icmp = {host: metric(bed, host, "distributor_packets_total", reason="icmp_to_node") for host in DISTRIBUTORS}
+    reply = http.get(bed.ns("client"), bed.vip, 80, path, timeout=20)
+    assert reply.status == 200 and hashlib.sha256(reply.body).hexdigest() == content.sha256(path)
+    assert f"mtu {MTU}" in node_path_mtu(bed, reply.node), node_path_mtu(bed, reply.node)
+    assert sum(metric(bed, h, "distributor_packets_total", reason="icmp_to_node") - icmp[h] for h in DISTRIBUTORS) >= 1

@@ -131,10 +131,13 @@ def test_dsr_rules_queue_the_vips_segments_untracked_and_nothing_else():
     ip = dsr()
     rules = render_rules(0, ip.rule_layout(), Mode.DSR, answer_echo=False)
     chain = rules[("raw", "DIST0-IN")]
-    assert chain[-2:] == [f"-A DIST0-IN -d {VIP}/32 -p tcp -m tcp --dport 80 -j CT --notrack",
-                          f"-A DIST0-IN -d {VIP}/32 -p tcp -m tcp --dport 80 -j NFQUEUE --queue-num 0"]
-    assert any("--icmp-type 8" in line and "DROP" in line for line in chain)  # counted, never answered
-    assert set(rules) == {("raw", "DIST0-IN"), ("raw", "DIST0-LOCAL")}  # no NAT, no return path
+    tcp_lines = [line for line in chain if "-p tcp" in line]
+    assert tcp_lines == [f"-A DIST0-IN -d {VIP}/32 -p tcp -m tcp --dport 80 -j CT --notrack",
+                         f"-A DIST0-IN -d {VIP}/32 -p tcp -m tcp --dport 80 -j NFQUEUE --queue-num 0"]
+    assert chain[0].endswith("-j DROP") and "--icmp-type 8" in chain[0]  # echo: counted, never answered
+    assert f"-A DIST0-IN -d {VIP}/32 -p icmp -j DIST0-IERR" in chain  # errors to the VIP: to their node
+    assert any("limit" in line and "NFQUEUE" in line for line in rules[("raw", "DIST0-IQ")])
+    assert set(rules) == {("raw", "DIST0-IN"), ("raw", "DIST0-LOCAL"), ("raw", "DIST0-IERR"), ("raw", "DIST0-IQ")}
 
 
 def test_each_nodes_mark_selects_a_table_routing_via_the_node_and_unmarked_vip_packets_are_blackholed():
@@ -292,3 +295,19 @@ def test_with_health_checking_nothing_is_announced_before_a_node_is_heard_and_de
         now = 0.2 + step * settings.tick
         withdrawn += of(core.handle(Tick(now, wall + now)), WithdrawRoute)
     assert withdrawn == [WithdrawRoute(VIP)]
+
+
+def test_an_icmp_error_about_a_response_goes_unchanged_to_the_node_that_sent_it():
+    from tests.unit.test_icmp import icmp_error
+    ip, other = dsr(), dsr()
+    _, node, _ = ip.decide(tcp(CLIENT, VIP, 40010, 80, "S", seq=1), 0.0)
+    response = tcp(VIP, CLIENT, 80, 40010, "A", payload=b"x" * 100)  # the node sent it from the VIP
+    error = icmp_error("192.0.2.254", VIP, response[:28])
+    assert ip.decide(error, 0.1) == (Reason.ICMP_TO_NODE, node, None)
+    # A distributor that never saw the connection sends it to the flow hash's node: the same one.
+    assert other.decide(error, 0.1) == (Reason.ICMP_TO_NODE, node, None)
+    # About no VIP connection, or quoting too little: dropped and counted.
+    stranger = icmp_error("192.0.2.254", VIP, tcp("198.51.100.99", CLIENT, 80, 40010, "A")[:28])
+    assert ip.decide(stranger, 0.1)[:2] == (Reason.ICMP_UNKNOWN, None)
+    assert ip.decide(icmp_error("192.0.2.254", VIP, response[:24]), 0.1)[:2] == (Reason.TRUNCATED, None)
+    assert ip.decide(icmp_error("192.0.2.254", VIP, b""), 0.1)[1] is None
