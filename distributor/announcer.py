@@ -70,14 +70,18 @@ class RouteTable:
         return result
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec: the kernel sends SIGTERM to BIRD when the thread that
-    # forked it (the daemon's main thread) exits, SIGKILL included.
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
-        os._exit(127)
-    if os.getppid() == 1:  # the daemon died before prctl took effect
-        os._exit(0)
+_prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child may not dlopen between fork and exec
+
+
+def _dying_with(parent: int) -> Callable[[], None]:
+    """What the child runs between fork and exec: the kernel sends BIRD SIGTERM when the thread that
+    forked it (the daemon's main thread) exits, SIGKILL included."""
+    def set_death_signal() -> None:
+        if _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            os._exit(127)
+        if os.getppid() != parent:  # the daemon died before prctl took effect
+            os._exit(0)
+    return set_death_signal
 
 
 class BirdProcess:
@@ -108,7 +112,7 @@ class BirdProcess:
         """Start BIRD (from the daemon's main thread: the death signal follows the thread that forked)."""
         self._stopping = False
         self.process = subprocess.Popen([self.binary, "-f", "-c", self.config, "-s", self.socket],
-                                        stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                        stdin=subprocess.DEVNULL, preexec_fn=_dying_with(os.getpid()))
         self.starts += 1
         log.info("started BIRD (pid %d) with %s", self.process.pid, self.config)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(self.process), name="bird")
@@ -123,7 +127,11 @@ class BirdProcess:
             self.on_exit(code)
         await asyncio.sleep(RESTART_DELAY)
         if not self._stopping:
-            self.start()
+            try:
+                self.start()
+            except OSError as exc:  # the binary went away: said, and tried again at the same pace
+                log.error("cannot start BIRD again: %s", exc)
+                self._watcher = asyncio.get_running_loop().create_task(self._watch(process), name="bird")
 
     async def stop(self, grace: float = 5.0) -> None:
         self._stopping = True

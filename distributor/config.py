@@ -27,6 +27,7 @@ from .contentcore import AdministrationOptions
 from .core import HealthOptions
 from .heartbeat import HealthSettings, OnDead
 from .reroute import BackendSpec, Mode, ServiceSpec
+from .rules import DSR_MAX_QUEUE, dsr_table
 from .synauth import SynAuth
 
 __all__ = ["ConfigError", "Config", "load", "parse"]
@@ -234,7 +235,7 @@ def parse(text: str, source: str = "<config>") -> Config:
     api = _api(top, services, failover)
     administration = _administration(top, name, health)
     announce = _announce(top, name)
-    _check_dsr(mode, services, failover, announce)
+    _check_dsr(mode, queue, services, failover, announce)
     top.done()
     return Config(
         name=name,
@@ -290,7 +291,7 @@ def _announce(top: TableReader, name: str) -> AnnounceConfig | None:
     return AnnounceConfig(number, bird_config or None, socket, binary)
 
 
-def _check_dsr(mode: Mode, services: tuple[ServiceSpec, ...], failover: FailoverConfig | None,
+def _check_dsr(mode: Mode, queue: int, services: tuple[ServiceSpec, ...], failover: FailoverConfig | None,
                announce: AnnounceConfig | None) -> None:
     """Direct server return and active-active go together (docs/scale-out.md says why)."""
     if announce is not None and mode is not Mode.DSR:
@@ -298,6 +299,12 @@ def _check_dsr(mode: Mode, services: tuple[ServiceSpec, ...], failover: Failover
                           "distributor forwards, and the nodes answer the clients themselves")
     if mode is not Mode.DSR:
         return
+    if queue > DSR_MAX_QUEUE:
+        raise ConfigError(f"distributor.queue: {queue} is not valid in dsr mode; expected 0 to {DSR_MAX_QUEUE} (its "
+                          "policy-rule priorities, 10000 + 2 x queue, must stay below the main table's 32766)")
+    if announce is not None and announce.table >> 16 == dsr_table(queue, 0) >> 16:
+        raise ConfigError(f"announce.table: {announce.table} is not valid; tables {dsr_table(queue, 0)} to "
+                          f"{dsr_table(queue, 0xFFFF)} are dsr mode's node routes for queue {queue}")
     if failover is not None:
         raise ConfigError("[failover]: not valid in dsr mode: dsr distributors are all active ([announce]); "
                           "primary-backup uses mode \"rewrite\" or \"kernel\"")
@@ -307,8 +314,13 @@ def _check_dsr(mode: Mode, services: tuple[ServiceSpec, ...], failover: Failover
                               "\"maglev\": the connection table is a cache there, and a flow it does not know must "
                               "reach the node every distributor chose for it")
         if service.persistence:
-            raise ConfigError(f"services[{i}].persistence: not valid in dsr mode (each distributor would remember "
-                              "its own clients); expected 0")
+            raise ConfigError(f"services[{i}].persistence: {service.persistence:g} is not valid in dsr mode (each "
+                              "distributor would remember its own clients); expected 0")
+        for backend in service.backends:
+            if backend.port != service.port:
+                raise ConfigError(f"services[{i}]: node {backend.name}'s port {backend.port} is not valid in dsr "
+                                  f"mode; expected the VIP's port, {service.port} (the packet reaches the node "
+                                  "unchanged, so no port is translated)")
 
 
 def _administration(top: TableReader, name: str, health: HealthConfig | None) -> AdministrationConfig | None:

@@ -330,7 +330,9 @@ class DistributorCore:
             commands: list[Command] = []
             if isinstance(event, CommandDone):
                 if isinstance(event.command, InstallRules):
-                    self._rules_ok = event.error is None
+                    # A later install that fails (a node added at run time whose route the kernel
+                    # refuses) leaves the rules in place; the new node waits (_rules_done).
+                    self._rules_ok = self._rules_ok or event.error is None
                 elif isinstance(event.command, RemoveRules):
                     self._rules_ok = False
                 commands = self._rules_done(event)

@@ -399,12 +399,18 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     owner = AddressOwner(list(config.failover.addresses), config.failover.garp_count) if config.failover else None
     routes = RouteTable(config.announce.table) if config.announce is not None else None
     bird: BirdProcess | None = None
+    events = EventLog()
     if config.announce is not None and config.announce.bird_config:
-        bird = BirdProcess(config.announce.bird_binary, config.announce.bird_config, config.announce.bird_socket)
+        bird = BirdProcess(config.announce.bird_binary, config.announce.bird_config, config.announce.bird_socket,
+                           on_exit=lambda code: events.add("log", level="error", message=f"BIRD exited with {code}: "
+                                                           "the VIPs are not announced until it is back"))
         await asyncio.to_thread(bird.check)  # a mistake in BIRD's config is said before anything changes
+    elif config.announce is not None:
+        log.warning("announce.bird_config is empty: BIRD is the operator's to run, and it keeps announcing the VIPs "
+                    "in table %d if this daemon dies (run BIRD with announce.bird_config to have it die too)",
+                    config.announce.table)
     endpoints: list[DatagramEndpoint] = []
     peers: DatagramEndpoint | None = None
-    events = EventLog()
     administration = config.administration
     blobs: BlobStore | None = None
     administrator: NodeAdministrator | None = None

@@ -529,6 +529,7 @@ class Interposer:
         # Rewrite mode: connections that idled out, key -> (node address, node port, forget at).
         self._expired: collections.OrderedDict[bytes, tuple[bytes, bytes, float]] = collections.OrderedDict()
         self._expired_limit = max(1024, table.capacity // 4)
+        self._adopt_limit = table.capacity * 3 // 4  # dsr: adopted flows get entries only below this
 
     # -- the per-packet path -------------------------------------------------
     def decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
@@ -679,10 +680,9 @@ class Interposer:
     def _decide_dsr(self, packet: bytes, now: float) -> tuple[Reason, int | None, tuple | None]:
         """A client segment to a VIP (the rules queue nothing else): the mark of its node's route.
 
-        The packet is never changed, so only its headers were copied.  Passive health works from the
-        client's side alone: a retransmitted SYN is a SYN-ACK that never reached the client, whoever
-        lost it, and moves the connection to the flow's next node (``_unanswered``); a node's RST
-        goes to the client directly and cannot be hidden.
+        The packet is never changed, so only its headers were copied.  No passive health: the node's
+        answers never pass here (see below); the heartbeat counters alone exclude a node, and a
+        node's RST goes to the client directly.
         """
         if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP:
             return self._icmp_dsr(packet)
@@ -704,24 +704,24 @@ class Interposer:
         if conn is None:
             if flags & (SYN | ACK) == SYN:
                 return self._unknown(packet, key, flags, now, ended)
+            if flags & RST and self.syn_auth is not None and self.syn_auth.answer(packet, now):
+                return Reason.SYN_VERIFIED, None, (ended,) if ended is not None else None
             return self._adopt(service, key, flags, packet[2] << 8 | packet[3], now, ended)
+        if conn.key != key:
+            return Reason.UNKNOWN_REPLY, None, None  # a "reply" to the VIP: only a forged source makes one
         if conn.reset_by_us:
             if flags & ACK and not flags & RST:
                 return Reason.RESET_CONNECTION, None, (SendPacket(_reset_for(packet, conn.backend)),)
             return Reason.RESET_CONNECTION, None, None
         if flags & ACK:
             conn.client_ack = packet[28:32]  # the node's next sequence number: what an RST to the client needs
-            if conn.state is TcpState.SYN_SEEN and not flags & SYN:
-                conn.backend.alive_at = now  # the client acknowledges the node's SYN-ACK: the node answered
-                if self.syn_auth is not None:
-                    self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
-        failure = None
-        if (flags & SYN and conn.state is TcpState.SYN_SEEN and packet[24:28] == conn.isn
-                and now - conn.last_seen >= SYN_RETRY_MIN):
-            verdict = self._unanswered(packet, conn, now)
-            if verdict[0] is not Reason.TO_BACKEND:
-                return verdict
-            failure = verdict[2] or None
+            if conn.state is TcpState.SYN_SEEN and not flags & SYN and self.syn_auth is not None:
+                self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
+        # A retransmitted SYN stays with its node while the heartbeat counters keep the node in service
+        # (one they exclude made the entry start over, above).  This distributor cannot see the node's
+        # SYN-ACK: moving the connection on a lost SYN-ACK would split its handshake between two
+        # nodes (the client may yet acknowledge the first one's retransmitted SYN-ACK), and anyone
+        # could send a SYN twice to have a live node reported; so dsr reports no passive failures.
         if flags & (FIN | RST):
             # The node's FIN never passes here: the client's FIN or RST ends the connection (as IPVS's
             # direct routing does); its last ACKs follow the CLOSED entry, or the flow hash after it.
@@ -730,8 +730,6 @@ class Interposer:
             done = self.table.advance(conn, flags, True, now)
         backend = conn.backend
         backend.bytes_in += packet[2] << 8 | packet[3]  # the whole packet's length: only its headers were copied
-        if failure is not None:
-            return Reason.TO_BACKEND, backend.mark, failure
         return Reason.TO_BACKEND, backend.mark, (self._ended(conn),) if done else None
 
     def _icmp_dsr(self, packet: bytes) -> tuple[Reason, int | None, None]:
@@ -784,7 +782,10 @@ class Interposer:
         """
         before = (ended,) if ended is not None else None
         balancer = service.balancer
-        if flags & (FIN | RST):
+        if flags & (FIN | RST) or len(self.table) >= self._adopt_limit:
+            # A closing segment is sent on without an entry; so is every adopted segment once the table
+            # is three quarters full: forged mid-stream segments cost no handshake and must not take
+            # the room new connections need (the flow hash names the node again at each segment).
             index = balancer.peek(key)
             if index is None:
                 return Reason.NO_BACKEND, None, before
@@ -924,12 +925,11 @@ class Interposer:
                                                                                 False, sent),)
         backend, effects = moved
         backend.bytes_in += len(packet)
-        out = backend.mark if self._dsr else _to_backend(packet, backend)
         if alive:
             # The connection moves all the same (cheap, and its client waits no longer); the node stays.
-            return Reason.SYN_REDISPATCHED, out, tuple(effects)
+            return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), tuple(effects)
         failure = PassiveFailure(failed.name, PassiveKind.UNANSWERED, key, True, sent)
-        return Reason.SYN_REDISPATCHED, out, (failure, *effects)
+        return Reason.SYN_REDISPATCHED, _to_backend(packet, backend), (failure, *effects)
 
     @staticmethod
     def _spare(conn: Connection) -> bool:

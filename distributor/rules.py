@@ -42,7 +42,7 @@ from typing import Iterable
 from .reroute import END_MARK, ICMP_ERROR_TYPES, MARK_MASK, Mode, RuleService
 
 __all__ = ["Rules", "Guard", "GuardSpec", "RulesError", "render_rules", "render_return_path", "render_guard",
-           "DsrRoutes", "render_dsr_routes", "dsr_rule_pref", "dsr_table",
+           "DsrRoutes", "render_dsr_routes", "dsr_rule_pref", "dsr_table", "DSR_MAX_QUEUE",
            "chain_names", "UNKNOWN_REPLY_TAG", "ICMP_FLOOD_TAG", "ECHO_REFUSED_TAG"]
 
 log = logging.getLogger("distributor.rules")
@@ -191,9 +191,12 @@ def _render_dsr(queue: int, services: tuple[RuleService, ...], answer_echo: bool
             ("raw", errors_in): typed, ("raw", errors_queue): queued}
 
 
+DSR_MAX_QUEUE = 9999  # dsr queue numbers (the config refuses higher ones: their rule priorities would repeat)
+
+
 def dsr_rule_pref(queue: int) -> int:
     """The priority of a dsr queue's mark rules; its VIPs' blackhole rule has the next one.  Both come
-    before the main table's rule (32766), and no two queues below 10,000 share them."""
+    before the main table's rule (32766), and no two queues up to DSR_MAX_QUEUE share them."""
     return 10000 + 2 * (queue % 10000)
 
 
@@ -273,18 +276,25 @@ class DsrRoutes:
         return pref, "lookup", words[words.index("lookup") + 1], words[words.index("fwmark") + 1].split("/")[0]
 
     def _existing(self) -> dict[tuple[int, str, str, str], str]:
-        """Our rules in the kernel: key (as :meth:`_rule_key`) -> the spec that deletes it."""
+        """Our rules in the kernel: key (as :meth:`_rule_key`) -> the spec that deletes it.
+
+        Ours: at our priorities, a mark rule looking up a table of our block (:func:`dsr_table`), or
+        a blackhole rule to one address; an operator's rule at the same priority is left alone.
+        """
         pref = dsr_rule_pref(self.queue)
+        block = dsr_table(self.queue, 0) >> 16
         listing = json.loads(self._run(["ip", "-j", "rule", "show"]).stdout or "[]")
         found: dict[tuple[int, str, str, str], str] = {}
         for rule in listing:
             priority = rule.get("priority")
             if priority not in (pref, pref + 1):
                 continue
-            if rule.get("action") == "blackhole" and "dst" in rule:
+            if priority == pref + 1 and rule.get("action") == "blackhole" and "dst" in rule \
+                    and rule.get("dstlen", 32) == 32:
                 key = (priority, "blackhole", "", rule["dst"])
-                found[key] = f"pref {priority} to {rule['dst']}/{rule.get('dstlen', 32)} blackhole"
-            elif "fwmark" in rule and "table" in rule:
+                found[key] = f"pref {priority} to {rule['dst']}/32 blackhole"
+            elif (priority == pref and "fwmark" in rule and str(rule.get("table", "")).isdigit()
+                  and int(rule["table"]) >> 16 == block):
                 mark = f"{int(rule['fwmark'], 16):#x}"
                 key = (priority, "lookup", str(rule["table"]), mark)
                 found[key] = f"pref {priority} fwmark {mark}/{rule.get('fwmask', hex(MARK_MASK))} lookup {rule['table']}"

@@ -7,7 +7,9 @@ load, is tests/e2e/test_active_active_e2e.py.
 
 from __future__ import annotations
 
+import json
 import random
+import subprocess
 
 import pytest
 
@@ -90,26 +92,45 @@ def test_the_clients_fin_ends_the_connection_and_its_last_acks_still_reach_the_n
     assert ip.decide(tcp(CLIENT, VIP, 40002, 80, "A"), 0.03)[:2] == (Reason.TO_BACKEND, node)
 
 
-def test_a_syn_retransmitted_before_the_client_acknowledged_moves_to_the_flows_next_node():
+def test_a_retransmitted_syn_stays_with_its_node_until_the_heartbeats_exclude_it():
     ip = dsr()
     syn = tcp(CLIENT, VIP, 40003, 80, "S", seq=77)
     _, first, _ = ip.decide(syn, 0.0)
-    reason, out, effects = ip.decide(syn, 1.0)  # the client's RTO: no SYN-ACK reached it
-    assert reason is Reason.SYN_REDISPATCHED and out in MARKS and out != first
-    failures = [e for e in effects if isinstance(e, PassiveFailure)]
-    assert [f.node for f in failures] == [MARKS[first]]
-    # Every distributor computes the same next node for the flow.
+    # The node's SYN-ACK never passes here: a retransmission may be a lost SYN-ACK, or a forged SYN.
+    assert ip.decide(syn, 1.0) == (Reason.TO_BACKEND, first, None)
+    ip.set_node_available(MARKS[first], False)  # the heartbeat counters excluded it
+    reason, out, effects = ip.decide(syn, 3.0)
+    assert reason is Reason.NEW_CONNECTION and out in MARKS and out != first
+    assert not [e for e in effects if isinstance(e, PassiveFailure)]
+    # Every distributor given the same node set computes the same node for the flow.
     other = dsr()
-    other.decide(syn, 0.0)
-    assert other.decide(syn, 1.0)[1] == out
+    other.set_node_available(MARKS[first], False)
+    assert other.decide(syn, 0.0)[1] == out
 
 
-def test_a_handshake_the_client_completed_proves_the_node_alive():
-    ip = dsr()
-    _, node, _ = ip.decide(tcp(CLIENT, VIP, 40004, 80, "S", seq=5), 0.0)
-    ip.decide(tcp(CLIENT, VIP, 40004, 80, "A", seq=6), 0.2)
-    backend = ip.services[0].backends[NODES.index(MARKS[node])]
-    assert backend.alive_at == 0.2
+def test_forged_mid_stream_segments_cannot_take_the_room_new_connections_need():
+    ip = Interposer([service_spec(Policy.MAGLEV, nodes=NODES)], ConnectionTable(1000), Mode.DSR, flow_secret=b"s")
+    for client, port in flows(2000, seed=9):
+        assert ip.decide(tcp(client, VIP, port, 80, "A"), 0.0)[0] is Reason.ADOPTED_FLOW
+    assert len(ip) == 750  # past three quarters full, adopted segments are forwarded without an entry
+    for port in range(41000, 41200):
+        assert ip.decide(tcp(CLIENT, VIP, port, 80, "S", seq=1), 1.0)[0] is Reason.NEW_CONNECTION
+    opened = sum(ip.services[0].balancer.outstanding(i) for i in range(3))
+    assert opened == len(ip) == 950
+
+
+def test_a_client_answering_a_syn_cookie_is_verified_not_adopted():
+    from distributor.synauth import SynAuth
+    auth = SynAuth(b"k" * 32, 64)
+    auth.always = True
+    ip = Interposer([service_spec(Policy.MAGLEV, nodes=NODES)], ConnectionTable(100), Mode.DSR, auth, b"s")
+    syn = tcp(CLIENT, VIP, 40020, 80, "S", seq=500)
+    reason, _, effects = ip.decide(syn, 0.0)
+    assert reason is Reason.SYN_CHALLENGED
+    challenge = effects[-1].packet  # a SYN-ACK from the VIP carrying the cookie; a real client answers with an RST
+    cookie = int.from_bytes(challenge[28:32], "big")
+    assert ip.decide(tcp(CLIENT, VIP, 40020, 80, "R", seq=cookie), 0.1)[0] is Reason.SYN_VERIFIED
+    assert ip.decide(syn, 1.0)[0] is Reason.NEW_CONNECTION
 
 
 def test_a_packet_that_is_not_for_a_service_or_malformed_gets_no_mark():
@@ -184,6 +205,9 @@ def test_a_dsr_config_with_announce_is_valid_and_drops_echo_by_default():
     (("[announce]", "[announce]\ntable = 254"), "253 default, 254 main"),
     (("[announce]", "[announce]\ntable = 0"), "from 1 to"),
     (('bird_config = "/etc/bird/dist1.conf"', "bird_config = 5"), "announce.bird_config"),
+    (('mode = "dsr"', 'mode = "dsr"\nqueue = 10000'), "expected 0 to 9999"),
+    (("[announce]", "[announce]\ntable = 69632"), "dsr mode's node routes"),
+    (('backends = ["web1"]', 'backends = [{ node = "web1", port = 8080 }]'), "expected the VIP's port, 80"),
 ])
 def test_what_dsr_and_announce_refuse_is_said(change, words):
     with pytest.raises(ConfigError, match=None) as caught:
@@ -249,12 +273,12 @@ def test_a_distributor_announces_once_its_rules_are_in_and_withdraws_when_no_nod
     assert of(core.handle(request(AdminOp.READY, now=5.0, node="web2")), AnnounceRoute) == [AnnounceRoute(VIP)]
 
 
-def test_a_failed_rules_install_withdraws_and_a_stop_withdraws_before_the_rules_go():
+def test_a_later_failed_install_keeps_the_vip_and_a_stop_withdraws_before_the_rules_go():
     core = active_active_core()
     install = of(core.start(0.0, 0.0), InstallRules)[0]
     core.handle(CommandDone(install, 0.1))
-    assert of(core.handle(CommandDone(install, 0.5, "nft failed")), WithdrawRoute) == [WithdrawRoute(VIP)]
-    core.handle(CommandDone(install, 0.6))
+    # A node added at run time whose route the kernel refuses: the rules in place still serve.
+    assert of(core.handle(CommandDone(install, 0.5, "ip: Nexthop has invalid gateway")), WithdrawRoute) == []
     stop = core.handle(StopRequested(1.0, 1.0))
     assert stop.index(WithdrawRoute(VIP)) < stop.index(of(stop, RemoveRules)[0])
 
@@ -311,3 +335,30 @@ def test_an_icmp_error_about_a_response_goes_unchanged_to_the_node_that_sent_it(
     assert ip.decide(stranger, 0.1)[:2] == (Reason.ICMP_UNKNOWN, None)
     assert ip.decide(icmp_error("192.0.2.254", VIP, response[:24]), 0.1)[:2] == (Reason.TRUNCATED, None)
     assert ip.decide(icmp_error("192.0.2.254", VIP, b""), 0.1)[1] is None
+
+
+def test_the_routes_adapter_owns_only_its_tables_and_blackholes_at_its_priorities():
+    pref = dsr_rule_pref(0)
+    listing = [
+        {"priority": pref, "src": "all", "fwmark": "0x1000", "fwmask": "0xffff", "table": str(dsr_table(0, 0x1000))},
+        {"priority": pref, "src": "all", "fwmark": "0x1", "fwmask": "0xffff", "table": "100"},  # an operator's
+        {"priority": pref + 1, "src": "all", "dst": VIP, "action": "blackhole"},
+        {"priority": 32766, "src": "all", "table": "main"},
+    ]
+    calls = []
+
+    class Fake(DsrRoutes):
+        def _run(self, argv, stdin=None):
+            calls.append((argv, stdin))
+            return subprocess.CompletedProcess(argv, 0, json.dumps(listing) if "show" in argv else "", "")
+
+    assert Fake(0).remove()
+    script = calls[-1][1]
+    assert f"rule del pref {pref} fwmark 0x1000/0xffff lookup {dsr_table(0, 0x1000)}" in script
+    assert f"rule del pref {pref + 1} to {VIP}/32 blackhole" in script
+    assert "lookup 100" not in script and "table 100" not in script
+    calls.clear()
+    Fake(0).install(dsr().rule_layout())  # the existing mark rule stays; the others are added
+    script = calls[-1][1]
+    assert f"fwmark 0x1000/0xffff" not in script.replace("route", "")  # not added again
+    assert f"rule add pref {pref} fwmark 0x1001/0xffff lookup {dsr_table(0, 0x1001)}" in script
