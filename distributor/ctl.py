@@ -104,8 +104,10 @@ class Client:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distributorctl", description="Operate a running distributor through its "
                                      "control API: nodes, drains, weights, policies, explain, failover, events.")
-    parser.add_argument("--url", default=os.environ.get("DISTRIBUTOR_URL", DEFAULT_URL),
-                        help="the control API (default: $DISTRIBUTOR_URL or %(default)s)")
+    parser.add_argument("--url", action="append",
+                        help="the control API (default: $DISTRIBUTOR_URL or " + DEFAULT_URL + "); repeat it to run "
+                        "the command on each distributor in turn (active-active: a node-set change must be made on "
+                        "every one); $DISTRIBUTOR_URL may list several, separated by commas")
     parser.add_argument("--token", default=os.environ.get("DISTRIBUTOR_TOKEN"),
                         help="bearer token (default: $DISTRIBUTOR_TOKEN)")
     parser.add_argument("--token-file", help="read the token from this file (its first line)")
@@ -222,11 +224,28 @@ def main(argv: list[str] | None = None) -> int:
     if token is not None and (not token.isascii() or not token.isprintable() or " " in token):
         print("distributorctl: the token is not valid: expected printable ASCII with no spaces", file=sys.stderr)
         return 2
-    problem = _url_problem(args.url)
-    if problem is not None:
-        print(f"distributorctl: --url {args.url!r} is not valid: {problem}; expected e.g. {DEFAULT_URL}", file=sys.stderr)
-        return 2
-    client = Client(args.url, token)
+    urls = args.url or [u.strip() for u in os.environ.get("DISTRIBUTOR_URL", DEFAULT_URL).split(",") if u.strip()]
+    for url in urls:
+        problem = _url_problem(url)
+        if problem is not None:
+            print(f"distributorctl: --url {url!r} is not valid: {problem}; expected e.g. {DEFAULT_URL}", file=sys.stderr)
+            return 2
+    worst = 0
+    try:
+        for url in urls:
+            if len(urls) > 1:
+                print(f"== {url} ==", flush=True)
+            code = _run_one(Client(url, token), args)
+            if code == 2:
+                return 2  # a usage error is the same everywhere: said once
+            worst = max(worst, code)
+    except KeyboardInterrupt:
+        return 0
+    return worst
+
+
+def _run_one(client: Client, args: argparse.Namespace) -> int:
+    """The command against one distributor: its exit status (0, 1 refused, 2 usage, 3 unreachable)."""
     try:
         return run(client, args)
     except UsageError as exc:
@@ -238,8 +257,6 @@ def main(argv: list[str] | None = None) -> int:
     except Unreachable as exc:
         print(f"distributorctl: {exc}", file=sys.stderr)
         return 3
-    except KeyboardInterrupt:
-        return 0
 
 
 def _url_problem(url: str) -> str | None:

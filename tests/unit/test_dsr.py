@@ -362,3 +362,15 @@ def test_the_routes_adapter_owns_only_its_tables_and_blackholes_at_its_prioritie
     script = calls[-1][1]
     assert f"fwmark 0x1000/0xffff" not in script.replace("route", "")  # not added again
     assert f"rule add pref {pref} fwmark 0x1001/0xffff lookup {dsr_table(0, 0x1001)}" in script
+
+
+def test_distributorctl_runs_a_change_on_every_distributor_named(capsys):
+    from distributor import ctl
+    urls = ["http://127.0.0.1:9", "http://127.0.0.1:11"]  # nothing listens: each is tried, in turn
+    assert ctl.main(["--url", urls[0], "--url", urls[1], "--token", "t", "maint", "web1"]) == 3
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"== {urls[0]} ==", f"== {urls[1]} =="]
+    assert all(f"cannot reach the distributor at {url}" in err for url in urls)
+    # A bad address among them is said before any distributor is changed.
+    assert ctl.main(["--url", urls[0], "--url", "nota url", "--token", "t", "maint", "web1"]) == 2
+    assert "cannot reach" not in capsys.readouterr().err
