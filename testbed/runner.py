@@ -766,20 +766,24 @@ def _distributor_fields(topology: Topology, options: Options, host: Host, keys_f
 def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
                               api_tokens: Path | None = None) -> str:
     peers = ", ".join(f'{d.name} = "{d.address_on("int")}"' for d in topology.by_role("distributor") if d.name != host.name)
-    return DISTRIBUTOR_CONF.format(
-        **_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
+    failover = FAILOVER_CONF.format(
         priority=topology.priorities[host.name],
         preempt="true" if options.preempt else "false",
         lan_address=host.address_on("int"),
         broadcast=topology.bridges["int"].broadcast_address,
         failover_port=FAILOVER_PORT,
         peers=peers,
+        vip=topology.vip,
         ext=_ifname(host, "ext"),
         int=_ifname(host, "int"),
         gateway=topology.gateway,
         gateway_prefix=topology.bridges["int"].prefixlen,
         failover_extra="" if options.garp_refresh is None else f"garp_refresh = {options.garp_refresh:g}\n",
+    )
+    return DISTRIBUTOR_CONF.format(
+        **_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
         service_extra=f"persistence = {options.persistence:g}\n" if options.persistence else "",
+        cluster=f"\n{failover}",
     )
 
 
@@ -788,12 +792,10 @@ def render_active_active_config(topology: Topology, options: Options, host: Host
     """An active-active distributor's config: no [failover] (every distributor is active); [announce] names the
     BIRD the daemon starts (its config from :func:`render_distributor_bird_config`, in ``directory``)."""
     check_options(options)
-    return ACTIVE_ACTIVE_CONF.format(
-        **_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
-        bird_config=directory / "bird.conf",
-        bird_socket=directory / "bird.ctl",
-        table=ANNOUNCE_TABLE,
-    )
+    announce = ANNOUNCE_CONF.format(bird_config=directory / "bird.conf", bird_socket=directory / "bird.ctl",
+                                    table=ANNOUNCE_TABLE)
+    return DISTRIBUTOR_CONF.format(**_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
+                                   service_extra="", cluster=f"\n{announce}")
 
 
 def render_router_bird_config(topology: Topology, host: Host) -> str:
@@ -923,7 +925,13 @@ listen = "0.0.0.0:{heartbeat_port}"
 keys_file = "{keys}"
 on_dead = "{on_dead}"
 {health_extra}
+{cluster}
+[alerts]
+log_file = "{alert_log}"
+{smtp}{api}{administration}"""
 
+# Primary-backup's [failover] (the {cluster} part of DISTRIBUTOR_CONF).
+FAILOVER_CONF = """\
 [failover]
 priority = {priority}
 preempt = {preempt}
@@ -935,49 +943,15 @@ peers = {{ {peers} }}
     {{ address = "{vip}/32", interface = "{ext}" }},
     {{ address = "{gateway}/{gateway_prefix}", interface = "{int}" }},
 ]
+"""
 
-[alerts]
-log_file = "{alert_log}"
-{smtp}{api}{administration}"""
-
-# Active-active (Options.active_active): the same but for [failover], which gives way to [announce].
-ACTIVE_ACTIVE_CONF = """\
-# Written by cluster-testbed for {name}.
-[distributor]
-name = "{name}"
-mode = "{mode}"
-queue = 0
-state_file = "{state_file}"
-
-[table]
-capacity = {capacity}
-timeouts = {{ established = {established} }}
-
-[metrics]
-listen = "127.0.0.1:{metrics_port}"
-
-{nodes}
-[[services]]
-name = "http"
-vip = "{vip}"
-port = {port}
-policy = "{policy}"
-backends = [{backends}]
-
-[health]
-listen = "0.0.0.0:{heartbeat_port}"
-keys_file = "{keys}"
-on_dead = "{on_dead}"
-{health_extra}
-
+# Active-active's [announce] instead (Options.active_active): no failover, every distributor is active.
+ANNOUNCE_CONF = """\
 [announce]
 bird_config = "{bird_config}"
 bird_socket = "{bird_socket}"
 table = {table}
-
-[alerts]
-log_file = "{alert_log}"
-{smtp}{api}{administration}"""
+"""
 
 # BIRD 2 (Debian's bird2), as tested in docs/scale-out.md. Both log to stderr: the runner's (or the
 # daemon's) log of the service.

@@ -178,19 +178,16 @@ def build(nodes: int = 3, monitor: bool = False, active_active: int = 0) -> Topo
             sysctls=_ROUTER_SYSCTLS,
         ),
     ]
-    for n in range(1, nodes + 1):
-        hosts.append(
-            Host(
-                f"web{n}",
-                "web",
-                (Link("int", "eth0", ipaddress.IPv4Interface(f"198.51.100.{10 + n}/24")),),
-                default_gateway=GATEWAY,
-                services=("nginx", "agent"),
-            )
-        )
+    hosts += [_web(n) for n in range(1, nodes + 1)]
     if monitor:
         hosts.append(Host("monitor", "monitor", (Link("int", "eth0", MONITOR),), services=MONITOR_SERVICES))
     return Topology(tuple(hosts))
+
+
+def _web(n: int, **extra) -> Host:
+    """Web node ``n``: nginx and an agent at .10+n on the cluster LAN, whose gateway is GATEWAY."""
+    return Host(f"web{n}", "web", (Link("int", "eth0", ipaddress.IPv4Interface(f"198.51.100.{10 + n}/24")),),
+                default_gateway=GATEWAY, services=("nginx", "agent"), **extra)
 
 
 def _build_active_active(nodes: int, monitor: bool, count: int) -> Topology:
@@ -224,17 +221,8 @@ def _build_active_active(nodes: int, monitor: bool, count: int) -> Topology:
                 sysctls=_ROUTER_SYSCTLS,
             )
         )
-    for n in range(1, nodes + 1):
-        hosts.append(
-            Host(
-                f"web{n}",
-                "web",
-                (Link("int", "eth0", ipaddress.IPv4Interface(f"198.51.100.{10 + n}/24")),),
-                default_gateway=GATEWAY,  # the router: replies from the VIP go straight back through it
-                services=("nginx", "agent"),
-                sysctls=_DSR_NODE_SYSCTLS,
-                loopback=(ipaddress.IPv4Interface(f"{VIP}/32"),),
-            )
-        )
+    # The nodes' gateway is the router: replies from the VIP go straight back through it.
+    hosts += [_web(n, sysctls=_DSR_NODE_SYSCTLS, loopback=(ipaddress.IPv4Interface(f"{VIP}/32"),))
+              for n in range(1, nodes + 1)]
     return Topology(tuple(hosts), bridges={"ext": EXT_NET, "int": INT_NET, **uplinks}, priorities={},
                     active_active=count)
