@@ -55,8 +55,8 @@ from backup.roles import Role
 from common.sansio import Alert, Command, CommandDone, Level, Log, StopRequested, Tick, WakeUpAt
 from common.wire import Keys
 
-from .announce import AnnounceCore, ServingChanged
 from .admin import AdminOp, AdminReply, AdminRequest, AdminState, LayoutView, RuntimeState, SaveState, validate
+from .announce import AnnounceCore, ServingChanged
 from .balancer import Policy
 from .conntable import ConnectionTable, Timeouts
 from .contentcore import (ActiveChanged, AdministrationOptions, BundleAdd, BundleRemove, ContentCore, ContentDelete,
@@ -229,7 +229,7 @@ class DistributorCore:
             if failover is not None:
                 raise ValueError("an active-active distributor announces its VIPs; it has no failover")
             self.announce = AnnounceCore(dict.fromkeys(str(s.vip) for s in self.base_services))
-        self._rules_ok = False  # the data path's rules are installed (the last InstallRules succeeded)
+        self._rules_ok = False  # the data path's rules are in: an InstallRules succeeded since start or RemoveRules
         self._last_now = 0.0  # the latest event's time (the announce core's transitions are stamped with it)
         self._next_housekeeping: float | None = None
         self._reported = list(self.interposer.counts)

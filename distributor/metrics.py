@@ -300,8 +300,9 @@ class DistributorCollector:
         ramp = GaugeMetricFamily("distributor_backend_ramp_ratio", "Share of its weight a backend gets (below 1 in "
                                  "slow start)", labels=labels)
         rewrite = stats.interposer.mode is Mode.REWRITE
+        counts_in = rewrite or stats.interposer.mode is Mode.DSR  # both see every client segment
         bytes_in = CounterMetricFamily("distributor_backend_bytes_in", "IP bytes forwarded from clients to the "
-                                       "backend (rewrite mode only)", labels=labels)
+                                       "backend (rewrite and dsr modes)", labels=labels)
         bytes_out = CounterMetricFamily("distributor_backend_bytes_out", "IP bytes forwarded from the backend to "
                                         "clients (rewrite mode only; counted by the nft return path while this "
                                         "distributor is active)", labels=labels)
@@ -312,12 +313,17 @@ class DistributorCollector:
             eligible.add_metric(values, 1 if backend.eligible else 0)
             weight.add_metric(values, backend.weight)
             ramp.add_metric(values, backend.ramp)
-            if rewrite:
+            if counts_in:
                 bytes_in.add_metric(values, backend.bytes_in)
+            if rewrite:
                 bytes_out.add_metric(values, self.bytes_out.value((backend.service, backend.address, backend.port)))
         yield from (acquired, outstanding, eligible, weight, ramp)
-        if rewrite:  # kernel mode: the kernel forwards the data segments, nothing counts them here
-            yield from (bytes_in, bytes_out)
+        # Kernel mode: the kernel forwards the data segments, nothing counts them here; dsr mode: the
+        # responses go from the nodes to the clients without crossing this host.
+        if counts_in:
+            yield bytes_in
+        if rewrite:
+            yield bytes_out
 
     def _admin(self, stats: "DistributorStats") -> Iterator:
         """The operator's state of each node (HAProxy's READY / DRAIN / MAINT), and whether it serves."""

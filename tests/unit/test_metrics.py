@@ -252,3 +252,13 @@ def test_rule_counters_added_to_packet_and_guard_counts_never_go_backwards():
     assert icmp_unknown_and_guard() == (5000, 7)
     chains.installs, chains.now = 2, {"dist:icmp_flood": 20, "dist-guard:control_port": 1}  # installed again
     assert icmp_unknown_and_guard() == (5020, 8)
+
+
+def test_dsr_mode_exports_client_bytes_only_and_whether_each_vip_is_announced():
+    stats = dataclasses.replace(snapshot(mode=Mode.DSR), failover=None, announced=(("203.0.113.1", True),
+                                                                                    ("203.0.113.2", False)))
+    found = samples(render(collector_of(stats)))
+    assert [k for k in found if k[0].startswith("distributor_backend_bytes_in")]
+    assert not [k for k in found if k[0].startswith("distributor_backend_bytes_out")]  # responses never pass here
+    assert value(found, "distributor_vip_announced", vip="203.0.113.1") == 1
+    assert value(found, "distributor_vip_announced", vip="203.0.113.2") == 0
