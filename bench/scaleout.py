@@ -8,8 +8,9 @@ Brings up ``cluster-testbed up --active-active 3`` (project ``aab``), then:
   medians are reported.
 * **kills**: ``--kills`` trials per load (keep-alive and new connections, 24 connections, 8 s):
   one distributor (taken in turn) is killed (SIGKILL of every process in its host, links down) in
-  the middle of the run; reports wrk's requests, errors and slowest request, and how long the
-  router took to drop the dead path.
+  the middle of the run; reports wrk's requests, errors and slowest request (timed from its
+  write: connection set-up is not in it), a recorder's requests beside it (new connections, timed
+  whole: a SYN lost on the dead path shows there), and how long the router took to drop the path.
 
     python -m bench.scaleout [--rounds 3] [--seconds 5] [--kills 3] [--json FILE]   (root)
 """
@@ -24,6 +25,7 @@ import sys
 import time
 
 from testbed import wrk
+from testbed.loadgen import Recorder
 from testbed.runner import Options, Testbed, wait_until
 
 DISTRIBUTORS = ("dist1", "dist2", "dist3")
@@ -73,21 +75,28 @@ def scaling(bed: Testbed, rounds: int, seconds: float) -> dict:
 
 
 def kill(bed: Testbed, victim: str, close: bool) -> dict:
+    """wrk's latency starts once a connection is up, so a recorder beside it (new connection per request)
+    times whole requests, connection set-up included: a SYN lost on the dead path shows there."""
     bed.wait_paths(len(DISTRIBUTORS), 30)
     load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=8, connections=24, close=close,
                                            timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        start = carried(bed, victim)
-        wait_until(lambda: carried(bed, victim) - start > 500, 10, f"flows through {victim}")
-        killed = time.monotonic()
-        bed.kill(victim)
-        wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {victim}")
-        withdrawn = time.monotonic() - killed
+        with Recorder(bed, clients=4, timeout=5.0) as recorder:
+            start = carried(bed, victim)
+            wait_until(lambda: carried(bed, victim) - start > 500, 10, f"flows through {victim}")
+            killed = time.monotonic()
+            bed.kill(victim)
+            wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {victim}")
+            withdrawn = time.monotonic() - killed
+            time.sleep(2.0)  # (a benchmark's window) the recorder goes on past the withdrawal
     finally:
         result = wrk.parse(load.communicate(timeout=80)[0])
     bed.start(victim)
+    whole = recorder.results
     return {"victim": victim, "requests": result.requests, "errors": result.errors,
-            "slowest_ms": result.latency_ms.get("max"), "withdrawn_s": round(withdrawn, 3)}
+            "slowest_ms": result.latency_ms.get("max"), "withdrawn_s": round(withdrawn, 3),
+            "recorded": len(whole), "recorded_failed": sum(not r.ok for r in whole),
+            "slowest_with_setup_ms": round(max((r.seconds for r in whole), default=0.0) * 1000, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,6 +25,7 @@ import time
 import pytest
 
 from testbed import content, http, wrk
+from testbed.loadgen import Recorder
 from testbed.runner import wait_until
 
 DISTRIBUTORS = ("dist1", "dist2", "dist3")
@@ -62,21 +63,27 @@ def test_every_distributor_carries_flows_and_every_node_serves(bed):
         assert metric(bed, host, "distributor_vip_announced", vip=bed.vip) == 1
 
 
-def kill_under_load(bed, close: bool, duration: float = 8.0) -> tuple[wrk.WrkResult, float]:
-    """Run wrk, kill the victim in its middle; (wrk's result, seconds until the router dropped its path)."""
+def kill_under_load(bed, close: bool, duration: float = 8.0) -> tuple[wrk.WrkResult, float, list]:
+    """Run wrk, kill the victim in its middle: (wrk's result, seconds until the router dropped its path,
+    the requests of a recorder beside wrk, each on a new connection and timed whole: wrk's latency
+    starts once its connection is up, so a SYN lost on the dead path shows only there)."""
     router_has_every_path(bed)
     load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=duration, connections=24, close=close,
                                            timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        start = carried(bed, VICTIM)
-        wait_until(lambda: carried(bed, VICTIM) - start > 500, 10, f"wrk's flows through {VICTIM}")
-        killed = time.monotonic()
-        bed.kill(VICTIM)
-        wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {VICTIM}")
-        withdrawn = time.monotonic() - killed
+        with Recorder(bed, clients=4, timeout=5.0) as recorder:
+            start = carried(bed, VICTIM)
+            wait_until(lambda: carried(bed, VICTIM) - start > 500, 10, f"wrk's flows through {VICTIM}")
+            killed, killed_wall = time.monotonic(), time.time()
+            bed.kill(VICTIM)
+            wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {VICTIM}")
+            withdrawn = time.monotonic() - killed
+            # The requests at risk start before the withdrawal; one that starts 1.5 s after the kill
+            # means every one of them has had its SYN retransmission (1 s) and its answer.
+            wait_until(lambda: recorder.after(killed_wall + 1.5), 10, "the recorder's requests past the kill")
     finally:
         output = load.communicate(timeout=duration + 60)[0]
-    return wrk.parse(output), withdrawn
+    return wrk.parse(output), withdrawn, recorder.results
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "new-connections"])
@@ -84,14 +91,17 @@ def test_killing_a_distributor_under_load_fails_no_request(bed, close):
     survivors = [h for h in DISTRIBUTORS if h != VICTIM]
     adopted = {host: metric(bed, host, "distributor_packets_total", reason="adopted_flow") for host in survivors}
     try:
-        result, withdrawn = kill_under_load(bed, close)
+        result, withdrawn, recorded = kill_under_load(bed, close)
         assert result.requests > 2000, result.output
         assert result.errors == 0, f"{result.output}\n" + "\n".join(
             f"--- {h} ---\n{bed.log_tail(h, 'distributor', 20)}" for h in survivors)
         # The router noticed within BFD's detection time (or at once: the killed BIRD's session closed).
         assert withdrawn < 1.5, withdrawn
-        # A request caught on the dead path waited for the withdrawal and a retransmission, not for a timeout.
+        # A request caught on the dead path waited for the withdrawal and a retransmission, not for a timeout:
+        # a data segment's (RTO 200 ms and up), or a new connection's SYN (1 s, RFC 6298).
         assert result.latency_ms["max"] < 2500, result.output
+        assert recorded and all(r.ok for r in recorded), [r for r in recorded if not r.ok]
+        assert max(r.seconds for r in recorded) < 2.5, max(r.seconds for r in recorded)
         if not close:
             # The dead one's keep-alive connections went on through the survivors: adopted, not reset.
             assert sum(metric(bed, h, "distributor_packets_total", reason="adopted_flow") - adopted[h]
