@@ -22,8 +22,10 @@ Decisions, all here:
 
 * TAKE_OVER, in this order (state first, then rules, then addresses, then announcements): the
   replica is already the interposer's table and its idle timers start now; new SYNs are held until
-  their sync batch is sent; the rules go in; the floating addresses are claimed; gratuitous ARP is
-  sent at once and again ``garp_repeat`` seconds later.
+  their sync batch is sent; the rules go in; once they are in (InstallRules' CommandDone), the
+  floating addresses are claimed and gratuitous ARP is sent at once and again ``garp_repeat``
+  seconds later.  An install that fails leaves the addresses unclaimed (claimed without the rules,
+  this host's own stack would reset the clients) and is tried again every ``RULES_RETRY`` seconds.
 * GIVE_UP: drop the addresses first (stop attracting packets), then the rules (stop forwarding); the
   table is kept until a snapshot of the new active's replaces it.
 * RESIGN: send what the sync stream still holds, tell the peers (three copies), give up.
@@ -74,6 +76,7 @@ NACK_LIMIT = 8  # after this many requests for one batch, a snapshot is asked fo
 _BROADCAST_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.RESIGN})
 _PEER_KINDS = frozenset({Kind.DIST_HEARTBEAT, Kind.STATE_SYNC, Kind.RESIGN, Kind.SYNC_REQUEST, Kind.ADMIN_STATE})
 ADMIN_REFRESH = 1.0  # while active, the runtime state goes out again this often (a lost piece costs a second)
+RULES_RETRY = 1.0  # a takeover whose rules failed to install tries again after this many seconds
 
 
 # -- events ------------------------------------------------------------------------------------------
@@ -290,6 +293,10 @@ class FailoverCore:
         self._active_batch_before = 0  # the active's advertised batch one heartbeat ago
         self._refresh_at: float | None = None
         self._renew_at: float | None = None
+        # Taking over: the addresses are claimed only once the rules are in (a VIP claimed without them
+        # would be answered by this host's own stack: RSTs), and the install is retried until then.
+        self._claiming = False
+        self._rules_retry_at: float | None = None
         self.retransmit_requests = 0
         self._admin_chunks: list[AdminChunk] = []  # the runtime state this distributor publishes while active
         self._admin_refresh_at: float | None = None
@@ -346,7 +353,8 @@ class FailoverCore:
     def next_wakeup(self) -> float | None:
         candidates = [self._next_tick, self._second_burst_at]
         if self.role is Role.ACTIVE:
-            candidates += [self._next_flush, self._refresh_at, self._renew_at, self._admin_refresh_at]
+            candidates += [self._next_flush, self._refresh_at, self._renew_at, self._admin_refresh_at,
+                           self._rules_retry_at]
         found = [t for t in candidates if t is not None]
         return min(found) if found else None
 
@@ -409,6 +417,9 @@ class FailoverCore:
             if self.role is Role.BACKUP and self.machine.following is not None:
                 commands += self._repair(now, wall)
         if self.role is Role.ACTIVE:
+            if self._rules_retry_at is not None and now >= self._rules_retry_at:
+                self._rules_retry_at = None
+                commands.append(InstallRules())
             if self._second_burst_at is not None and now >= self._second_burst_at:
                 self._second_burst_at = None
                 commands.append(self._announce())
@@ -538,6 +549,13 @@ class FailoverCore:
 
     def _done(self, event: CommandDone) -> list[Command]:
         command = event.command
+        if isinstance(command, InstallRules) and self._claiming and self.role is Role.ACTIVE:
+            if event.error is not None:
+                self._rules_retry_at = event.now + RULES_RETRY
+                return [Log(Level.ERROR, f"failover: taking over, the rules failed to install ({event.error}): the "
+                                         f"addresses stay unclaimed (claimed without the rules, this host's own "
+                                         f"stack would reset the clients); trying again in {RULES_RETRY:g} s")]
+            return self._claim(event.now)
         if event.error is not None:
             return [Log(Level.ERROR, f"failover: {type(command).__name__} failed: {event.error}")]
         takeover = self.last_takeover
@@ -593,18 +611,27 @@ class FailoverCore:
         self.replica.hold_expiry(now)
         self._holding = True
         self._next_flush = now + SYNC_FLUSH
+        # 2. rules; 3. addresses and 4. announcements once the rules are in (_claim, on InstallRules' CommandDone).
+        commands: list[Command] = [HoldNewSyns(True), ArmFirstForward(), InstallRules()]
+        self._claiming = True
+        self._rules_retry_at = None
+        self._admin_refresh_at = now + ADMIN_REFRESH
+        return commands + self._heartbeat(wall)
+
+    def _claim(self, now: float) -> list[Command]:
+        """The takeover's rules are installed: claim the addresses and announce them."""
+        self._claiming = False
+        self._rules_retry_at = None
         lifetime = self.options.address_lifetime or None
-        commands: list[Command] = [HoldNewSyns(True), ArmFirstForward(),
-                                   # 2. rules, 3. addresses, 4. announcements.
-                                   InstallRules(), ClaimAddresses(lifetime), self._announce()]
         if self.options.garp_repeat > 0:
             self._second_burst_at = now + self.options.garp_repeat
         self._refresh_at = now + self.options.garp_refresh if self.options.garp_refresh > 0 else None
         self._renew_at = now + self.options.renew_every if lifetime else None
-        self._admin_refresh_at = now + ADMIN_REFRESH
-        return commands + self._heartbeat(wall)
+        return [ClaimAddresses(lifetime), self._announce()]
 
     def _give_up(self) -> list[Command]:
+        self._claiming = False
+        self._rules_retry_at = None
         self._second_burst_at = None
         self._refresh_at = None
         self._renew_at = None

@@ -5,11 +5,11 @@ from __future__ import annotations
 import ipaddress
 import random
 
-from backup.failover import (Announce, ArmFirstForward, ClaimAddresses, DrainQueue, FailoverCore, FailoverOptions,
-                             FirstForward, HoldNewSyns, InstallRules, PacketsHandled, PeerDatagram, ReleaseAddresses,
-                             ReleaseNewSyns, RemoveRules)
+from backup.failover import (RULES_RETRY, Announce, ArmFirstForward, ClaimAddresses, DrainQueue, FailoverCore,
+                             FailoverOptions, FirstForward, HoldNewSyns, InstallRules, PacketsHandled, PeerDatagram,
+                             ReleaseAddresses, ReleaseNewSyns, RemoveRules)
 from backup.roles import FailoverSettings, Role
-from common.sansio import Alert, CommandDone, Send, StopRequested, Tick
+from common.sansio import Alert, CommandDone, Level, Send, StopRequested, Tick
 from common.wire import HEADER_SIZE, Keys, Kind
 from distributor.balancer import Policy
 from distributor.conntable import ConnectionTable
@@ -53,6 +53,7 @@ class Lan:
         self.frozen: set[str] = set()  # SIGSTOPped: neither ticks nor receives
         self.cut = False  # a partition: nothing crosses
         self.drop = lambda sender, command: False
+        self.install_error: str | None = None  # what InstallRules' CommandDone says (None: installed)
         for name, core in self.cores.items():
             self._run(name, core.start(self.now, WALL + self.now))
 
@@ -81,6 +82,10 @@ class Lan:
                     if other != name and other not in self.frozen and command.destination[0] in (address, BROADCAST[0]):
                         self._run(other, self.cores[other].handle(
                             PeerDatagram(command.data, ADDRESSES[name], self.now, WALL + self.now)))
+        for command in commands:
+            if isinstance(command, InstallRules) and name not in self.frozen:
+                # The adapter reports each install when it is done (the runtime's slow lane).
+                self._run(name, self.cores[name].handle(CommandDone(command, self.now, self.install_error)))
         return commands
 
     def roles(self) -> tuple[Role, Role]:
@@ -373,3 +378,24 @@ def test_the_active_replicates_its_runtime_state_and_repeats_it_a_lost_piece_cos
     assert received == AdminStateReceived(3, text)
     lan.step(int(1.0 / INTERVAL) + 1)
     assert len(lan.since("dist2", mark, (AdminStateReceived,))) == 1  # the same version is adopted once
+
+
+def test_a_takeover_claims_the_addresses_only_once_its_rules_are_in_and_retries_a_failed_install():
+    lan = Lan()
+    lan.step(20)
+    lan.install_error = "iptables-restore: line 3 failed"  # e.g. a module missing, the xtables lock held
+    lan.frozen.add("dist1")
+    mark = len(lan.log["dist2"])
+    lan.step(8)
+    assert lan.roles()[1] is Role.ACTIVE
+    taken = decisions(lan.since("dist2", mark))
+    assert tuple(taken[1:]) == (HoldNewSyns(True), ArmFirstForward(), InstallRules())  # no claim, no announcement
+    assert any(c.level is Level.ERROR and "addresses stay unclaimed" in c.message
+               for c in lan.since("dist2", mark) if type(c).__name__ == "Log")
+    lan.step(int(RULES_RETRY / INTERVAL) + 1)  # tried again each second, never claiming while it fails
+    assert lan.since("dist2", mark, (InstallRules,)) == [InstallRules(), InstallRules()]
+    assert not lan.since("dist2", mark, (ClaimAddresses, Announce))
+    lan.install_error = None
+    mark = len(lan.log["dist2"])
+    lan.step(int(RULES_RETRY / INTERVAL) + 1)
+    assert decisions(lan.since("dist2", mark)) == [InstallRules(), ClaimAddresses(None), Announce()]
