@@ -12,9 +12,12 @@ about what the core decided, only about how a command is carried out.
   time: netlink, iptables).  Within one answer of the core, the commands after a slow one wait for it,
   so an order such as "rules, then addresses, then announcements" holds; commands of later answers
   that come before any slow one run at once, so heartbeats and the data path never wait behind
-  netlink.  Slow commands of all answers run one at a time, in the order they were returned.  When a
-  slow command finishes, the core is told with :class:`~common.sansio.CommandDone` (with the error
-  text if it raised); a failing command never stops the runtime.
+  netlink.  Slow commands of all answers run one at a time, in the order they were returned, with one
+  exception: when a slow command finishes, the core is told with :class:`~common.sansio.CommandDone`
+  (with the error text if it raised), and the slow part of that answer continues the command that
+  finished (a takeover claims its addresses once its rules are in): it runs next, before the rest of
+  the finished command's answer and before other answers' slow commands (a state file being
+  written).  A failing command never stops the runtime.
 * A command type without an executor is a wiring bug and raises at once.
 """
 
@@ -66,16 +69,22 @@ class Runtime:
         self.execute(self.core.handle(event))
 
     def execute(self, commands: list[Command]) -> None:
+        rest = self._run_until_slow(commands)
+        if rest:
+            self._queue.append(rest)
+            self._ensure_worker()
+
+    def _run_until_slow(self, commands: list[Command]) -> list[Command]:
+        """Run the commands up to the first slow one; return it and the ones after it."""
         for i, command in enumerate(commands):
             kind = type(command)
             if kind is WakeUpAt:
                 self._set_timer(command.at)
                 continue
             if kind in self._slow:
-                self._queue.append(commands[i:])
-                self._ensure_worker()
-                return
+                return commands[i:]
             self._run_now(command)
+        return []
 
     def _run_now(self, command: Command) -> None:
         try:
@@ -96,7 +105,10 @@ class Runtime:
     async def _work(self) -> None:
         while self._queue:
             commands = self._queue.popleft()
-            for command in commands:
+            i = 0
+            while i < len(commands):
+                command = commands[i]
+                i += 1
                 kind = type(command)
                 if kind is WakeUpAt:
                     self._set_timer(command.at)
@@ -107,7 +119,9 @@ class Runtime:
                     except Exception as exc:
                         log.exception("could not carry out %s", kind.__name__)
                         error = f"{type(exc).__name__}: {exc}"
-                    self.execute(self.core.handle(CommandDone(command, self.clock(), error)))
+                    # The answer to a finished command continues it: its slow part runs next, before the
+                    # rest of this list and before other answers (rules in, then the addresses).
+                    commands[i:i] = self._run_until_slow(self.core.handle(CommandDone(command, self.clock(), error)))
                 else:
                     self._run_now(command)
 

@@ -82,3 +82,30 @@ def test_a_command_without_an_executor_is_a_wiring_bug():
     runtime = Runtime(Recorder(), {})
     with pytest.raises(TypeError, match="no executor for Quick"):
         runtime.execute([Quick("x")])
+
+
+def test_what_answers_a_finished_slow_command_runs_before_slow_commands_queued_meanwhile():
+    class Continuing(Recorder):
+        def handle(self, event):
+            self.seen.append(event)
+            if isinstance(event, CommandDone) and event.command.name == "rules":
+                return [Slow("claim"), Quick("announce")]
+            return []
+
+    async def scenario():
+        core = Continuing()
+        done: list[str] = []
+
+        async def slow(command):
+            await asyncio.sleep(0.02)
+            done.append(command.name)
+
+        runtime = Runtime(core, {Quick: lambda c: done.append(c.name), Slow: slow})
+        runtime.attach(asyncio.get_running_loop())
+        runtime.execute([Slow("rules"), Slow("sync-nodes")])
+        runtime.execute([Slow("save-state")])  # another answer's slow command, queued while the rules go in
+        await runtime.settle()
+        # The takeover's order holds: its addresses follow its rules at once; the rest waits its turn.
+        assert done == ["rules", "claim", "announce", "sync-nodes", "save-state"]
+
+    asyncio.run(scenario())
