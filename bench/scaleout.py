@@ -84,11 +84,12 @@ def kill(bed: Testbed, victim: str, close: bool) -> dict:
         with Recorder(bed, clients=4, timeout=5.0) as recorder:
             start = carried(bed, victim)
             wait_until(lambda: carried(bed, victim) - start > 500, 10, f"flows through {victim}")
-            killed = time.monotonic()
+            killed, killed_wall = time.monotonic(), time.time()
             bed.kill(victim)
             wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {victim}")
             withdrawn = time.monotonic() - killed
-            time.sleep(2.0)  # (a benchmark's window) the recorder goes on past the withdrawal
+            # Until a request starts 1.5 s after the kill: every one at risk has had its SYN retransmission.
+            wait_until(lambda: recorder.after(killed_wall + 1.5), 10, "the recorder's requests past the kill")
     finally:
         result = wrk.parse(load.communicate(timeout=80)[0])
     bed.start(victim)
