@@ -47,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--preempt", action="store_true", help="a returning dist1 takes the addresses back once caught up")
     up.add_argument("--monitor", action="store_true",
                     help="add a monitor host (198.51.100.9) running Prometheus (9090) and Alertmanager (9093) with "
-                         "deploy/prometheus's files, scraping both distributors and every node agent "
-                         "(not with --active-active)")
+                         "deploy/prometheus's files, scraping every distributor and every node agent")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the VIP (default: 60)")
 
     verbs.add_parser("down", help="stop everything and remove every namespace and file of the run")
@@ -91,8 +90,6 @@ def check_up_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace
     if args.policy not in (None, "maglev"):
         parser.error(f"--policy {args.policy} cannot be used with --active-active: its distributors run maglev only "
                      "(every distributor must pick the same node for a flow)")
-    if args.monitor:
-        parser.error("--monitor is not supported with --active-active yet")
     if args.preempt:
         parser.error("--preempt is a failover option; --active-active has no primary to take addresses back")
     args.mode, args.policy = "dsr", "maglev"

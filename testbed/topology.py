@@ -194,9 +194,6 @@ def _build_active_active(nodes: int, monitor: bool, count: int) -> Topology:
     if not 2 <= count <= MAX_ACTIVE_ACTIVE:
         raise ValueError(f"--active-active {count}: an active-active testbed has from 2 to {MAX_ACTIVE_ACTIVE} "
                          "distributors")
-    if monitor:
-        # The monitor's rules and targets assume one active distributor and a backup.
-        raise ValueError("--monitor is not supported with --active-active yet")
     vip_route = Route(ipaddress.IPv4Network(f"{VIP}/32"), ROUTER_EXT.ip)
     # Without the host route the client would ARP for the VIP, which lies in its own /24.
     hosts = [Host("client", "client", (Link("ext", "eth0", ipaddress.IPv4Interface("203.0.113.10/24")),),
@@ -224,5 +221,7 @@ def _build_active_active(nodes: int, monitor: bool, count: int) -> Topology:
     # The nodes' gateway is the router: replies from the VIP go straight back through it.
     hosts += [_web(n, sysctls=_DSR_NODE_SYSCTLS, loopback=(ipaddress.IPv4Interface(f"{VIP}/32"),))
               for n in range(1, nodes + 1)]
+    if monitor:
+        hosts.append(Host("monitor", "monitor", (Link("int", "eth0", MONITOR),), services=MONITOR_SERVICES))
     return Topology(tuple(hosts), bridges={"ext": EXT_NET, "int": INT_NET, **uplinks}, priorities={},
                     active_active=count)

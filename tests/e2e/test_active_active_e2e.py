@@ -10,7 +10,8 @@ themselves (the VIP on their loopback), through the router.  What an operator wo
   request: the survivors' flows go on, and the dead one's flows continue through the others to the
   same node (the flow hash), delayed by the router's withdrawal and a TCP retransmission;
 * the router's route loses the dead distributor's path, and gets it back when it returns;
-* a distributor that can serve no node withdraws the VIP itself;
+* a distributor that can serve no node withdraws the VIP itself, and the monitor host's Prometheus
+  sees it (the DistributorVipWithdrawn ticket alert) and raises no primary-backup alert;
 * a "fragmentation needed" the router sends the VIP about a response reaches the node that sent it
   (through whichever distributor the router picks), so a large download through a smaller MTU
   completes, and the node's route shows the lowered path MTU; without that ICMP it hangs.
@@ -24,7 +25,7 @@ import time
 
 import pytest
 
-from testbed import content, http, wrk
+from testbed import content, http, monitoring, wrk
 from testbed.loadgen import Recorder
 from testbed.runner import wait_until
 
@@ -34,7 +35,7 @@ VICTIM = "dist2"
 
 @pytest.fixture(scope="module")
 def bed(make_testbed):
-    return make_testbed("aae", nodes=3, active_active=3, mode="dsr", policy="maglev")
+    return make_testbed("aae", nodes=3, active_active=3, mode="dsr", policy="maglev", monitor=True)
 
 
 def metric(bed, host: str, name: str, **labels) -> float:
@@ -121,6 +122,18 @@ def test_a_distributor_whose_nodes_are_all_out_withdraws_and_the_others_serve(be
         assert metric(bed, host, "distributor_vip_announced", vip=bed.vip) == 0
         result = wrk.run(bed, f"http://{bed.vip}/1k.bin", duration=2, connections=16, close=True)
         assert result.errors == 0 and result.requests > 200, result.output
+        # The monitor sees it: the withdrawn distributor's ticket alert is on its way (pending, then firing
+        # after 30 s), and no primary-backup alert mistakes three active distributors for a fault.
+        prometheus = monitoring.PrometheusApi(bed.ns("monitor"))
+
+        def withdrawn_alert() -> list:
+            return [a for a in prometheus.alerts() if a["labels"]["alertname"] == "DistributorVipWithdrawn"
+                    and a["labels"].get("distributor") == host]
+
+        wait_until(withdrawn_alert, 30, f"Prometheus to see {host}'s withdrawal", interval=0.5)
+        names = {a["labels"]["alertname"] for a in prometheus.alerts()}
+        assert not names & {"DistributorNoActive", "DistributorTwoActive", "DistributorBackupGone",
+                            "DistributorVipNotAnnounced"}, names
     finally:
         for node in ("web1", "web2", "web3"):
             bed.ctl(["ready", node], host=host)
