@@ -16,6 +16,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
   apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Debian starts a BIRD for the host itself when bird2 is installed; the project runs its own BIRDs
+  # (the testbed's router, and the distributor daemon's, each with its own config and socket), so one
+  # it just installed is switched off rather than left routing for the host.
+  if [[ " ${missing[*]} " == *" bird2 "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now bird.service || true
+  fi
 fi
 
 # Debian's own interpreter: python3-dev and python3-venv match it, whatever else is on PATH.
