@@ -59,7 +59,6 @@ class ServingChanged:
 
     vip: str
     serving: bool
-    now: float
     why: str = ""
 
 
@@ -79,7 +78,6 @@ class AnnounceCore:
         if not self.states:
             raise ValueError("announcing needs at least one VIP")
         self.counts: dict[tuple[AnnounceState, AnnounceState], int] = {}
-        self.changed_at: dict[str, float] = {vip: 0.0 for vip in self.states}
 
     def start(self) -> list[Command]:
         """A route a crashed run left in the table goes first: nothing is announced before it can be served."""
@@ -90,21 +88,20 @@ class AnnounceCore:
             if event.vip not in self.states:
                 raise ValueError(f"VIP {event.vip!r} is not announced here; announced: {', '.join(self.states)}")
             kind = AnnounceEvent.CAN_SERVE if event.serving else AnnounceEvent.CANNOT_SERVE
-            return self._apply(event.vip, kind, event.now, event.why)
+            return self._apply(event.vip, kind, event.why)
         if isinstance(event, StopRequested):
             commands: list[Command] = []
             for vip in self.states:
-                commands += self._apply(vip, AnnounceEvent.STOP, event.now, "stopping")
+                commands += self._apply(vip, AnnounceEvent.STOP, "stopping")
             return commands
         raise TypeError(f"the announce core takes no {type(event).__name__} event")
 
-    def _apply(self, vip: str, event: AnnounceEvent, now: float, why: str) -> list[Command]:
+    def _apply(self, vip: str, event: AnnounceEvent, why: str) -> list[Command]:
         state = self.states[vip]
         new = TRANSITIONS.get((state, event))
         if new is None:
             return []
         self.states[vip] = new
-        self.changed_at[vip] = now
         self.counts[(state, new)] = self.counts.get((state, new), 0) + 1
         if new is AnnounceState.ANNOUNCED:
             return [AnnounceRoute(vip), Log(Level.INFO, f"announcing VIP {vip}: this distributor can serve it")]

@@ -55,11 +55,6 @@ class RouteTable:
         if result.returncode != 0 and not any(gone in result.stderr for gone in ("No such process", "does not exist")):
             raise AnnounceError(f"ip route del {vip}/32 table {self.table} failed: {result.stderr.strip()}")
 
-    def announced(self) -> list[str]:
-        """The VIPs in the table now (for observers and tests)."""
-        out = self._ip(["-o", "route", "show", "table", str(self.table)], check=False).stdout
-        return [line.split()[0].removesuffix("/32") for line in out.splitlines() if line.strip()]
-
     def _ip(self, argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
         try:
             result = subprocess.run([*self._prefix, "ip", *argv], capture_output=True, text=True, timeout=30)
@@ -93,7 +88,6 @@ class BirdProcess:
         self.socket = socket
         self.on_exit = on_exit
         self.process: subprocess.Popen | None = None
-        self.starts = 0
         self._stopping = False
         self._watcher: asyncio.Task | None = None
 
@@ -113,7 +107,6 @@ class BirdProcess:
         self._stopping = False
         self.process = subprocess.Popen([self.binary, "-f", "-c", self.config, "-s", self.socket],
                                         stdin=subprocess.DEVNULL, preexec_fn=_dying_with(os.getpid()))
-        self.starts += 1
         log.info("started BIRD (pid %d) with %s", self.process.pid, self.config)
         self._watcher = asyncio.get_running_loop().create_task(self._watch(self.process), name="bird")
 

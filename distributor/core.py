@@ -151,6 +151,7 @@ class DistributorStats:
     state_version: int = 0
     content: ContentStats | None = None  # content management ([administration]); None when off
     announced: tuple[tuple[str, bool], ...] | None = None  # active-active: (VIP, announced) each; None when off
+    announce_moves: tuple[tuple[str, str, int], ...] = ()  # active-active: (from, to, times) of the announce table
 
     @property
     def role(self) -> str:
@@ -230,7 +231,6 @@ class DistributorCore:
                 raise ValueError("an active-active distributor announces its VIPs; it has no failover")
             self.announce = AnnounceCore(dict.fromkeys(str(s.vip) for s in self.base_services))
         self._rules_ok = False  # the data path's rules are in: an InstallRules succeeded since start or RemoveRules
-        self._last_now = 0.0  # the latest event's time (the announce core's transitions are stamped with it)
         self._next_housekeeping: float | None = None
         self._reported = list(self.interposer.counts)
         self.base_nodes: dict[str, str] = {b.name: str(b.address) for svc in self.base_services for b in svc.backends}
@@ -257,7 +257,6 @@ class DistributorCore:
 
     # -- life cycle ------------------------------------------------------------------------------------
     def start(self, now: float, wall: float) -> list[Command]:
-        self._last_now = now
         self._next_housekeeping = now + HOUSEKEEPING
         for node in list(self._drains):
             self._drains[node] = (now, None)  # a drain kept in the state file goes on from now
@@ -280,12 +279,13 @@ class DistributorCore:
         return self._finish(commands)
 
     def handle(self, event) -> list[Command]:
-        self._last_now = max(self._last_now, event_now(event))
         if isinstance(event, PacketsHandled):
             commands = self._route(event.effects, event.now) + self._burst_check(event.now)
             if self.failover is not None:
                 commands += self._route(self.failover.handle(event))
-            return self._finish(commands)
+            # A batch of packets changes no node's eligibility in dsr mode (it has no passive health),
+            # so whether a VIP can be served is not asked after every drain of the queue.
+            return self._finish(commands, announcements=False)
         if isinstance(event, Tick):
             commands = self._housekeeping(event.now) if self._due(event.now) else []
             if self.health is not None:
@@ -425,9 +425,9 @@ class DistributorCore:
                                            if b.name != failure.node and not b.removed) for s in services)
         return self._route(self.health.passive_failure(failure.node, f"{what}; {moved}", now, spare, failure.since), now)
 
-    def _finish(self, commands: list[Command]) -> list[Command]:
+    def _finish(self, commands: list[Command], announcements: bool = True) -> list[Command]:
         commands = [c for c in commands if not isinstance(c, WakeUpAt)]
-        if self.announce is not None:
+        if self.announce is not None and announcements:
             commands += self._announcements()
         wake = self.next_wakeup
         if wake is not None:
@@ -457,7 +457,7 @@ class DistributorCore:
         commands: list[Command] = []
         for vip, why in serving.items():
             if self.announce.announced(vip) != (why == ""):
-                commands += self.announce.handle(ServingChanged(vip, why == "", self._last_now, why))
+                commands += self.announce.handle(ServingChanged(vip, why == "", why))
         return commands
 
     # -- housekeeping ------------------------------------------------------------------------------------
@@ -969,4 +969,6 @@ class DistributorCore:
                                 self.failover.stats() if self.failover is not None else None,
                                 nodes, self.runtime.version, self.content.stats() if self.content is not None else None,
                                 tuple((vip, self.announce.announced(vip)) for vip in self.announce.states)
-                                if self.announce is not None else None)
+                                if self.announce is not None else None,
+                                tuple((old.value, new.value, n) for (old, new), n in self.announce.counts.items())
+                                if self.announce is not None else ())

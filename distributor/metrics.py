@@ -238,6 +238,12 @@ class DistributorCollector:
             for vip, on in stats.announced:
                 announced.add_metric([vip], 1 if on else 0)
             yield announced
+            moves = CounterMetricFamily("distributor_vip_announce_transitions", "Active-active: the announce "
+                                        "state machine's transitions (withdrawn, announced, stopped)",
+                                        labels=["from", "to"])
+            for old, new, times in stats.announce_moves:
+                moves.add_metric([old, new], times)
+            yield moves
         yield from self._adapters()
 
     # -- families --------------------------------------------------------------------------------

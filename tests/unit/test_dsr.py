@@ -233,20 +233,20 @@ addresses = [{ address = "203.0.113.1/32", interface = "eth0" }]
 def test_the_announce_table_announces_only_what_can_be_served_and_never_after_stop():
     core = AnnounceCore(["203.0.113.1"])
     assert core.start() == [WithdrawRoute("203.0.113.1")]  # a crashed run's route goes first
-    assert core.handle(ServingChanged("203.0.113.1", False, 0.0)) == []
-    commands = core.handle(ServingChanged("203.0.113.1", True, 1.0))
+    assert core.handle(ServingChanged("203.0.113.1", False)) == []
+    commands = core.handle(ServingChanged("203.0.113.1", True))
     assert commands[0] == AnnounceRoute("203.0.113.1")
-    assert core.handle(ServingChanged("203.0.113.1", True, 1.5)) == []  # no change, no command
-    commands = core.handle(ServingChanged("203.0.113.1", False, 2.0, "no node"))
+    assert core.handle(ServingChanged("203.0.113.1", True)) == []  # no change, no command
+    commands = core.handle(ServingChanged("203.0.113.1", False, "no node"))
     assert commands[0] == WithdrawRoute("203.0.113.1") and "no node" in commands[1].message
-    core.handle(ServingChanged("203.0.113.1", True, 3.0))
+    core.handle(ServingChanged("203.0.113.1", True))
     assert core.handle(StopRequested(4.0, 4.0))[0] == WithdrawRoute("203.0.113.1")
-    assert core.handle(ServingChanged("203.0.113.1", True, 5.0)) == []
+    assert core.handle(ServingChanged("203.0.113.1", True)) == []
     assert core.states["203.0.113.1"] is AnnounceState.STOPPED
     assert core.counts[(AnnounceState.WITHDRAWN, AnnounceState.ANNOUNCED)] == 2
     assert all(isinstance(state, AnnounceState) for pair in TRANSITIONS for state in (pair[0], TRANSITIONS[pair]))
     with pytest.raises(ValueError, match="not announced here"):
-        core.handle(ServingChanged("203.0.113.9", True, 6.0))
+        core.handle(ServingChanged("203.0.113.9", True))
 
 
 def active_active_core() -> DistributorCore:

@@ -256,9 +256,11 @@ def test_rule_counters_added_to_packet_and_guard_counts_never_go_backwards():
 
 def test_dsr_mode_exports_client_bytes_only_and_whether_each_vip_is_announced():
     stats = dataclasses.replace(snapshot(mode=Mode.DSR), failover=None, announced=(("203.0.113.1", True),
-                                                                                    ("203.0.113.2", False)))
+                                                                                    ("203.0.113.2", False)),
+                                announce_moves=(("withdrawn", "announced", 3),))
     found = samples(render(collector_of(stats)))
     assert [k for k in found if k[0].startswith("distributor_backend_bytes_in")]
     assert not [k for k in found if k[0].startswith("distributor_backend_bytes_out")]  # responses never pass here
     assert value(found, "distributor_vip_announced", vip="203.0.113.1") == 1
     assert value(found, "distributor_vip_announced", vip="203.0.113.2") == 0
+    assert value(found, "distributor_vip_announce_transitions_total", **{"from": "withdrawn", "to": "announced"}) == 3
