@@ -742,20 +742,11 @@ class Interposer:
         blackhole rule here: a path MTU black hole (RFC 2923 section 2.1).  Errors about no VIP
         connection, quoting a later fragment, or with IP options are dropped and counted.
         """
-        length = len(packet)
-        first = packet[0]
-        if first != 0x45:
-            return (Reason.BAD_IP_HEADER if first >> 4 != 4 or first & 0x0F < 5 else Reason.IP_OPTIONS), None, None
-        if packet[6] & 0x3F or packet[7]:
-            return Reason.FRAGMENT, None, None
-        if length < 28 or packet[20] not in _ICMP_ERRORS:
-            return Reason.ICMP_UNKNOWN, None, None
-        inner = 28
-        if length < inner + 20 or packet[inner] >> 4 != 4 or packet[inner + 9] != _IPPROTO_TCP:
-            return Reason.ICMP_UNKNOWN, None, None
-        quoted = inner + (packet[inner] & 0x0F) * 4
-        if packet[inner] & 0x0F < 5 or length < quoted + 8:
-            return Reason.TRUNCATED, None, None  # RFC 792: the header and 64 bits of data
+        # Only the headers were copied: the packet's own length cannot be checked against the copy's.
+        refused, quoted = _quoted_segment(packet, Reason.ICMP_UNKNOWN, whole=False)
+        if refused is not None:
+            return refused, None, None
+        inner = _ICMP_QUOTE
         if packet[inner + 6] & 0x1F or packet[inner + 7]:
             return Reason.ICMP_UNKNOWN, None, None  # a later fragment quotes no ports; the nodes' segments carry DF
         source, destination = packet[inner + 12:inner + 16], packet[inner + 16:inner + 20]
@@ -832,22 +823,10 @@ class Interposer:
         ICMP checksum is patched, not recomputed: a damaged error stays damaged.  Other ICMP (echo
         to the VIP, which the distributor's own stack answers) passes untouched.
         """
-        length = len(packet)
-        first = packet[0]
-        if first != 0x45:  # IP options (a source route) are refused here as on the TCP path
-            return (Reason.BAD_IP_HEADER if first >> 4 != 4 or first & 0x0F < 5 else Reason.IP_OPTIONS), None, None
-        if (packet[2] << 8 | packet[3]) != length:
-            return Reason.TRUNCATED, None, None
-        if packet[6] & 0x3F or packet[7]:
-            return Reason.FRAGMENT, None, None
-        if length < 28 or packet[20] not in _ICMP_ERRORS:
-            return Reason.NOT_TCP, None, None
-        inner = 28
-        if length < inner + 20 or packet[inner] >> 4 != 4 or packet[inner + 9] != _IPPROTO_TCP:
-            return Reason.NOT_TCP, None, None  # not about a TCP segment: not a VIP connection's
-        quoted = inner + (packet[inner] & 0x0F) * 4
-        if packet[inner] & 0x0F < 5 or length < quoted + 8:
-            return Reason.TRUNCATED, None, None  # RFC 792: the header and 64 bits of data
+        refused, quoted = _quoted_segment(packet, Reason.NOT_TCP, whole=True)
+        if refused is not None:
+            return refused, None, None
+        inner = _ICMP_QUOTE
         source, destination = packet[inner + 12:inner + 16], packet[inner + 16:inner + 20]
         sport, dport = packet[quoted:quoted + 2], packet[quoted + 2:quoted + 4]
         if packet[inner + 6] & 0x1F or packet[inner + 7]:
@@ -1354,6 +1333,33 @@ def _invalid(packet: bytes, whole: bool) -> Reason | None:
 # Offsets in an ICMP error whose outer header has no options (Interposer._icmp refuses options).
 _ICMP = 20
 _QUOTED_IP = _ICMP + 8
+
+
+_ICMP_QUOTE = 28  # the quoted IP header of an ICMP error: after the outer header (IHL 5) and 8 bytes of ICMP
+
+
+def _quoted_segment(packet: bytes, not_ours: Reason, whole: bool) -> tuple[Reason | None, int]:
+    """The checks both ICMP paths make of an error: ``(None, offset of the quoted TCP header)``, or the
+    reason to refuse it (``not_ours``: not an error quoting a TCP segment).  ``whole``: the copy must be
+    the whole packet (rewrite mode hands bytes back).  IP options (a source route) are refused here as
+    on the TCP path; the quote must hold the IP header and 64 bits of data (RFC 792)."""
+    first = packet[0]
+    if first != 0x45:
+        return (Reason.BAD_IP_HEADER if first >> 4 != 4 or first & 0x0F < 5 else Reason.IP_OPTIONS), 0
+    length = len(packet)
+    if whole and (packet[2] << 8 | packet[3]) != length:
+        return Reason.TRUNCATED, 0
+    if packet[6] & 0x3F or packet[7]:
+        return Reason.FRAGMENT, 0
+    inner = _ICMP_QUOTE
+    if length < inner or packet[20] not in _ICMP_ERRORS:
+        return not_ours, 0
+    if length < inner + 20 or packet[inner] >> 4 != 4 or packet[inner + 9] != _IPPROTO_TCP:
+        return not_ours, 0  # not about a TCP segment: not a VIP connection's
+    quoted = inner + (packet[inner] & 0x0F) * 4
+    if packet[inner] & 0x0F < 5 or length < quoted + 8:
+        return Reason.TRUNCATED, 0
+    return None, quoted
 
 
 def _icmp_to_node(packet: bytes, quoted: int, backend: Backend) -> bytes:
