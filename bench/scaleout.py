@@ -20,22 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import time
 
 from testbed import wrk
-from testbed.loadgen import Recorder
-from testbed.runner import Options, Testbed, wait_until
+from testbed.loadgen import forwarded, kill_under_load
+from testbed.runner import Options, Testbed
 
 DISTRIBUTORS = ("dist1", "dist2", "dist3")
 LOADS = {"keep-alive": False, "new-connections": True}
-
-
-def carried(bed: Testbed, host: str) -> float:
-    return sum(value for (name, labels), value in bed.metrics(host).items()
-               if name == "distributor_packets_total"
-               and dict(labels).get("reason") in ("new_connection", "to_backend", "adopted_flow"))
 
 
 def announcing(bed: Testbed, count: int) -> None:
@@ -57,11 +49,11 @@ def scaling(bed: Testbed, rounds: int, seconds: float) -> dict:
         for count in (3, 2, 1):
             announcing(bed, count)
             for load, close in LOADS.items():
-                before = {host: carried(bed, host) for host in DISTRIBUTORS[:count]}
+                before = {host: forwarded(bed, host) for host in DISTRIBUTORS[:count]}
                 result = wrk.run(bed, f"http://{bed.vip}/1k.bin", duration=seconds, connections=32, close=close)
                 errors += result.errors
                 results[load][count].append(result.rps)
-                spread = {host: carried(bed, host) - before[host] for host in before}
+                spread = {host: forwarded(bed, host) - before[host] for host in before}
                 if count == 3:
                     for host, packets in spread.items():
                         shares[host].append(packets / max(1.0, sum(spread.values())))
@@ -75,27 +67,12 @@ def scaling(bed: Testbed, rounds: int, seconds: float) -> dict:
 
 
 def kill(bed: Testbed, victim: str, close: bool) -> dict:
-    """wrk's latency starts once a connection is up, so a recorder beside it (new connection per request)
-    times whole requests, connection set-up included: a SYN lost on the dead path shows there."""
-    bed.wait_paths(len(DISTRIBUTORS), 30)
-    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=8, connections=24, close=close,
-                                           timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with Recorder(bed, clients=4, timeout=5.0) as recorder:
-            start = carried(bed, victim)
-            wait_until(lambda: carried(bed, victim) - start > 500, 10, f"flows through {victim}")
-            killed, killed_wall = time.monotonic(), time.time()
-            bed.kill(victim)
-            wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {victim}")
-            withdrawn = time.monotonic() - killed
-            # Until a request starts 1.5 s after the kill: every one at risk has had its SYN retransmission.
-            wait_until(lambda: recorder.after(killed_wall + 1.5), 10, "the recorder's requests past the kill")
-    finally:
-        result = wrk.parse(load.communicate(timeout=80)[0])
+    """One kill under load (testbed.loadgen.kill_under_load), then the victim is started again."""
+    run = kill_under_load(bed, victim, close)
     bed.start(victim)
-    whole = recorder.results
-    return {"victim": victim, "requests": result.requests, "errors": result.errors,
-            "slowest_ms": result.latency_ms.get("max"), "withdrawn_s": round(withdrawn, 3),
+    whole = run.recorded
+    return {"victim": victim, "requests": run.result.requests, "errors": run.result.errors,
+            "slowest_ms": run.result.latency_ms.get("max"), "withdrawn_s": round(run.withdrawn, 3),
             "recorded": len(whole), "recorded_failed": sum(not r.ok for r in whole),
             "slowest_with_setup_ms": round(max((r.seconds for r in whole), default=0.0) * 1000, 1)}
 

@@ -806,8 +806,9 @@ def render_router_bird_config(topology: Topology, host: Host) -> str:
         for i, d in enumerate(topology.by_role("distributor"), start=1)
     )
     # BFD on the router's uplinks (named after their bridges, up1..upN) only: not towards the client or the nodes.
-    return ROUTER_BIRD_CONF.format(name=host.name, router_id=host.address_on("ext"), vip=topology.vip,
-                                   bfd_interfaces="up*", local_as=ROUTER_AS, neighbors=neighbors)
+    head = BIRD_HEAD.format(router_id=host.address_on("ext"), vip=topology.vip)
+    return ROUTER_BIRD_CONF.format(name=host.name, head=head, bfd_interfaces="up*", local_as=ROUTER_AS,
+                                   neighbors=neighbors)
 
 
 def render_distributor_bird_config(topology: Topology, host: Host) -> str:
@@ -816,9 +817,9 @@ def render_distributor_bird_config(topology: Topology, host: Host) -> str:
     index = int(host.name.removeprefix("dist"))
     uplink = _uplink(host)
     router = topology.host("router").address_on(uplink.bridge)
-    return DISTRIBUTOR_BIRD_CONF.format(name=host.name, router_id=uplink.address.ip, vip=topology.vip,
-                                        table=ANNOUNCE_TABLE, uplink=uplink.ifname, local_as=ROUTER_AS + index,
-                                        router=router, router_as=ROUTER_AS)
+    head = BIRD_HEAD.format(router_id=uplink.address.ip, vip=topology.vip)
+    return DISTRIBUTOR_BIRD_CONF.format(name=host.name, head=head, table=ANNOUNCE_TABLE, uplink=uplink.ifname,
+                                        local_as=ROUTER_AS + index, router=router, router_as=ROUTER_AS)
 
 
 def _signal(pid: int, signum: int) -> None:
@@ -955,14 +956,17 @@ table = {table}
 
 # BIRD 2 (Debian's bird2), as tested in docs/scale-out.md. Both log to stderr: the runner's (or the
 # daemon's) log of the service.
-ROUTER_BIRD_CONF = """\
-# Written by cluster-testbed for {name}.
+BIRD_HEAD = """\
 log stderr all;
 router id {router_id};
 define VIP = {vip}/32;
 filter vip_only {{ if net = VIP then accept; reject; }}
 protocol device {{ scan time 10; }}
-protocol kernel {{
+"""
+
+ROUTER_BIRD_CONF = """\
+# Written by cluster-testbed for {name}.
+{head}protocol kernel {{
   ipv4 {{ import none; export filter vip_only; }};
   merge paths on;                 # every equal best BGP path -> one multipath kernel route
 }}
@@ -980,12 +984,7 @@ template bgp dist {{
 
 DISTRIBUTOR_BIRD_CONF = """\
 # Written by cluster-testbed for {name}; the distributor daemon starts BIRD with it.
-log stderr all;
-router id {router_id};
-define VIP = {vip}/32;
-filter vip_only {{ if net = VIP then accept; reject; }}
-protocol device {{ scan time 10; }}
-protocol kernel announce {{        # the daemon adds/deletes "VIP dev lo table {table}"
+{head}protocol kernel announce {{        # the daemon adds/deletes "VIP dev lo table {table}"
   kernel table {table}; learn; scan time 10;
   ipv4 {{ import filter vip_only; export none; }};
 }}

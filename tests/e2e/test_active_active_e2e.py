@@ -20,13 +20,11 @@ themselves (the VIP on their loopback), through the router.  What an operator wo
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import time
 
 import pytest
 
 from testbed import content, http, monitoring, wrk
-from testbed.loadgen import Recorder
+from testbed.loadgen import forwarded, kill_under_load
 from testbed.runner import wait_until
 
 DISTRIBUTORS = ("dist1", "dist2", "dist3")
@@ -43,48 +41,19 @@ def metric(bed, host: str, name: str, **labels) -> float:
                if metric_name == name and all(dict(found).get(k) == v for k, v in labels.items()))
 
 
-def carried(bed, host: str) -> float:
-    """Packets the distributor sent to nodes (new, known and adopted connections)."""
-    return sum(metric(bed, host, "distributor_packets_total", reason=reason)
-               for reason in ("new_connection", "to_backend", "adopted_flow"))
-
-
 def router_has_every_path(bed) -> None:
     bed.wait_paths(len(DISTRIBUTORS), 30)
 
 
 def test_every_distributor_carries_flows_and_every_node_serves(bed):
     router_has_every_path(bed)
-    before = {host: carried(bed, host) for host in DISTRIBUTORS}
+    before = {host: forwarded(bed, host) for host in DISTRIBUTORS}
     result = wrk.run(bed, f"http://{bed.vip}/1k.bin", count_nodes=True, duration=3, connections=24, close=True)
     assert result.errors == 0 and result.requests > 300, result.output
     assert set(result.nodes) == {"web1", "web2", "web3"}, result.nodes
     for host in DISTRIBUTORS:
-        assert carried(bed, host) - before[host] > 100, f"{host} carried no flows: the router's ECMP skips it"
+        assert forwarded(bed, host) - before[host] > 100, f"{host} carried no flows: the router's ECMP skips it"
         assert metric(bed, host, "distributor_vip_announced", vip=bed.vip) == 1
-
-
-def kill_under_load(bed, close: bool, duration: float = 8.0) -> tuple[wrk.WrkResult, float, list]:
-    """Run wrk, kill the victim in its middle: (wrk's result, seconds until the router dropped its path,
-    the requests of a recorder beside wrk, each on a new connection and timed whole: wrk's latency
-    starts once its connection is up, so a SYN lost on the dead path shows only there)."""
-    router_has_every_path(bed)
-    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=duration, connections=24, close=close,
-                                           timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        with Recorder(bed, clients=4, timeout=5.0) as recorder:
-            start = carried(bed, VICTIM)
-            wait_until(lambda: carried(bed, VICTIM) - start > 500, 10, f"wrk's flows through {VICTIM}")
-            killed, killed_wall = time.monotonic(), time.time()
-            bed.kill(VICTIM)
-            wait_until(lambda: len(bed.router_paths()) == len(DISTRIBUTORS) - 1, 10, f"the router to drop {VICTIM}")
-            withdrawn = time.monotonic() - killed
-            # The requests at risk start before the withdrawal; one that starts 1.5 s after the kill
-            # means every one of them has had its SYN retransmission (1 s) and its answer.
-            wait_until(lambda: recorder.after(killed_wall + 1.5), 10, "the recorder's requests past the kill")
-    finally:
-        output = load.communicate(timeout=duration + 60)[0]
-    return wrk.parse(output), withdrawn, recorder.results
 
 
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "new-connections"])
@@ -92,7 +61,7 @@ def test_killing_a_distributor_under_load_fails_no_request(bed, close):
     survivors = [h for h in DISTRIBUTORS if h != VICTIM]
     adopted = {host: metric(bed, host, "distributor_packets_total", reason="adopted_flow") for host in survivors}
     try:
-        result, withdrawn, recorded = kill_under_load(bed, close)
+        result, withdrawn, recorded = kill_under_load(bed, VICTIM, close)
         assert result.requests > 2000, result.output
         assert result.errors == 0, f"{result.output}\n" + "\n".join(
             f"--- {h} ---\n{bed.log_tail(h, 'distributor', 20)}" for h in survivors)
