@@ -3,7 +3,7 @@
 Contract
 --------
 :class:`SyncSender` (on the active) collects table changes as the interposer reports them
-(``opened`` / ``ended``, by 12-byte connection key) and cuts them into
+(``opened`` / ``ended``, by connection key: 12 bytes IPv4, 36 IPv6) and cuts them into
 :class:`~common.wire.SyncBatch` payloads numbered consecutively.  It keeps the last ``HISTORY``
 payloads, so a standby that lost some can ask for exactly those again (:meth:`SyncSender.resend`);
 only what fell out of the history costs a snapshot.  A snapshot streams every open connection in
@@ -67,6 +67,7 @@ class SyncSender:
         self._history: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._records_through: collections.OrderedDict[int, int] = collections.OrderedDict()  # batch -> records_sent
         self._snapshot: Iterator[tuple[bytes, int]] | None = None
+        self._carried: SyncRecord | None = None  # a snapshot's record that did not fit in the chunk before
         self._snapshot_started = False
         self._snapshot_wanted = False
 
@@ -80,6 +81,7 @@ class SyncSender:
         """Stream a snapshot from the next chunk on (a running one starts over)."""
         self._snapshot_wanted = True
         self._snapshot = None
+        self._carried = None
         self.snapshots += 1
 
     @property
@@ -89,8 +91,17 @@ class SyncSender:
     def live_batches(self) -> list[bytes]:
         """The pending changes as payloads (empty list when there are none)."""
         payloads = []
-        while self.pending:
-            chunk, self.pending = self.pending[: SyncBatch.MAX_RECORDS], self.pending[SyncBatch.MAX_RECORDS:]
+        pending, self.pending = self.pending, []
+        chunk: list[SyncRecord] = []
+        used = 0
+        for record in pending:
+            size = SyncBatch.record_size(record.key)
+            if used + size > SyncBatch.MAX_BYTES:
+                payloads.append(self._cut(0, chunk))
+                chunk, used = [], 0
+            chunk.append(record)
+            used += size
+        if chunk:
             payloads.append(self._cut(0, chunk))
         return payloads
 
@@ -106,18 +117,32 @@ class SyncSender:
         if self._snapshot_wanted:
             self._snapshot_wanted = False
             self._snapshot = iter(connections())
+            self._carried = None
             self._snapshot_started = False
         while self._snapshot is not None and len(payloads) < limit:
             chunk: list[SyncRecord] = []
+            used = 0
+            carried, self._carried = self._carried, None
+            if carried is not None:  # the record that did not fit in the last chunk
+                chunk.append(carried)
+                used = SyncBatch.record_size(carried.key)
+            full = False
             for key, backend_index in self._snapshot:
                 if backend_of(key) != backend_index:
                     continue
-                chunk.append(SyncRecord(OPEN, key, backend_index))
-                if len(chunk) == SyncBatch.MAX_RECORDS:
+                record = SyncRecord(OPEN, key, backend_index)
+                size = SyncBatch.record_size(key)
+                if used + size > SyncBatch.MAX_BYTES:
+                    self._carried, full = record, True
+                    break
+                chunk.append(record)
+                used += size
+                if used + SyncBatch.SMALLEST > SyncBatch.MAX_BYTES:
+                    full = True
                     break
             flags = 0 if self._snapshot_started else SyncBatch.SNAPSHOT_START
             self._snapshot_started = True
-            if len(chunk) < SyncBatch.MAX_RECORDS:
+            if not full:
                 flags |= SyncBatch.SNAPSHOT_END
                 self._snapshot = None
             payloads.append(self._cut(flags, chunk))

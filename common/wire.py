@@ -310,29 +310,49 @@ END = 2
 @dataclass(frozen=True)
 class SyncRecord:
     op: int  # OPEN or END
-    key: bytes  # the connection's 12-byte client -> VIP 4-tuple
+    key: bytes  # the connection's client -> VIP 4-tuple: 12 bytes (IPv4) or 36 (IPv6)
     backend: int  # index of the backend in its service (OPEN only)
 
 
 class SyncBatch:
-    """Connection table changes, in order: ``batch`` numbers datagrams consecutively per sender."""
+    """Connection table changes, in order: ``batch`` numbers datagrams consecutively per sender.
+
+    A record is its op (the IPV6 bit set for a 36-byte IPv6 key), the key, and the backend index;
+    a batch holds as many as fit in :data:`MAX_BYTES` (:data:`MAX_RECORDS` IPv4 ones).
+    """
 
     _HEAD = struct.Struct("!QBH")
     _RECORD = struct.Struct("!B12sH")
+    _RECORD6 = struct.Struct("!B36sH")
+    IPV6 = 0x10  # op bit: the key is an IPv6 one
     SNAPSHOT_START = 1
     SNAPSHOT_END = 2
-    MAX_RECORDS = (MAX_PAYLOAD - _HEAD.size) // _RECORD.size
+    MAX_BYTES = MAX_PAYLOAD - _HEAD.size  # room for records in one datagram
+    MAX_RECORDS = MAX_BYTES // _RECORD.size  # IPv4 records in one datagram
+    SMALLEST = _RECORD.size
 
     def __init__(self, batch: int, flags: int, records: list[SyncRecord]):
         self.batch = batch
         self.flags = flags
         self.records = records
 
+    @classmethod
+    def record_size(cls, key: bytes) -> int:
+        """Bytes a record with this key takes in a batch."""
+        return (cls._RECORD6 if len(key) == 36 else cls._RECORD).size
+
     def pack(self) -> bytes:
-        if len(self.records) > self.MAX_RECORDS:
-            raise ValueError(f"{len(self.records)} records exceed {self.MAX_RECORDS} per datagram")
+        size = sum(self.record_size(r.key) for r in self.records)
+        if size > self.MAX_BYTES:
+            raise ValueError(f"{len(self.records)} records ({size} bytes) exceed the {self.MAX_BYTES} bytes of a datagram")
         parts = [self._HEAD.pack(self.batch, self.flags, len(self.records))]
-        parts.extend(self._RECORD.pack(r.op, r.key, r.backend) for r in self.records)
+        for r in self.records:
+            if len(r.key) == 36:
+                parts.append(self._RECORD6.pack(r.op | self.IPV6, r.key, r.backend))
+            elif len(r.key) == 12:
+                parts.append(self._RECORD.pack(r.op, r.key, r.backend))
+            else:
+                raise ValueError(f"a connection key of {len(r.key)} bytes: expected 12 (IPv4) or 36 (IPv6)")
         return b"".join(parts)
 
     @classmethod
@@ -340,14 +360,20 @@ class SyncBatch:
         if len(payload) < cls._HEAD.size:
             return None
         batch, flags, count = cls._HEAD.unpack_from(payload)
-        if len(payload) != cls._HEAD.size + count * cls._RECORD.size:
-            return None
         records = []
-        for offset in range(cls._HEAD.size, len(payload), cls._RECORD.size):
-            op, key, backend = cls._RECORD.unpack_from(payload, offset)
+        offset = cls._HEAD.size
+        while offset < len(payload):
+            layout = cls._RECORD6 if payload[offset] & cls.IPV6 else cls._RECORD
+            if offset + layout.size > len(payload):
+                return None
+            op, key, backend = layout.unpack_from(payload, offset)
+            op &= ~cls.IPV6
             if op not in (OPEN, END):
                 return None
             records.append(SyncRecord(op, key, backend))
+            offset += layout.size
+        if len(records) != count:
+            return None
         return cls(batch, flags, records)
 
 

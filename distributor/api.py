@@ -341,12 +341,17 @@ class ControlApi:
         self._who(request)
         given = request.query.get("client", "")
         client, port = given, request.query.get("port")
-        if client.count(":") == 1:
+        if client.startswith("[") and "]:" in client:
+            client, port = client[1:].split("]:", 1)
+        elif client.startswith("[") and client.endswith("]"):
+            client = client[1:-1]
+        elif client.count(":") == 1:
             client, port = client.split(":")
         try:
-            ipaddress.IPv4Address(client)
+            ipaddress.ip_address(client)
         except ValueError:
-            raise ValueError(f"client {given!r}: expected an IPv4 address, optionally with :PORT (1-65535)") from None
+            raise ValueError(f"client {given!r}: expected an IPv4 address, optionally with :PORT (1-65535), or an "
+                             "IPv6 address, optionally as [ADDRESS]:PORT") from None
         # ASCII digits only: int() also takes "+80", "1_000", " 80" and other scripts' digits.
         if port is not None and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise ValueError(f"port {port!r} is not valid; expected a number from 1 to 65535")

@@ -58,8 +58,13 @@ def full(data: bytes) -> int:
 
 
 def tcp_segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, window: int = 0) -> bytes:
-    """A complete IPv4 packet carrying a TCP segment without options or payload, checksums set."""
+    """A complete IPv4 or IPv6 packet (by the addresses' length, 4 or 16 bytes) carrying a TCP segment
+    without options or payload, checksums set (IPv6 has no header checksum: RFC 8200 section 8.1)."""
     tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, ack, 5 << 4, flags, window, 0, 0)
+    if len(src) == 16:
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), 6)  # RFC 8200 section 8.1
+        tcp = tcp[:16] + full(pseudo + tcp).to_bytes(2, "big") + tcp[18:]
+        return struct.pack("!IHBB16s16s", 6 << 28, len(tcp), 6, 64, src, dst) + tcp
     pseudo = src + dst + struct.pack("!BBH", 0, 6, len(tcp))
     tcp = tcp[:16] + full(pseudo + tcp).to_bytes(2, "big") + tcp[18:]
     ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)

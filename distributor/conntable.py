@@ -2,9 +2,10 @@
 
 Contract
 --------
-* A connection is keyed twice, by the 12 bytes of its 4-tuple exactly as they
-  appear in an IPv4 header followed by the TCP header (source address,
-  destination address, source port, destination port):
+* A connection is keyed twice, by its 4-tuple's bytes exactly as they appear
+  in an IPv4 header followed by the TCP header (source address, destination
+  address, source port, destination port: 12 bytes), or in an IPv6 header
+  followed by the TCP header (36 bytes, the same order; :func:`segment_key`):
 
   - ``key``: client -> VIP packets, ``client_ip vip client_port vip_port``;
   - ``reply_key``: backend -> client packets,
@@ -61,6 +62,8 @@ __all__ = [
     "RST",
     "PSH",
     "ACK",
+    "segment_key",
+    "client_of",
 ]
 
 FIN = 0x01
@@ -68,6 +71,20 @@ SYN = 0x02
 RST = 0x04
 PSH = 0x08
 ACK = 0x10
+
+
+def segment_key(packet: bytes) -> tuple[bytes, int]:
+    """A checked TCP segment's key (client -> VIP direction: source, destination, ports) and its TCP
+    header's offset, for IPv4 without options and IPv6 without extension headers (the only segments
+    the interposer lets past its checks)."""
+    if packet[0] >> 4 == 6:
+        return packet[8:44], 40
+    return packet[12:24], 20
+
+
+def client_of(key: bytes) -> bytes:
+    """The first address of a key (the client's, of a client -> VIP key): 4 or 16 bytes."""
+    return key[:(len(key) - 4) >> 1]
 
 
 class TcpState(enum.IntEnum):

@@ -869,12 +869,18 @@ class DistributorCore:
 
     def explain(self, client: str, port: int, service_name: str | None = None, now: float = 0.0) -> dict:
         """Which node a new connection from ``client:port`` would reach, and why (for the control API)."""
+        address = ipaddress.ip_address(client)
         services = [s for s in self.interposer.services if service_name in (None, s.name)]
         if not services:
             raise KeyError(f"no service {service_name!r}; services: "
                            f"{', '.join(s.name for s in self.interposer.services)}")
+        services = [s for s in services if s.vip.version == address.version]
+        if not services:
+            raise KeyError(f"no IPv{address.version} service{'' if service_name is None else ' ' + repr(service_name)} "
+                           f"for client {client}; services: "
+                           f"{', '.join(f'{s.name} ({s.vip})' for s in self.interposer.services)}")
         answers = []
-        client_bytes = ipaddress.IPv4Address(client).packed
+        client_bytes = address.packed
         for service in services:
             balancer = service.balancer
             excluded = []
@@ -899,7 +905,7 @@ class DistributorCore:
                             "policy": balancer.policy.value, "candidates": candidates, "excluded": excluded,
                             "next": service.backends[pick].name if pick is not None else None,
                             "why": why, "existing": existing})
-        return {"client": f"{client}:{port}", "services": answers}
+        return {"client": _endpoint(client_bytes, port.to_bytes(2, "big")), "services": answers}
 
     def _exclusion(self, service, backend) -> str | None:
         node = backend.name
@@ -951,8 +957,8 @@ class DistributorCore:
             if node is not None and conn.backend.name != node:
                 continue
             key = conn.key
-            views.append(ConnectionView(f"{ipaddress.IPv4Address(key[0:4])}:{int.from_bytes(key[8:10], 'big')}",
-                                        f"{ipaddress.IPv4Address(key[4:8])}:{int.from_bytes(key[10:12], 'big')}",
+            size = (len(key) - 4) >> 1
+            views.append(ConnectionView(_endpoint(key[:size], key[-4:-2]), _endpoint(key[size:2 * size], key[-2:]),
                                         conn.service.name, conn.backend.name, conn.state.name.lower(),
                                         now - conn.last_seen))
             if len(views) >= limit:
@@ -972,3 +978,9 @@ class DistributorCore:
                                 if self.announce is not None else None,
                                 tuple((old.value, new.value, n) for (old, new), n in self.announce.counts.items())
                                 if self.announce is not None else ())
+
+
+def _endpoint(address: bytes, port: bytes) -> str:
+    """``198.51.100.7:80`` or ``[2001:db8::7]:80`` (RFC 3986's form for an IPv6 address with a port)."""
+    text = str(ipaddress.ip_address(address))
+    return f"{text if len(address) == 4 else f'[{text}]'}:{int.from_bytes(port, 'big')}"

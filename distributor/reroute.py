@@ -2,8 +2,8 @@
 
 Contract
 --------
-:meth:`Interposer.decide` takes the bytes of one IPv4 packet that the kernel
-queued and the current time, and returns one verdict, ``(reason, out,
+:meth:`Interposer.decide` takes the bytes of one IPv4 or IPv6 packet that the
+kernel queued and the current time, and returns one verdict, ``(reason, out,
 extra)``, the only way out of the interposer:
 
 * ``reason`` (a :class:`Reason`) gives the verdict, ``reason.verdict``
@@ -65,6 +65,14 @@ distributor chose for it; a connection ends at the client's FIN or RST (its node
 Only IHL = 5 headers are rewritten (of an ICMP error, the outer one; the
 quoted header may carry options), so a connection's 4-tuple is always
 ``packet[12:24]`` (source, destination, source port, destination port).
+
+IPv6 (rewrite and kernel modes; dsr mode is IPv4 only): the same decisions on the same kind of
+key, ``packet[8:44]`` (16-byte addresses, then the ports: back to back as in IPv4), for packets
+without extension headers (a packet bearing one is refused by reason: ``EXTENSION_HEADERS``, or
+``FRAGMENT``); the rewrite patches only the TCP checksum (IPv6 has no header checksum; the TCP one
+covers the addresses through its pseudo-header).  ICMPv6 errors (RFC 4443) are matched and
+translated as ICMP ones are, "packet too big" (RFC 8201) for the client.  The hop limit stands for
+the TTL.  A service and its nodes are of one family; a dual-stack service is two services.
 """
 
 from __future__ import annotations
@@ -80,7 +88,7 @@ from common.sansio import Command
 from . import checksum
 from .balancer import Balancer, Policy
 from .maglev import MaglevBalancer
-from .conntable import ACK, FIN, RST, SYN, Connection, ConnectionTable, TcpState
+from .conntable import ACK, FIN, RST, SYN, Connection, ConnectionTable, TcpState, client_of, segment_key
 from .synauth import SynAuth
 
 __all__ = [
@@ -113,15 +121,30 @@ ACCEPT = 1
 
 _IPPROTO_TCP = 6
 _IPPROTO_ICMP = 1
+_IPPROTO_ICMPV6 = 58
+# IPv6 next-header values that announce an extension header (RFC 8200 section 4, IANA's list):
+# hop-by-hop, routing, fragment, destination options, AH, ESP, mobility, HIP, shim6.  A routing
+# header carries addresses this rewrite would leave stale (as IPv4's source-route option does), a
+# fragment carries no ports past the first; none is used by a plain TCP connection, so packets
+# bearing one are refused by reason (EXTENSION_HEADERS, FRAGMENT) rather than walked.
+_IPV6_EXTENSIONS = frozenset({0, 43, 44, 60, 51, 50, 135, 139, 140})
+_IPV6_FRAGMENT = 44
 # ICMP errors (RFC 792) that quote the packet they are about: destination unreachable (code 4:
 # fragmentation needed, RFC 1191 path MTU discovery), time exceeded, parameter problem.
 _ICMP_UNREACHABLE, _ICMP_FRAG_NEEDED = 3, 4
 ICMP_ERROR_TYPES = (_ICMP_UNREACHABLE, 11, 12)  # what rewrite mode's rules queue (rules.py)
 _ICMP_ERRORS = frozenset(ICMP_ERROR_TYPES)
+# ICMPv6 errors (RFC 4443 section 3): destination unreachable, packet too big (RFC 8201 path MTU
+# discovery: the only one that goes to a client, as IPv4's "fragmentation needed"), time exceeded,
+# parameter problem.  Neighbour discovery (133-137) is never queued (rules.py).
+_ICMPV6_PACKET_TOO_BIG = 2
+ICMPV6_ERROR_TYPES = (1, _ICMPV6_PACKET_TOO_BIG, 3, 4)
+_ICMPV6_ERRORS = frozenset(ICMPV6_ERROR_TYPES)
 _ESTABLISHED = TcpState.ESTABLISHED
 _NOT_PLAIN = SYN | FIN | RST
 _IP_CHECKSUM = 10
 _TCP_CHECKSUM = 20 + 16
+_TCP6_CHECKSUM = 40 + 16
 
 
 class Reason(enum.IntEnum):
@@ -133,7 +156,7 @@ class Reason(enum.IntEnum):
     NOT_SERVICE = 3  # not for a service: passed untouched
     NOT_TCP = 4  # not TCP: passed untouched
     TRUNCATED = 5  # shorter than its headers or its IP total length
-    BAD_IP_HEADER = 6  # not IPv4 or IHL < 5
+    BAD_IP_HEADER = 6  # neither IPv4 nor IPv6, or IPv4 with IHL < 5 (dsr mode: IPv6)
     IP_OPTIONS = 7
     FRAGMENT = 8
     BAD_TCP_HEADER = 9  # data offset < 5 or past the end
@@ -155,6 +178,7 @@ class Reason(enum.IntEnum):
     ICMP_TO_CLIENT = 25  # rewrite mode: "fragmentation needed" about a segment sent to a node, translated for the client
     ICMP_UNKNOWN = 26  # rewrite mode: an ICMP error about no known connection, or about a node (or past the rules' rate limit): dropped
     ADOPTED_FLOW = 27  # dsr mode: a mid-stream segment of a connection not in the table, sent to the node its flow hash names
+    EXTENSION_HEADERS = 28  # IPv6 with an extension header (hop-by-hop, routing, options, AH, ESP): refused
 
     @property
     def verdict(self) -> int:
@@ -215,7 +239,7 @@ END_MARK = 0x40000000
 @dataclass(frozen=True)
 class BackendSpec:
     name: str
-    address: ipaddress.IPv4Address
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address  # the service VIP's family
     port: int
     weight: int = 1
 
@@ -223,7 +247,7 @@ class BackendSpec:
 @dataclass(frozen=True)
 class ServiceSpec:
     name: str
-    vip: ipaddress.IPv4Address
+    vip: ipaddress.IPv4Address | ipaddress.IPv6Address
     port: int
     policy: Policy
     backends: tuple[BackendSpec, ...]
@@ -510,6 +534,11 @@ class Interposer:
         self._dsr = mode is Mode.DSR
         self._rewrite = mode is Mode.REWRITE
         table.evict_half_open = not self._kernel  # kernel mode never sees a handshake complete
+        for spec in services:
+            for backend in spec.backends:
+                if backend.address.version != spec.vip.version:
+                    raise ValueError(f"service {spec.name}: {backend.name}'s address {backend.address} is not of the "
+                                     f"VIP's family (IPv{spec.vip.version}); a dual-stack service is two services")
         marks = backend_marks(services)
         self.services = [Service(spec, [marks[(spec.name, i)] for i in range(len(spec.backends))], flow_secret)
                          for spec in services]
@@ -579,6 +608,28 @@ class Interposer:
                 backend.bytes_in += packet[2] << 8 | packet[3]
                 self.counts[_TO_BACKEND] += 1
                 return _TO_BACKEND, backend.mark, None
+        elif (self._rewrite and length >= 60 and packet[0] >> 4 == 6 and packet[6] == _IPPROTO_TCP and packet[7] > 1
+              and (packet[4] << 8 | packet[5]) + 40 == length and 80 <= packet[52]
+              and (packet[52] >> 4) * 4 + 40 <= length and packet[53] & _NOT_PLAIN == 0 and packet[53] & ACK):
+            # The same for IPv6 (no extension headers): only the TCP checksum, which covers the
+            # addresses through the pseudo-header (RFC 8200 section 8.1).
+            key = packet[8:44]
+            conn = self._lookup(key)
+            if conn is not None and conn.state is _ESTABLISHED and not conn.reset_by_us and conn.key == key:
+                conn.last_seen = now
+                conn.client_ack = packet[48:52]
+                backend = conn.backend
+                buf = bytearray(packet)
+                tcp_sum = ((packet[56] << 8 | packet[57]) ^ 0xFFFF) + backend.to_backend_tcp_delta
+                buf[24:40] = backend.addr_bytes
+                if backend.rewrites_port:
+                    buf[42:44] = backend.port_bytes
+                backend.bytes_in += length
+                tcp_sum = ((tcp_sum & 0xFFFF) + (tcp_sum >> 16)) ^ 0xFFFF
+                buf[56] = tcp_sum >> 8
+                buf[57] = tcp_sum & 0xFF
+                self.counts[_TO_BACKEND] += 1
+                return _TO_BACKEND, bytes(buf), None
         verdict = self._decide(packet, now)
         self.counts[verdict[0]] += 1
         return verdict
@@ -591,16 +642,26 @@ class Interposer:
     def _decide(self, packet: bytes, now: float) -> tuple[Reason, bytes | int | None, tuple | None]:
         if self._dsr:
             return self._decide_dsr(packet, now)
-        if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP and not self._kernel:
-            return self._icmp(packet)
-        # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
-        # would trim the packet to a shorter one); kernel mode copies the headers only.
-        invalid = _invalid(packet, whole=not self._kernel)
-        if invalid is not None:
-            return invalid, None, None
-        flags = packet[33]
-        key = packet[12:24]
-        if packet[8] <= 1 and packet[16:20] + packet[22:24] in self._by_vip:
+        if packet[:1] >= b"\x60":  # IPv6 (or garbage, which _invalid6 refuses)
+            if len(packet) >= 40 and packet[6] == _IPPROTO_ICMPV6 and not self._kernel:
+                return self._icmp6(packet)
+            invalid = _invalid6(packet, whole=not self._kernel)
+            if invalid is not None:
+                return invalid, None, None
+            tcp, key, hop_limit = 40, packet[8:44], packet[7]
+        else:
+            if len(packet) >= 20 and packet[9] == _IPPROTO_ICMP and not self._kernel:
+                return self._icmp(packet)
+            # Rewrite mode hands the bytes back, so the copy must be the whole packet (the kernel
+            # would trim the packet to a shorter one); kernel mode copies the headers only.
+            invalid = _invalid(packet, whole=not self._kernel)
+            if invalid is not None:
+                return invalid, None, None
+            tcp, key, hop_limit = 20, packet[12:24], packet[8]
+        # The key is the client's address, the VIP, the client's port, the VIP's port (both families
+        # keep them in this order, back to back: IPv4 bytes 12-24, IPv6 bytes 8-44).
+        flags = packet[tcp + 13]
+        if hop_limit <= 1 and _vip_port(key) in self._by_vip:
             return Reason.TTL_EXPIRED, None, None
         conn = self.table.get(key)
         ended: ConnectionEnded | None = None
@@ -610,7 +671,7 @@ class Interposer:
             if conn is None and flags & RST and self.syn_auth is not None and self.syn_auth.answer(packet, now):
                 return Reason.SYN_VERIFIED, None, None
             if conn is not None and conn.key == key and flags & FIN and self.syn_auth is not None:
-                self.syn_auth.verify(key[0:4], now)  # a client that closes a connection was real
+                self.syn_auth.verify(_client(key), now)  # a client that closes a connection was real
             if conn is not None and conn.key != key and flags & FIN:
                 conn.backend.alive_at = now  # it finished a connection: alive (passive health)
             if (conn is not None and conn.key != key and flags & RST and flags & ACK and conn.is_open
@@ -633,11 +694,11 @@ class Interposer:
                     return Reason.RESET_CONNECTION, None, (SendPacket(_reset_for(packet, conn.backend)),)
                 return Reason.RESET_CONNECTION, None, None
             if flags & ACK and not self._kernel:
-                conn.client_ack = packet[28:32]
+                conn.client_ack = packet[tcp + 8:tcp + 12]
                 if conn.state is TcpState.SYN_SEEN and self.syn_auth is not None:
-                    self.syn_auth.verify(key[0:4], now)  # it completed a handshake: a real address
+                    self.syn_auth.verify(_client(key), now)  # it completed a handshake: a real address
             failure = None
-            if (flags & SYN and conn.state is TcpState.SYN_SEEN and not conn.answered and packet[24:28] == conn.isn
+            if (flags & SYN and conn.state is TcpState.SYN_SEEN and not conn.answered and packet[tcp + 4:tcp + 8] == conn.isn
                     and now - conn.last_seen >= SYN_RETRY_MIN):
                 verdict = self._unanswered(packet, conn, now)
                 if verdict[0] is not Reason.TO_BACKEND:
@@ -849,6 +910,40 @@ class Interposer:
             return Reason.ICMP_TO_CLIENT, _icmp_to_client(packet, quoted, conn.backend), None
         return Reason.NOT_SERVICE, None, None
 
+    def _icmp6(self, packet: bytes) -> tuple[Reason, bytes | None, None]:
+        """An ICMPv6 message: translate an error about a VIP connection for the host it concerns.
+
+        :meth:`_icmp` for IPv6, with the same rules: an error quoting a segment from a VIP goes to the
+        connection's node; "packet too big" (RFC 8201) quoting a segment sent to a node goes to the
+        client, from the VIP; every other error about a node, and any about no known connection of a
+        VIP or a node, is dropped and counted.  Neighbour discovery never reaches here (the rules
+        queue errors only).
+        """
+        refused = _quoted_segment6(packet, Reason.NOT_TCP, whole=True)
+        if refused is not None:
+            if refused is Reason.NOT_TCP and len(packet) >= _QUOTED6_TCP and packet[_ICMP6] in _ICMPV6_ERRORS and (
+                    packet[_QUOTED6 + 8:_QUOTED6 + 24] in self._vip_addresses
+                    or packet[_QUOTED6 + 24:_QUOTED6 + 40] in self._node_addresses):
+                # A quote with extension headers (a fragment, a routing header): no segment of a VIP
+                # connection carries one; forged, and it must not leave quoting a node.
+                return Reason.ICMP_UNKNOWN, None, None
+            return refused, None, None
+        source, destination = packet[_QUOTED6 + 8:_QUOTED6 + 24], packet[_QUOTED6 + 24:_QUOTED6 + 40]
+        sport, dport = packet[_QUOTED6_TCP:_QUOTED6_TCP + 2], packet[_QUOTED6_TCP + 2:_QUOTED6_TCP + 4]
+        if source + sport in self._by_vip:
+            key = destination + source + dport + sport  # the connection's client -> VIP key
+            conn = self._lookup(key)
+            if conn is None or conn.key != key or conn.reset_by_us:
+                return Reason.ICMP_UNKNOWN, None, None
+            return Reason.ICMP_TO_NODE, _icmp6_to_node(packet, conn.backend), None
+        if destination + dport in self._backend_sources:
+            conn = self._lookup(destination + source + dport + sport)  # the node -> client key
+            if (conn is None or _client(conn.key) != source or conn.reset_by_us
+                    or packet[_ICMP6] != _ICMPV6_PACKET_TOO_BIG):
+                return Reason.ICMP_UNKNOWN, None, None
+            return Reason.ICMP_TO_CLIENT, _icmp6_to_client(packet, conn.backend), None
+        return Reason.NOT_SERVICE, None, None
+
     # -- passive health: a node that fails a connection's handshake -----------------------------------
     def _refused(self, conn: Connection, now: float) -> tuple[Reason, None, tuple] | None:
         """A node reset the client's SYN: the verdict that hides the RST, or None to let it reach the client.
@@ -931,8 +1026,8 @@ class Interposer:
             # table rebuilt for one connection (persistence keeps no client on a failed node either).
             index = balancer.acquire(conn.key, avoid=failed.index)
             if index is not None and service.persistence:
-                service.sticky[conn.key[0:4]] = (index, now + service.persistence)
-                service.sticky.move_to_end(conn.key[0:4])
+                service.sticky[_client(conn.key)] = (index, now + service.persistence)
+                service.sticky.move_to_end(_client(conn.key))
         else:
             hidden = balancer.is_available(failed.index)
             if hidden:
@@ -960,9 +1055,9 @@ class Interposer:
     def _unknown(self, packet: bytes, key: bytes, flags: int, now: float,
                  ended: "ConnectionEnded | None") -> tuple[Reason, bytes | int | None, tuple | None]:
         before = (ended,) if ended is not None else None
-        service = self._by_vip.get(packet[16:20] + packet[22:24])
+        service = self._by_vip.get(_vip_port(key))
         if service is None:
-            if packet[12:16] + packet[20:22] in self._backend_sources:
+            if _client(key) + key[-4:-2] in self._backend_sources:
                 return Reason.UNKNOWN_REPLY, None, before
             return Reason.NOT_SERVICE, None, before
         if flags & (SYN | ACK) != SYN:
@@ -975,7 +1070,7 @@ class Interposer:
                                                    SendPacket(_reset_to_node(packet, node, node_port)))
             return Reason.UNKNOWN_FLOW, None, before
         auth = self.syn_auth
-        if auth is not None and not auth.admits(key[0:4], self.half_open_hint if self._kernel else self.table.half_open(),
+        if auth is not None and not auth.admits(_client(key), self.half_open_hint if self._kernel else self.table.half_open(),
                                                  now):
             return Reason.SYN_CHALLENGED, None, (*(before or ()), SendPacket(auth.challenge(packet, now)))
         index = self._place(service, key, now) if service.persistence else service.balancer.acquire(key)
@@ -983,7 +1078,7 @@ class Interposer:
             return Reason.NO_BACKEND, None, before
         self.syns_placed += 1
         backend = service.backends[index]
-        reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
+        reply_key = backend.addr_bytes + _client(key) + backend.port_bytes + key[-4:-2]
         stale = self.table.get(reply_key)
         if stale is not None or ended is not None:
             # Rare: a finished entry holds the reply 4-tuple, or this SYN started over; collect every effect.
@@ -1003,12 +1098,13 @@ class Interposer:
                 opened = (*self._released_evictions(), ConnectionOpened(conn))
             else:
                 opened = (ConnectionOpened(conn),)
-        conn.isn = packet[24:28]
+        sequence = 24 if len(key) == 12 else 44  # the TCP sequence number: right after the key, in both families
+        conn.isn = packet[sequence:sequence + 4]
         if self._kernel:
             out = backend.mark
         elif self._dsr:
             out = backend.mark
-            backend.bytes_in += packet[2] << 8 | packet[3]
+            backend.bytes_in += packet[2] << 8 | packet[3]  # dsr serves IPv4 only (config.py)
         else:
             conn.syn = packet  # until the node answers: sent to another node if this one refuses it
             out = _to_backend(packet, backend)
@@ -1017,7 +1113,7 @@ class Interposer:
 
     def _place(self, service: Service, key: bytes, now: float) -> int | None:
         """Persistence: the client's node while its entry lives and the node may take it, else a new pick."""
-        client = key[0:4]
+        client = _client(key)
         entry = service.sticky.get(client)
         balancer = service.balancer
         if entry is not None and entry[1] > now and balancer.eligible(entry[0]):
@@ -1033,7 +1129,7 @@ class Interposer:
 
     def _open(self, service: Service, backend: Backend, key: bytes, now: float, effects: list) -> Connection | None:
         """A table entry for ``key`` on ``backend``; a finished entry holding the reply 4-tuple is replaced."""
-        reply_key = backend.addr_bytes + key[0:4] + backend.port_bytes + key[8:10]
+        reply_key = backend.addr_bytes + _client(key) + backend.port_bytes + key[-4:-2]
         stale = self.table.get(reply_key)
         if stale is not None:
             ended = self._drop_entry(stale)
@@ -1119,6 +1215,9 @@ class Interposer:
         service = self.service(service_name)
         if service is None:
             raise KeyError(f"no service {service_name!r}")
+        if spec.address.version != service.vip.version:
+            raise ValueError(f"{spec.name}'s address {spec.address} is IPv{spec.address.version} and {service_name}'s "
+                             f"VIP {service.vip} is IPv{service.vip.version}; a service's nodes are of its VIP's family")
         existing = service.find(spec.name)
         if existing is not None and not existing.removed:
             if (existing.address, existing.port) != (spec.address, spec.port):
@@ -1212,7 +1311,7 @@ class Interposer:
     # -- replication (a standby's table follows the active's) -----------------
     def install(self, key: bytes, backend_index: int, now: float) -> bool:
         """Insert a connection the active distributor opened; False when the key or index fits no service."""
-        service = self._by_vip.get(key[4:8] + key[10:12])
+        service = self._by_vip.get(_vip_port(key))
         if service is None or not 0 <= backend_index < len(service.backends):
             return False
         existing = self.table.get(key)
@@ -1224,8 +1323,8 @@ class Interposer:
         self.table.advance(conn, ACK, True, now)  # it is past its SYN on the active
         service.balancer.take(backend_index)
         if service.persistence:  # the replica learns each client's node from its connections
-            service.sticky[key[0:4]] = (backend_index, now + service.persistence)
-            service.sticky.move_to_end(key[0:4])
+            service.sticky[_client(key)] = (backend_index, now + service.persistence)
+            service.sticky.move_to_end(_client(key))
         return True
 
     def end(self, key: bytes, now: float) -> None:
@@ -1330,6 +1429,33 @@ def _invalid(packet: bytes, whole: bool) -> Reason | None:
     return None
 
 
+def _invalid6(packet: bytes, whole: bool) -> Reason | None:
+    """Why the IPv6 and TCP headers of ``packet`` cannot be handled, or None when they can (see
+    :func:`_invalid`).  Only a TCP header right after the fixed header is handled: extension headers
+    are refused by reason (``_IPV6_EXTENSIONS`` says why); IPv6 has no header checksum."""
+    length = len(packet)
+    if length < 40:
+        return Reason.TRUNCATED
+    if packet[0] >> 4 != 6:
+        return Reason.BAD_IP_HEADER
+    if whole and (packet[4] << 8 | packet[5]) + 40 != length:
+        return Reason.TRUNCATED
+    next_header = packet[6]
+    if next_header != _IPPROTO_TCP:
+        if next_header == _IPV6_FRAGMENT:
+            return Reason.FRAGMENT
+        return Reason.EXTENSION_HEADERS if next_header in _IPV6_EXTENSIONS else Reason.NOT_TCP
+    if length < 60:
+        return Reason.TRUNCATED
+    tcp_header = (packet[52] >> 4) * 4
+    if tcp_header < 20 or (whole and 40 + tcp_header > length):
+        return Reason.BAD_TCP_HEADER
+    flags = packet[53]
+    if (flags & SYN and flags & (FIN | RST)) or not flags & (SYN | ACK | RST):
+        return Reason.BAD_FLAGS
+    return None
+
+
 # Offsets in an ICMP error whose outer header has no options (Interposer._icmp refuses options).
 _ICMP = 20
 _QUOTED_IP = _ICMP + 8
@@ -1406,6 +1532,81 @@ def _icmp_finish(buf: bytearray, packet: bytes, quoted: int, tcp_delta: int, cha
     checksum.patch(buf, _ICMP + 2, checksum.delta(old, new))
 
 
+# Offsets in an ICMPv6 error whose outer header has no extension headers (RFC 4443 section 2.1): the
+# ICMPv6 header at 40 (type, code, checksum, 4 bytes of MTU or pointer), the quoted IPv6 header at 48,
+# its source at 56 and destination at 72, the quoted TCP header at 88 (the quote has no extension
+# headers either: the segments of a VIP connection carry none).
+_ICMP6 = 40
+_QUOTED6 = 48
+_QUOTED6_TCP = 88
+
+
+def _quoted_segment6(packet: bytes, not_ours: Reason, whole: bool) -> Reason | None:
+    """The checks of an ICMPv6 message (rewrite mode): None for an error quoting a TCP segment whose
+    addresses and ports can be read, else the reason (``not_ours``: not such an error)."""
+    length = len(packet)
+    if packet[0] >> 4 != 6:
+        return Reason.BAD_IP_HEADER
+    if whole and (packet[4] << 8 | packet[5]) + 40 != length:
+        return Reason.TRUNCATED
+    if length < _QUOTED6 or packet[_ICMP6] not in _ICMPV6_ERRORS:
+        return not_ours  # echo, neighbour discovery's (never queued by the rules), ...
+    if length < _QUOTED6_TCP or packet[_QUOTED6] >> 4 != 6 or packet[_QUOTED6 + 6] != _IPPROTO_TCP:
+        return not_ours
+    if length < _QUOTED6_TCP + 8:
+        return Reason.TRUNCATED
+    return None
+
+
+def _icmp6_to_node(packet: bytes, backend: Backend) -> bytes:
+    """An ICMPv6 error about a VIP -> client segment, made about the node -> client segment it was."""
+    buf = bytearray(packet)
+    buf[24:40] = backend.addr_bytes
+    buf[_QUOTED6 + 8:_QUOTED6 + 24] = backend.addr_bytes
+    if backend.rewrites_port:
+        buf[_QUOTED6_TCP:_QUOTED6_TCP + 2] = backend.port_bytes
+    _icmp6_finish(buf, packet, backend.to_backend_tcp_delta, ((24, 40), (_QUOTED6 + 8, _QUOTED6 + 24),
+                                                              (_QUOTED6_TCP, _QUOTED6_TCP + 2)))
+    return bytes(buf)
+
+
+def _icmp6_to_client(packet: bytes, backend: Backend) -> bytes:
+    """An ICMPv6 error about a client -> node segment, made about the client -> VIP segment, from the VIP."""
+    buf = bytearray(packet)
+    buf[8:24] = backend.vip_bytes
+    buf[_QUOTED6 + 24:_QUOTED6 + 40] = backend.vip_bytes
+    buf[_QUOTED6_TCP + 2:_QUOTED6_TCP + 4] = backend.vport_bytes
+    tcp_delta = checksum.combine(checksum.delta(backend.addr_bytes, backend.vip_bytes),
+                                 checksum.delta(backend.port_bytes, backend.vport_bytes))
+    _icmp6_finish(buf, packet, tcp_delta, ((8, 24), (_QUOTED6 + 24, _QUOTED6 + 40),
+                                           (_QUOTED6_TCP + 2, _QUOTED6_TCP + 4)))
+    return bytes(buf)
+
+
+def _icmp6_finish(buf: bytearray, packet: bytes, tcp_delta: int, spans: tuple[tuple[int, int], ...]) -> None:
+    """Patch the quoted TCP checksum when it is quoted (an IPv6 error quotes as much as fits in the
+    minimum MTU, RFC 4443 section 3), then the ICMPv6 checksum by everything that changed: unlike
+    ICMP's, it covers a pseudo-header with both outer addresses (RFC 4443 section 2.3), so the outer
+    address rewritten counts too.  Incremental: an error that arrived damaged stays damaged."""
+    changed = list(spans)
+    if len(buf) >= _QUOTED6_TCP + 18:
+        checksum.patch(buf, _QUOTED6_TCP + 16, tcp_delta)
+        changed.append((_QUOTED6_TCP + 16, _QUOTED6_TCP + 18))
+    old = b"".join(packet[a:b] for a, b in changed)
+    new = b"".join(bytes(buf[a:b]) for a, b in changed)
+    checksum.patch(buf, _ICMP6 + 2, checksum.delta(old, new))
+
+
+_client = client_of
+_key_of = segment_key
+
+
+def _vip_port(key: bytes) -> bytes:
+    """The VIP and its port in a connection key: how services are looked up."""
+    size = (len(key) - 4) >> 1
+    return key[size:size + size] + key[-2:]
+
+
 def _acknowledges_syn(packet: bytes, isn: bytes) -> bool:
     """An RST that answers the client's SYN itself: sequence number 0, acknowledgment the ISN + 1.
 
@@ -1413,12 +1614,21 @@ def _acknowledges_syn(packet: bytes, isn: bytes) -> bool:
     zero and an acknowledgment of the segment; an RST on a connection the node had accepted carries
     its own sequence number instead.
     """
-    return (len(isn) == 4 and packet[24:28] == b"\0\0\0\0"
-            and int.from_bytes(packet[28:32], "big") == (int.from_bytes(isn, "big") + 1) & 0xFFFFFFFF)
+    tcp = _key_of(packet)[1]
+    return (len(isn) == 4 and packet[tcp + 4:tcp + 8] == b"\0\0\0\0"
+            and int.from_bytes(packet[tcp + 8:tcp + 12], "big") == (int.from_bytes(isn, "big") + 1) & 0xFFFFFFFF)
 
 
 def _to_backend(packet: bytes, backend: Backend) -> bytes:
     buf = bytearray(packet)
+    if len(backend.addr_bytes) == 16:
+        # IPv6: no header checksum; the TCP checksum covers the addresses through the pseudo-header
+        # (RFC 8200 section 8.1), so the precomputed delta is the same sum over 16-byte addresses.
+        buf[24:40] = backend.addr_bytes
+        if backend.rewrites_port:
+            buf[42:44] = backend.port_bytes
+        checksum.patch(buf, _TCP6_CHECKSUM, backend.to_backend_tcp_delta)
+        return bytes(buf)
     buf[16:20] = backend.addr_bytes
     if backend.rewrites_port:
         buf[22:24] = backend.port_bytes
@@ -1429,7 +1639,7 @@ def _to_backend(packet: bytes, backend: Backend) -> bytes:
 
 def _rst_to_client(conn: Connection) -> bytes:
     backend = conn.backend
-    client_ip, client_port = conn.key[0:4], int.from_bytes(conn.key[8:10], "big")
+    client_ip, client_port = _client(conn.key), int.from_bytes(conn.key[-4:-2], "big")
     seq = int.from_bytes(conn.client_ack, "big")
     return checksum.tcp_segment(backend.vip_bytes, client_ip, int.from_bytes(backend.vport_bytes, "big"), client_port, seq, 0, RST)
 
@@ -1437,15 +1647,18 @@ def _rst_to_client(conn: Connection) -> bytes:
 def _reset_for(packet: bytes, backend: Backend) -> bytes:
     # RFC 793: an RST answering a segment that carries ACK takes its sequence
     # number from that ACK field, which is exactly what the client expects.
-    seq = int.from_bytes(packet[28:32], "big")
-    return checksum.tcp_segment(backend.vip_bytes, packet[12:16], int.from_bytes(backend.vport_bytes, "big"),
-                                int.from_bytes(packet[20:22], "big"), seq, 0, RST)
+    key, tcp = _key_of(packet)
+    seq = int.from_bytes(packet[tcp + 8:tcp + 12], "big")
+    return checksum.tcp_segment(backend.vip_bytes, _client(key), int.from_bytes(backend.vport_bytes, "big"),
+                                int.from_bytes(key[-4:-2], "big"), seq, 0, RST)
 
 
 def _reset_for_packet(packet: bytes) -> bytes:
     """An RST answering this client segment, from the VIP:port it was sent to (RFC 793: seq = its ACK)."""
-    return checksum.tcp_segment(packet[16:20], packet[12:16], int.from_bytes(packet[22:24], "big"),
-                                int.from_bytes(packet[20:22], "big"), int.from_bytes(packet[28:32], "big"), 0, RST)
+    key, tcp = _key_of(packet)
+    vip_port = _vip_port(key)
+    return checksum.tcp_segment(vip_port[:-2], _client(key), int.from_bytes(key[-2:], "big"),
+                                int.from_bytes(key[-4:-2], "big"), int.from_bytes(packet[tcp + 8:tcp + 12], "big"), 0, RST)
 
 
 def _reset_to_node(packet: bytes, node: bytes, node_port: bytes) -> bytes:
@@ -1454,8 +1667,9 @@ def _reset_to_node(packet: bytes, node: bytes, node_port: bytes) -> bytes:
     A sequence number equal to the node's RCV.NXT is accepted at once (RFC 5961 section 3.2); one
     merely inside the window draws a challenge ACK, which this side leaves unanswered.
     """
-    return checksum.tcp_segment(packet[12:16], node, int.from_bytes(packet[20:22], "big"),
-                                int.from_bytes(node_port, "big"), int.from_bytes(packet[24:28], "big"), 0, RST)
+    key, tcp = _key_of(packet)
+    return checksum.tcp_segment(_client(key), node, int.from_bytes(key[-4:-2], "big"),
+                                int.from_bytes(node_port, "big"), int.from_bytes(packet[tcp + 4:tcp + 8], "big"), 0, RST)
 
 
 def probe_for(conn: Connection) -> bytes:
@@ -1467,5 +1681,5 @@ def probe_for(conn: Connection) -> bytes:
     is queued and gets an RST the client accepts.
     """
     backend = conn.backend
-    return checksum.tcp_segment(backend.vip_bytes, conn.key[0:4], int.from_bytes(backend.vport_bytes, "big"),
-                                int.from_bytes(conn.key[8:10], "big"), 0, 0, ACK, window=0)
+    return checksum.tcp_segment(backend.vip_bytes, _client(conn.key), int.from_bytes(backend.vport_bytes, "big"),
+                                int.from_bytes(conn.key[-4:-2], "big"), 0, 0, ACK, window=0)

@@ -34,7 +34,7 @@ import hmac
 import struct
 
 from . import checksum
-from .conntable import ACK, RST, SYN
+from .conntable import ACK, RST, SYN, client_of, segment_key
 
 __all__ = ["SynAuth", "SLOT"]
 
@@ -80,23 +80,24 @@ class SynAuth:
     def challenge(self, packet: bytes, now: float) -> bytes:
         """The SYN-ACK answering this SYN, from the VIP it was sent to, its acknowledgment a cookie."""
         self.challenged += 1
-        key = packet[12:24]
+        key, _ = segment_key(packet)
+        size = len(client_of(key))
         cookie = self._cookie(key, int(now // SLOT))
-        return checksum.tcp_segment(packet[16:20], packet[12:16], int.from_bytes(packet[22:24], "big"),
-                                    int.from_bytes(packet[20:22], "big"), cookie ^ 0x5A5A5A5A, cookie, SYN | ACK,
+        return checksum.tcp_segment(key[size:2 * size], key[:size], int.from_bytes(key[-2:], "big"),
+                                    int.from_bytes(key[-4:-2], "big"), cookie ^ 0x5A5A5A5A, cookie, SYN | ACK,
                                     window=1024)
 
     def answer(self, packet: bytes, now: float) -> bool:
         """A client's RST to a VIP: True (and the client verified) when it carries a cookie of ours."""
-        if not packet[33] & RST:
+        key, tcp = segment_key(packet)
+        if not packet[tcp + 13] & RST:
             return False
-        key = packet[12:24]
-        seq = int.from_bytes(packet[24:28], "big")
+        seq = int.from_bytes(packet[tcp + 4:tcp + 8], "big")
         slot = int(now // SLOT)
         if seq not in (self._cookie(key, slot), self._cookie(key, slot - 1)):
             return False
         self.verified_by_rst += 1
-        self.verify(packet[12:16], now)
+        self.verify(client_of(key), now)
         return True
 
     def verify(self, client: bytes, now: float) -> None:
@@ -129,3 +130,4 @@ class SynAuth:
     @property
     def verified_clients(self) -> int:
         return len(self._verified)
+
