@@ -5,6 +5,11 @@ Contract: :func:`load` (a path) and :func:`parse` (a string) return a frozen
 (as a dotted path, e.g. ``services[0].policy``), the bad value, and what would
 be valid.  Unknown keys are errors too, so a typo never silently falls back to
 a default.  An annotated example lives in ``docs/distributor.example.toml``.
+
+IPv6: a node may have an ``address6``; a service's VIP may be IPv6, and its backends are then
+its nodes' ``address6`` (a dual-stack service is two services, one per family).  Floating
+addresses may be IPv6.  Control traffic (heartbeats, the sync stream, the API, metrics) stays on
+the cluster LAN's IPv4: those addresses are IPv4 only.  Dsr mode serves IPv4 VIPs only.
 """
 
 from __future__ import annotations
@@ -156,6 +161,12 @@ class Config:
     metrics_allow: tuple[ipaddress.IPv4Address, ...] = ()  # may scrape the metrics port through the guard
     administration: AdministrationConfig | None = None  # content and tasks on the nodes; None: off
     announce: AnnounceConfig | None = None  # active-active: the VIPs announced to the router by BIRD; None: off
+    nodes6: dict[str, ipaddress.IPv6Address] = dataclasses.field(default_factory=dict)  # [nodes.X] address6, if any
+
+    @property
+    def ipv6(self) -> bool:
+        """Whether a service has an IPv6 VIP (the data path then needs ip6tables and IPv6 forwarding)."""
+        return any(service.vip.version == 6 for service in self.services)
 
 
 class TokensFileMissing(ConfigError):
@@ -216,12 +227,12 @@ def parse(text: str, source: str = "<config>") -> Config:
     table.done()
 
     metrics = top.table("metrics")
-    metrics_listen = _listen(metrics, "listen")
+    metrics_listen = _control_endpoint(metrics, "listen")
     metrics_allow = _metrics_allow(metrics, metrics_listen)
     metrics.done()
 
-    nodes = _nodes(top)
-    services = _services(top, nodes)
+    nodes, nodes6 = _nodes(top)
+    services = _services(top, nodes, nodes6)
     health = _health(top)
     alert_log, smtp = _alerts(top)
     failover = _failover(top, name, health)
@@ -263,6 +274,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         metrics_allow=metrics_allow,
         administration=administration,
         announce=announce,
+        nodes6=nodes6,
     )
 
 
@@ -309,6 +321,9 @@ def _check_dsr(mode: Mode, queue: int, services: tuple[ServiceSpec, ...], failov
         raise ConfigError("[failover]: not valid in dsr mode: dsr distributors are all active ([announce]); "
                           "primary-backup uses mode \"rewrite\" or \"kernel\"")
     for i, service in enumerate(services):
+        if service.vip.version == 6:
+            raise ConfigError(f"services[{i}].vip: {service.vip} is not valid in dsr mode: dsr mode serves IPv4 VIPs "
+                              "only; expected an IPv4 address (serve IPv6 with mode \"rewrite\" or \"kernel\")")
         if service.policy is not Policy.MAGLEV:
             raise ConfigError(f"services[{i}].policy: {service.policy.value!r} is not valid in dsr mode; expected "
                               "\"maglev\": the connection table is a cache there, and a flow it does not know must "
@@ -393,10 +408,10 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(str(exc)) from None
-    address = table.ipv4("address")
-    listen = _listen(table, "listen", "0.0.0.0:8406")
+    address = _control_ipv4(table, "address")
+    listen = _control_endpoint(table, "listen", "0.0.0.0:8406")
     interface = _interface(table)
-    destination = _listen(table, "destination")
+    destination = _control_endpoint(table, "destination")
     if destination is None:
         raise ConfigError("failover.destination: required, e.g. \"198.51.100.255:8406\" (the cluster LAN's broadcast address)")
     keys_file = table.get("keys_file", health.keys_file if health else None)
@@ -409,7 +424,7 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
     for peer in peers_table.data:
         if peer == name:
             raise ConfigError(f"failover.peers.{peer}: that is this distributor's own name")
-        peers[peer] = peers_table.ipv4(peer)
+        peers[peer] = _control_ipv4(peers_table, peer)
         if peers[peer] == address:
             # Datagrams from it would be taken for this distributor's own broadcasts and ignored: split brain.
             raise ConfigError(f"failover.peers.{peer}: {address} is this distributor's own address (failover.address)")
@@ -426,9 +441,15 @@ def _failover(top: TableReader, name: str, health: HealthConfig | None) -> Failo
         entry = TableReader(item, f"failover.addresses[{i}]")
         text = entry.string("address")
         try:
-            interface_address = ipaddress.IPv4Interface(text)
+            interface_address = (ipaddress.IPv6Interface(text) if ":" in text else ipaddress.IPv4Interface(text))
         except ValueError:
-            raise ConfigError(f"{entry.key('address')}: {text!r} is not valid; expected ADDRESS/PREFIX such as \"203.0.113.1/32\"") from None
+            raise ConfigError(f"{entry.key('address')}: {text!r} is not valid; expected ADDRESS/PREFIX such as "
+                              "\"203.0.113.1/32\" or \"2001:db8:203::1/64\"") from None
+        if interface_address.version == 6:
+            problem = _unusable6(interface_address.ip)
+            if problem is not None:
+                raise ConfigError(f"{entry.key('address')}: {text!r} is not valid: {problem}; expected a global "
+                                  "unicast ADDRESS/PREFIX such as \"2001:db8:203::1/64\"")
         addresses.append(FloatingAddress(interface_address, entry.string("interface")))
         entry.done()
     config = FailoverConfig(
@@ -459,6 +480,8 @@ def _api(top: TableReader, services: tuple[ServiceSpec, ...], failover: Failover
     port = listen[1] if listen else table.integer("port", 8410, 1, 65535)
     if listen is not None:
         problem = _vip_side(ipaddress.ip_address(listen[0]), services, failover)
+        if problem is None and ":" in listen[0]:
+            problem = _CONTROL_IPV4
         if problem is not None:
             raise ConfigError(f"api.listen: {listen_text!r} is not valid: {problem}; expected \"auto\" or "
                               "\"ADDRESS:PORT\" with a management-side address: this distributor's cluster-LAN "
@@ -548,8 +571,9 @@ def _check_failover_addresses(failover: FailoverConfig, nodes: dict[str, ipaddre
             raise ConfigError(f"failover.address: {failover.address} is service {service.name}'s VIP, which moves "
                               "between the distributors; expected this distributor's own address")
         if service.vip not in floating:
+            prefix = "/128" if service.vip.version == 6 else "/32"
             raise ConfigError(f"failover.addresses: service {service.name}'s VIP {service.vip} is not among them, so "
-                              f"a backup taking over would not hold it; add {{ address = \"{service.vip}/32\", "
+                              f"a backup taking over would not hold it; add {{ address = \"{service.vip}{prefix}\", "
                               "interface = ... }")
     if health is not None and health.listen[1] == failover.listen[1]:
         raise ConfigError(f"failover.listen: port {failover.listen[1]} is health.listen's too; the heartbeats "
@@ -587,7 +611,7 @@ def _health(top: TableReader) -> HealthConfig | None:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(str(exc)) from None
-    listen = _listen(health, "listen", "0.0.0.0:8405")
+    listen = _control_endpoint(health, "listen", "0.0.0.0:8405")
     interface = _interface(health)
     keys_file = health.string("keys_file")
     freshness = health.number("freshness", 5.0, 0)
@@ -664,11 +688,13 @@ def _metrics_allow(table: TableReader, listen: tuple[str, int] | None) -> tuple[
     return tuple(allowed)
 
 
-def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:
+def _nodes(top: TableReader) -> tuple[dict[str, ipaddress.IPv4Address], dict[str, ipaddress.IPv6Address]]:
+    """[nodes]: each node's IPv4 address, and the IPv6 one (``address6``) of those that have one."""
     nodes_table = top.table("nodes", required=True)
     if not nodes_table.data:
         raise ConfigError("nodes: at least one node is required, e.g. [nodes.web1] address = \"198.51.100.11\"")
     nodes: dict[str, ipaddress.IPv4Address] = {}
+    nodes6: dict[str, ipaddress.IPv6Address] = {}
     for node_name in nodes_table.data:
         if not is_node_name(node_name):
             raise ConfigError(f"nodes.{node_name}: the name {node_name!r} is not valid; expected {NODE_NAME_RULE}")
@@ -681,27 +707,87 @@ def _nodes(top: TableReader) -> dict[str, ipaddress.IPv4Address]:
         if twin is not None:
             raise ConfigError(f"nodes.{node_name}.address: {address} is {twin}'s address too; each node has its own")
         nodes[node_name] = address
+        if node.has("address6"):
+            address6 = _ipv6(node, "address6", "the node's IPv6 address, such as \"2001:db8:198::11\"")
+            twin = next((other for other, a in nodes6.items() if a == address6), None)
+            if twin is not None:
+                raise ConfigError(f"nodes.{node_name}.address6: {address6} is {twin}'s address6 too; each node has "
+                                  "its own")
+            nodes6[node_name] = address6
         node.done()
     nodes_table.done()
-    return nodes
+    return nodes, nodes6
 
 
-def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tuple[ServiceSpec, ...]:
+def _unusable6(address: ipaddress.IPv6Address) -> str | None:
+    """Why an IPv6 VIP, node or floating address cannot be ``address``, or None."""
+    if address.ipv4_mapped is not None:
+        return "an IPv4-mapped address (write the IPv4 address as such)"
+    if address.is_link_local:
+        return "a link-local address (valid on one link only, and needing a zone)"
+    return unusable_address(address)
+
+
+def _ipv6(table: TableReader, name: str, what: str) -> ipaddress.IPv6Address:
+    value = table.get(name)
+    try:
+        if not isinstance(value, str):
+            raise ValueError
+        address = ipaddress.IPv6Address(value)
+    except ValueError:
+        raise ConfigError(f"{table.key(name)}: {show(value)} is not valid; expected {what}") from None
+    problem = _unusable6(address)
+    if problem is not None:
+        raise ConfigError(f"{table.key(name)}: {address} is {problem}; expected {what}")
+    return address
+
+
+# Control traffic (heartbeats, the sync stream, the API, metrics) stays on the cluster LAN's IPv4.
+_CONTROL_IPV4 = ("control traffic (heartbeats, the sync stream, the API, metrics) stays on the cluster LAN's IPv4, "
+                 "IPv6 addresses are for the services only")
+
+
+def _control_endpoint(table: TableReader, name: str, default: str = "") -> tuple[str, int] | None:
+    """An ``"ADDRESS:PORT"`` of control traffic: IPv4 only."""
+    endpoint = _listen(table, name, default)
+    if endpoint is not None and ":" in endpoint[0]:
+        raise ConfigError(f"{table.key(name)}: {show(table.get(name))} is not valid: {_CONTROL_IPV4}; expected an "
+                          "IPv4 \"ADDRESS:PORT\" such as \"198.51.100.2:8406\"")
+    return endpoint
+
+
+def _control_ipv4(table: TableReader, name: str) -> ipaddress.IPv4Address:
+    value = table.get(name)
+    if isinstance(value, str) and ":" in value:
+        raise ConfigError(f"{table.key(name)}: {show(value)} is not valid: {_CONTROL_IPV4}; expected an IPv4 "
+                          "address such as \"198.51.100.2\"")
+    return table.ipv4(name)
+
+
+def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address],
+              nodes6: dict[str, ipaddress.IPv6Address]) -> tuple[ServiceSpec, ...]:
     raw = top.get("services")
     if not isinstance(raw, list) or not raw:
         raise ConfigError(f"services: {_show(raw)} is not valid; expected at least one [[services]] table")
     services: list[ServiceSpec] = []
-    seen_vips: dict[tuple[ipaddress.IPv4Address, int], str] = {}
-    backend_owner: dict[tuple[ipaddress.IPv4Address, int], str] = {}
+    seen_vips: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], str] = {}
+    backend_owner: dict[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int], str] = {}
     for i, item in enumerate(raw):
         svc = TableReader(item, f"services[{i}]")
         name = svc.string("name", f"service{i}")
         if any(service.name == name for service in services):
             raise ConfigError(f"{svc.key('name')}: {name!r} names another service too; service names are unique")
-        vip = svc.ipv4("vip")
-        problem = unusable_address(vip)
-        if problem is not None:
-            raise ConfigError(f"{svc.key('vip')}: {vip} is {problem}; expected the address clients connect to")
+        raw_vip = svc.get("vip")
+        if isinstance(raw_vip, str) and ":" in raw_vip:
+            vip = _ipv6(svc, "vip", "the IPv6 address clients connect to, such as \"2001:db8:203::1\"")
+            node = next((n for n, a in nodes6.items() if a == vip), None)
+            if node is not None:
+                raise ConfigError(f"{svc.key('vip')}: {vip} is node {node}'s address6; a VIP is the distributor's own")
+        else:
+            vip = svc.ipv4("vip")
+            problem = unusable_address(vip)
+            if problem is not None:
+                raise ConfigError(f"{svc.key('vip')}: {vip} is {problem}; expected the address clients connect to")
         node = next((n for n, a in nodes.items() if a == vip), None)
         if node is not None:
             raise ConfigError(f"{svc.key('vip')}: {vip} is node {node}'s address; a VIP is the distributor's own")
@@ -709,7 +795,8 @@ def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tupl
         policy_text = svc.string("policy", Policy.ROUND_ROBIN.value, tuple(p.value for p in Policy))
         persistence = svc.number("persistence", 0, 0, inclusive=True, high=86_400)
         if (vip, port) in seen_vips:
-            raise ConfigError(f"{svc.key('vip')}: {vip}:{port} is already served by service {seen_vips[(vip, port)]!r}")
+            endpoint = f"[{vip}]:{port}" if vip.version == 6 else f"{vip}:{port}"
+            raise ConfigError(f"{svc.key('vip')}: {endpoint} is already served by service {seen_vips[(vip, port)]!r}")
         seen_vips[(vip, port)] = name
         raw_backends = svc.get("backends")
         if not isinstance(raw_backends, list) or not raw_backends:
@@ -729,7 +816,14 @@ def _services(top: TableReader, nodes: dict[str, ipaddress.IPv4Address]) -> tupl
             backend_port = backend.integer("port", port, 1, 65535)
             weight = backend.integer("weight", 1, 0, MAX_WEIGHT)
             backend.done()
-            address = nodes[node_name]
+            if vip.version == 6:
+                if node_name not in nodes6:
+                    raise ConfigError(f"{backend.key('node')}: node {node_name} has no IPv6 address, and service "
+                                      f"{name!r} has the IPv6 VIP {vip}; add address6 = \"...\" (its IPv6 address) "
+                                      f"to [nodes.{node_name}], or serve it over IPv4 only")
+                address = nodes6[node_name]
+            else:
+                address = nodes[node_name]
             # A backend's replies are matched on (address, port); two services
             # sharing one would make the reply direction ambiguous.
             owner = backend_owner.get((address, backend_port))

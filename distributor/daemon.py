@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -106,6 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                   "gratuitous ARP need CAP_NET_RAW): run it as root, or under systemd with "
                   "AmbientCapabilities=CAP_NET_ADMIN CAP_NET_RAW", " and ".join(missing))
         return 1
+    problem = ipv6_problem(config)
+    if problem is not None:
+        log.error("%s", problem)
+        return 1
     if config.realtime_priority:
         problem = set_realtime(config.realtime_priority)
         setting, how = "realtime_priority = 0", f"SCHED_FIFO priority {config.realtime_priority}"
@@ -179,6 +184,39 @@ def missing_capabilities(status: str | None = None) -> list[str]:
     return []
 
 
+IPV6_FORWARDING = "/proc/sys/net/ipv6/conf/all/forwarding"
+
+
+def ipv6_problem(config: Config, forwarding: str = IPV6_FORWARDING, which=shutil.which) -> str | None:
+    """Why this host cannot serve the config's IPv6 services, or None (also None without IPv6 services).
+
+    The data path forwards the services' packets, so IPv6 forwarding must be on (Linux has it off by
+    default), and their rules need ip6tables (rewrite mode's nft is needed for IPv4 already)."""
+    if not config.ipv6:
+        return None
+    services = ", ".join(s.name for s in config.services if s.vip.version == 6)
+    for program in ("ip6tables-restore", "ip6tables-save"):
+        if which(program) is None:
+            return (f"{program} is not installed (Debian package: iptables), and the IPv6 service(s) {services} need "
+                    "it for their rules")
+    try:
+        with open(forwarding) as f:
+            value = f.read().strip()
+    except OSError as exc:
+        return (f"cannot read {forwarding} ({exc.strerror}): does this kernel have IPv6? The IPv6 service(s) "
+                f"{services} need it")
+    if value != "1":
+        return (f"IPv6 forwarding is off ({forwarding} is {value}), so the IPv6 service(s) {services} could not "
+                "reach their nodes; turn it on (sysctl -w net.ipv6.conf.all.forwarding=1, and in /etc/sysctl.d to "
+                "keep it)")
+    return None
+
+
+def endpoint_text(address, port: int) -> str:
+    """``203.0.113.1:80`` or ``[2001:db8:203::1]:80``."""
+    return f"[{address}]:{port}" if ":" in str(address) else f"{address}:{port}"
+
+
 def cluster_interface(config: Config, configured: str) -> str | None:
     """The interface control datagrams are received on: the configured one, or the cluster side.
 
@@ -205,7 +243,9 @@ def api_address(config: Config) -> str:
 def guard_spec(config: Config, interface: str | None = None, more_nodes=()) -> GuardSpec:
     """Who the guard lets through: the configured nodes, ``more_nodes`` (added at run time), peers, this host;
     and the sources of ``[metrics] allow`` and ``[api] allow``, to the metrics and the API port only."""
+    # Nodes' IPv6 addresses (address6) too: the guard's IPv6 chain lets them in and keeps the outside from them.
     nodes = [str(address) for address in config.nodes.values()] + [str(address) for address in more_nodes]
+    nodes += [str(address) for address in config.nodes6.values()]
     peers = [str(address) for address in config.failover.peers.values()] if config.failover else []
     own = [str(config.failover.address)] if config.failover else []
     ports = []
@@ -226,8 +266,9 @@ def describe(config: Config) -> str:
     lines = [f"config OK: distributor {config.name!r}, {config.mode.value} mode, queue {config.queue}, "
              f"table capacity {config.capacity}"]
     for service in config.services:
-        backends = ", ".join(f"{b.name}={b.address}:{b.port}(w{b.weight})" for b in service.backends)
-        lines.append(f"  service {service.name}: {service.vip}:{service.port} {service.policy.value} -> {backends}")
+        backends = ", ".join(f"{b.name}={endpoint_text(b.address, b.port)}(w{b.weight})" for b in service.backends)
+        lines.append(f"  service {service.name}: {endpoint_text(service.vip, service.port)} {service.policy.value} "
+                     f"-> {backends}")
     if config.health:
         h = config.health.settings
         lines.append(f"  health: heartbeats on udp {config.health.listen[0]}:{config.health.listen[1]}, excluded after "
@@ -392,7 +433,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
     raw = RawSender()
     rules = Rules(config.queue, config.mode, answer_echo=config.vip_echo == "answer")
     guard: Guard | None = None
-    conntrack = Conntrack() if config.mode is Mode.KERNEL else None
+    conntrack = Conntrack(ipv6=config.ipv6) if config.mode is Mode.KERNEL else None
     # At SCHED_FIFO the queue coalesces (datapath.COALESCE_BELOW says why); at the normal policy it need not.
     queue = PacketQueue(config.queue, core.interposer.decide, runtime.feed, config.mode, config.queue_length, clock,
                         wall_clock, coalesce=COALESCE_PAUSE if realtime_scheduling() else 0.0)
@@ -629,7 +670,7 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
         if watchdog:
             tasks.append(loop.create_task(feed_watchdog(), name="watchdog"))
         log.info("distributor %s ready: %d service(s) on queue %d: %s", config.name, len(config.services),
-                 config.queue, ", ".join(f"{s.vip}:{s.port}" for s in config.services))
+                 config.queue, ", ".join(endpoint_text(s.vip, s.port) for s in config.services))
         notify("READY=1")
         await stop.wait()
         log.info("stopping on signal")

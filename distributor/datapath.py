@@ -16,7 +16,7 @@ It decides nothing itself: holding new SYNs (:meth:`PacketQueue.hold`) and
 timing the first forwarded packet (:meth:`PacketQueue.arm_first_forward`)
 are commands of the failover core.
 
-:class:`RawSender` sends packets the core crafted (RSTs, probes).
+:class:`RawSender` sends packets the core crafted (RSTs, probes), IPv4 or IPv6.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ COALESCE_BELOW = 32  # packets: a drain that read fewer is small
 COALESCE_BUSY = 0.001  # s: a drain that begins this soon after the previous one began means a busy queue
 COALESCE_PAUSE = 0.0002  # s: the pause (a few packets' worth at the rates above)
 
-# Kernel mode decides on headers only: IPv4 (20) + TCP with options (60) fit.
+# Kernel mode decides on headers only: IPv4 (20) or IPv6 (40) + TCP with options (60) fit.
 KERNEL_MODE_COPY = 128
 
 Decider = Callable[[bytes, float], "tuple[Reason, bytes | int | None, tuple | None]"]
@@ -217,21 +217,42 @@ class PacketQueue:
 
 
 class RawSender:
-    """Sends complete IPv4 packets the core crafted (RSTs to clients) through a raw socket."""
+    """Sends complete IPv4 or IPv6 packets the core crafted (RSTs to clients, probes) through raw sockets.
+
+    The first nibble tells the family.  IPv4 goes through an AF_INET ``IPPROTO_RAW`` socket, IPv6
+    through an AF_INET6 one: with ``IPPROTO_RAW`` Linux takes the IPv6 header as given too
+    (``IPV6_HDRINCL`` is implied), source address included, so a packet leaves from a VIP.  A host
+    without IPv6 (``ipv6.disable=1``) has no AF_INET6 socket: its IPv6 packets are counted as failed.
+    """
 
     def __init__(self) -> None:
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
         self._sock.setblocking(False)
+        self._sock6: socket.socket | None = None
+        self._no_ipv6 = ""
+        try:
+            self._sock6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            self._sock6.setblocking(False)
+        except OSError as exc:
+            self._no_ipv6 = f"no IPv6 raw socket on this host ({exc.strerror})"
         self.sent = 0
         self.failed = 0
 
     def send(self, packet: bytes) -> None:
+        if packet[0] >> 4 == 6:
+            destination, sock = socket.inet_ntop(socket.AF_INET6, packet[24:40]), self._sock6
+        else:
+            destination, sock = socket.inet_ntoa(packet[16:20]), self._sock
         try:
-            self._sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+            if sock is None:
+                raise OSError(self._no_ipv6)
+            sock.sendto(packet, (destination, 0))
             self.sent += 1
         except OSError as exc:
             self.failed += 1
-            log.warning("cannot send a crafted packet to %s: %s", socket.inet_ntoa(packet[16:20]), exc)
+            log.warning("cannot send a crafted packet to %s: %s", destination, exc)
 
     def close(self) -> None:
         self._sock.close()
+        if self._sock6 is not None:
+            self._sock6.close()

@@ -23,6 +23,8 @@ PROGRAM_PACKAGES = {
     "iptables": "iptables",
     "iptables-save": "iptables",
     "iptables-restore": "iptables",
+    "ip6tables-save": "iptables",
+    "ip6tables-restore": "iptables",
     "nft": "nftables",
     "ip": "iproute2",
     "nginx": "nginx",
