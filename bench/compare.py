@@ -37,7 +37,11 @@ shows: date, machine, settings, the tables, issue 10's targets met or not) and
 over the rounds).  Each run names its testbed ``bc<pid>``, so two runs at once
 do not tear each other down.
 
-    python -m bench.compare [--rounds 5] [--duration 5] [--rate 2000] [--modes a,b] [--rows 1,3] [--out bench/results]   (root)
+``--family 6`` measures the same over IPv6 (the dual-stack testbed: the client reaches the VIP6,
+the nodes' IPv6 addresses, DNAT with ip6tables, HAProxy bound to the VIP6; the distributors serve
+the service "http6"), so the README can show IPv6 figures beside the IPv4 ones.
+
+    python -m bench.compare [--rounds 5] [--duration 5] [--rate 2000] [--modes a,b] [--rows 1,3] [--family 4|6] [--out bench/results]   (root)
 """
 
 from __future__ import annotations
@@ -273,13 +277,31 @@ def progress_line(step: Step, index: int, total: int, rounds: int, left: float) 
 
 # -- the testbed side -----------------------------------------------------------------------------------------------
 class Bench:
-    def __init__(self, bed: Testbed, duration: float, rate: float):
+    def __init__(self, bed: Testbed, duration: float, rate: float, family: int = 4):
         self.bed = bed
         self.duration = duration
         self.rate = rate
+        self.family = family
         self.haproxy: subprocess.Popen | None = None
-        self.vip = bed.vip
-        self.nodes = [str(h.address_on("int")) for h in bed.topology.web_nodes]
+        if family == 6:
+            self.vip = bed.vip6
+            self.nodes = [str(h.address6_on("int")) for h in bed.topology.web_nodes]
+            topology = bed.topology
+            self.gateway = f"{topology.gateway6}/{topology.bridges6['int'].prefixlen}"
+            self.vip_prefix = f"{self.vip}/128"
+            self.cluster_lan = str(topology.bridges6["int"])
+            self.dist1_outside = str(topology.host("dist1").address6_on("ext"))
+        else:
+            self.vip = bed.vip
+            self.nodes = [str(h.address_on("int")) for h in bed.topology.web_nodes]
+            self.gateway = f"{bed.topology.gateway}/{bed.topology.bridges['int'].prefixlen}"
+            self.vip_prefix = f"{self.vip}/32"
+            self.cluster_lan = str(bed.topology.bridges["int"])
+            self.dist1_outside = str(bed.topology.host("dist1").address_on("ext"))
+
+    def _host(self, address: str) -> str:
+        """An address as a URL, HAProxy or DNAT target writes it with a port after it."""
+        return f"[{address}]" if self.family == 6 else address
 
     # -- modes -------------------------------------------------------------------
     def enter(self, mode: str) -> int | None:
@@ -293,18 +315,19 @@ class Bench:
             return self.bed.service_pid(active, "distributor")
         self._addresses("add", vip=mode != "direct")
         if mode == "direct":
-            self.bed.run("client", ["ip", "route", "replace", "198.51.100.0/24", "via", "203.0.113.2"])
+            self.bed.run("client", ["ip", "route", "replace", self.cluster_lan, "via", self.dist1_outside])
         elif mode == "dnat":
             rules = ["*nat", ":BENCH-DNAT - [0:0]", "-A PREROUTING -j BENCH-DNAT"]
             for i, node in enumerate(self.nodes):
                 nth = f"-m statistic --mode nth --every {len(self.nodes) - i} --packet 0 " if i < len(self.nodes) - 1 else ""
-                rules.append(f"-A BENCH-DNAT -d {self.vip}/32 -p tcp -m tcp --dport 80 {nth}-j DNAT --to-destination {node}:80")
+                rules.append(f"-A BENCH-DNAT -d {self.vip_prefix} -p tcp -m tcp --dport 80 {nth}-j DNAT "
+                             f"--to-destination {self._host(node)}:80")
             rules.append("COMMIT")
-            self.bed.run("dist1", ["iptables-restore", "--noflush"], input="\n".join(rules) + "\n")
+            self.bed.run("dist1", [self._iptables_restore, "--noflush"], input="\n".join(rules) + "\n")
         elif mode == "haproxy":
             config = self.bed.host_dir("dist1") / "haproxy.cfg"
-            servers = "\n".join(f"    server web{i + 1} {node}:80" for i, node in enumerate(self.nodes))
-            config.write_text(HAPROXY_CONF.format(vip=self.vip, servers=servers))
+            servers = "\n".join(f"    server web{i + 1} {self._host(node)}:80" for i, node in enumerate(self.nodes))
+            config.write_text(HAPROXY_CONF.format(vip=self._host(self.vip), servers=servers))
             self.haproxy = self.bed.popen("dist1", ["haproxy", "-f", str(config), "-db"],
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             self.bed.wait_vip(20)
@@ -318,9 +341,9 @@ class Bench:
             self.bed.stop_service("dist1", "distributor")
             return
         if mode == "direct":
-            self.bed.run("client", ["ip", "route", "del", "198.51.100.0/24"], check=False)
+            self.bed.run("client", ["ip", "route", "del", self.cluster_lan], check=False)
         elif mode == "dnat":
-            self.bed.run("dist1", ["iptables-restore", "--noflush"], check=False,
+            self.bed.run("dist1", [self._iptables_restore, "--noflush"], check=False,
                          input="*nat\n-D PREROUTING -j BENCH-DNAT\n-F BENCH-DNAT\n-X BENCH-DNAT\nCOMMIT\n")
         elif mode == "haproxy" and self.haproxy is not None:
             self.haproxy.terminate()
@@ -328,10 +351,16 @@ class Bench:
             self.haproxy = None
         self._addresses("del", vip=mode != "direct")
 
+    @property
+    def _iptables_restore(self) -> str:
+        return "ip6tables-restore" if self.family == 6 else "iptables-restore"
+
     def _addresses(self, op: str, vip: bool) -> None:
-        self.bed.run("dist1", ["ip", "addr", op, "198.51.100.1/24", "dev", "int0"], check=False)
+        # IPv6 addresses without duplicate address detection: usable at once, as the IPv4 ones.
+        nodad = ["nodad"] if self.family == 6 and op == "add" else []
+        self.bed.run("dist1", ["ip", "addr", op, self.gateway, "dev", "int0", *nodad], check=False)
         if vip:
-            self.bed.run("dist1", ["ip", "addr", op, f"{self.vip}/32", "dev", "ext0"], check=False)
+            self.bed.run("dist1", ["ip", "addr", op, self.vip_prefix, "dev", "ext0", *nodad], check=False)
         # Neighbour entries may still point at dist2 from a distributor round.
         self.bed.run("client", ["ip", "neigh", "flush", "dev", "eth0"], check=False)
         for host in self.bed.topology.web_nodes:
@@ -339,13 +368,13 @@ class Bench:
 
     def _wait_answers(self, mode: str) -> None:
         for url in self.urls(mode):
-            wait_until(lambda: self.bed.run("client", ["curl", "-s", "-o", "/dev/null", "-m", "1", url],
+            wait_until(lambda: self.bed.run("client", ["curl", "-g", "-s", "-o", "/dev/null", "-m", "1", url],
                                             check=False).returncode == 0, 10, f"{url} to answer")
 
     def urls(self, mode: str, path: str = "/1k.bin") -> list[str]:
         if mode == "direct":
-            return [f"http://{node}{path}" for node in self.nodes]
-        return [f"http://{self.vip}{path}"]
+            return [f"http://{self._host(node)}{path}" for node in self.nodes]
+        return [f"http://{self._host(self.vip)}{path}"]
 
     # -- measurements ----------------------------------------------------------------
     def measure(self, mode: str, round_number: int, rows: Iterable[str] = tuple(r.key for r in ROWS),
@@ -481,6 +510,7 @@ class Settings:
     machine: str = ""
     chart: str = "results.png"  # the chart's path as the markdown links it
     note: str = ""  # e.g. why the run stopped early
+    family: int = 4  # the IP version of every path measured
 
 
 @dataclass(frozen=True)
@@ -583,7 +613,9 @@ def report(records: list[Record], settings: Settings) -> str:
         f"namespaces). {settings.rounds} interleaved round{'s' if settings.rounds != 1 else ''} of "
         f"{settings.duration:g} s per measurement (the order of the modes and of the rows rotates each round); "
         f"medians, with the range over the rounds; ratios are to "
-        f"kernel DNAT of the same run. wrk, HTTP/1.1 GETs of the nodes' files.{latency_text}",
+        f"kernel DNAT of the same run. wrk, HTTP/1.1 GETs of the nodes' files"
+        f"{', over IPv6 (every path: the VIP6, the nodes IPv6 addresses)' if settings.family == 6 else ''}."
+        f"{latency_text}",
         "",
         "Requests/s (medians) and the ratio to kernel DNAT:",
         "",
@@ -657,7 +689,7 @@ def results_json(records: list[Record], settings: Settings) -> dict:
         "machine": settings.machine,
         "note": settings.note,
         "settings": {"rounds": settings.rounds, "duration_s": settings.duration, "latency_rate": settings.rate,
-                     "modes": settings.modes, "rows": settings.rows},
+                     "modes": settings.modes, "rows": settings.rows, "family": settings.family},
         "rows": {row.key: {"label": row.label, "path": row.path, "bytes": row.size, "connections": row.connections,
                            "new_connection_each": row.close} for row in ROWS if row.key in settings.rows},
         "records": [asdict(r) for r in records],
@@ -790,6 +822,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="requests/s of the latency run (default: 2000; 0: no latency run)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--rows", default="all", help="comma-separated subset of the rows, by number or key (default: all)")
+    parser.add_argument("--family", type=int, choices=(4, 6), default=4,
+                        help="IP version of every path measured (default: 4; 6: the dual-stack testbed's IPv6)")
     parser.add_argument("--out", type=Path, default=Path("bench/results"), help="directory for the results")
     args = parser.parse_args(argv)
     args.modes = [m for m in args.modes.split(",") if m]
@@ -824,11 +858,12 @@ def main(argv: list[str] | None = None) -> int:
     steps = plan(args.modes, args.rows, args.rounds, latency)
     eta = Eta(steps, args.duration)
     settings = Settings(args.rounds, args.duration, args.rate, args.modes, args.rows, run=name,
-                        date=time.strftime("%Y-%m-%d"), machine=machine(), chart=str(args.out / "results.png"))
+                        date=time.strftime("%Y-%m-%d"), machine=machine(), chart=str(args.out / "results.png"),
+                        family=args.family)
     print(f"bench.compare: testbed {name}; {len(steps)} measurements planned, about {duration_text(eta.left(0))} "
           f"once the testbed is up", file=sys.stderr, flush=True)
     signal.signal(signal.SIGTERM, _terminate)
-    bed = Testbed(name, Options(nodes=3, policy="round-robin"))
+    bed = Testbed(name, Options(nodes=3, policy="round-robin", ipv6=args.family == 6))
     records: list[Record] = []
     clock = {"index": 0, "started": None, "began": None}
 
@@ -850,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         bed.up()
         bed.stop_service("dist2", "distributor")
         bed.stop_service("dist1", "distributor")
-        bench = Bench(bed, args.duration, args.rate)
+        bench = Bench(bed, args.duration, args.rate, args.family)
         for turn in turns(steps):
             mode, round_number = turn[0].mode, turn[0].round
             rows = [s.row for s in turn if s.row != LATENCY]

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 async def connection(host: str, port: int, path: str, queue: asyncio.Queue, latencies: list[float],
                      errors: list[str], timeout: float) -> None:
-    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    request = f"GET {path} HTTP/1.1\r\nHost: {f'[{host}]' if ':' in host else host}\r\n\r\n".encode()
     reader = writer = None
     while True:
         scheduled = await queue.get()

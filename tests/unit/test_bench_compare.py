@@ -209,7 +209,8 @@ def test_results_json_has_the_settings_every_row_of_every_record_and_the_targets
     records = fake_records()
     data = json.loads(json.dumps(results_json(records, settings())))
     assert data["schema"] == 2 and data["run"] == "bc123" and data["date"] == "2026-12-01"
-    assert data["settings"] == {"rounds": 3, "duration_s": 5.0, "latency_rate": 2000.0, "modes": MODES, "rows": KEYS}
+    assert data["settings"] == {"rounds": 3, "duration_s": 5.0, "latency_rate": 2000.0, "modes": MODES, "rows": KEYS,
+                                "family": 4}
     assert list(data["rows"]) == KEYS
     assert data["rows"]["1m-keepalive-16"] == {"label": "1 MiB responses, keep-alive, 16 conns", "path": "/1m.bin",
                                                "bytes": 1024 * 1024, "connections": 16, "new_connection_each": False}
@@ -299,3 +300,12 @@ def test_a_ratio_just_under_its_target_is_not_rounded_up_to_it():
         "0.498x kernel DNAT (target >= 0.5x; rounds 0.50-0.50x): NOT met" in text
     records[1].rows["1m-keepalive-16"].rps = 0.5 * 600
     assert "0.50x kernel DNAT (target >= 0.5x; rounds 0.50-0.50x): met" in report(records, settings())
+
+
+def test_an_ipv6_run_says_so_in_its_report_and_its_settings():
+    records = [Record.build("dnat", 0, {KEYS[0]: row_result(KEYS[0], 1000)}),
+               Record.build("rewrite", 0, {KEYS[0]: row_result(KEYS[0], 700)})]
+    ipv6 = settings(family=6)
+    assert "over IPv6" in report(records, ipv6) and "over IPv6" not in report(records, settings())
+    assert results_json(records, ipv6)["settings"]["family"] == 6
+    assert parse_args(["--family", "6"]).family == 6 and parse_args([]).family == 4

@@ -8,17 +8,10 @@ import struct
 
 from backup.takeover import IFA_F_NODAD, AddressOwner, FloatingAddress, _na_frame
 
+from tests.packets import rfc1071
+
 MAC = "02:00:00:00:00:0a"
 VIP6 = "2001:db8:203::1"
-
-
-def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def test_the_neighbour_advertisement_frame_is_rfc_4861_unsolicited():
@@ -41,7 +34,7 @@ def test_the_neighbour_advertisement_frame_is_rfc_4861_unsolicited():
     # The ICMPv6 checksum, computed here over the pseudo-header (RFC 8200 section 8.1): the sum checks to 0xFFFF.
     pseudo = (ipaddress.IPv6Address(VIP6).packed + ipaddress.IPv6Address("ff02::1").packed
               + struct.pack("!I3xB", len(icmp), 58))
-    assert _sum16(pseudo + icmp) == 0xFFFF
+    assert rfc1071(pseudo + icmp) == 0  # the checksum verifies (RFC 1071)
 
 
 class FakeIpr:
