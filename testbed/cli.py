@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--monitor", action="store_true",
                     help="add a monitor host (198.51.100.9) running Prometheus (9090) and Alertmanager (9093) with "
                          "deploy/prometheus's files, scraping every distributor and every node agent")
+    up.add_argument("--ipv6", action=argparse.BooleanOptionalAction, default=None,
+                    help="the distributors also serve the VIP6 2001:db8:203::1 (service http6; the network is dual "
+                         "stack either way; active-active is IPv4 only) (default: "
+                         f"{'on' if Options().ipv6 else 'off'})")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the VIP (default: 60)")
 
     verbs.add_parser("down", help="stop everything and remove every namespace and file of the run")
@@ -92,6 +96,8 @@ def check_up_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace
                      "(every distributor must pick the same node for a flow)")
     if args.preempt:
         parser.error("--preempt is a failover option; --active-active has no primary to take addresses back")
+    if args.ipv6:
+        parser.error("--ipv6 cannot be used with --active-active: its testbed is IPv4 only")
     args.mode, args.policy = "dsr", "maglev"
 
 
@@ -117,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.verb == "up":
         try:
+            ipv6 = {} if args.ipv6 is None else {"ipv6": args.ipv6}
             options = Options(nodes=args.nodes, policy=args.policy, capacity=args.capacity, mode=args.mode,
-                              preempt=args.preempt, monitor=args.monitor, active_active=args.active_active)
+                              preempt=args.preempt, monitor=args.monitor, active_active=args.active_active, **ipv6)
             bed = Testbed(args.project, options)
         except ValueError as exc:
             raise TestbedError(str(exc)) from None
@@ -127,7 +134,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{args.project}: up with {args.active_active} active distributor(s) and {args.nodes} web node(s); "
                   f"the router has {args.active_active} paths to the VIP, and http://{bed.vip}/ answers")
         else:
-            print(f"{args.project}: up with {args.nodes} web node(s); VIP http://{bed.vip}/ answers")
+            vip6 = f"; VIP6 http://[{bed.vip6}]/ answers" if bed.dual_stack else ""
+            print(f"{args.project}: up with {args.nodes} web node(s); VIP http://{bed.vip}/ answers{vip6}")
         if args.monitor:
             print(f"{args.project}: Prometheus on the monitor host: cluster-testbed -p {args.project} exec monitor -- "
                   "curl -s localhost:9090/api/v1/alerts")

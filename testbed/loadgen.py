@@ -1,10 +1,10 @@
 """Request recorders: clients that keep requesting through the VIP and note each outcome.
 
 Contract: :class:`Recorder` starts ``clients`` threads in the client host,
-each sending GETs on a new connection, back to back, until :meth:`stop`; each
-result is a :class:`Request` ``(started, ok, node, seconds)`` (start wall time, success, X-Node,
-duration), so a test can ask which requests *started* after a moment (a failure, an exclusion, a
-takeover), whether they all succeeded and how long they took.
+each sending GETs on a new connection to the VIP (or ``vip``: ``bed.vip6`` for IPv6), back to
+back, until :meth:`stop`; each result is a :class:`Request` ``(started, ok, node, seconds)``
+(start wall time, success, X-Node, duration), so a test can ask which requests *started* after a
+moment (a failure, an exclusion, a takeover), whether they all succeeded and how long they took.
 
 :func:`kill_under_load` kills an active-active distributor in the middle of a wrk run with a
 recorder beside it (the e2e test and ``bench.scaleout`` both use it).
@@ -29,8 +29,9 @@ class Request(NamedTuple):
 
 
 class Recorder:
-    def __init__(self, bed, clients: int = 4, path: str = "/1k.bin", timeout: float = 2.0):
+    def __init__(self, bed, clients: int = 4, path: str = "/1k.bin", timeout: float = 2.0, vip: str | None = None):
         self.bed = bed
+        self.vip = vip or bed.vip
         self.path = path
         self.timeout = timeout
         self.results: list[Request] = []
@@ -42,7 +43,7 @@ class Recorder:
         while not self._stop.is_set():
             started, clock = time.time(), time.monotonic()
             try:
-                reply = http.get(self.bed.ns("client"), self.bed.vip, 80, self.path, timeout=self.timeout)
+                reply = http.get(self.bed.ns("client"), self.vip, 80, self.path, timeout=self.timeout)
                 self.results.append(Request(started, reply.status == 200, reply.node, time.monotonic() - clock))
             except OSError:
                 self.results.append(Request(started, False, None, time.monotonic() - clock))

@@ -21,6 +21,12 @@ Contract
   N distributors in mode ``dsr``, each of which starts its own BIRD from the
   ``bird.conf`` written in its host directory.  ``up`` then also waits until
   the router's route to the VIP has N paths (:meth:`Testbed.wait_paths`).
+* The primary-backup network is dual stack (testbed.topology's IPv6 plan: every link, the nodes'
+  IPv6 default route via the floating 2001:db8:198::1, nginx on the node's IPv6 address too).
+  ``Options(ipv6=True)``, the default, also gives the distributors the IPv6 service: each node's
+  ``address6``, the service "http6" on the VIP6 (2001:db8:203::1, port 80, the same backends and policy as "http"),
+  and the VIP6 and the IPv6 gateway among the floating addresses; ``up`` then waits for both VIPs.
+  The active-active testbed is IPv4 only (it ignores ``ipv6``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -82,6 +89,9 @@ class Options:
     # Distributors all active behind a BGP router (2 to topology.MAX_ACTIVE_ACTIVE), in mode "dsr" with the
     # maglev policy; 0: a primary and a backup.
     active_active: int = 0
+    # The distributors serve the VIP6 too ("http6", the nodes' address6, the IPv6 floating addresses); the
+    # network is dual stack either way (primary-backup; active-active is IPv4 only and ignores this).
+    ipv6: bool = True
 
 
 def check_options(options: Options) -> None:
@@ -142,7 +152,8 @@ class Testbed:
         self.options = options or Options()
         check_options(self.options)
         self.topology: Topology = build(self.options.nodes, monitor=self.options.monitor,
-                                        active_active=self.options.active_active)
+                                        active_active=self.options.active_active,
+                                        ipv6=not self.options.active_active)
         self.state_dir = STATE_ROOT / project
         self._children: dict[int, subprocess.Popen] = {}
 
@@ -161,6 +172,26 @@ class Testbed:
     @property
     def vip(self) -> str:
         return str(self.topology.vip)
+
+    @property
+    def dual_stack(self) -> bool:
+        """The distributors serve the VIP6 too (Options.ipv6 on a dual-stack topology)."""
+        return self.options.ipv6 and self.topology.ipv6
+
+    @property
+    def vip6(self) -> str:
+        if self.topology.vip6 is None:
+            raise TestbedError("this testbed has no IPv6 (the active-active testbed is IPv4 only)")
+        return str(self.topology.vip6)
+
+    def vip_of(self, family: int) -> str:
+        """The VIP of an address family (socket.AF_INET or AF_INET6)."""
+        return self.vip6 if family == socket.AF_INET6 else self.vip
+
+    def url(self, path: str = "/", family: int = socket.AF_INET) -> str:
+        """``http://VIP/path`` for curl and wrk (an IPv6 VIP in brackets; curl needs ``-g`` for it)."""
+        address = self.vip_of(family)
+        return f"http://[{address}]{path}" if family == socket.AF_INET6 else f"http://{address}{path}"
 
     # -- persistence -------------------------------------------------------
     @classmethod
@@ -228,8 +259,14 @@ class Testbed:
         sw = self.ns("sw")
         _run(["ip", "netns", "add", sw])
         _run(["ip", "-n", sw, "link", "set", "lo", "up"])
+        # The switch has no IPv6 of its own (its ports would solicit routers and join groups), and floods
+        # multicast: without an MLD querier, snooping would keep neighbour solicitations for a moved
+        # floating address (solicited-node multicast) on the port of its former owner.
+        for key in ("all", "default"):
+            _run(["ip", "netns", "exec", sw, "sysctl", "-q", "-w", f"net.ipv6.conf.{key}.disable_ipv6=1"])
         for bridge in self.topology.bridges:
-            _run(["ip", "-n", sw, "link", "add", bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0"])
+            _run(["ip", "-n", sw, "link", "add", bridge, "type", "bridge", "forward_delay", "0", "stp_state", "0",
+                  "mcast_snooping", "0"])
             _run(["ip", "-n", sw, "link", "set", bridge, "up"])
         for host in self.topology.hosts:
             ns = self.ns(host.name)
@@ -237,7 +274,7 @@ class Testbed:
             _run(["ip", "-n", ns, "link", "set", "lo", "up"])
             # An interface's own values wait until it exists; the rest go first, because a new interface
             # copies the "default" ones (rp_filter).
-            per_link = tuple(f"net.ipv4.conf.{link.ifname}." for link in host.links)
+            per_link = tuple(f"net.ipv{v}.conf.{link.ifname}." for link in host.links for v in (4, 6))
             for key, value in host.sysctls:
                 if not key.startswith(per_link):
                     _run(["ip", "netns", "exec", ns, "sysctl", "-q", "-w", f"{key}={value}"])
@@ -246,6 +283,8 @@ class Testbed:
                 _run(["ip", "-n", sw, "link", "add", port, "type", "veth", "peer", "name", link.ifname, "netns", ns])
                 _run(["ip", "-n", sw, "link", "set", port, "master", link.bridge, "up"])
                 _run(["ip", "-n", ns, "addr", "add", str(link.address), "dev", link.ifname])
+                if link.address6 is not None:
+                    _run(["ip", "-n", ns, "addr", "add", str(link.address6), "dev", link.ifname, "nodad"])
                 _run(["ip", "-n", ns, "link", "set", link.ifname, "up"])
             for key, value in host.sysctls:
                 if key.startswith(per_link):
@@ -254,6 +293,8 @@ class Testbed:
                 _run(["ip", "-n", ns, "addr", "add", str(address), "dev", "lo"])
             if host.default_gateway is not None:
                 _run(["ip", "-n", ns, "route", "add", "default", "via", str(host.default_gateway)])
+            if host.default_gateway6 is not None:
+                _run(["ip", "-n", ns, "-6", "route", "add", "default", "via", str(host.default_gateway6)])
             for route in host.routes:
                 _run(["ip", "-n", ns, "route", "add", str(route.destination), "via", str(route.via)])
 
@@ -463,10 +504,15 @@ class Testbed:
         return pid if pid in netns.pids(self.ns(host)) else None
 
     def wait_vip(self, timeout: float = 30.0) -> None:
-        def answers() -> bool:
-            return http.get(self.ns("client"), self.vip, self.topology.vip_port, "/health", timeout=1).status == 200
+        """Wait until the VIP answers HTTP (and the VIP6, when the distributors serve it)."""
+        deadline = time.monotonic() + timeout
+        for vip in [self.vip] + ([self.vip6] if self.dual_stack else []):
+            def answers() -> bool:
+                return http.get(self.ns("client"), vip, self.topology.vip_port, "/health", timeout=1).status == 200
 
-        wait_until(answers, timeout, f"the VIP {self.vip}:{self.topology.vip_port} to answer")
+            shown = f"[{vip}]" if ":" in vip else vip
+            wait_until(answers, max(deadline - time.monotonic(), 0.0),
+                       f"the VIP {shown}:{self.topology.vip_port} to answer")
 
     def router_paths(self) -> list[str]:
         """The next hops (distributor uplink addresses) of the router's kernel route to the VIP, in its order."""
@@ -543,6 +589,8 @@ class Testbed:
         if state == "up" and spec.default_gateway is not None:
             # Taking a link down deletes the routes through it; bring the default route back.
             _run(["ip", "-n", self.ns(host), "route", "replace", "default", "via", str(spec.default_gateway)])
+        if state == "up" and spec.default_gateway6 is not None:
+            _run(["ip", "-n", self.ns(host), "-6", "route", "replace", "default", "via", str(spec.default_gateway6)])
         if state == "up":
             for route in spec.routes:
                 _run(["ip", "-n", self.ns(host), "route", "replace", str(route.destination), "via", str(route.via)])
@@ -709,8 +757,9 @@ def write_web_files(topology: Topology, host: Host, directory: Path, health_dela
     # The echo module's echo_sleep delays the answer without blocking the worker.
     health = f"location = /health {{ echo_sleep {health_delay:g}; echo ok; }}" if health_delay > 0 else ""
     # A DSR node also listens on the VIP it holds on lo: the distributor hands it the client's packet unchanged.
-    listen = "\n        ".join(f"listen {address}:{topology.vip_port} backlog=4096;"
-                                for address in [host.address_on("int"), *(a.ip for a in host.loopback)])
+    addresses = [str(host.address_on("int")), *(str(a.ip) for a in host.loopback)]
+    addresses += [f"[{link.address6.ip}]" for link in host.links if link.bridge == "int" and link.address6 is not None]
+    listen = "\n        ".join(f"listen {address}:{topology.vip_port} backlog=4096;" for address in addresses)
     (directory / "nginx.conf").write_text(
         NGINX_CONF.format(dir=directory, root=root, listen=listen, node=host.name, health=health,
                           access_log=f"{directory}/access.log combined" if access_log else "off")
@@ -735,6 +784,7 @@ def _distributor_fields(topology: Topology, options: Options, host: Host, keys_f
                         api_tokens: Path | None) -> dict[str, object]:
     """The values both distributor templates (primary-backup and active-active) fill in."""
     configured = topology.web_nodes[:options.configured_nodes]  # [:None] is every node
+    ipv6 = options.ipv6 and topology.ipv6
     smtp = ""
     if options.smtp:
         smtp_host, _, smtp_port = options.smtp.rpartition(":")
@@ -745,7 +795,8 @@ def _distributor_fields(topology: Topology, options: Options, host: Host, keys_f
         established=options.established_timeout,
         capacity=options.capacity,
         metrics_port=METRICS_PORT,
-        nodes="".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n' for web in configured),
+        nodes="".join(f'[nodes.{web.name}]\naddress = "{web.address_on("int")}"\n'
+                      + (f'address6 = "{web.address6_on("int")}"\n' if ipv6 else "") for web in configured),
         vip=topology.vip,
         port=topology.vip_port,
         policy=options.policy,
@@ -760,7 +811,23 @@ def _distributor_fields(topology: Topology, options: Options, host: Host, keys_f
         administration=ADMINISTRATION_CONF.format(port=BROKER_PORT, blobs=directory / "blobs",
                                                   state=directory / "administration.json"),
         health_extra="" if options.flap_suppress is None else f"flap_suppress = {options.flap_suppress:g}\n",
+        service6=SERVICE6_CONF.format(vip6=topology.vip6, port=topology.vip_port, policy=options.policy,
+                                      service_extra=_service_extra(options),
+                                      backends=", ".join(f'"{web.name}"' for web in configured)) if ipv6 else "",
     )
+
+
+def _service_extra(options: Options) -> str:
+    return f"persistence = {options.persistence:g}\n" if options.persistence else ""
+
+
+def _failover_addresses6(topology: Topology, options: Options, host: Host) -> str:
+    """Options.ipv6: the VIP6 and the nodes' IPv6 gateway among the floating addresses ("" otherwise)."""
+    if not (options.ipv6 and topology.ipv6):
+        return ""
+    return FAILOVER6_CONF.format(vip6=topology.vip6, vip6_prefix=topology.bridges6["ext"].prefixlen,
+                                 gateway6=topology.gateway6, gateway6_prefix=topology.bridges6["int"].prefixlen,
+                                 ext=_ifname(host, "ext"), int=_ifname(host, "int"))
 
 
 def render_distributor_config(topology: Topology, options: Options, host: Host, keys_file: Path, directory: Path,
@@ -779,10 +846,11 @@ def render_distributor_config(topology: Topology, options: Options, host: Host, 
         gateway=topology.gateway,
         gateway_prefix=topology.bridges["int"].prefixlen,
         failover_extra="" if options.garp_refresh is None else f"garp_refresh = {options.garp_refresh:g}\n",
+        addresses6=_failover_addresses6(topology, options, host),
     )
     return DISTRIBUTOR_CONF.format(
         **_distributor_fields(topology, options, host, keys_file, directory, api_tokens),
-        service_extra=f"persistence = {options.persistence:g}\n" if options.persistence else "",
+        service_extra=_service_extra(options),
         cluster=f"\n{failover}",
     )
 
@@ -862,7 +930,7 @@ def _addresses(ns: str) -> list[str]:
         if link.get("ifname") == "lo":
             continue
         for info in link.get("addr_info", []):
-            if info.get("family") == "inet":
+            if info.get("family") == "inet" or (info.get("family") == "inet6" and info.get("scope") == "global"):
                 found.append(f"{info['local']}/{info['prefixlen']}")
     return found
 
@@ -920,7 +988,7 @@ vip = "{vip}"
 port = {port}
 policy = "{policy}"
 {service_extra}backends = [{backends}]
-
+{service6}
 [health]
 listen = "0.0.0.0:{heartbeat_port}"
 keys_file = "{keys}"
@@ -943,7 +1011,23 @@ peers = {{ {peers} }}
 {failover_extra}addresses = [
     {{ address = "{vip}/32", interface = "{ext}" }},
     {{ address = "{gateway}/{gateway_prefix}", interface = "{int}" }},
-]
+{addresses6}]
+"""
+
+# Options.ipv6: the dual-stack service's IPv6 half (after "http" in DISTRIBUTOR_CONF) and its floating
+# addresses (in FAILOVER_CONF's list).
+SERVICE6_CONF = """
+[[services]]
+name = "http6"
+vip = "{vip6}"
+port = {port}
+policy = "{policy}"
+{service_extra}backends = [{backends}]
+"""
+
+FAILOVER6_CONF = """\
+    {{ address = "{vip6}/{vip6_prefix}", interface = "{ext}" }},
+    {{ address = "{gateway6}/{gateway6_prefix}", interface = "{int}" }},
 """
 
 # Active-active's [announce] instead (Options.active_active): no failover, every distributor is active.

@@ -45,12 +45,13 @@ def make_testbed():
 MODES = ["rewrite", "kernel"]
 
 
-def open_samples(bed: Testbed, host: str = "dist1") -> dict[str, float]:
-    """Per-backend open connections from the distributor's metrics."""
+def open_samples(bed: Testbed, host: str = "dist1", service: str = "http") -> dict[str, float]:
+    """Per-backend open connections of one service ("http": the VIP's; "http6": the VIP6's) from the
+    distributor's metrics."""
     return {
         dict(labels)["node"]: value
         for (name, labels), value in bed.metrics(host).items()
-        if name == "distributor_backend_connections_open"
+        if name == "distributor_backend_connections_open" and dict(labels)["service"] == service
     }
 
 
