@@ -89,12 +89,14 @@ class LayoutView:
     """What validation needs to know of the running layout (the core passes its own)."""
 
     def __init__(self, nodes: Mapping[str, str], services: Mapping[str, set[str]], policies: set[str],
-                 endpoints: Mapping[tuple[str, int], str], vips: set[str] = frozenset()):
+                 endpoints: Mapping[tuple[str, int], str], vips: set[str] = frozenset(),
+                 ipv6_services: set[str] = frozenset()):
         self.nodes = nodes  # node -> address, every node currently known (config + added - removed)
         self.services = services  # service -> its node names
         self.policies = policies  # valid policy names
         self.endpoints = endpoints  # (address, port) -> the service it serves
         self.vips = vips  # the services' VIPs (no node may have one)
+        self.ipv6_services = ipv6_services  # services whose VIP is IPv6 (their nodes' addresses come from the config)
 
 
 @dataclasses.dataclass
@@ -210,6 +212,10 @@ def validate(request: AdminRequest, layout: LayoutView) -> tuple[int, str] | Non
         for service, spec in services.items():
             if service not in layout.services:
                 return 404, f"no service {service!r}; services: {', '.join(sorted(layout.services))}"
+            if service in layout.ipv6_services:
+                return 400, (f"service {service} has an IPv6 VIP, and a node added at run time has an IPv4 address "
+                             f"only; put {node} in {service} through the configuration ([nodes.{node}] address6) "
+                             "and a reload")
             if not isinstance(spec, Mapping):
                 return 400, f"services.{service}: expected {{port: P, weight: W}}"
             port, weight = spec.get("port"), spec.get("weight", 1)

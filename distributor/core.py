@@ -109,6 +109,7 @@ class Reconfigure:
     services: tuple[ServiceSpec, ...]
     health: HealthSettings | None
     now: float
+    node_addresses: Mapping[str, str] | None = None  # name -> control (IPv4) address, as DistributorCore takes it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,10 +207,12 @@ class DistributorCore:
                  failover: FailoverOptions | None = None, failover_keys: Keys | None = None,
                  saved_state: RuntimeState | None = None, syn_auth: SynAuth | None = None,
                  administration: AdministrationOptions | None = None, saved_administration: str | None = None,
-                 announce: bool = False):
+                 announce: bool = False, node_addresses: Mapping[str, str] | None = None):
         """``administration``: manage content and tasks on the nodes (the content core); ``saved_administration``:
         its state file's text (ValueError when it is not one).  ``announce``: active-active, the VIPs are
-        announced to the router while they can be served (the announce core; no failover then)."""
+        announced to the router while they can be served (the announce core; no failover then).
+        ``node_addresses``: every configured node's control-plane address (name -> its IPv4 address: heartbeats,
+        broker, admin API), for a node that serves only IPv6 services (else taken from the services)."""
         self.name = name
         self.mode = mode
         self.base_services = tuple(services)  # the configuration; runtime changes are a difference to it
@@ -233,7 +236,8 @@ class DistributorCore:
         self._rules_ok = False  # the data path's rules are in: an InstallRules succeeded since start or RemoveRules
         self._next_housekeeping: float | None = None
         self._reported = list(self.interposer.counts)
-        self.base_nodes: dict[str, str] = {b.name: str(b.address) for svc in self.base_services for b in svc.backends}
+        self._control_addresses = dict(node_addresses or {})
+        self.base_nodes = _node_addresses(self.base_services, self._control_addresses)
         self.runtime = RuntimeState()
         self._healthy: dict[str, bool] = {}  # the health core's gate per node (True until it says otherwise)
         self._drains: dict[str, tuple[float, float | None]] = {}  # node -> (started, drained at)
@@ -610,7 +614,8 @@ class DistributorCore:
         # dsr mode's table is a cache: a flow it does not know goes where the flow hash says, so maglev stays.
         policies = {Policy.MAGLEV.value} if self.mode is Mode.DSR else {p.value for p in Policy}
         return LayoutView(self.nodes(), services, policies, endpoints,
-                          {str(s.vip) for s in self.interposer.services})
+                          {str(s.vip) for s in self.interposer.services},
+                          {s.name for s in self.interposer.services if s.vip.version == 6})
 
     def _admin(self, request: AdminRequest) -> list[Command]:
         refusal = self._admin_refusal()
@@ -678,7 +683,9 @@ class DistributorCore:
             return [Log(Level.ERROR, f"reload: new services ({', '.join(new)}) need a restart; keeping the running "
                                      "configuration")]
         self.base_services = event.services
-        self.base_nodes = {b.name: str(b.address) for svc in self.base_services for b in svc.backends}
+        if event.node_addresses is not None:
+            self._control_addresses = dict(event.node_addresses)
+        self.base_nodes = _node_addresses(self.base_services, self._control_addresses)
         for spec in event.services:  # a port change moves the node: out at the old port, in at the new one
             service = self.interposer.service(spec.name)
             for wanted in spec.backends:
@@ -769,7 +776,7 @@ class DistributorCore:
                 current = service.find(node)
                 if current is None or current.removed:
                     try:
-                        interposer.add_backend(service.name, BackendSpec(node, ipaddress.IPv4Address(address), port,
+                        interposer.add_backend(service.name, BackendSpec(node, ipaddress.ip_address(address), port,
                                                                          weight))
                     except ValueError as exc:
                         commands.append(Log(Level.ERROR, f"cannot put {node} in {service.name}: {exc}"))
@@ -984,3 +991,17 @@ def _endpoint(address: bytes, port: bytes) -> str:
     """``198.51.100.7:80`` or ``[2001:db8::7]:80`` (RFC 3986's form for an IPv6 address with a port)."""
     text = str(ipaddress.ip_address(address))
     return f"{text if len(address) == 4 else f'[{text}]'}:{int.from_bytes(port, 'big')}"
+
+
+def _node_addresses(services: Iterable[ServiceSpec], control: Mapping[str, str]) -> dict[str, str]:
+    """Each node of the services as the control plane knows it (name -> address): its IPv4 address, which
+    its heartbeats, its broker and the admin API use (control traffic is IPv4): from ``control``, else
+    from an IPv4 service it serves; a node in IPv6 services only, and not in ``control``, by its IPv6 one."""
+    found: dict[str, str] = {}
+    for spec in services:
+        for backend in spec.backends:
+            if backend.name in control:
+                found[backend.name] = control[backend.name]
+            elif backend.address.version == 4 or backend.name not in found:
+                found[backend.name] = str(backend.address)
+    return found

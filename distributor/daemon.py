@@ -310,6 +310,7 @@ def build_core(config: Config, keys: Keys | None, failover_keys: Keys | None,
         administration=config.administration.options if config.administration is not None else None,
         saved_administration=saved_administration,
         announce=config.announce is not None,
+        node_addresses={name: str(address) for name, address in config.nodes.items()},
     )
 
 
@@ -606,7 +607,8 @@ async def serve(config: Config, keys: Keys | None = None, failover_keys: Keys | 
             refusal = reload_refusal(config, new)
             if refusal is not None:
                 raise ConfigError(f"{refusal}: that needs a restart")
-            runtime.feed(Reconfigure(new.services, new.health.settings if new.health else None, clock()))
+            runtime.feed(Reconfigure(new.services, new.health.settings if new.health else None, clock(),
+                                     {name: str(address) for name, address in new.nodes.items()}))
             config = new
             await refresh_guard()
             log.info("configuration %s reloaded", config_path)

@@ -353,3 +353,51 @@ def test_a_sync_batch_refuses_keys_of_other_sizes_and_damaged_records():
     assert [(len(r.key), r.backend) for r in SyncBatch.unpack(payload).records] == [(36, 3), (12, 1)]
     assert SyncBatch.unpack(payload[:-1]) is None
     assert SyncBatch.unpack(payload + b"\x01") is None
+
+
+# -- the distributor core with a dual-stack service --------------------------------------------------
+def test_a_node_added_by_a_reload_joins_both_halves_of_a_dual_stack_service_and_keeps_its_ipv4_identity():
+    from backup.failover import InstallRules
+    from common.sansio import CommandDone, Log
+    from distributor.core import DistributorCore, Reconfigure
+    from tests.playbook import Playbook
+
+    web6 = dict(WEB6, web3="2001:db8:198::13")
+    web4 = dict(WEB4, web3="198.51.100.13")
+
+    def services(nodes):
+        return (ServiceSpec("web", ipaddress.IPv4Address(VIP4), 80, Policy.ROUND_ROBIN,
+                            tuple(BackendSpec(n, ipaddress.IPv4Address(web4[n]), 80) for n in nodes)),
+                ServiceSpec("web6", ipaddress.IPv6Address(VIP6), 80, Policy.ROUND_ROBIN,
+                            tuple(BackendSpec(n, ipaddress.IPv6Address(web6[n]), 80) for n in nodes)))
+
+    core = DistributorCore("dist1", Mode.REWRITE, services(("web1", "web2")), 100, node_addresses=web4)
+    core.start(0.0, 0.0)
+    assert core.nodes() == {"web1": WEB4["web1"], "web2": WEB4["web2"]}  # control traffic is IPv4
+    play = Playbook(core, keep=(Log,))
+    play(Reconfigure(services(("web1", "web2", "web3")), None, 1.0, web4))
+    assert not play.logged("cannot put")
+    (rules,) = play.of(InstallRules)
+    assert {(s.name, b.address) for s in rules.layout for b in s.backends if b.address.endswith("13")} == {
+        ("web", "198.51.100.13"), ("web6", "2001:db8:198::13")}
+    play(CommandDone(rules, 1.1))
+    assert core.nodes()["web3"] == "198.51.100.13"
+    placed = set()
+    for port in range(42000, 42006):
+        reason, out, _ = core.interposer.decide(tcp6(CLIENT6, VIP6, port, 80, "S", seq=1, ack=0), 2.0)
+        placed.add(IPv6(out).dst)
+    assert placed == set(web6.values())
+
+
+def test_a_node_added_at_run_time_cannot_join_an_ipv6_service():
+    from distributor.admin import AdminOp, AdminRequest, LayoutView, validate
+    layout = LayoutView({"web1": WEB4["web1"]}, {"web": {"web1"}, "web6": {"web1"}}, {"round-robin"}, {},
+                        {VIP4, VIP6}, {"web6"})
+
+    def add(service):
+        args = {"node": "web9", "address": "198.51.100.19", "services": {service: {"port": 80}}}
+        return validate(AdminRequest(1, AdminOp.ADD_NODE, args, "admin", 0.0, 0.0), layout)
+
+    refusal = add("web6")
+    assert refusal is not None and refusal[0] == 400 and "IPv6 VIP" in refusal[1] and "address6" in refusal[1]
+    assert add("web") is None
