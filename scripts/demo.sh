@@ -14,10 +14,13 @@ echo
 echo "== 300 requests through the VIP 203.0.113.1, a new connection each =="
 tb exec client -- .venv/bin/python -m testbed.traffic --requests 300 --concurrency 6
 echo
-echo "== Prometheus on the monitor host: requests per node over the last minute =="
+echo "== 60 requests through the VIP6 2001:db8:203::1 (the same nodes, service http6) =="
+tb exec client -- .venv/bin/python -m testbed.traffic --host 2001:db8:203::1 --requests 60 --concurrency 6
+echo
+echo "== Prometheus on the monitor host: requests per node over the last minute (both VIPs) =="
 echo "   (the distributor counts connections; the traffic above opens one per request. increase()"
 echo "   would extrapolate to the window's edges, so the exact difference of the samples is asked for)"
-tb exec monitor -- .venv/bin/python -m testbed.monitoring query --at-least 300 \
+tb exec monitor -- .venv/bin/python -m testbed.monitoring query --at-least 360 \
   'sum by (node) (max_over_time(distributor_backend_connections_total[1m]) - min_over_time(distributor_backend_connections_total[1m]))'
 echo
 echo "== wrk, 3 s keep-alive, then 3 s Connection: close =="

@@ -33,7 +33,7 @@ def fetch(host: str, port: int, path: str, timeout: float) -> tuple[int, str | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m testbed.traffic", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--host", default="203.0.113.1")
+    parser.add_argument("--host", default="203.0.113.1", help="the VIP, IPv4 or IPv6 (default: %(default)s)")
     parser.add_argument("--port", type=int, default=80)
     parser.add_argument("--path", default="/1k.bin")
     parser.add_argument("--requests", type=int, default=300)
@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 per_node[node or "(no X-Node)"] += 1
     elapsed = time.monotonic() - started
 
-    print(f"{args.requests} requests to http://{args.host}:{args.port}{args.path} over {args.concurrency} "
+    host = f"[{args.host}]" if ":" in args.host else args.host  # an IPv6 VIP, as a URL writes it
+    print(f"{args.requests} requests to http://{host}:{args.port}{args.path} over {args.concurrency} "
           f"concurrent clients, one connection each, in {elapsed:.2f} s")
     print(f"  {'node':10} {'served':>7} {'share':>7}")
     for node in sorted(per_node):
