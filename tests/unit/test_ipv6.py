@@ -11,6 +11,8 @@ import ipaddress
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scapy.layers.inet import TCP
 from scapy.layers.inet6 import (ICMPv6DestUnreach, ICMPv6EchoRequest, ICMPv6PacketTooBig, ICMPv6TimeExceeded, IPv6,
                                 IPv6ExtHdrFragment, IPv6ExtHdrHopByHop, IPv6ExtHdrRouting)
@@ -401,3 +403,33 @@ def test_a_node_added_at_run_time_cannot_join_an_ipv6_service():
     refusal = add("web6")
     assert refusal is not None and refusal[0] == 400 and "IPv6 VIP" in refusal[1] and "address6" in refusal[1]
     assert add("web") is None
+
+
+# -- hostile input: any bytes, IPv6-shaped, in both modes ---------------------------------------------
+_SEEDS = [tcp6(CLIENT6, VIP6, 40000, 80, "S", seq=1, ack=0), tcp6(CLIENT6, VIP6, 40000, 80, "PA", b"abc"),
+          tcp6(WEB6["web1"], CLIENT6, 80, 40000, "SA"), tcp6(WEB6["web1"], CLIENT6, 80, 40000, "RA", seq=0, ack=2),
+          bytes(IPv6(src=ROUTER6, dst=VIP6) / ICMPv6PacketTooBig(mtu=1280) / Raw(response6(VIP6)[:120]))]
+ipv6_bytes = st.one_of(
+    st.binary(max_size=100).map(lambda b: b"\x60" + b),
+    st.builds(lambda base, pos, value: base[:pos] + bytes([value]) + base[pos + 1:],
+              st.sampled_from(_SEEDS), st.integers(0, 100), st.integers(0, 255)),
+    st.builds(lambda base, cut: base[:cut], st.sampled_from(_SEEDS), st.integers(0, 140)),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(ipv6_bytes, max_size=25), st.sampled_from([Mode.REWRITE, Mode.KERNEL]))
+def test_any_ipv6_shaped_bytes_get_a_verdict_and_keep_the_counts_consistent(packets, mode):
+    ip = make(mode, capacity=4)
+    for i, packet in enumerate(packets):
+        reason, out, _ = ip.decide(packet, float(i))
+        assert reason.verdict in (ACCEPT, DROP)
+        if mode is Mode.REWRITE:
+            assert out is None or (reason.verdict == ACCEPT and isinstance(out, bytes) and len(out) == len(packet))
+    ip.expire(10_000.0)
+    open_per_backend = [0, 0]
+    for conn in ip.table:
+        if conn.is_open:
+            open_per_backend[conn.backend.index] += 1
+    assert open_per_backend == [ip.services[0].balancer.outstanding(i) for i in range(2)]
+    assert sum(ip.counts) == len(packets)
