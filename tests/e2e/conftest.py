@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 
 import pytest
 
@@ -43,6 +44,15 @@ def make_testbed():
 
 
 MODES = ["rewrite", "kernel"]
+
+# A scenario run through the VIP (service "http") and through the VIP6 (service "http6") of a dual-stack
+# testbed (Options(ipv6=True), the default): ``@pytest.mark.parametrize("family", FAMILIES)``.
+FAMILIES = [pytest.param(socket.AF_INET, id="ipv4"), pytest.param(socket.AF_INET6, id="ipv6")]
+
+
+def service_of(family: int) -> str:
+    """The testbed's service on the VIP of ``family``."""
+    return "http6" if family == socket.AF_INET6 else "http"
 
 
 def open_samples(bed: Testbed, host: str = "dist1", service: str = "http") -> dict[str, float]:

@@ -1,18 +1,24 @@
-"""Primary-backup failover end to end: both distributors, real agents and nginx, real clients."""
+"""Primary-backup failover end to end: both distributors, real agents and nginx, real clients.
+
+The testbed is dual stack: the SIGKILL tests run through the VIP and through the VIP6 (test ids ``ipv4``,
+``ipv6``); the new active's gratuitous ARP or unsolicited neighbour advertisement moves the client's entry.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import time
 
 import pytest
 
 from testbed import content, http, wrk
+from testbed.loadgen import forwarded
 from testbed.runner import new_takeover, wait_until
-from tests.e2e.conftest import MODES
+from tests.e2e.conftest import FAMILIES, MODES, open_samples, service_of
 
 DISTS = ("dist1", "dist2")
 DEAD_WINDOW = 0.35  # the default: (dead + 1) x interval
@@ -22,7 +28,7 @@ WARNING_WINDOW = 0.2
 @pytest.fixture(scope="module", params=MODES)
 def bed(make_testbed, request):
     return make_testbed(f"tfail{request.param[0]}", nodes=3, policy="least-outstanding", preempt=False,
-                        mode=request.param)
+                        mode=request.param, ipv6=True)
 
 
 def term(bed, host: str) -> float:
@@ -35,9 +41,23 @@ def active(bed) -> str:
     return found[0]
 
 
-def owners(bed) -> list[str]:
+def owners(bed, family: int = socket.AF_INET) -> list[str]:
+    """The distributors holding the VIP (VIP6) on their outside link."""
+    if family == socket.AF_INET6:
+        return [h for h in DISTS
+                if f"{bed.vip6}/" in bed.run(h, ["ip", "-6", "-o", "addr", "show", "dev", "ext0"]).stdout]
     return [h for h in DISTS
             if f"{bed.vip}/32" in bed.run(h, ["ip", "-4", "-o", "addr", "show", "dev", "ext0"]).stdout]
+
+
+def neighbour_mac(bed, address: str) -> str:
+    """The client's neighbour (ARP or NDP) entry for ``address``: its link-layer address, or what ip printed."""
+    words = bed.run("client", ["ip", "neigh", "show", address]).stdout.split()
+    return words[words.index("lladdr") + 1] if "lladdr" in words else " ".join(words)
+
+
+def mac(bed, host: str) -> str:
+    return bed.run(host, ["cat", "/sys/class/net/ext0/address"]).stdout.strip()
 
 
 def forwards(bed, host: str) -> bool:
@@ -65,14 +85,31 @@ def run_wrk_across(bed, action, close: bool, duration: float = 6.0) -> wrk.WrkRe
     return wrk.parse(output)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
-def test_sigkill_of_the_active_loses_no_request(bed, close):
+def test_sigkill_of_the_active_loses_no_request_and_the_backup_takes_the_vip(bed, close, family):
     primary, backup = bed.wait_settled()
+    assert owners(bed, family) == [primary]
     before = bed.takeover_durations(backup)
-    result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGKILL), close)
+    load = bed.popen("client", wrk.command(bed.url("/1k.bin", family), duration=6, connections=16, close=close,
+                                           timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # Under way through the primary: many new connections forwarded, or (kernel mode's keep-alive, whose
+        # data segments the kernel forwards uncounted) all of wrk's connections open on the nodes.
+        start = forwarded(bed, primary)
+        wait_until(lambda: forwarded(bed, primary) - start > 500
+                   or sum(open_samples(bed, primary, service_of(family)).values()) >= 16, 10,
+                   f"wrk's flows through {primary}")
+        assert neighbour_mac(bed, bed.vip_of(family)) == mac(bed, primary)
+        signal_distributor(bed, primary, signal.SIGKILL)
+    finally:
+        output = load.communicate(timeout=60)[0]
+    result = wrk.parse(output)
     assert active(bed) == backup
     assert result.requests > 1000, result.output
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
+    # The backup's gratuitous ARP (unsolicited neighbour advertisement) moved the client's entry for the VIP.
+    assert neighbour_mac(bed, bed.vip_of(family)) == mac(bed, backup)
     phases = wait_until(lambda: (lambda p: p if "first_forward" in p else None)(
         new_takeover(before, bed.takeover_durations(backup))), 10, f"{backup}'s takeover in its histogram")
     first = phases["decided"] + phases["first_forward"]  # from the old active's last heartbeat
@@ -80,19 +117,31 @@ def test_sigkill_of_the_active_loses_no_request(bed, close):
     # the dead window, plus one SYN retransmission (1 s) when only new connections were waiting.
     assert first < DEAD_WINDOW + 1.5, first
     restart(bed, primary)
+    assert bed.wait_settled() == (backup, primary)
+    # The restarted one, a backup, gave up what its killed predecessor left (the VIP on its ext0).
+    assert owners(bed, family) == [backup]
+    assert http.get(bed.ns("client"), bed.vip_of(family), 80, "/health").status == 200
 
 
-def test_download_in_progress_across_a_takeover_arrives_intact(bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_download_in_progress_across_a_takeover_arrives_intact(bed, tmp_path, family):
     primary, backup = bed.wait_settled()
-    download = bed.popen("client", ["curl", "-sS", "--limit-rate", "300K", "-o", "-", f"http://{bed.vip}/1m.bin"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    time.sleep(1.0)  # about a third of the file has arrived
-    signal_distributor(bed, primary, signal.SIGKILL)
-    body, errors = download.communicate(timeout=60)
+    target = tmp_path / "1m.bin"
+    download = bed.popen("client", ["curl", "-g", "-sS", "--limit-rate", "300K", "-o", str(target),
+                                    bed.url("/1m.bin", family)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: target.exists() and target.stat().st_size > 256 * 1024, 10, "a quarter of the file")
+        signal_distributor(bed, primary, signal.SIGKILL)
+        errors = download.communicate(timeout=60)[1]
+    finally:
+        if download.poll() is None:
+            download.kill()
+            download.wait()
     assert download.returncode == 0, errors
-    assert hashlib.sha256(body).hexdigest() == content.sha256("/1m.bin")
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == content.sha256("/1m.bin")
     assert active(bed) == backup
     restart(bed, primary)
+    bed.wait_settled()
 
 
 def test_sigterm_hands_over_in_a_fraction_of_the_dead_window(bed):
@@ -129,7 +178,7 @@ def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed):
     for _ in range(5):  # traffic through the VIP: the client's neighbour entry must point at the owner
         assert http.get(bed.ns("client"), bed.vip, 80, "/health").status == 200
     neighbour = bed.run("client", ["ip", "neigh", "show", bed.vip]).stdout
-    owner_mac = bed.run(backup, ["cat", "/sys/class/net/ext0/address"]).stdout.strip()
+    owner_mac = mac(bed, backup)
     assert owner_mac in neighbour, (neighbour, owner_mac)
 
 

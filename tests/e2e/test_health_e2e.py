@@ -1,4 +1,9 @@
-"""Node health end to end: real agents, nginx, heartbeats, alerts by mail, in the namespace testbed."""
+"""Node health end to end: real agents, nginx, heartbeats, alerts by mail, in the namespace testbed.
+
+A stopped web server and a killed node host are excluded from the VIP's service ("http", the testbed
+``bed``, with mail) and from the VIP6's ("http6", ``bed6``, a dual-stack testbed in both modes): the same
+scenario functions, through either VIP.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from common.wire import Keys, Kind, NodeHeartbeat, seal
 from testbed import http, netns, wrk
 from testbed.loadgen import Recorder
 from testbed.runner import wait_until
-from tests.e2e.conftest import MODES
+from tests.e2e.conftest import MODES, service_of
 
 SMTP = ("198.51.100.3", 2525)  # on the cluster LAN, in dist2's namespace
 
@@ -25,6 +30,15 @@ def bed(make_testbed):
     # The same nodes die and return several times within a minute here: no flap damping, which would
     # rightly hold them out (the hostile suite tests damping).
     return make_testbed("thealth", nodes=3, policy="round-robin", smtp=f"{SMTP[0]}:{SMTP[1]}", flap_suppress=0)
+
+
+@pytest.fixture(scope="module", params=MODES)
+def bed6(make_testbed, request):
+    """Dual stack, for the IPv6 service in both modes (no flap damping either)."""
+    bed = make_testbed(f"thealth6{request.param[0]}", nodes=3, policy="round-robin", mode=request.param,
+                       ipv6=True, flap_suppress=0)
+    yield bed
+    bed.down()  # before the next mode's testbed comes up: the machine is small
 
 
 @pytest.fixture(scope="module")
@@ -55,26 +69,40 @@ def node_state(bed, node: str) -> str:
     raise AssertionError(f"no state for {node}")
 
 
-def acquired(bed, node: str) -> float:
+def acquired(bed, node: str, service: str = "http") -> float:
+    """Connections ``service`` placed on ``node`` ("http": the VIP's; a dual-stack testbed has "http6" too)."""
     return next(v for (name, labels), v in bed.metrics("dist1").items()
                 if name == "distributor_backend_connections_total" and dict(labels)["node"] == node
-                and dict(labels)["service"] == "http")  # the VIP's (a dual-stack testbed has "http6" too)
+                and dict(labels)["service"] == service)
 
 
-def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, maildir):
-    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=8, connections=8, close=True),
+def serves_again(bed, node: str, family: int = socket.AF_INET) -> bool:
+    return any(http.get(bed.ns("client"), bed.vip_of(family), 80, "/health").node == node for _ in range(30))
+
+
+def stop_web1_and_check_exclusion(bed, family: int) -> None:
+    """Stop web1's nginx under load through the VIP of ``family``: excluded at its first RST, declared dead,
+    and no request lost after the exclusion."""
+    wait_until(lambda: all(node_state(bed, n) == "up" for n in ("web1", "web2", "web3")), 30, "every node up")
+    assert bed.active_distributor() == "dist1"
+    load = bed.popen("client", wrk.command(bed.url("/1k.bin", family), duration=8, connections=8, close=True),
                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    recorder = Recorder(bed)
+    recorder = Recorder(bed, vip=bed.vip_of(family))
     try:
-        time.sleep(1.0)  # traffic flows on all nodes first
+        # Traffic flows on every node first.
+        wait_until(lambda: {r.node for r in recorder.results if r.ok} >= {"web1", "web2", "web3"}, 10,
+                   "requests served by every node")
         stopped_at = time.time()
         # As `systemctl stop nginx` stops it (SIGQUIT: graceful); from then on web1 resets every SYN.
         bed.run("web1", ["kill", "-QUIT", str(bed.service_pid("web1", "nginx"))])
         warning = bed.wait_alert("web1", "warning", stopped_at, 5)
-        given_to_web1 = acquired(bed, "web1")
+        given_to_web1 = acquired(bed, "web1", service_of(family))
         dead = bed.wait_alert("web1", "dead", stopped_at, 10)
-        time.sleep(2.0)
-        assert acquired(bed, "web1") == given_to_web1, "a new connection reached web1 after the warning"
+        # An observation window measured in requests, not seconds: 200 more after the node died.
+        dead_count = len(recorder.after(dead["time"]))
+        wait_until(lambda: len(recorder.after(dead["time"])) >= dead_count + 200, 15, "200 requests after web1 died")
+        assert acquired(bed, "web1", service_of(family)) == given_to_web1, \
+            "a new connection reached web1 after the warning"
     finally:
         recorder.stop()
         output = load.communicate(timeout=30)[0]
@@ -82,7 +110,7 @@ def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, ma
     # node (rewrite mode at once; kernel mode drops the RST and the client retransmits once).
     assert warning["time"] - stopped_at < 0.5
     late = recorder.after(stopped_at)
-    assert late and max(r.seconds for r in late) < 2.0
+    assert late and max(r.seconds for r in late) < 2.0, max(r.seconds for r in late)
     # The one loss no layer-4 balancer can prevent: a connection web1's kernel accepted while nginx
     # was closing its listener is reset with the request on it (the node had it, not us).  Such
     # losses are few, fast (an RST, not a timeout) and only before the exclusion.
@@ -94,17 +122,53 @@ def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, ma
     assert wrk.parse(output).requests > 0
     assert dead["time"] - stopped_at < 5
 
+
+def restart_web1_and_check_it_rejoins(bed, family: int) -> None:
+    restarted_at = time.time()
+    bed.start("web1")
+    bed.wait_alert("web1", "slow_start", restarted_at, 10)  # back in service (rising is logged, not alerted)
+    wait_until(lambda: serves_again(bed, "web1", family), 20, "web1 to receive traffic again")
+
+
+def kill_web3_and_check_exclusion_and_return(bed, family: int) -> None:
+    """Kill web3's host (its links go down) with requests through the VIP of ``family``: none lost after it
+    was declared dead, and it serves again once restarted."""
+    wait_until(lambda: node_state(bed, "web3") == "up", 20, "web3 to be up")
+    recorder = Recorder(bed, vip=bed.vip_of(family))
+    try:
+        wait_until(lambda: any(r.ok and r.node == "web3" for r in recorder.results), 10, "web3 to serve")
+        killed_at = time.time()
+        bed.kill("web3")
+        dead_at = time.time()  # its links are down: a request that reached it before is lost with it
+        warning = bed.wait_alert("web3", "warning", killed_at, 5)
+        dead = bed.wait_alert("web3", "dead", killed_at, 10)
+        wait_until(lambda: len(recorder.after(dead["time"])) >= 100, 15, "100 requests after web3 died")
+    finally:
+        recorder.stop()
+    # Its SYNs went unanswered until it was excluded; each client's retransmission went elsewhere.
+    late = recorder.after(dead_at)
+    assert late and all(r.ok for r in late), [r for r in late if not r.ok][:5]
+    assert "web3" not in {r.node for r in recorder.after(warning["time"])}
+    assert max(r.seconds for r in late) < 2.5, max(r.seconds for r in late)
+    bed.start("web3")
+    bed.wait_alert("web3", "slow_start", killed_at, 20)
+    wait_until(lambda: serves_again(bed, "web3", family), 20, "the restarted web3 to serve requests again")
+
+
+def test_stopped_web_server_is_excluded_declared_dead_mailed_and_rejoins(bed, maildir):
+    stop_web1_and_check_exclusion(bed, socket.AF_INET)
+
     def mailed() -> bool:
         return any("web1" in m["Subject"] and "dead" in m["Subject"] or "web1: warning -> dead" in m.get_payload()
                    for m in maildir)
 
     wait_until(mailed, 15, "the alert mail about web1")
+    restart_web1_and_check_it_rejoins(bed, socket.AF_INET)
 
-    restarted_at = time.time()
-    bed.start("web1")
-    bed.wait_alert("web1", "slow_start", restarted_at, 10)  # back in service (rising is logged, not alerted)
-    wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web1" for _ in range(30)),
-               20, "web1 to receive traffic again")
+
+def test_stopped_web_server_is_excluded_from_the_ipv6_service_and_rejoins(bed6):
+    stop_web1_and_check_exclusion(bed6, socket.AF_INET6)
+    restart_web1_and_check_it_rejoins(bed6, socket.AF_INET6)
 
 
 def test_slow_node_is_excluded_and_included_again_when_it_recovers(bed):
@@ -124,27 +188,11 @@ def test_slow_node_is_excluded_and_included_again_when_it_recovers(bed):
 
 
 def test_killed_node_host_is_excluded_like_a_dead_web_server(bed):
-    wait_until(lambda: node_state(bed, "web3") == "up", 20, "web3 to be up")
-    recorder = Recorder(bed)
-    try:
-        time.sleep(0.5)
-        killed_at = time.time()
-        bed.kill("web3")
-        dead_at = time.time()  # its links are down: a request that reached it before is lost with it
-        warning = bed.wait_alert("web3", "warning", killed_at, 5)
-        bed.wait_alert("web3", "dead", killed_at, 10)
-        time.sleep(1.0)
-    finally:
-        recorder.stop()
-    # Its SYNs went unanswered until it was excluded; each client's retransmission went elsewhere.
-    late = recorder.after(dead_at)
-    assert late and all(r.ok for r in late), [r for r in late if not r.ok][:5]
-    assert "web3" not in {r.node for r in recorder.after(warning["time"])}
-    assert max(r.seconds for r in late) < 2.5
-    bed.start("web3")
-    bed.wait_alert("web3", "slow_start", killed_at, 20)
-    wait_until(lambda: any(http.get(bed.ns("client"), bed.vip, 80, "/health").node == "web3" for _ in range(30)),
-               20, "the restarted web3 to serve requests again")
+    kill_web3_and_check_exclusion_and_return(bed, socket.AF_INET)
+
+
+def test_killed_node_host_is_excluded_from_the_ipv6_service(bed6):
+    kill_web3_and_check_exclusion_and_return(bed6, socket.AF_INET6)
 
 
 def test_forged_replayed_and_stale_heartbeats_are_rejected_and_keep_no_node_alive(bed):

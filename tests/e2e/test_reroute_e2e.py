@@ -1,59 +1,87 @@
-"""HTTP through the VIP, end to end, with real clients in the namespace testbed."""
+"""HTTP through the VIP, end to end, with real clients in the namespace testbed.
+
+The testbed is dual stack: the rerouting tests run through the VIP (service "http") and through the VIP6
+2001:db8:203::1 (service "http6", the same nodes), test ids ``ipv4`` and ``ipv6``, and one test serves both
+at the same time.
+"""
 
 from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import socket
+import subprocess
 import sys
 
 import pytest
 
 from testbed import content, http, netns, wrk
 from testbed.runner import wait_until
-from tests.e2e.conftest import MODES, counter, open_samples
-
-VIP_URL = "http://203.0.113.1"
+from tests.e2e.conftest import FAMILIES, MODES, counter, open_samples
 
 
 @pytest.fixture(scope="module", params=MODES)
 def bed(make_testbed, request):
-    return make_testbed(f"treroute{request.param[0]}", nodes=3, policy="round-robin", mode=request.param)
+    return make_testbed(f"treroute{request.param[0]}", nodes=3, policy="round-robin", mode=request.param, ipv6=True)
 
 
-def test_curl_through_the_vip_is_served_by_a_named_node(bed):
-    out = bed.run("client", ["curl", "-sS", "-D", "-", "-o", "/dev/null", "-m", "5", f"{VIP_URL}/index.html"]).stdout
-    assert out.startswith("HTTP/1.1 200")
-    assert any(line.lower().startswith("x-node: web") for line in out.splitlines())
+@pytest.mark.parametrize("family", FAMILIES)
+def test_curl_through_the_vip_is_served_by_a_named_node(bed, family):
+    out = bed.run("client", ["curl", "-g", "-sS", "-D", "-", "-o", "/dev/null", "-m", "10",
+                             bed.url("/index.html", family)], check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("HTTP/1.1 200"), out.stdout
+    assert any(line.lower().startswith("x-node: web") for line in out.stdout.splitlines()), out.stdout
 
 
+def test_ipv4_and_ipv6_are_served_at_the_same_time_by_every_node(bed, tmp_path):
+    """Dual stack: wrk on the VIP6 and wrk on the VIP at once, a new connection per request, both spread over
+    every node without an error."""
+    with_script = tmp_path / "count_nodes.lua"
+    with_script.write_text(wrk.COUNT_NODES_LUA)
+    runs = {family: bed.popen("client", wrk.command(bed.url("/1k.bin", family), duration=4, connections=8,
+                                                    close=True, script=str(with_script)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for family in (socket.AF_INET, socket.AF_INET6)}
+    results = {family: wrk.parse(run.communicate(timeout=60)[0]) for family, run in runs.items()}
+    for family, result in results.items():
+        assert result.requests > 300, result.output
+        assert result.errors == 0, result.output
+        assert set(result.nodes) == {"web1", "web2", "web3"}, result.output
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("close", [False, True], ids=["keep-alive", "connection-close"])
-def test_wrk_sees_no_socket_errors(bed, close):
-    result = wrk.run(bed, f"{VIP_URL}/1k.bin", duration=3, connections=20, close=close)
+def test_wrk_sees_no_socket_errors(bed, close, family):
+    result = wrk.run(bed, bed.url("/1k.bin", family), duration=3, connections=20, close=close)
     assert result.requests > 1000, result.output
-    assert result.socket_errors == {} or sum(result.socket_errors.values()) == 0, result.output
+    assert sum(result.socket_errors.values()) == 0, result.output
     assert result.non_2xx == 0, result.output
 
 
-def test_round_robin_spreads_requests_evenly(bed):
-    result = wrk.run(bed, f"{VIP_URL}/1k.bin", duration=3, connections=12, close=True, count_nodes=True)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_round_robin_spreads_requests_evenly(bed, family):
+    result = wrk.run(bed, bed.url("/1k.bin", family), duration=3, connections=12, close=True, count_nodes=True)
     assert set(result.nodes) == {"web1", "web2", "web3"}, result.output
     mean = sum(result.nodes.values()) / 3
     for node, served in result.nodes.items():
         assert abs(served - mean) <= 0.02 * mean + 12, f"{node} served {served}, mean {mean:.0f}: {result.nodes}"
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("path", ["/1m.bin", "/4m.bin"])
-def test_large_download_arrives_intact(bed, path):
-    reply = http.get(bed.ns("client"), bed.vip, 80, path, timeout=20)
+def test_large_download_arrives_intact(bed, path, family):
+    reply = http.get(bed.ns("client"), bed.vip_of(family), 80, path, timeout=20)
     assert reply.status == 200
     assert hashlib.sha256(reply.body).hexdigest() == content.sha256(path)
 
 
-def test_concurrent_clients_all_get_correct_bodies(bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_concurrent_clients_all_get_correct_bodies(bed, family):
     def client(n: int) -> list[str]:
         nodes = []
         for _ in range(15):
-            reply = http.get(bed.ns("client"), bed.vip, 80, "/64k.bin", timeout=10)
+            reply = http.get(bed.ns("client"), bed.vip_of(family), 80, "/64k.bin", timeout=10)
             assert reply.status == 200 and reply.body == content.body("/64k.bin")
             nodes.append(reply.node)
         return nodes

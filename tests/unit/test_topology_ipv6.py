@@ -1,7 +1,8 @@
 """The dual-stack testbed as data (no root): its IPv6 address plan, the configs it writes with and without
 Options.ipv6, and what stays IPv4 only (docker compose, active-active).
 
-The running testbed is exercised by tests/e2e/test_ipv6_e2e.py.
+The running testbed is exercised by the end-to-end tests' ``ipv6`` cases (tests/e2e/test_reroute_e2e.py,
+test_health_e2e.py, test_failover_e2e.py, test_pmtu_e2e.py).
 """
 
 from __future__ import annotations
