@@ -711,8 +711,9 @@ def load_records(data: dict) -> list[Record]:
     return records
 
 
-def chart(records: list[Record], path: Path) -> None:
-    """One panel per row: each mode's ratio to DNAT (median), the per-round ratios and their range, the targets."""
+def chart(records: list[Record], path: Path, family: int = 4) -> None:
+    """One panel per row: each mode's ratio to DNAT (median), the per-round ratios and their range, the targets
+    (``family`` 6: the title says the paths were IPv6)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -773,7 +774,8 @@ def chart(records: list[Record], path: Path) -> None:
         ax.set_xticklabels([SHORT[m].replace("-", "-\n") for m in modes], fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     what = "ratio to kernel DNAT" if relative else "requests/s"
-    fig.suptitle(f"Side by side, {what}: medians of interleaved rounds", fontsize=12)
+    over = ", over IPv6" if family == 6 else ""
+    fig.suptitle(f"Side by side{over}, {what}: medians of interleaved rounds", fontsize=12)
     from matplotlib.lines import Line2D
 
     legend = [Line2D([], [], marker="o", color="black", linestyle="none", markersize=3, label="each round"),
@@ -915,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "results.json").write_text(json.dumps(results_json(records, settings), indent=1))
     text = report(records, settings)
     (args.out / "results.md").write_text(text)
-    chart(records, args.out / "results.png")
+    chart(records, args.out / "results.png", args.family)
     print("\n" + text)
     print(f"wrote {args.out}/results.json, results.md, results.png")
     return status
