@@ -1,6 +1,6 @@
 """Primary-backup failover end to end: both distributors, real agents and nginx, real clients.
 
-The testbed is dual stack: the SIGKILL tests run through the VIP and through the VIP6 (test ids ``ipv4``,
+The testbed is dual stack: every scenario runs through the VIP and through the VIP6 (test ids ``ipv4``,
 ``ipv6``); the new active's gratuitous ARP or unsolicited neighbour advertisement moves the client's entry.
 """
 
@@ -60,9 +60,10 @@ def mac(bed, host: str) -> str:
     return bed.run(host, ["cat", "/sys/class/net/ext0/address"]).stdout.strip()
 
 
-def forwards(bed, host: str) -> bool:
-    """The distributor on ``host`` has its rules in place (either mode)."""
-    return "-A PREROUTING -j DIST0-" in bed.run(host, ["iptables-save"]).stdout
+def forwards(bed, host: str, family: int = socket.AF_INET) -> bool:
+    """The distributor on ``host`` has its rules in place (either mode), in the iptables (the ip6tables)."""
+    save = "ip6tables-save" if family == socket.AF_INET6 else "iptables-save"
+    return "-A PREROUTING -j DIST0-" in bed.run(host, [save]).stdout
 
 
 def signal_distributor(bed, host: str, signum: int) -> None:
@@ -74,8 +75,8 @@ def restart(bed, host: str) -> None:
     bed.start(host)
 
 
-def run_wrk_across(bed, action, close: bool, duration: float = 6.0) -> wrk.WrkResult:
-    load = bed.popen("client", wrk.command(f"http://{bed.vip}/1k.bin", duration=duration, connections=16, close=close,
+def run_wrk_across(bed, action, close: bool, duration: float = 6.0, family: int = socket.AF_INET) -> wrk.WrkResult:
+    load = bed.popen("client", wrk.command(bed.url("/1k.bin", family), duration=duration, connections=16, close=close,
                                            timeout=5), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         time.sleep(1.5)
@@ -144,19 +145,21 @@ def test_download_in_progress_across_a_takeover_arrives_intact(bed, tmp_path, fa
     bed.wait_settled()
 
 
-def test_sigterm_hands_over_in_a_fraction_of_the_dead_window(bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sigterm_hands_over_in_a_fraction_of_the_dead_window(bed, family):
     primary, backup = bed.wait_settled()
     before = bed.takeover_durations(backup)
-    result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGTERM), close=False)
+    result = run_wrk_across(bed, lambda: signal_distributor(bed, primary, signal.SIGTERM), close=False, family=family)
     assert active(bed) == backup
     decided = new_takeover(before, bed.takeover_durations(backup))["decided"]
     assert decided < DEAD_WINDOW / 2, decided
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
-    assert not forwards(bed, primary) or bed.service_pid(primary, "distributor") is None
+    assert not forwards(bed, primary, family) or bed.service_pid(primary, "distributor") is None
     restart(bed, primary)
 
 
-def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed, family):
     primary, backup = bed.wait_settled()
     before = term(bed, backup)
     signal_distributor(bed, primary, signal.SIGSTOP)
@@ -173,19 +176,20 @@ def test_short_stall_changes_nothing_long_stall_leaves_exactly_one_owner(bed):
     finally:
         signal_distributor(bed, primary, signal.SIGCONT)
     wait_until(lambda: bed.role(primary) == "backup", 5, f"{primary} to give up")
-    assert owners(bed) == [backup]
-    assert not forwards(bed, primary) and forwards(bed, backup)
-    for _ in range(5):  # traffic through the VIP: the client's neighbour entry must point at the owner
-        assert http.get(bed.ns("client"), bed.vip, 80, "/health").status == 200
-    neighbour = bed.run("client", ["ip", "neigh", "show", bed.vip]).stdout
+    assert owners(bed, family) == [backup]
+    assert not forwards(bed, primary, family) and forwards(bed, backup, family)
+    for _ in range(5):  # traffic through the VIP (VIP6): the client's neighbour entry must point at the owner
+        assert http.get(bed.ns("client"), bed.vip_of(family), 80, "/health").status == 200
+    neighbour = bed.run("client", ["ip", "neigh", "show", bed.vip_of(family)]).stdout
     owner_mac = mac(bed, backup)
     assert owner_mac in neighbour, (neighbour, owner_mac)
 
 
-def test_restarted_primary_without_preempt_stays_backup_and_connections_survive(bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restarted_primary_without_preempt_stays_backup_and_connections_survive(bed, family):
     primary, backup = bed.wait_settled()
     result = run_wrk_across(bed, lambda: (signal_distributor(bed, backup, signal.SIGKILL), restart(bed, backup)),
-                            close=False, duration=8)
+                            close=False, duration=8, family=family)
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
     assert bed.wait_settled() == (primary, backup)  # the restarted one caught up and stayed a backup
 
@@ -195,7 +199,8 @@ def preempt_bed(make_testbed, request):
     return make_testbed(f"tpreempt{request.param[0]}", nodes=2, policy="round-robin", preempt=True, mode=request.param)
 
 
-def test_restarted_primary_with_preempt_takes_back_once_caught_up_without_breaking_connections(preempt_bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_restarted_primary_with_preempt_takes_back_once_caught_up_without_breaking_connections(preempt_bed, family):
     bed = preempt_bed
     assert bed.wait_settled() == ("dist1", "dist2")
 
@@ -204,7 +209,8 @@ def test_restarted_primary_with_preempt_takes_back_once_caught_up_without_breaki
         wait_until(lambda: bed.role("dist2") == "active", 5, "dist2 to take over")
         restart(bed, "dist1")
 
-    result = run_wrk_across(bed, fail_and_return, close=False, duration=9)
+    before = term(bed, "dist1")
+    result = run_wrk_across(bed, fail_and_return, close=False, duration=9, family=family)
     assert sum(result.socket_errors.values()) == 0 and result.non_2xx == 0, result.output
     assert bed.wait_settled() == ("dist1", "dist2")
-    assert term(bed, "dist1") >= 3  # dist1 (1) -> dist2 (2) -> dist1 again (3)
+    assert term(bed, "dist1") >= before + 2  # dist1 (n) -> dist2 (n + 1) -> dist1 again (n + 2)

@@ -1,8 +1,10 @@
 """Node health end to end: real agents, nginx, heartbeats, alerts by mail, in the namespace testbed.
 
-A stopped web server and a killed node host are excluded from the VIP's service ("http", the testbed
-``bed``, with mail) and from the VIP6's ("http6", ``bed6``, a dual-stack testbed in both modes): the same
-scenario functions, through either VIP.
+A stopped web server, a killed node host and a slow node are excluded from the VIP's service ("http", the
+testbed ``bed``, with mail) and from the VIP6's ("http6", ``bed6``, a dual-stack testbed in both modes): the
+same scenario functions, through either VIP.  A dead node's connections are reset through either VIP
+(``reset_bed``, dual stack too; test ids ``ipv4``, ``ipv6``).  The heartbeats are IPv4 control traffic: the
+forged-heartbeat test has no IPv6 case.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from common.wire import Keys, Kind, NodeHeartbeat, seal
 from testbed import http, netns, wrk
 from testbed.loadgen import Recorder
 from testbed.runner import wait_until
-from tests.e2e.conftest import MODES, service_of
+from tests.e2e.conftest import FAMILIES, MODES, service_of
 
 SMTP = ("198.51.100.3", 2525)  # on the cluster LAN, in dist2's namespace
 
@@ -171,20 +173,30 @@ def test_stopped_web_server_is_excluded_from_the_ipv6_service_and_rejoins(bed6):
     restart_web1_and_check_it_rejoins(bed6, socket.AF_INET6)
 
 
-def test_slow_node_is_excluded_and_included_again_when_it_recovers(bed):
+def slow_web2_and_check_exclusion_and_return(bed, family: int) -> None:
+    """Slow web2's answers past the agent's limits: declared dead, no request through the VIP of ``family``
+    reaches it, and it is back in service once it answers in time again."""
     wait_until(lambda: node_state(bed, "web2") == "up", 20, "web2 to be up")
     slowed_at = time.time()
     bed.set_web_delay("web2", 3.5)  # over the testbed agent's max_response_time (2.5 s) and probe_timeout (3 s)
     try:
         bed.wait_alert("web2", "warning", slowed_at, 10)
         bed.wait_alert("web2", "dead", slowed_at, 10)
-        served = {http.get(bed.ns("client"), bed.vip, 80, "/1k.bin").node for _ in range(20)}
+        served = {http.get(bed.ns("client"), bed.vip_of(family), 80, "/1k.bin").node for _ in range(20)}
         assert "web2" not in served
     finally:
         recovered_at = time.time()
         bed.set_web_delay("web2", 0)
     bed.wait_alert("web2", "slow_start", recovered_at, 15)
     assert node_state(bed, "web2") in ("slow_start", "up")
+
+
+def test_slow_node_is_excluded_and_included_again_when_it_recovers(bed):
+    slow_web2_and_check_exclusion_and_return(bed, socket.AF_INET)
+
+
+def test_slow_node_is_excluded_from_the_ipv6_service_and_included_again(bed6):
+    slow_web2_and_check_exclusion_and_return(bed6, socket.AF_INET6)
 
 
 def test_killed_node_host_is_excluded_like_a_dead_web_server(bed):
@@ -241,14 +253,16 @@ def reset_bed(make_testbed, request):
     return make_testbed(f"treset{request.param[0]}", nodes=2, policy="round-robin", on_dead="reset", mode=request.param)
 
 
-def test_dead_nodes_connections_are_reset_so_clients_fail_fast(reset_bed):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dead_nodes_connections_are_reset_so_clients_fail_fast(reset_bed, family):
+    """Through the VIP and the VIP6 (``reset_bed`` is dual stack: the default Options.ipv6)."""
     bed = reset_bed
 
     def connect_small_window() -> socket.socket:
-        sock = socket.socket()
+        sock = socket.socket(family)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # the node cannot push the file ahead of us
         sock.settimeout(20)
-        sock.connect((bed.vip, 80))
+        sock.connect((bed.vip_of(family), 80))
         return sock
 
     sock = netns.call_in(bed.ns("client"), connect_small_window)
